@@ -1,0 +1,1 @@
+//! comfy-worker: a serverless worker for ComfyUI with live progress.
