@@ -1,0 +1,22 @@
+//! The ComfyUI client: the only module that knows ComfyUI's wire format.
+//!
+//! * [`api`]: the HTTP endpoints, typed replies and errors.
+//! * [`messages`]: WebSocket text and binary frames.
+//! * [`ws`]: the socket itself.
+//! * [`run`]: following one prompt to its end (socket + `/history` fallback).
+//! * [`workflow`]: the API-format graph a job submits.
+
+pub mod api;
+pub mod error;
+pub mod messages;
+pub mod run;
+pub mod workflow;
+pub mod ws;
+
+pub use api::{
+    ClientOptions, ComfyClient, ExecutionFailure, FileRef, HistoryEntry, Interruption, NodeErrors,
+    NodeOutput, ObjectInfo, Outcome, OutputFile, PromptRejection, QueueSnapshot, SystemStats,
+};
+pub use error::ComfyError;
+pub use run::{ExtraData, NodeState, PromptEvent, PromptResult, WatchOptions};
+pub use workflow::{Workflow, WorkflowError};

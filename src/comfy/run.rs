@@ -1,0 +1,661 @@
+//! Running one prompt to completion: the socket first, then `POST /prompt`, then events until
+//! `executing{node: null}` for our prompt, with reconnects and a `/history` fallback so a
+//! finished prompt is never missed, whatever happens to the socket.
+//!
+//! The prompt id is chosen here, before queueing, so events that arrive before the
+//! `POST /prompt` reply are already ours. After a socket drop the new socket uses a **fresh**
+//! client id: reusing the old id can leave the new socket silently unregistered (ComfyUI's
+//! reconnect bug, protocol spec §1.6). A fresh socket only receives broadcasts, so from then on
+//! completion is detected through `/history`, polled at every broadcast `status` and on a timer.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::api::{
+    ComfyClient, ExecutionFailure, HistoryEntry, Interruption, NodeErrors, NodeOutput, Outcome,
+    PromptRequest,
+};
+use super::error::ComfyError;
+use super::messages::{BinaryFrame, WsEvent};
+use super::workflow::Workflow;
+use super::ws::{Incoming, WsConnection};
+
+/// Timing of the watch loop.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// Bound for opening the socket.
+    pub connect_timeout: Duration,
+    /// Reconnects after a drop before relying on `/history` alone.
+    pub reconnect_attempts: u32,
+    /// Base reconnect delay; doubles per attempt, capped at 30 s. The first retry waits at most 250 ms.
+    pub reconnect_delay: Duration,
+    /// Without an event for our prompt for this long, poll `/history`.
+    pub silence_timeout: Duration,
+    /// `/history` poll interval while the socket is down or silent.
+    pub poll_interval: Duration,
+    /// After a cancel, how long to wait for ComfyUI to report the interrupt.
+    pub cancel_grace: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            connect_timeout: Duration::from_secs(10),
+            reconnect_attempts: 5,
+            reconnect_delay: Duration::from_secs(3),
+            silence_timeout: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(1),
+            cancel_grace: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Something that happened to our prompt, in ComfyUI-independent terms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptEvent {
+    /// Accepted and waiting; `position` = prompts ahead of it (0 = running).
+    Queued {
+        /// The prompt id.
+        prompt_id: String,
+        /// Prompts ahead (0 = running), when known.
+        position: Option<usize>,
+        /// Pending plus running prompts on the server, when known.
+        queue_remaining: Option<u64>,
+    },
+    /// Execution began.
+    Started,
+    /// These nodes come from the cache and will not run.
+    Cached {
+        /// Node ids.
+        nodes: Vec<String>,
+    },
+    /// A node started.
+    Executing {
+        /// Node id.
+        node: String,
+    },
+    /// A step of a node with a progress bar.
+    Progress {
+        /// Node id, when given.
+        node: Option<String>,
+        /// Steps done.
+        value: f64,
+        /// Steps in all.
+        max: f64,
+    },
+    /// Cumulative node states (from `progress_state`).
+    NodeStates {
+        /// Every node started or finished so far.
+        nodes: Vec<NodeState>,
+    },
+    /// A node produced output.
+    Executed {
+        /// Node id.
+        node: String,
+        /// Files it reported.
+        files: usize,
+    },
+    /// A preview image.
+    Preview {
+        /// The node it belongs to, when known.
+        node: Option<String>,
+        /// MIME type.
+        mime: &'static str,
+        /// Encoded image.
+        data: Bytes,
+    },
+    /// Text a node sent.
+    Text {
+        /// Node id.
+        node: String,
+        /// The text.
+        text: String,
+    },
+    /// The prompt finished successfully.
+    Succeeded,
+    /// A node raised.
+    Failed(ExecutionFailure),
+    /// The prompt was interrupted.
+    Interrupted(Interruption),
+    /// The socket dropped; events may be missed until it is back.
+    ConnectionLost {
+        /// Why.
+        reason: String,
+    },
+    /// A new socket is open (it only receives broadcasts).
+    Reconnected,
+}
+
+/// One node in a [`PromptEvent::NodeStates`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeState {
+    /// Node id.
+    pub node: String,
+    /// Progress value.
+    pub value: f64,
+    /// Progress maximum.
+    pub max: f64,
+    /// True once the node finished.
+    pub finished: bool,
+}
+
+/// The end of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptResult {
+    /// Our prompt id.
+    pub prompt_id: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Outputs from `/history`.
+    pub outputs: Vec<NodeOutput>,
+    /// Outputs ComfyUI dropped at queue time because their inputs failed validation.
+    pub dropped_outputs: Vec<NodeErrors>,
+    /// True when we cancelled it (interrupt or queue removal).
+    pub cancelled: bool,
+    /// Problems worth reporting that did not stop the prompt.
+    pub warnings: Vec<String>,
+}
+
+/// Extra data sent with the prompt (`extra_data`).
+pub type ExtraData = Map<String, Value>;
+
+fn new_client_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn reconnect_delay(base: Duration, attempt: u32) -> Duration {
+    if attempt == 0 {
+        return base.min(Duration::from_millis(250));
+    }
+    let factor = 1u32 << (attempt - 1).min(16);
+    base.saturating_mul(factor).min(Duration::from_secs(30))
+}
+
+/// Where the loop ended.
+enum End {
+    /// `executing{node: null}` arrived, or `/history` has the entry.
+    Finished(Option<HistoryEntry>),
+    /// Cancelled and ComfyUI confirmed nothing more will run.
+    Cancelled(Option<HistoryEntry>),
+}
+
+struct Watch<'a> {
+    client: &'a ComfyClient,
+    opts: &'a WatchOptions,
+    prompt_id: String,
+    socket: Option<WsConnection>,
+    /// True once the socket in use is not the one the prompt was queued with.
+    blind: bool,
+    started: bool,
+    current_node: Option<String>,
+    terminal: Option<Outcome>,
+    reconnects: u32,
+    next_reconnect: Option<Instant>,
+    next_poll: Instant,
+    cancel_requested: bool,
+    cancel_deadline: Option<Instant>,
+    last_socket_error: String,
+}
+
+impl ComfyClient {
+    /// Queues `workflow` and follows it to the end, reporting events through `on_event`.
+    ///
+    /// Cancelling `cancel` interrupts the prompt in ComfyUI (or removes it from the queue if it
+    /// has not started) and returns a result with `cancelled: true`.
+    pub async fn run_prompt(
+        &self,
+        workflow: &Workflow,
+        extra_data: Option<&ExtraData>,
+        opts: &WatchOptions,
+        cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(PromptEvent) + Send),
+    ) -> Result<PromptResult, ComfyError> {
+        let prompt_id = uuid::Uuid::new_v4().to_string();
+        let client_id = new_client_id();
+        let socket = match WsConnection::connect(
+            &self.ws_url(&client_id),
+            &client_id,
+            opts.connect_timeout,
+        )
+        .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(%prompt_id, error = %e, "WebSocket connect failed; following the prompt through /history");
+                None
+            }
+        };
+        let request = PromptRequest {
+            prompt: workflow.as_json(),
+            client_id: &client_id,
+            prompt_id: &prompt_id,
+            extra_data,
+        };
+        let queued = match self.queue_prompt(&request).await {
+            Ok(q) => q,
+            Err(e) => {
+                if let Some(s) = socket {
+                    s.close().await;
+                }
+                return Err(e);
+            }
+        };
+        if queued.prompt_id != prompt_id {
+            warn!(ours = %prompt_id, theirs = %queued.prompt_id, "ComfyUI replaced the prompt id");
+        }
+        info!(prompt_id = %queued.prompt_id, client_id = %client_id, "prompt queued");
+        let position = self
+            .queue()
+            .await
+            .ok()
+            .and_then(|q| q.position(&queued.prompt_id));
+        on_event(PromptEvent::Queued {
+            prompt_id: queued.prompt_id.clone(),
+            position,
+            queue_remaining: None,
+        });
+        let now = Instant::now();
+        let mut watch = Watch {
+            client: self,
+            opts,
+            prompt_id: queued.prompt_id,
+            blind: socket.is_none(),
+            next_reconnect: socket
+                .is_none()
+                .then(|| now + reconnect_delay(opts.reconnect_delay, 0)),
+            socket,
+            started: false,
+            current_node: None,
+            terminal: None,
+            reconnects: 0,
+            next_poll: now + opts.silence_timeout,
+            cancel_requested: false,
+            cancel_deadline: None,
+            last_socket_error: String::new(),
+        };
+        let end = watch.run(cancel, on_event).await;
+        if let Some(socket) = watch.socket.take() {
+            socket.close().await;
+        }
+        let end = end?;
+        let (entry, cancelled) = match end {
+            End::Finished(entry) => (entry, watch.cancel_requested),
+            End::Cancelled(entry) => (entry, true),
+        };
+        let entry = match entry {
+            Some(e) => Some(e),
+            None => watch.fetch_history_after_end().await?,
+        };
+        let mut warnings = Vec::new();
+        let (outcome, outputs) = match entry {
+            Some(e) => (e.outcome, e.outputs),
+            None => {
+                let outcome = match watch.terminal.take() {
+                    Some(o) => o,
+                    None if cancelled => Outcome::Interrupted(Interruption {
+                        node_id: String::new(),
+                        node_type: String::new(),
+                    }),
+                    None => Outcome::Success,
+                };
+                if !cancelled {
+                    warnings.push(format!(
+                        "Prompt ID {} not found in history after execution.",
+                        watch.prompt_id
+                    ));
+                }
+                (outcome, Vec::new())
+            }
+        };
+        Ok(PromptResult {
+            prompt_id: watch.prompt_id,
+            outcome,
+            outputs,
+            dropped_outputs: queued.node_errors,
+            cancelled,
+            warnings,
+        })
+    }
+}
+
+impl Watch<'_> {
+    async fn run(
+        &mut self,
+        cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(PromptEvent) + Send),
+    ) -> Result<End, ComfyError> {
+        let far = || Instant::now() + Duration::from_secs(86_400);
+        loop {
+            let reconnect_at = self.next_reconnect.unwrap_or_else(far);
+            let cancel_at = self.cancel_deadline.unwrap_or_else(far);
+            let socket_open = self.socket.is_some();
+            let frame = async {
+                match self.socket.as_mut() {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled(), if !self.cancel_requested => {
+                    self.request_cancel().await;
+                }
+                frame = frame, if socket_open => {
+                    match frame {
+                        Some(Ok(incoming)) => {
+                            if let Some(end) = self.on_frame(incoming, on_event).await {
+                                return Ok(end);
+                            }
+                        }
+                        Some(Err(e)) => self.socket_lost(e.to_string(), on_event),
+                        None => self.socket_lost("closed by ComfyUI".into(), on_event),
+                    }
+                }
+                _ = sleep_until(self.next_poll) => {
+                    if let Some(end) = self.poll_history().await? {
+                        return Ok(end);
+                    }
+                }
+                _ = sleep_until(reconnect_at), if !socket_open && self.next_reconnect.is_some() => {
+                    self.reconnect(on_event).await;
+                }
+                _ = sleep_until(cancel_at), if self.cancel_deadline.is_some() => {
+                    warn!(prompt_id = %self.prompt_id, "ComfyUI did not confirm the interrupt in time");
+                    return Ok(End::Cancelled(None));
+                }
+            }
+        }
+    }
+
+    fn is_ours(&self, ev: &WsEvent) -> bool {
+        ev.prompt_id() == Some(self.prompt_id.as_str())
+    }
+
+    async fn on_frame(
+        &mut self,
+        incoming: Incoming,
+        on_event: &mut (dyn FnMut(PromptEvent) + Send),
+    ) -> Option<End> {
+        let ev = match incoming {
+            Incoming::Event(ev) => ev,
+            Incoming::Binary(frame) => {
+                self.on_binary(frame, on_event);
+                return None;
+            }
+            Incoming::Garbled(why) => {
+                warn!(prompt_id = %self.prompt_id, reason = %why, "undecodable frame from ComfyUI");
+                return None;
+            }
+        };
+        if let WsEvent::Status(status) = &ev {
+            let remaining = status.status.exec_info.queue_remaining;
+            debug!(prompt_id = %self.prompt_id, queue_remaining = remaining, "comfy status");
+            if self.blind {
+                // A fresh socket gets no events for our prompt: every queue change may be its end.
+                self.next_poll = Instant::now();
+            } else if !self.started && status.sid.is_none() {
+                let position = self
+                    .client
+                    .queue()
+                    .await
+                    .ok()
+                    .and_then(|q| q.position(&self.prompt_id));
+                on_event(PromptEvent::Queued {
+                    prompt_id: self.prompt_id.clone(),
+                    position,
+                    queue_remaining: Some(remaining),
+                });
+            }
+            return None;
+        }
+        if !self.is_ours(&ev) {
+            match &ev {
+                WsEvent::Unknown { kind, .. } => debug!(kind = %kind, "unknown ComfyUI message"),
+                WsEvent::Malformed { kind, error } => {
+                    warn!(kind = %kind, error = %error, "malformed ComfyUI message")
+                }
+                other => debug!(kind = other.kind(), "event for another prompt"),
+            }
+            return None;
+        }
+        // Activity for our prompt: the socket works, no need to poll soon.
+        self.next_poll = Instant::now() + self.opts.silence_timeout;
+        debug!(prompt_id = %self.prompt_id, event = ev.kind(), "comfy event");
+        match ev {
+            WsEvent::ExecutionStart(_) => {
+                self.started = true;
+                on_event(PromptEvent::Started);
+            }
+            WsEvent::ExecutionCached(c) => on_event(PromptEvent::Cached { nodes: c.nodes }),
+            WsEvent::Executing(e) => match e.node {
+                Some(node) => {
+                    self.started = true;
+                    self.current_node = Some(node.clone());
+                    on_event(PromptEvent::Executing { node });
+                }
+                None => return Some(End::Finished(None)),
+            },
+            WsEvent::Progress(p) => on_event(PromptEvent::Progress {
+                node: p.node.or_else(|| self.current_node.clone()),
+                value: p.value,
+                max: p.max,
+            }),
+            WsEvent::ProgressState(s) => {
+                let mut nodes: Vec<NodeState> = s
+                    .nodes
+                    .into_iter()
+                    .map(|(id, n)| NodeState {
+                        node: id,
+                        value: n.value,
+                        max: n.max,
+                        finished: n.state == "finished",
+                    })
+                    .collect();
+                nodes.sort_by(|a, b| a.node.cmp(&b.node));
+                on_event(PromptEvent::NodeStates { nodes });
+            }
+            WsEvent::Executed(e) => {
+                let files = e
+                    .output
+                    .as_ref()
+                    .map(|o| {
+                        super::api::parse_node_output(&e.node, &Value::Object(o.clone()))
+                            .files
+                            .len()
+                    })
+                    .unwrap_or(0);
+                on_event(PromptEvent::Executed {
+                    node: e.node,
+                    files,
+                });
+            }
+            WsEvent::ExecutionSuccess(_) => {
+                self.terminal = Some(Outcome::Success);
+                on_event(PromptEvent::Succeeded);
+            }
+            WsEvent::ExecutionError(e) if e.is_blocked_variant() => {
+                debug!(node = ?e.node_id, "execution blocked for a branch; the prompt continues");
+            }
+            WsEvent::ExecutionError(e) => {
+                let failure = ExecutionFailure::from(&e);
+                self.terminal = Some(Outcome::Failed(failure.clone()));
+                on_event(PromptEvent::Failed(failure));
+                // The terminal `executing{null}` follows; if it is lost, /history settles it soon.
+                self.next_poll = Instant::now() + self.opts.poll_interval;
+            }
+            WsEvent::ExecutionInterrupted(e) => {
+                let interruption = Interruption {
+                    node_id: e.node_id.unwrap_or_default(),
+                    node_type: e.node_type.unwrap_or_default(),
+                };
+                self.terminal = Some(Outcome::Interrupted(interruption.clone()));
+                on_event(PromptEvent::Interrupted(interruption));
+                self.next_poll = Instant::now() + self.opts.poll_interval;
+            }
+            WsEvent::Status(_)
+            | WsEvent::FeatureFlags(_)
+            | WsEvent::Unknown { .. }
+            | WsEvent::Malformed { .. } => {}
+        }
+        None
+    }
+
+    fn on_binary(&mut self, frame: BinaryFrame, on_event: &mut (dyn FnMut(PromptEvent) + Send)) {
+        let running = self.started && self.terminal.is_none();
+        match frame {
+            BinaryFrame::PreviewWithMetadata { ref metadata, .. }
+                if metadata.prompt_id.as_deref() == Some(self.prompt_id.as_str()) =>
+            {
+                let node = metadata.node_id.clone();
+                let mime = frame.image_mime().unwrap_or("application/octet-stream");
+                if let BinaryFrame::PreviewWithMetadata { data, .. } = frame {
+                    on_event(PromptEvent::Preview { node, mime, data });
+                }
+            }
+            BinaryFrame::Preview { mime, data } if running => {
+                on_event(PromptEvent::Preview {
+                    node: self.current_node.clone(),
+                    mime,
+                    data,
+                });
+            }
+            BinaryFrame::Text { node_id, text } if running => {
+                on_event(PromptEvent::Text {
+                    node: node_id,
+                    text,
+                });
+            }
+            BinaryFrame::Unknown { event, len } => {
+                debug!(event, len, "unknown binary frame from ComfyUI");
+            }
+            _ => {}
+        }
+    }
+
+    fn socket_lost(&mut self, reason: String, on_event: &mut (dyn FnMut(PromptEvent) + Send)) {
+        warn!(prompt_id = %self.prompt_id, reason = %reason, "ComfyUI WebSocket lost");
+        self.socket = None;
+        self.last_socket_error = reason.clone();
+        on_event(PromptEvent::ConnectionLost { reason });
+        let now = Instant::now();
+        // The prompt may have finished while the socket was dying: look now.
+        self.next_poll = now;
+        self.next_reconnect = (self.reconnects < self.opts.reconnect_attempts)
+            .then(|| now + reconnect_delay(self.opts.reconnect_delay, self.reconnects));
+    }
+
+    async fn reconnect(&mut self, on_event: &mut (dyn FnMut(PromptEvent) + Send)) {
+        self.reconnects += 1;
+        let client_id = new_client_id();
+        match WsConnection::connect(
+            &self.client.ws_url(&client_id),
+            &client_id,
+            self.opts.connect_timeout,
+        )
+        .await
+        {
+            Ok(socket) => {
+                info!(prompt_id = %self.prompt_id, %client_id, attempt = self.reconnects, "ComfyUI WebSocket reconnected");
+                self.socket = Some(socket);
+                self.blind = true;
+                self.next_reconnect = None;
+                self.next_poll = Instant::now();
+                on_event(PromptEvent::Reconnected);
+            }
+            Err(e) => {
+                warn!(prompt_id = %self.prompt_id, attempt = self.reconnects, error = %e, "ComfyUI WebSocket reconnect failed");
+                self.last_socket_error = e.to_string();
+                self.next_reconnect = (self.reconnects < self.opts.reconnect_attempts).then(|| {
+                    Instant::now() + reconnect_delay(self.opts.reconnect_delay, self.reconnects)
+                });
+            }
+        }
+    }
+
+    async fn poll_history(&mut self) -> Result<Option<End>, ComfyError> {
+        match self.client.history(&self.prompt_id).await {
+            Ok(Some(entry)) => {
+                debug!(prompt_id = %self.prompt_id, "prompt finished (seen in /history)");
+                return Ok(Some(if self.cancel_requested {
+                    End::Cancelled(Some(entry))
+                } else {
+                    End::Finished(Some(entry))
+                }));
+            }
+            Ok(None) => {
+                if self.cancel_requested && !self.started {
+                    // Removed from the queue before it ran: nothing will ever finish.
+                    if let Ok(q) = self.client.queue().await {
+                        if q.position(&self.prompt_id).is_none() {
+                            return Ok(Some(End::Cancelled(None)));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let socket_gone = self.socket.is_none() && self.next_reconnect.is_none();
+                if socket_gone && e.is_retryable() {
+                    return Err(ComfyError::Stopped(format!(
+                        "the WebSocket closed and {} reconnect attempt(s) failed (last error: {}), and /history does not answer: {e}",
+                        self.reconnects, self.last_socket_error
+                    )));
+                }
+                warn!(prompt_id = %self.prompt_id, error = %e, "polling /history failed");
+            }
+        }
+        self.next_poll = Instant::now() + self.opts.poll_interval;
+        Ok(None)
+    }
+
+    async fn request_cancel(&mut self) {
+        self.cancel_requested = true;
+        info!(prompt_id = %self.prompt_id, started = self.started, "cancelling the prompt in ComfyUI");
+        if let Err(e) = self.client.delete_from_queue(&[&self.prompt_id]).await {
+            warn!(error = %e, "could not remove the prompt from the queue");
+        }
+        if let Err(e) = self.client.interrupt(Some(&self.prompt_id)).await {
+            warn!(error = %e, "could not interrupt the prompt");
+        }
+        self.cancel_deadline = Some(Instant::now() + self.opts.cancel_grace);
+        self.next_poll = Instant::now() + self.opts.poll_interval.min(Duration::from_millis(200));
+    }
+
+    /// After `executing{null}` the entry is stored; allow a few tries for proxies and races.
+    async fn fetch_history_after_end(&mut self) -> Result<Option<HistoryEntry>, ComfyError> {
+        let mut last_err = None;
+        for attempt in 0..10u32 {
+            match self.client.history(&self.prompt_id).await {
+                Ok(Some(entry)) => return Ok(Some(entry)),
+                Ok(None) => last_err = None,
+                Err(e) => last_err = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt + 1))).await;
+        }
+        match last_err {
+            Some(e) if self.terminal.is_none() => Err(e),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_backoff_is_quick_first_then_doubles_and_caps() {
+        let base = Duration::from_secs(3);
+        assert_eq!(reconnect_delay(base, 0), Duration::from_millis(250));
+        assert_eq!(reconnect_delay(base, 1), Duration::from_secs(3));
+        assert_eq!(reconnect_delay(base, 2), Duration::from_secs(6));
+        assert_eq!(reconnect_delay(base, 9), Duration::from_secs(30));
+        assert_eq!(
+            reconnect_delay(Duration::from_millis(10), 0),
+            Duration::from_millis(10)
+        );
+    }
+}

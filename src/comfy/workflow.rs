@@ -1,0 +1,171 @@
+//! An API-format workflow: `{node_id: {"class_type", "inputs", "_meta"?}}`.
+//!
+//! The graph itself is validated by ComfyUI; this type only rejects shapes that ComfyUI
+//! answers with a bare HTTP 500 (non-object nodes or inputs) or that are clearly the wrong
+//! export (the UI's "Save" format), so each of those gets a message that says what to do.
+
+use serde_json::{Map, Value};
+
+/// A workflow ready to be queued.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    graph: Map<String, Value>,
+}
+
+/// One node of a workflow, as far as progress reporting needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowNode<'a> {
+    /// Node id (opaque string).
+    pub id: &'a str,
+    /// Class type, when the node has a string `class_type`.
+    pub class_type: Option<&'a str>,
+    /// `_meta.title`, when present.
+    pub title: Option<&'a str>,
+}
+
+/// Why a value is not a usable API-format workflow.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorkflowError {
+    /// The workflow is not a JSON object.
+    #[error("'workflow' must be a JSON object in ComfyUI API format (node id -> {{\"class_type\", \"inputs\"}}), got {0}")]
+    NotAnObject(&'static str),
+    /// The object has no nodes.
+    #[error("'workflow' is empty: it has no nodes")]
+    Empty,
+    /// The workflow was saved with the UI's plain "Save".
+    #[error("'workflow' is in ComfyUI's UI format (it has 'nodes' and 'links'); export it with \"Save (API Format)\" (Workflow menu > Export (API)) and send that file instead")]
+    UiFormat,
+    /// A node is not an object.
+    #[error(
+        "invalid workflow: node '{0}' must be an object with 'class_type' and 'inputs', got {1}"
+    )]
+    NodeNotObject(String, &'static str),
+    /// A node's `inputs` is not an object.
+    #[error("invalid workflow: 'inputs' of node '{0}' must be an object, got {1}")]
+    InputsNotObject(String, &'static str),
+}
+
+/// JSON type name for messages.
+pub(crate) fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Workflow {
+    /// Checks the shape and wraps the graph.
+    pub fn from_value(value: Value) -> Result<Workflow, WorkflowError> {
+        let graph = match value {
+            Value::Object(map) => map,
+            other => return Err(WorkflowError::NotAnObject(json_type(&other))),
+        };
+        if is_ui_format(&graph) {
+            return Err(WorkflowError::UiFormat);
+        }
+        if graph.is_empty() {
+            return Err(WorkflowError::Empty);
+        }
+        for (id, node) in &graph {
+            let node = node
+                .as_object()
+                .ok_or_else(|| WorkflowError::NodeNotObject(id.clone(), json_type(node)))?;
+            if let Some(inputs) = node.get("inputs") {
+                if !inputs.is_object() {
+                    return Err(WorkflowError::InputsNotObject(
+                        id.clone(),
+                        json_type(inputs),
+                    ));
+                }
+            }
+        }
+        Ok(Workflow { graph })
+    }
+
+    /// The nodes, in the order the client sent them.
+    pub fn nodes(&self) -> impl Iterator<Item = WorkflowNode<'_>> {
+        self.graph.iter().map(|(id, node)| WorkflowNode {
+            id,
+            class_type: node.get("class_type").and_then(Value::as_str),
+            title: node
+                .get("_meta")
+                .and_then(|m| m.get("title"))
+                .and_then(Value::as_str),
+        })
+    }
+
+    /// Class type of a node.
+    pub fn class_type(&self, id: &str) -> Option<&str> {
+        self.graph.get(id)?.get("class_type")?.as_str()
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.graph.len()
+    }
+
+    /// Always false for a constructed workflow (empty ones are rejected).
+    pub fn is_empty(&self) -> bool {
+        self.graph.is_empty()
+    }
+
+    /// The graph as sent to `POST /prompt`.
+    pub fn as_json(&self) -> &Map<String, Value> {
+        &self.graph
+    }
+}
+
+/// UI-format exports have `nodes` (array) and `links` (array), usually `last_node_id` and `version`.
+fn is_ui_format(graph: &Map<String, Value>) -> bool {
+    let nodes_array = graph.get("nodes").is_some_and(Value::is_array);
+    let ui_keys = ["links", "last_node_id", "last_link_id", "version", "groups"]
+        .iter()
+        .any(|k| graph.contains_key(*k));
+    nodes_array && ui_keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rejects_wrong_shapes_with_a_reason() {
+        assert_eq!(
+            Workflow::from_value(json!([1])),
+            Err(WorkflowError::NotAnObject("an array"))
+        );
+        assert_eq!(Workflow::from_value(json!({})), Err(WorkflowError::Empty));
+        assert_eq!(
+            Workflow::from_value(json!({"last_node_id": 9, "nodes": [], "links": []})),
+            Err(WorkflowError::UiFormat)
+        );
+        assert_eq!(
+            Workflow::from_value(json!({"1": 5})),
+            Err(WorkflowError::NodeNotObject("1".into(), "a number"))
+        );
+        assert_eq!(
+            Workflow::from_value(json!({"1": {"class_type": "X", "inputs": []}})),
+            Err(WorkflowError::InputsNotObject("1".into(), "an array"))
+        );
+        let msg = WorkflowError::UiFormat.to_string();
+        assert!(msg.contains("Save (API Format)"), "{msg}");
+    }
+
+    #[test]
+    fn keeps_node_order_and_reads_titles() {
+        let wf = Workflow::from_value(json!({
+            "10": {"class_type": "SaveImage", "inputs": {}, "_meta": {"title": "Save"}},
+            "2": {"class_type": "EmptyImage", "inputs": {}}
+        }))
+        .unwrap();
+        let ids: Vec<_> = wf.nodes().map(|n| n.id).collect();
+        assert_eq!(ids, ["10", "2"]);
+        assert_eq!(wf.nodes().next().unwrap().title, Some("Save"));
+        assert_eq!(wf.class_type("2"), Some("EmptyImage"));
+    }
+}

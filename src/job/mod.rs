@@ -1,0 +1,378 @@
+//! The job engine: validates a job's input, uploads its images, runs the workflow on ComfyUI
+//! with live progress, and assembles worker-comfyui's output. It sees ComfyUI only through
+//! [`crate::comfy`]'s typed API, never its JSON.
+
+pub mod codec;
+pub mod input;
+pub mod output;
+mod report;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::comfy::{
+    ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, OutputFile, PromptResult,
+    WatchOptions,
+};
+use crate::config::Settings;
+use crate::progress::{ProgressSender, ProgressTracker};
+
+pub use input::{parse_input, JobInput};
+pub use output::{JobOutput, OutputImage};
+
+/// Output files fetched from `/view` at once.
+const FETCH_CONCURRENCY: usize = 4;
+
+/// Runs jobs against one ComfyUI.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    comfy: ComfyClient,
+    settings: Settings,
+}
+
+impl Engine {
+    /// An engine for the ComfyUI in `settings`.
+    pub fn new(settings: Settings) -> Result<Engine, ComfyError> {
+        let comfy = ComfyClient::new(
+            &settings.comfy_host,
+            ClientOptions {
+                connect_timeout: Duration::from_secs(5),
+                request_timeout: settings.http_timeout,
+                view_timeout: settings.view_timeout,
+            },
+        )?;
+        Ok(Engine { comfy, settings })
+    }
+
+    /// The ComfyUI client.
+    pub fn comfy(&self) -> &ComfyClient {
+        &self.comfy
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn watch_options(&self) -> WatchOptions {
+        WatchOptions {
+            connect_timeout: Duration::from_secs(10),
+            reconnect_attempts: self.settings.ws_reconnect_attempts,
+            reconnect_delay: self.settings.ws_reconnect_delay,
+            silence_timeout: self.settings.ws_silence_timeout,
+            poll_interval: self.settings.history_poll_interval,
+            cancel_grace: Duration::from_secs(15),
+        }
+    }
+
+    /// Waits until ComfyUI answers `/system_stats`.
+    ///
+    /// With a PID file (written by the start script) it waits as long as that process lives
+    /// and fails at once when it dies; without one it tries `COMFY_API_AVAILABLE_MAX_RETRIES`
+    /// times (500 when 0), every `COMFY_API_AVAILABLE_INTERVAL_MS`.
+    pub async fn wait_until_ready(&self, cancel: &CancellationToken) -> Result<(), String> {
+        let host = self.comfy.host().to_owned();
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        let mut attempts: u32 = 0;
+        loop {
+            let err = match self.comfy.system_stats().await {
+                Ok(_) => {
+                    if attempts > 0 {
+                        info!(host = %host, waited_ms = started.elapsed().as_millis() as u64, "ComfyUI is ready");
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            attempts += 1;
+            match comfy_process_state(&self.settings.comfy_pid_file) {
+                ProcessState::Dead(pid) => {
+                    return Err(format!(
+                        "ComfyUI server ({host}) not reachable: the ComfyUI process (pid {pid} from {}) has exited; see its log",
+                        self.settings.comfy_pid_file.display()
+                    ))
+                }
+                ProcessState::Alive => {}
+                ProcessState::NoPidFile => {
+                    if attempts >= self.settings.readiness_attempts() {
+                        return Err(format!(
+                            "ComfyUI server ({host}) not reachable after multiple retries. Last error: {err}"
+                        ));
+                    }
+                }
+            }
+            if last_log.elapsed() >= Duration::from_secs(10) {
+                info!(host = %host, waited_s = started.elapsed().as_secs(), error = %err, "still waiting for ComfyUI");
+                last_log = Instant::now();
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err("Job cancelled while waiting for ComfyUI".into()),
+                _ = tokio::time::sleep(self.settings.api_available_interval) => {}
+            }
+        }
+    }
+
+    /// Runs one job to its output. Never panics on bad input; every failure is an `error` output.
+    pub async fn run(
+        &self,
+        job_id: &str,
+        input: Option<&Value>,
+        progress: &ProgressSender,
+        cancel: &CancellationToken,
+    ) -> JobOutput {
+        let span = tracing::info_span!("job", job_id = %job_id);
+        self.run_inner(input, progress, cancel)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_inner(
+        &self,
+        input: Option<&Value>,
+        progress: &ProgressSender,
+        cancel: &CancellationToken,
+    ) -> JobOutput {
+        let started = Instant::now();
+        let input = match input::parse_input(input) {
+            Ok(i) => i,
+            Err(out) => {
+                info!(
+                    error = out.error_message().unwrap_or(""),
+                    "job input rejected"
+                );
+                return out;
+            }
+        };
+        info!(
+            nodes = input.workflow.len(),
+            images = input.images.len(),
+            "job started"
+        );
+        if let Err(msg) = self.wait_until_ready(cancel).await {
+            return JobOutput::error(msg);
+        }
+        if let Err(out) = self.upload_images(&input).await {
+            return out;
+        }
+        let mut extra = ExtraData::new();
+        let key = input
+            .comfy_org_api_key
+            .as_ref()
+            .or(self.settings.comfy_org_api_key.as_ref());
+        if let Some(key) = key {
+            extra.insert(
+                "api_key_comfy_org".into(),
+                Value::String(key.expose().into()),
+            );
+        }
+        let mut tracker = ProgressTracker::new(&input.workflow, started);
+        let result = self
+            .comfy
+            .run_prompt(
+                &input.workflow,
+                (!extra.is_empty()).then_some(&extra),
+                &self.watch_options(),
+                cancel,
+                &mut |event| {
+                    if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
+                        progress.send(snapshot);
+                    }
+                },
+            )
+            .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(ComfyError::Rejected(r)) => {
+                let info = if report::model_hint_targets(&r).is_empty() {
+                    None
+                } else {
+                    self.comfy.object_info().await.ok()
+                };
+                let (message, details) = report::rejection(&r, info.as_ref());
+                info!(
+                    nodes = r.node_errors.len(),
+                    "workflow rejected by ComfyUI validation"
+                );
+                return JobOutput::error_with_details(message, details);
+            }
+            Err(e) => {
+                warn!(error = %e, "job failed talking to ComfyUI");
+                return JobOutput::error(e.to_string());
+            }
+        };
+        if matches!(result.outcome, Outcome::Success) && !result.cancelled {
+            progress.send(tracker.finished(Instant::now()));
+        }
+        let output = self.collect(result).await;
+        info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ok = !output.is_error(),
+            "job finished"
+        );
+        output
+    }
+
+    async fn upload_images(&self, input: &JobInput) -> Result<(), JobOutput> {
+        let mut problems = Vec::new();
+        for image in &input.images {
+            match self
+                .comfy
+                .upload_image(&image.name, image.data.clone(), "")
+                .await
+            {
+                Ok(stored) if stored.name != image.name => {
+                    warn!(requested = %image.name, stored = %stored.name, "ComfyUI stored the input under another name");
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("Error uploading {}: {e}", image.name)),
+            }
+        }
+        if problems.is_empty() {
+            info!(count = input.images.len(), "input images uploaded");
+            Ok(())
+        } else {
+            Err(JobOutput::error_with_details(
+                "Failed to upload one or more input images",
+                problems,
+            ))
+        }
+    }
+
+    /// Fetches the returnable files and applies worker-comfyui's assembly rules.
+    async fn collect(&self, result: PromptResult) -> JobOutput {
+        let mut errors = Vec::new();
+        match &result.outcome {
+            Outcome::Success => {}
+            Outcome::Failed(f) => errors.push(report::execution_error(f)),
+            Outcome::Interrupted(i) => {
+                let line = report::interrupted(i, result.cancelled);
+                if result.cancelled {
+                    return JobOutput::error(line);
+                }
+                errors.push(line);
+            }
+        }
+        errors.extend(report::dropped_outputs(&result.dropped_outputs));
+        errors.extend(result.warnings.iter().cloned());
+        if result.outputs.is_empty() && errors.is_empty() {
+            errors.push(format!(
+                "No outputs found in history for prompt {}.",
+                result.prompt_id
+            ));
+        }
+        let mut wanted: Vec<&OutputFile> = Vec::new();
+        for node in &result.outputs {
+            errors.extend(node.problems.iter().cloned());
+            let mut unhandled: Vec<&str> = Vec::new();
+            for file in &node.files {
+                if file.key != "images" {
+                    if !unhandled.contains(&file.key.as_str()) {
+                        unhandled.push(&file.key);
+                    }
+                } else if file.file.folder_type != "temp" {
+                    wanted.push(file);
+                }
+            }
+            if !unhandled.is_empty() {
+                warn!(node = %node.node_id, keys = ?unhandled, "node produced output kinds this version does not return");
+            }
+        }
+        let comfy = &self.comfy;
+        let fetched: Vec<Result<OutputImage, String>> = futures_util::stream::iter(wanted)
+            .map(|file| async move {
+                match comfy.view(&file.file).await {
+                    Ok(bytes) => Ok(OutputImage {
+                        filename: file.file.filename.clone(),
+                        kind: "base64".into(),
+                        data: codec::encode(&bytes),
+                    }),
+                    Err(e) => Err(format!(
+                        "Failed to fetch image data for {} from /view endpoint: {e}",
+                        file.file.filename
+                    )),
+                }
+            })
+            .buffered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        let mut images = Vec::new();
+        for f in fetched {
+            match f {
+                Ok(img) => images.push(img),
+                Err(e) => errors.push(e),
+            }
+        }
+        info!(
+            images = images.len(),
+            warnings = errors.len(),
+            "outputs collected"
+        );
+        if images.is_empty() {
+            if let Outcome::Failed(f) = &result.outcome {
+                return JobOutput::error_with_details(report::execution_error(f), errors);
+            }
+        }
+        JobOutput::from_parts(images, errors)
+    }
+}
+
+enum ProcessState {
+    NoPidFile,
+    Alive,
+    Dead(u32),
+}
+
+/// Reads the start script's PID file and checks the process (Linux `/proc`; zombies count as dead).
+fn comfy_process_state(pid_file: &Path) -> ProcessState {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return ProcessState::NoPidFile;
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return ProcessState::NoPidFile;
+    };
+    if !Path::new("/proc").exists() {
+        return ProcessState::Alive;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => ProcessState::Dead(pid),
+        Ok(stat) => {
+            // The state letter follows the parenthesised command name.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            if matches!(state, Some('Z') | Some('X')) {
+                ProcessState::Dead(pid)
+            } else {
+                ProcessState::Alive
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_file_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("comfyui.pid");
+        assert!(matches!(
+            comfy_process_state(&file),
+            ProcessState::NoPidFile
+        ));
+        std::fs::write(&file, std::process::id().to_string()).unwrap();
+        assert!(matches!(comfy_process_state(&file), ProcessState::Alive));
+        std::fs::write(&file, "999999999").unwrap();
+        assert!(matches!(
+            comfy_process_state(&file),
+            ProcessState::Dead(999999999)
+        ));
+    }
+}

@@ -1,0 +1,586 @@
+//! Progress snapshots: the one place that turns prompt events into what users see.
+//!
+//! Every front end (CLI bar, platform `/status`, webhooks) consumes [`ProgressSnapshot`]s
+//! from a [`ProgressTracker`]. The snapshot is a superset of the payload proposed upstream
+//! for worker-comfyui (`{"type": "progress", "value", "max", "percent", "node"}`), so
+//! clients written for that keep working.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use serde::{Serialize, Serializer};
+use tokio::sync::mpsc;
+
+use crate::comfy::{PromptEvent, Workflow};
+
+/// What a snapshot reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressKind {
+    /// Waiting in ComfyUI's queue.
+    Queued,
+    /// Execution began.
+    Started,
+    /// Nodes served from the cache.
+    Cached,
+    /// A node started.
+    Executing,
+    /// A sampler-like step.
+    Progress,
+    /// A node produced output.
+    Executed,
+    /// A node failed.
+    Error,
+    /// The prompt was interrupted.
+    Interrupted,
+    /// The prompt finished; outputs are being collected.
+    Finished,
+}
+
+/// A number that serialises as an integer when it is whole (ComfyUI sends `1` and `1.0` alike).
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default)]
+pub struct Num(pub f64);
+
+impl Serialize for Num {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = self.0;
+        if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 {
+            s.serialize_i64(v as i64)
+        } else {
+            s.serialize_f64(v)
+        }
+    }
+}
+
+/// One progress report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProgressSnapshot {
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: ProgressKind,
+    /// Steps done in the current node.
+    pub value: Num,
+    /// Steps of the current node.
+    pub max: Num,
+    /// `value / max` in percent, one decimal.
+    pub percent: f64,
+    /// Current node id.
+    pub node: Option<String>,
+    /// Its class type.
+    pub node_type: Option<String>,
+    /// Human name of what the node does ("Sampling", "Decoding", ...), else its class type.
+    pub step: Option<String>,
+    /// Percent of the workflow done (cached nodes count as done), never decreasing.
+    pub overall_percent: f64,
+    /// Nodes finished or cached.
+    pub nodes_done: usize,
+    /// Nodes in the workflow.
+    pub nodes_total: usize,
+    /// Nodes served from the cache.
+    pub nodes_cached: usize,
+    /// Seconds left in the current node, from its step rate.
+    pub eta_seconds: Option<f64>,
+    /// Seconds since the job started.
+    pub elapsed_seconds: f64,
+    /// ComfyUI prompt id.
+    pub prompt_id: Option<String>,
+    /// Prompts in ComfyUI's queue (pending plus running), when known.
+    pub queue_remaining: Option<u64>,
+    /// Prompts ahead of ours (0 = ours runs), while queued.
+    pub queue_position: Option<usize>,
+    /// Error or interrupt text for `error` / `interrupted`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl ProgressSnapshot {
+    /// The snapshot as a JSON value (what the platform's `/status` shows as `output`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Where a job's snapshots go: never blocks the job; a dropped receiver is ignored.
+#[derive(Debug, Clone, Default)]
+pub struct ProgressSender(Option<mpsc::UnboundedSender<ProgressSnapshot>>);
+
+impl ProgressSender {
+    /// A sender that discards everything.
+    pub fn none() -> ProgressSender {
+        ProgressSender(None)
+    }
+
+    /// Publishes a snapshot.
+    pub fn send(&self, snapshot: ProgressSnapshot) {
+        if let Some(tx) = &self.0 {
+            let _ = tx.send(snapshot);
+        }
+    }
+}
+
+/// A sender and the receiver its snapshots arrive on, in order.
+pub fn channel() -> (ProgressSender, mpsc::UnboundedReceiver<ProgressSnapshot>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (ProgressSender(Some(tx)), rx)
+}
+
+/// A human name for what a node class does.
+pub fn step_name(class_type: &str) -> String {
+    let c = class_type;
+    let lower = c.to_ascii_lowercase();
+    let named = match c {
+        "CLIPTextEncode" | "CLIPTextEncodeSDXL" | "CLIPTextEncodeFlux" | "CLIPTextEncodeSD3" => {
+            Some("Encoding prompt")
+        }
+        "VAEDecode" | "VAEDecodeTiled" | "VAEDecodeHunyuan3D" => Some("Decoding"),
+        "VAEEncode" | "VAEEncodeTiled" | "VAEEncodeForInpaint" => Some("Encoding image"),
+        "EmptyLatentImage" | "EmptySD3LatentImage" | "EmptyHunyuanLatentVideo" => {
+            Some("Preparing latent")
+        }
+        "SaveImage" | "SaveAnimatedWEBP" | "SaveAnimatedPNG" | "SaveImageWebsocket" => {
+            Some("Saving image")
+        }
+        "PreviewImage" => Some("Preview"),
+        "LoadImage" | "LoadImageMask" => Some("Loading image"),
+        "SaveVideo" | "SaveWEBM" | "VHS_VideoCombine" => Some("Saving video"),
+        "SaveAudio" | "SaveAudioMP3" | "SaveAudioOpus" => Some("Saving audio"),
+        _ => None,
+    };
+    if let Some(n) = named {
+        return n.to_owned();
+    }
+    if lower.contains("sampler") || lower.starts_with("ksampler") || c == "SlowSteps" {
+        "Sampling".to_owned()
+    } else if lower.contains("loader") || lower.starts_with("load") && lower.contains("model") {
+        "Loading model".to_owned()
+    } else if lower.contains("upscale") && !lower.contains("loader") {
+        "Upscaling".to_owned()
+    } else {
+        c.to_owned()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StepState {
+    node: String,
+    value: f64,
+    max: f64,
+    /// First observed step of this node and when.
+    first: (f64, Instant),
+    /// When the node started.
+    node_started: Instant,
+}
+
+/// Turns [`PromptEvent`]s into [`ProgressSnapshot`]s for one job.
+#[derive(Debug, Clone)]
+pub struct ProgressTracker {
+    started_at: Instant,
+    class_of: HashMap<String, String>,
+    nodes_total: usize,
+    done: HashSet<String>,
+    cached: HashSet<String>,
+    current: Option<(String, Instant)>,
+    step: Option<StepState>,
+    overall: f64,
+    prompt_id: Option<String>,
+    queue_remaining: Option<u64>,
+    queue_position: Option<usize>,
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+impl ProgressTracker {
+    /// A tracker for `workflow`, whose job started at `started_at`.
+    pub fn new(workflow: &Workflow, started_at: Instant) -> ProgressTracker {
+        let class_of = workflow
+            .nodes()
+            .filter_map(|n| Some((n.id.to_owned(), n.class_type?.to_owned())))
+            .collect();
+        ProgressTracker {
+            started_at,
+            class_of,
+            nodes_total: workflow.len(),
+            done: HashSet::new(),
+            cached: HashSet::new(),
+            current: None,
+            step: None,
+            overall: 0.0,
+            prompt_id: None,
+            queue_remaining: None,
+            queue_position: None,
+        }
+    }
+
+    /// Records the prompt id once ComfyUI accepted the prompt.
+    pub fn set_prompt_id(&mut self, prompt_id: &str) {
+        self.prompt_id = Some(prompt_id.to_owned());
+    }
+
+    fn is_node(&self, id: &str) -> bool {
+        self.class_of.contains_key(id)
+    }
+
+    fn mark_done(&mut self, id: &str) {
+        if self.is_node(id) {
+            self.done.insert(id.to_owned());
+        }
+    }
+
+    fn start_node(&mut self, node: &str, now: Instant) {
+        if let Some((prev, _)) = self.current.take() {
+            if prev != node {
+                self.mark_done(&prev);
+            }
+        }
+        self.current = Some((node.to_owned(), now));
+        if self.step.as_ref().is_some_and(|s| s.node != node) {
+            self.step = None;
+        }
+    }
+
+    /// Records a step; returns false when it repeats the last one (progress_state then progress).
+    fn record_step(&mut self, node: &str, value: f64, max: f64, now: Instant) -> bool {
+        if let Some(s) = &mut self.step {
+            if s.node == node {
+                if s.value == value && s.max == max {
+                    return false;
+                }
+                s.value = value;
+                s.max = max;
+                return true;
+            }
+        }
+        let node_started = match &self.current {
+            Some((n, t)) if n == node => *t,
+            _ => now,
+        };
+        if self.current.as_ref().map(|c| c.0.as_str()) != Some(node) {
+            self.start_node(node, now);
+        }
+        self.step = Some(StepState {
+            node: node.to_owned(),
+            value,
+            max,
+            first: (value, now),
+            node_started,
+        });
+        true
+    }
+
+    fn eta(&self, now: Instant) -> Option<f64> {
+        let s = self.step.as_ref()?;
+        if s.max <= 0.0 || s.value <= 0.0 || s.value >= s.max {
+            return (s.value >= s.max && s.max > 0.0).then_some(0.0);
+        }
+        let (v0, t0) = s.first;
+        let per_step = if s.value > v0 {
+            now.duration_since(t0).as_secs_f64() / (s.value - v0)
+        } else {
+            now.duration_since(s.node_started).as_secs_f64() / s.value
+        };
+        Some(round1(per_step * (s.max - s.value)))
+    }
+
+    fn snapshot(&mut self, kind: ProgressKind, now: Instant) -> ProgressSnapshot {
+        let node = self.current.as_ref().map(|c| c.0.clone());
+        let step = self
+            .step
+            .as_ref()
+            .filter(|s| Some(&s.node) == node.as_ref());
+        let (value, max) = step.map(|s| (s.value, s.max)).unwrap_or((0.0, 1.0));
+        let percent = if max > 0.0 {
+            round1((value / max * 100.0).clamp(0.0, 100.0))
+        } else {
+            0.0
+        };
+        let nodes_done = self.done.len();
+        let fraction = match &node {
+            Some(n) if !self.done.contains(n) && self.is_node(n) && max > 0.0 => {
+                (value / max).clamp(0.0, 1.0)
+            }
+            _ => 0.0,
+        };
+        let computed = if kind == ProgressKind::Finished {
+            100.0
+        } else if self.nodes_total > 0 {
+            ((nodes_done as f64 + fraction) / self.nodes_total as f64 * 100.0).min(100.0)
+        } else {
+            0.0
+        };
+        self.overall = self.overall.max(round1(computed));
+        let node_type = node.as_ref().and_then(|n| self.class_of.get(n)).cloned();
+        ProgressSnapshot {
+            kind,
+            value: Num(value),
+            max: Num(max),
+            percent,
+            step: node_type.as_deref().map(step_name),
+            node,
+            node_type,
+            overall_percent: self.overall,
+            nodes_done,
+            nodes_total: self.nodes_total,
+            nodes_cached: self.cached.len(),
+            eta_seconds: if kind == ProgressKind::Progress {
+                self.eta(now)
+            } else {
+                None
+            },
+            elapsed_seconds: round2(now.duration_since(self.started_at).as_secs_f64()),
+            prompt_id: self.prompt_id.clone(),
+            queue_remaining: self.queue_remaining,
+            queue_position: if kind == ProgressKind::Queued {
+                self.queue_position
+            } else {
+                None
+            },
+            message: None,
+        }
+    }
+
+    /// Applies one event; returns the snapshot to publish, if the event changes what users see.
+    pub fn apply(&mut self, event: &PromptEvent, now: Instant) -> Option<ProgressSnapshot> {
+        match event {
+            PromptEvent::Queued {
+                prompt_id,
+                position,
+                queue_remaining,
+            } => {
+                self.prompt_id = Some(prompt_id.clone());
+                self.queue_position = *position;
+                if queue_remaining.is_some() {
+                    self.queue_remaining = *queue_remaining;
+                }
+                Some(self.snapshot(ProgressKind::Queued, now))
+            }
+            PromptEvent::Started => Some(self.snapshot(ProgressKind::Started, now)),
+            PromptEvent::Cached { nodes } => {
+                for n in nodes {
+                    if self.is_node(n) {
+                        self.cached.insert(n.clone());
+                        self.done.insert(n.clone());
+                    }
+                }
+                Some(self.snapshot(ProgressKind::Cached, now))
+            }
+            PromptEvent::Executing { node } => {
+                if self.current.as_ref().map(|c| c.0.as_str()) == Some(node.as_str()) {
+                    return None;
+                }
+                self.start_node(node, now);
+                Some(self.snapshot(ProgressKind::Executing, now))
+            }
+            PromptEvent::Progress { node, value, max } => {
+                let node = node
+                    .clone()
+                    .or_else(|| self.current.as_ref().map(|c| c.0.clone()))?;
+                self.record_step(&node, *value, *max, now)
+                    .then(|| self.snapshot(ProgressKind::Progress, now))
+            }
+            PromptEvent::NodeStates { nodes } => {
+                let mut step = None;
+                for n in nodes {
+                    if n.finished {
+                        self.mark_done(&n.node);
+                    } else if n.max > 1.0 && n.value > 0.0 {
+                        step = Some((n.node.clone(), n.value, n.max));
+                    }
+                }
+                let (node, value, max) = step?;
+                self.record_step(&node, value, max, now)
+                    .then(|| self.snapshot(ProgressKind::Progress, now))
+            }
+            PromptEvent::Executed { node, .. } => {
+                self.mark_done(node);
+                let mut snap = self.snapshot(ProgressKind::Executed, now);
+                snap.node_type = self.class_of.get(node).cloned();
+                snap.step = snap.node_type.as_deref().map(step_name);
+                snap.node = Some(node.clone());
+                Some(snap)
+            }
+            PromptEvent::Failed(f) => {
+                let mut snap = self.snapshot(ProgressKind::Error, now);
+                snap.node = Some(f.node_id.clone());
+                snap.node_type = Some(f.node_type.clone());
+                snap.step = Some(step_name(&f.node_type));
+                snap.message = Some(f.message.clone());
+                Some(snap)
+            }
+            PromptEvent::Interrupted(i) => {
+                let mut snap = self.snapshot(ProgressKind::Interrupted, now);
+                snap.message = Some(format!(
+                    "interrupted at node {} ({})",
+                    i.node_id, i.node_type
+                ));
+                Some(snap)
+            }
+            PromptEvent::Succeeded => {
+                if let Some((n, _)) = self.current.take() {
+                    self.mark_done(&n);
+                }
+                None
+            }
+            PromptEvent::Preview { .. }
+            | PromptEvent::Text { .. }
+            | PromptEvent::ConnectionLost { .. }
+            | PromptEvent::Reconnected => None,
+        }
+    }
+
+    /// The last snapshot of a prompt that ran to its end.
+    pub fn finished(&mut self, now: Instant) -> ProgressSnapshot {
+        if let Some((n, _)) = self.current.take() {
+            self.mark_done(&n);
+        }
+        self.step = None;
+        self.snapshot(ProgressKind::Finished, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comfy::NodeState;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn workflow() -> Workflow {
+        Workflow::from_value(json!({
+            "1": {"class_type": "EmptyImage", "inputs": {}},
+            "2": {"class_type": "KSampler", "inputs": {}},
+            "3": {"class_type": "SaveImage", "inputs": {}},
+            "4": {"class_type": "VAEDecode", "inputs": {}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn step_names() {
+        assert_eq!(step_name("KSampler"), "Sampling");
+        assert_eq!(step_name("SamplerCustomAdvanced"), "Sampling");
+        assert_eq!(step_name("CheckpointLoaderSimple"), "Loading model");
+        assert_eq!(step_name("VAEDecode"), "Decoding");
+        assert_eq!(step_name("MyCustomNode"), "MyCustomNode");
+    }
+
+    #[test]
+    fn sampler_steps_give_percent_overall_and_eta() {
+        let t0 = Instant::now();
+        let mut tr = ProgressTracker::new(&workflow(), t0);
+        tr.set_prompt_id("p");
+        let s = tr
+            .apply(
+                &PromptEvent::Cached {
+                    nodes: vec!["1".into()],
+                },
+                t0,
+            )
+            .unwrap();
+        assert_eq!(
+            (s.nodes_done, s.nodes_cached, s.overall_percent),
+            (1, 1, 25.0)
+        );
+        let s = tr
+            .apply(&PromptEvent::Executing { node: "2".into() }, t0)
+            .unwrap();
+        assert_eq!(s.step.as_deref(), Some("Sampling"));
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let s = tr
+            .apply(
+                &PromptEvent::Progress {
+                    node: Some("2".into()),
+                    value: 1.0,
+                    max: 10.0,
+                },
+                at(100),
+            )
+            .unwrap();
+        assert_eq!((s.percent, s.eta_seconds), (10.0, Some(0.9)));
+        let s = tr
+            .apply(
+                &PromptEvent::Progress {
+                    node: Some("2".into()),
+                    value: 5.0,
+                    max: 10.0,
+                },
+                at(500),
+            )
+            .unwrap();
+        assert_eq!(s.kind, ProgressKind::Progress);
+        assert_eq!((s.percent, s.eta_seconds), (50.0, Some(0.5)));
+        assert_eq!(s.overall_percent, 37.5);
+        let json = s.to_json();
+        assert_eq!(json["value"], json!(5));
+        assert_eq!(json["max"], json!(10));
+        assert_eq!(json["type"], json!("progress"));
+        assert!(json.get("message").is_none());
+    }
+
+    #[test]
+    fn progress_state_then_progress_is_one_snapshot_per_step() {
+        let t0 = Instant::now();
+        let mut tr = ProgressTracker::new(&workflow(), t0);
+        tr.apply(&PromptEvent::Executing { node: "2".into() }, t0);
+        let state = PromptEvent::NodeStates {
+            nodes: vec![
+                NodeState {
+                    node: "1".into(),
+                    value: 1.0,
+                    max: 1.0,
+                    finished: true,
+                },
+                NodeState {
+                    node: "2".into(),
+                    value: 3.0,
+                    max: 20.0,
+                    finished: false,
+                },
+            ],
+        };
+        assert!(tr.apply(&state, t0).is_some());
+        let again = PromptEvent::Progress {
+            node: Some("2".into()),
+            value: 3.0,
+            max: 20.0,
+        };
+        assert!(tr.apply(&again, t0).is_none());
+    }
+
+    #[test]
+    fn overall_never_decreases_and_finishes_at_100() {
+        let t0 = Instant::now();
+        let mut tr = ProgressTracker::new(&workflow(), t0);
+        let mut last = 0.0;
+        let events = [
+            PromptEvent::Executing { node: "1".into() },
+            PromptEvent::Executing { node: "2".into() },
+            PromptEvent::Progress {
+                node: Some("2".into()),
+                value: 9.0,
+                max: 10.0,
+            },
+            PromptEvent::Executing { node: "4".into() },
+            PromptEvent::Executed {
+                node: "3".into(),
+                files: 1,
+            },
+        ];
+        for e in &events {
+            if let Some(s) = tr.apply(e, t0) {
+                assert!(
+                    s.overall_percent >= last,
+                    "{e:?}: {} < {last}",
+                    s.overall_percent
+                );
+                last = s.overall_percent;
+            }
+        }
+        assert_eq!(tr.finished(t0).overall_percent, 100.0);
+    }
+}
