@@ -4,9 +4,15 @@
 //! * [`comfy`]: the ComfyUI client (HTTP, WebSocket, prompt watching). Only it knows ComfyUI's JSON.
 //! * [`job`]: the job engine: worker-comfyui's input and output schema, uploads, outputs.
 //! * [`progress`]: turns prompt events into progress snapshots, the one place that computes them.
+//! * [`simulator`]: a fake ComfyUI speaking the real protocol, for trying and testing without a GPU.
+//! * [`cli`]: the command line (`run`, `simulate-comfyui`).
 //! * [`config`]: settings from the environment.
+//! * [`telemetry`]: log set-up.
 
+pub mod cli;
 pub mod comfy;
 pub mod config;
 pub mod job;
 pub mod progress;
+pub mod simulator;
+pub mod telemetry;

@@ -1,0 +1,172 @@
+//! The command line: `run` (one job, live progress), `simulate-comfyui`, and the default mode.
+
+mod run;
+mod view;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::simulator::{self, SimConfig};
+
+/// A serverless worker for ComfyUI with live progress.
+#[derive(Debug, Parser)]
+#[command(
+    name = "comfy-worker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand: run ./test_input.json (or --test_input) once, like the RunPod SDK.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one job from a test-input file and print its output JSON on stdout.
+    Run(RunArgs),
+    /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
+    #[command(name = "simulate-comfyui")]
+    SimulateComfyui(SimArgs),
+}
+
+/// Options of `run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Test-input file, shaped `{"input": {...}}` [default: ./test_input.json].
+    pub file: Option<PathBuf>,
+    /// The test input as a JSON string instead of a file (RunPod SDK flag).
+    #[arg(long = "test_input", visible_alias = "test-input", value_name = "JSON")]
+    pub test_input: Option<String>,
+    /// Run against a built-in ComfyUI simulator instead of a real ComfyUI.
+    #[arg(long)]
+    pub simulate: bool,
+    /// Simulated time per sampler step, in milliseconds (with --simulate).
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub sim_step_ms: u64,
+    /// Progress as one JSON object per line on stderr.
+    #[arg(long, conflicts_with = "quiet")]
+    pub json_progress: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Also write the decoded output files into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// ComfyUI address (overrides COMFY_HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub comfy_host: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8188)]
+    port: u16,
+    /// Time per sampler step, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    step_ms: u64,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("comfy-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Some(Command::Run(args)) => run::run(args).await,
+            Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            None => run::run(cli.run).await,
+        }
+    })
+}
+
+async fn simulate(args: SimArgs) -> ExitCode {
+    crate::telemetry::init("comfy_worker=info");
+    let addr = SocketAddr::new(args.host, args.port);
+    let config = SimConfig {
+        step_delay: Duration::from_millis(args.step_ms),
+    };
+    eprintln!("comfy-worker: simulated ComfyUI on http://{addr} (Ctrl+C to stop)");
+    match simulator::serve(addr, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("comfy-worker: simulator failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl+C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sdk_style_and_subcommands() {
+        let cli = Cli::try_parse_from(["comfy-worker", "--test_input", "{}"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.test_input.as_deref(), Some("{}"));
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "run",
+            "x.json",
+            "--simulate",
+            "--json-progress",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Run(a)) => {
+                assert_eq!(a.file, Some(PathBuf::from("x.json")));
+                assert!(a.simulate && a.json_progress);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli =
+            Cli::try_parse_from(["comfy-worker", "simulate-comfyui", "--port", "9000"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.port == 9000));
+        assert!(
+            Cli::try_parse_from(["comfy-worker", "run", "--quiet", "--json-progress"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! `comfy-worker run`: one job from a test-input file, progress on stderr, output JSON on stdout.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::view::{ProgressMode, ProgressView};
+use super::RunArgs;
+use crate::config::Settings;
+use crate::job::{codec, Engine, JobOutput};
+use crate::progress;
+use crate::simulator::{SimConfig, Simulator};
+
+/// The SDK's job id for local test runs.
+const LOCAL_JOB_ID: &str = "local_test";
+
+/// Reads the job: `--test_input` JSON, else the file, else `./test_input.json`.
+pub(crate) fn load_test_input(args: &RunArgs) -> Result<Value, String> {
+    let (text, origin) = match (&args.test_input, &args.file) {
+        (Some(json), _) => (json.clone(), "--test_input".to_owned()),
+        (None, file) => {
+            let path = file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("test_input.json"));
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                if file.is_none() && e.kind() == std::io::ErrorKind::NotFound {
+                    "test_input.json not found in the current directory; pass a file or --test_input '<json>'".to_owned()
+                } else {
+                    format!("cannot read {}: {e}", path.display())
+                }
+            })?;
+            (text, path.display().to_string())
+        }
+    };
+    let job: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{origin} is not valid JSON: {e}"))?;
+    match &job {
+        Value::Object(o) if o.contains_key("input") => Ok(job),
+        _ => Err(format!(
+            "{origin} must be a JSON object with an 'input' key, like {{\"input\": {{\"workflow\": {{...}}}}}}"
+        )),
+    }
+}
+
+fn print_output(output: &JobOutput) {
+    match serde_json::to_string(output) {
+        Ok(text) => println!("{text}"),
+        Err(e) => println!("{{\"error\": \"could not serialise the output: {e}\"}}"),
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("comfy-worker: {message}");
+    print_output(&JobOutput::error(message));
+    ExitCode::FAILURE
+}
+
+/// Writes decoded images into `dir`, under their base names.
+fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, String> {
+    let JobOutput::Images { images, .. } = output else {
+        return Ok(Vec::new());
+    };
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut written = Vec::new();
+    for image in images.iter().filter(|i| i.kind == "base64") {
+        let name = Path::new(&image.filename)
+            .file_name()
+            .map(|n| n.to_owned())
+            .ok_or_else(|| format!("output file name {:?} is not usable", image.filename))?;
+        let bytes = codec::decode_input(&image.data)
+            .map_err(|e| format!("output {} is not valid base64: {e}", image.filename))?;
+        let path = dir.join(name);
+        std::fs::write(&path, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Runs the command.
+pub(crate) async fn run(args: RunArgs) -> ExitCode {
+    crate::telemetry::init("comfy_worker=warn");
+    let job = match load_test_input(&args) {
+        Ok(job) => job,
+        Err(e) => return fail(e),
+    };
+    let mut settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    if let Some(host) = &args.comfy_host {
+        settings.comfy_host = host.clone();
+    }
+    let simulator = if args.simulate {
+        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot start the simulator: {e}")),
+        };
+        let config = SimConfig {
+            step_delay: Duration::from_millis(args.sim_step_ms),
+        };
+        match Simulator::start(listener, config).await {
+            Ok(sim) => {
+                settings.comfy_host = sim.host();
+                // A PID file of some other ComfyUI must not decide readiness here.
+                settings.comfy_pid_file = PathBuf::from("/nonexistent/comfy-worker-simulator.pid");
+                Some(sim)
+            }
+            Err(e) => return fail(format!("cannot start the simulator: {e}")),
+        }
+    } else {
+        None
+    };
+    let engine = match Engine::new(settings) {
+        Ok(e) => e,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mode = ProgressMode::choose(args.quiet, args.json_progress);
+    let (sender, receiver) = progress::channel();
+    let view = tokio::spawn(ProgressView::new(mode).drive(receiver));
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    let signals = tokio::spawn(async move {
+        super::shutdown_signal().await;
+        eprintln!("comfy-worker: interrupted, cancelling the job in ComfyUI");
+        on_signal.cancel();
+    });
+    let job_id = job
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or(LOCAL_JOB_ID)
+        .to_owned();
+    let output = engine
+        .run(&job_id, job.get("input"), &sender, &cancel)
+        .await;
+    drop(sender);
+    let _ = view.await;
+    signals.abort();
+    if let Some(sim) = simulator {
+        sim.shutdown().await;
+    }
+    if let Some(dir) = &args.output_dir {
+        match write_outputs(dir, &output) {
+            Ok(paths) => {
+                for p in paths {
+                    if !args.quiet {
+                        eprintln!("comfy-worker: wrote {}", p.display());
+                    }
+                }
+            }
+            Err(e) => eprintln!("comfy-worker: {e}"),
+        }
+    }
+    print_output(&output);
+    if output.is_error() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::OutputImage;
+
+    fn args() -> RunArgs {
+        RunArgs {
+            file: None,
+            test_input: None,
+            simulate: false,
+            sim_step_ms: 1,
+            json_progress: false,
+            quiet: true,
+            output_dir: None,
+            comfy_host: None,
+        }
+    }
+
+    #[test]
+    fn test_input_must_have_input() {
+        let mut a = args();
+        a.test_input = Some(r#"{"workflow": {}}"#.into());
+        assert!(load_test_input(&a).unwrap_err().contains("'input' key"));
+        a.test_input = Some("[".into());
+        assert!(load_test_input(&a).unwrap_err().contains("not valid JSON"));
+        a.test_input = Some(r#"{"input": {"workflow": {}}}"#.into());
+        assert!(load_test_input(&a).is_ok());
+        let mut b = args();
+        b.file = Some(PathBuf::from("/nonexistent/x.json"));
+        assert!(load_test_input(&b).unwrap_err().contains("cannot read"));
+    }
+
+    #[test]
+    fn writes_decoded_files_under_their_base_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = JobOutput::Images {
+            images: vec![OutputImage {
+                filename: "sub/../a.png".into(),
+                kind: "base64".into(),
+                data: codec::encode(b"png-bytes"),
+            }],
+            errors: vec![],
+        };
+        let written = write_outputs(dir.path(), &out).unwrap();
+        assert_eq!(written, [dir.path().join("a.png")]);
+        assert_eq!(std::fs::read(&written[0]).unwrap(), b"png-bytes");
+    }
+}
