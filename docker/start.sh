@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Container entry point: start ComfyUI in the background (as worker-comfyui's start.sh does),
+# record its PID for the worker's readiness check, then exec comfy-worker in the foreground so
+# SIGTERM from the platform reaches it directly.
+#
+# Every path and command can be overridden, which is how tests run this script outside Docker
+# (see tests/it/start_script.rs):
+#   COMFYUI_DIR          ComfyUI checkout                          (/comfyui)
+#   COMFYUI_PYTHON       Python interpreter                        (python)
+#   COMFYUI_START_CMD    full command that starts ComfyUI          (python -u $COMFYUI_DIR/main.py ...)
+#   COMFYUI_EXTRA_ARGS   extra ComfyUI flags, e.g. "--preview-method auto"
+#   COMFY_LOG_LEVEL      ComfyUI --verbose level                   (INFO)
+#   COMFY_PID_FILE       where ComfyUI's PID is written            (/tmp/comfyui.pid)
+#   COMFY_WORKER_BIN     the worker binary                         (comfy-worker on PATH)
+#   SERVE_API_LOCALLY    "true": ComfyUI also listens on all interfaces (--listen)
+# Arguments are passed to comfy-worker unchanged.
+set -euo pipefail
+
+: "${COMFYUI_DIR:=/comfyui}"
+: "${COMFYUI_PYTHON:=python}"
+: "${COMFYUI_EXTRA_ARGS:=}"
+: "${COMFY_LOG_LEVEL:=INFO}"
+: "${COMFY_PID_FILE:=/tmp/comfyui.pid}"
+: "${COMFY_WORKER_BIN:=comfy-worker}"
+: "${SERVE_API_LOCALLY:=false}"
+export COMFY_PID_FILE
+
+log() { echo "comfy-worker start: $*" >&2; }
+
+# Optional SSH access, as in worker-comfyui.
+if [ -n "${PUBLIC_KEY:-}" ] && command -v sshd >/dev/null 2>&1; then
+    mkdir -p ~/.ssh && echo "$PUBLIC_KEY" >> ~/.ssh/authorized_keys && chmod 700 ~/.ssh && chmod 600 ~/.ssh/authorized_keys
+    ssh-keygen -A >/dev/null 2>&1 || true
+    service ssh start >/dev/null 2>&1 || /usr/sbin/sshd || log "could not start sshd"
+fi
+
+# Keep ComfyUI-Manager from reaching the network at start, when it is installed.
+if command -v comfy-manager-set-mode >/dev/null 2>&1; then
+    comfy-manager-set-mode offline >/dev/null 2>&1 || log "could not set ComfyUI-Manager network mode"
+fi
+
+if [ -n "${COMFYUI_START_CMD:-}" ]; then
+    log "starting ComfyUI: $COMFYUI_START_CMD"
+    bash -c "exec $COMFYUI_START_CMD" &
+else
+    listen=()
+    if [ "$SERVE_API_LOCALLY" = "true" ]; then
+        listen=(--listen)
+    fi
+    # tcmalloc helps PyTorch's allocation pattern; preload it for ComfyUI only, not the worker.
+    tcmalloc="$(ldconfig -p 2>/dev/null | grep -Po 'libtcmalloc(_minimal)?\.so\.\d+' | head -n 1 || true)"
+    log "starting ComfyUI from $COMFYUI_DIR"
+    # shellcheck disable=SC2086 # COMFYUI_EXTRA_ARGS is a list of flags.
+    LD_PRELOAD="$tcmalloc" "$COMFYUI_PYTHON" -u "$COMFYUI_DIR/main.py" --disable-auto-launch --disable-metadata \
+        "${listen[@]}" --verbose "$COMFY_LOG_LEVEL" --log-stdout $COMFYUI_EXTRA_ARGS &
+fi
+echo "$!" > "$COMFY_PID_FILE"
+log "ComfyUI pid $(cat "$COMFY_PID_FILE") written to $COMFY_PID_FILE"
+
+exec "$COMFY_WORKER_BIN" "$@"
