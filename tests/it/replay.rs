@@ -644,16 +644,26 @@ async fn ws_connect(sh: Arc<Shared>, req: Request, query: HashMap<String, String
                     .cloned(),
             );
         }
+        let queued = st.run.as_ref().is_some_and(|r| r.queue_item.is_some());
         for f in &sh.script.connect_frames {
-            if let Some(m) = render_frame(f, &subs, None, "") {
-                let _ = tx.send(Out::Msg(m));
-            }
+            let m = match &f.kind {
+                FrameKind::Text(v) => {
+                    let mut v = substitute(v, &subs);
+                    // Recorded with an empty queue; a prompt may be running now.
+                    if queued && v["type"] == "status" {
+                        v["data"]["status"]["exec_info"]["queue_remaining"] = json!(1);
+                    }
+                    text_message(&v)
+                }
+                FrameKind::Binary { .. } => render_frame(f, &subs, None, ""),
+            };
+            let _ = tx.send(Out::Msg(m));
         }
         // Reconnecting prompting client while a node runs: the server repeats `executing`.
         if let (Some(run), Some((_, display))) = (&st.run, &st.last_node) {
             if run.client_id.as_deref() == Some(client_id.as_str()) && !st.done {
                 let m = json!({"type": "executing", "data": {"node": display}});
-                let _ = tx.send(Out::Msg(Message::Text(to_python_json(&m).into())));
+                let _ = tx.send(Out::Msg(text_message(&m)));
             }
         }
         if st.conns.iter().any(|c| c.client_id == client_id) {
@@ -714,7 +724,7 @@ async fn serve_socket(
                         let reply = sh.script.feature_flags.clone().unwrap_or_else(|| {
                             serde_json::from_str(DEFAULT_FEATURE_FLAGS).unwrap_or_default()
                         });
-                        let _ = tx.send(Out::Msg(Message::Text(to_python_json(&reply).into())));
+                        let _ = tx.send(Out::Msg(text_message(&reply)));
                     }
                 }
                 Message::Close(_) => break,
@@ -919,9 +929,7 @@ fn dispatch(sh: &Shared, frame: &Frame) {
         FrameKind::Binary { head, .. } => head.get(..4) == Some(&[0, 0, 0, 3]),
     };
     let node = st.last_node.clone();
-    let Some(msg) = render_frame(frame, &subs, node.as_ref(), &prompt_id) else {
-        return;
-    };
+    let msg = render_frame(frame, &subs, node.as_ref(), &prompt_id);
     if broadcast {
         for c in &st.conns {
             let _ = c.tx.send(Out::Msg(msg.clone()));
@@ -959,17 +967,21 @@ fn render_frame(
     subs: &[(String, String)],
     last_node: Option<&(String, String)>,
     prompt_id: &str,
-) -> Option<Message> {
+) -> Message {
     match &frame.kind {
-        FrameKind::Text(v) => Some(Message::Text(to_python_json(&substitute(v, subs)).into())),
+        FrameKind::Text(v) => text_message(&substitute(v, subs)),
         FrameKind::Binary {
             length,
             head,
             image_type,
-        } => Some(Message::Binary(
+        } => Message::Binary(
             synth_binary(*length, head, image_type.as_deref(), last_node, prompt_id).into(),
-        )),
+        ),
     }
+}
+
+fn text_message(v: &Value) -> Message {
+    Message::Text(to_python_json(v).into())
 }
 
 /// Only the first 8 bytes of binary frames were recorded; rebuild a plausible frame.

@@ -251,6 +251,46 @@ async fn ok_with_scaled_timing_replays_the_recorded_frames() {
 }
 
 #[tokio::test]
+async fn other_recordings_replay_to_their_terminal_frame() {
+    bounded(async {
+        for (name, outcome_frame) in [
+            ("ok_cached", "execution_success"),
+            ("runtime_error", "execution_error"),
+            ("runtime_error_custom", "execution_error"),
+        ] {
+            let (t, server) = start(name, 0.0).await;
+            let host = server.host();
+            let http = reqwest::Client::new();
+            let (cid, pid) = (fresh_client_id(), fresh_prompt_id());
+            let mut ws = connect(&host, &cid, true).await;
+            let (status, _) = post_json(
+                &http,
+                format!("http://{host}/prompt"),
+                &prompt_body(&t, &cid, &pid),
+            )
+            .await;
+            assert_eq!(status, 200, "{name}");
+            let got = read_until_done(&mut ws, &pid).await;
+            let (texts, _) = split_texts(&got);
+            assert_eq!(texts, t.text_frames(&cid, &pid), "{name}");
+            assert!(
+                texts
+                    .iter()
+                    .any(|v| v["type"] == outcome_frame && v["data"]["prompt_id"] == pid.as_str()),
+                "{name}"
+            );
+            assert_eq!(
+                Some(get_json(&http, format!("http://{host}/history/{pid}")).await),
+                t.history(&cid, &pid),
+                "{name}"
+            );
+            assert_eq!(server.violations(), Vec::<String>::new(), "{name}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn frames_are_written_like_python_json_dumps() {
     bounded(async {
         let (_t, server) = start("ok", 0.0).await;
@@ -650,6 +690,8 @@ async fn reconnect_with_a_new_client_id_recovers_through_history() {
             Got::Text(v) => {
                 assert_eq!(v["type"], "status");
                 assert_eq!(v["data"]["sid"], cid2.as_str());
+                // The prompt is still queued (running).
+                assert_eq!(v["data"]["status"]["exec_info"]["queue_remaining"], 1);
             }
             other => panic!("expected status, got {other:?}"),
         }
