@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
@@ -523,36 +523,9 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     let query = parse_query(uri.query().unwrap_or(""));
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
 
-    let known = match segments.as_slice() {
-        ["ws"] => Some(Method::GET),
-        ["prompt"] if method == Method::GET => Some(Method::GET),
-        ["prompt"] => Some(Method::POST),
-        ["interrupt"] => Some(Method::POST),
-        ["history"] | ["history", _] => Some(Method::GET),
-        ["view"]
-        | ["object_info"]
-        | ["object_info", _]
-        | ["system_stats"]
-        | ["queue"]
-        | ["features"] => Some(Method::GET),
-        ["upload", "image"] | ["free"] => Some(Method::POST),
-        _ => None,
-    };
-    match known {
-        None => {
-            sh.violation(format!("unknown route: {method} {path_and_query}"));
-            return (StatusCode::NOT_FOUND, "404: Not Found").into_response();
-        }
-        Some(m) if m != method => {
-            sh.violation(format!("wrong method: {method} {path_and_query}"));
-            return (StatusCode::METHOD_NOT_ALLOWED, "405: Method Not Allowed").into_response();
-        }
-        Some(_) => {}
-    }
-
-    match segments.as_slice() {
-        ["ws"] => ws_connect(sh, req, query).await,
-        ["prompt"] if method == Method::GET => {
+    match (method.as_str(), segments.as_slice()) {
+        ("GET", ["ws"]) => ws_connect(sh, req, query).await,
+        ("GET", ["prompt"]) => {
             let running = sh
                 .lock()
                 .run
@@ -563,33 +536,19 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
                 &json!({"exec_info": {"queue_remaining": usize::from(running)}}),
             )
         }
-        ["prompt"] => post_prompt(sh, req).await,
-        ["interrupt"] => post_interrupt(sh, req).await,
-        ["history"] => {
-            let st = sh.lock();
-            let body = match (&st.run, st.done, &sh.script.history) {
-                (Some(run), true, Some(h)) => substitute(h, &run.subs),
-                _ => json!({}),
-            };
-            json_response(StatusCode::OK, &body)
-        }
-        ["history", id] => {
-            let st = sh.lock();
-            let body = match (&st.run, st.done, &sh.script.history) {
-                (Some(run), true, Some(h)) if run.prompt_id == *id => substitute(h, &run.subs),
-                _ => json!({}),
-            };
-            json_response(StatusCode::OK, &body)
-        }
-        ["view"] => view(&sh, &query),
-        ["object_info"] => object_info(None),
-        ["object_info", class] => object_info(Some(*class)),
-        ["system_stats"] => json_response(StatusCode::OK, &sh.script.system_stats),
-        ["features"] => json_response(
+        ("POST", ["prompt"]) => post_prompt(sh, req).await,
+        ("POST", ["interrupt"]) => post_interrupt(sh, req).await,
+        ("GET", ["history"]) => json_response(StatusCode::OK, &history(&sh, None)),
+        ("GET", ["history", id]) => json_response(StatusCode::OK, &history(&sh, Some(id))),
+        ("GET", ["view"]) => view(&sh, &query),
+        ("GET", ["object_info"]) => object_info(None),
+        ("GET", ["object_info", class]) => object_info(Some(class)),
+        ("GET", ["system_stats"]) => json_response(StatusCode::OK, &sh.script.system_stats),
+        ("GET", ["features"]) => json_response(
             StatusCode::OK,
             &serde_json::from_str::<Value>(DEFAULT_FEATURE_FLAGS).unwrap_or_default()["data"],
         ),
-        ["queue"] => {
+        ("GET", ["queue"]) => {
             let running: Vec<Value> = sh
                 .lock()
                 .run
@@ -602,9 +561,23 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
                 &json!({"queue_running": running, "queue_pending": []}),
             )
         }
-        ["upload", "image"] => upload_image(sh, req).await,
-        ["free"] => StatusCode::OK.into_response(),
-        _ => StatusCode::NOT_FOUND.into_response(),
+        ("POST", ["upload", "image"]) => upload_image(sh, req).await,
+        ("POST", ["free"]) => StatusCode::OK.into_response(),
+        _ => {
+            sh.violation(format!("unknown route: {method} {path_and_query}"));
+            (StatusCode::NOT_FOUND, "404: Not Found").into_response()
+        }
+    }
+}
+
+/// `GET /history[/{id}]`: `{}` until the terminal `executing{node:null}` has been sent.
+fn history(sh: &Shared, id: Option<&str>) -> Value {
+    let st = sh.lock();
+    match (&st.run, st.done, &sh.script.history) {
+        (Some(run), true, Some(h)) if id.is_none_or(|id| id == run.prompt_id) => {
+            substitute(h, &run.subs)
+        }
+        _ => json!({}),
     }
 }
 
@@ -763,7 +736,7 @@ async fn post_prompt(sh: Arc<Shared>, req: Request) -> Response {
     };
     let script = &sh.script;
     let t = &script.transcript;
-    let reply_rx = {
+    let (reply_rx, reply) = {
         let mut st = sh.lock();
         let prompt_id = match v.get("prompt_id") {
             Some(Value::String(p)) if !p.is_empty() => p.clone(),
@@ -836,17 +809,11 @@ async fn post_prompt(sh: Arc<Shared>, req: Request) -> Response {
         });
         let (reply_tx, reply_rx) = oneshot::channel();
         tokio::spawn(replay(sh.clone(), reply_tx));
-        reply_rx
+        (reply_rx, reply)
     };
     match reply_rx.await {
-        Ok(()) => {
-            let body = {
-                let st = sh.lock();
-                let subs = st.run.as_ref().map(|r| r.subs.clone()).unwrap_or_default();
-                substitute(&script.post_body, &subs)
-            };
-            json_response(script.post_status, &body)
-        }
+        Ok(()) => json_response(script.post_status, &reply),
+        // The server is shutting down.
         Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
 }

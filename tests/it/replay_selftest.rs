@@ -592,7 +592,8 @@ async fn preview_metadata_frames_are_event_4_with_the_clients_prompt_id() {
         assert_eq!(bins.len(), 3);
         for b in bins {
             assert_eq!(b.len(), 869, "recorded length");
-            assert_eq!(b[..4], [0, 0, 0, 4]);
+            // Same header as recorded: event 4, metadata length 0xa6 (json.dumps spacing).
+            assert_eq!(b[..8], [0, 0, 0, 4, 0, 0, 0, 0xa6]);
             let meta_len = u32::from_be_bytes([b[4], b[5], b[6], b[7]]) as usize;
             let meta: Value = serde_json::from_slice(&b[8..8 + meta_len]).expect("metadata JSON");
             assert_eq!(
