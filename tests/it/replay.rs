@@ -11,6 +11,16 @@
 //! Routing follows the real server: `status` frames and binary `TEXT` (event 3) frames are
 //! broadcast to every open socket, everything else goes only to the newest socket registered under
 //! the prompt's `client_id` and is silently dropped if there is none (no buffering).
+//!
+//! Other rules worth knowing when writing a test:
+//! - In the `interrupt*` recordings the frames recorded after `POST /interrupt` are held until the
+//!   client interrupts; a client that never does waits forever (bound the test with a timeout).
+//! - `GET /history/{id}` is `{}` until `executing{node:null}` has been sent; `GET /queue` lists
+//!   the prompt as running from the accepted `POST /prompt` until then, as ComfyUI does.
+//! - A socket reconnecting with the prompting client's id while a node runs first gets the
+//!   connect-time `status`, then `executing{node}` (no `prompt_id`), like the real server.
+//! - Binary previews are replayed in the recorded format: `preview` has event 1 even if the
+//!   client negotiated `supports_preview_metadata` (use `preview_metadata` for event 4).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
