@@ -266,7 +266,7 @@ impl Engine {
                 result.prompt_id
             ));
         }
-        let mut wanted: Vec<&OutputFile> = Vec::new();
+        let mut wanted: Vec<OutputFile> = Vec::new();
         for node in &result.outputs {
             errors.extend(node.problems.iter().cloned());
             let mut unhandled: Vec<&str> = Vec::new();
@@ -276,26 +276,28 @@ impl Engine {
                         unhandled.push(&file.key);
                     }
                 } else if file.file.folder_type != "temp" {
-                    wanted.push(file);
+                    wanted.push(file.clone());
                 }
             }
             if !unhandled.is_empty() {
                 warn!(node = %node.node_id, keys = ?unhandled, "node produced output kinds this version does not return");
             }
         }
-        let comfy = &self.comfy;
         let fetched: Vec<Result<OutputImage, String>> = futures_util::stream::iter(wanted)
-            .map(|file| async move {
-                match comfy.view(&file.file).await {
-                    Ok(bytes) => Ok(OutputImage {
-                        filename: file.file.filename.clone(),
-                        kind: "base64".into(),
-                        data: codec::encode(&bytes),
-                    }),
-                    Err(e) => Err(format!(
-                        "Failed to fetch image data for {} from /view endpoint: {e}",
-                        file.file.filename
-                    )),
+            .map(|file| {
+                let comfy = self.comfy.clone();
+                async move {
+                    match comfy.view(&file.file).await {
+                        Ok(bytes) => Ok(OutputImage {
+                            filename: file.file.filename.clone(),
+                            kind: "base64".into(),
+                            data: codec::encode(&bytes),
+                        }),
+                        Err(e) => Err(format!(
+                            "Failed to fetch image data for {} from /view endpoint: {e}",
+                            file.file.filename
+                        )),
+                    }
                 }
             })
             .buffered(FETCH_CONCURRENCY)
@@ -314,8 +316,14 @@ impl Engine {
             "outputs collected"
         );
         if images.is_empty() {
-            if let Outcome::Failed(f) = &result.outcome {
-                return JobOutput::error_with_details(report::execution_error(f), errors);
+            // Lead with what stopped the prompt, not worker-comfyui's generic "Job processing failed".
+            let headline = match &result.outcome {
+                Outcome::Failed(f) => Some(report::execution_error(f)),
+                Outcome::Interrupted(i) => Some(report::interrupted(i, false)),
+                Outcome::Success => None,
+            };
+            if let Some(headline) = headline {
+                return JobOutput::error_with_details(headline, errors);
             }
         }
         JobOutput::from_parts(images, errors)

@@ -548,6 +548,9 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         }
         ("POST", ["prompt"]) => post_prompt(sh, req).await,
         ("POST", ["interrupt"]) => post_interrupt(sh, req).await,
+        // Deleting pending prompts: the replayed prompt is never pending once accepted, so this
+        // changes nothing, as on the real server for a running prompt.
+        ("POST", ["queue"]) => (StatusCode::OK, "").into_response(),
         ("GET", ["history"]) => json_response(StatusCode::OK, &history(&sh, None)),
         ("GET", ["history", id]) => json_response(StatusCode::OK, &history(&sh, Some(id))),
         ("GET", ["view"]) => view(&sh, &query),

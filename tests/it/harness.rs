@@ -1,0 +1,170 @@
+//! Shared helpers: fast settings, running a job while collecting its progress, decoding outputs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use comfy_worker::config::Settings;
+use comfy_worker::job::{codec, Engine, JobOutput};
+use comfy_worker::progress::{self, ProgressSnapshot};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for any single test step; a hang fails the test instead of CI.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// Settings pointing at `host` with timings suited to tests (fast reconnects and polls).
+pub fn settings(host: &str) -> Settings {
+    Settings {
+        comfy_host: host.to_owned(),
+        api_available_interval: Duration::from_millis(10),
+        api_available_max_retries: 3,
+        comfy_pid_file: PathBuf::from("/nonexistent/comfy-worker-test.pid"),
+        ws_reconnect_attempts: 3,
+        ws_reconnect_delay: Duration::from_millis(20),
+        ws_silence_timeout: Duration::from_millis(300),
+        history_poll_interval: Duration::from_millis(30),
+        ..Settings::default()
+    }
+}
+
+pub fn engine(host: &str) -> Engine {
+    Engine::new(settings(host)).expect("engine")
+}
+
+/// The repository's fixtures directory.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/comfyui")
+}
+
+/// A recorded workflow (`tests/fixtures/comfyui/workflows/<name>.json`).
+pub fn workflow(name: &str) -> Value {
+    let path = fixtures().join("workflows").join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json")
+}
+
+/// The repository's test_input.json.
+pub fn test_input() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("test_input.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("test_input.json")).expect("json")
+}
+
+/// A job in progress: its output future runs on a task, its snapshots arrive on `progress`.
+pub struct RunningJob {
+    pub output: tokio::task::JoinHandle<JobOutput>,
+    pub progress: UnboundedReceiver<ProgressSnapshot>,
+    pub cancel: CancellationToken,
+}
+
+pub fn spawn_job(engine: &Engine, input: Value) -> RunningJob {
+    let (tx, rx) = progress::channel();
+    let cancel = CancellationToken::new();
+    let engine = engine.clone();
+    let token = cancel.clone();
+    let output =
+        tokio::spawn(async move { engine.run("test-job", Some(&input), &tx, &token).await });
+    RunningJob {
+        output,
+        progress: rx,
+        cancel,
+    }
+}
+
+impl RunningJob {
+    /// Waits for the first snapshot matching `pred`, returning every snapshot seen up to it.
+    pub async fn until(
+        &mut self,
+        pred: impl Fn(&ProgressSnapshot) -> bool,
+    ) -> Vec<ProgressSnapshot> {
+        let mut seen = Vec::new();
+        let wait = async {
+            while let Some(s) = self.progress.recv().await {
+                let hit = pred(&s);
+                seen.push(s);
+                if hit {
+                    return true;
+                }
+            }
+            false
+        };
+        let found = tokio::time::timeout(LIMIT, wait)
+            .await
+            .expect("timed out waiting for progress");
+        assert!(
+            found,
+            "job ended before the expected progress; saw {seen:#?}"
+        );
+        seen
+    }
+
+    /// Waits for the output and the rest of the snapshots.
+    pub async fn finish(mut self) -> (JobOutput, Vec<ProgressSnapshot>) {
+        let output = tokio::time::timeout(LIMIT, self.output)
+            .await
+            .expect("job timed out")
+            .expect("job task panicked");
+        let mut rest = Vec::new();
+        while let Ok(s) = self.progress.try_recv() {
+            rest.push(s);
+        }
+        (output, rest)
+    }
+}
+
+/// Runs a job to its end.
+pub async fn run_job(engine: &Engine, input: Value) -> (JobOutput, Vec<ProgressSnapshot>) {
+    spawn_job(engine, input).finish().await
+}
+
+/// Decodes a base64 PNG and returns its (width, height).
+pub fn png_size(b64: &str) -> (u32, u32) {
+    let bytes = codec::decode_input(b64).expect("base64");
+    assert!(bytes.starts_with(&[0x89, b'P', b'N', b'G']), "not a PNG");
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let reader = decoder.read_info().expect("PNG header");
+    let info = reader.info();
+    (info.width, info.height)
+}
+
+/// The images of a successful output.
+pub fn images(output: &JobOutput) -> Vec<(String, String)> {
+    match output {
+        JobOutput::Images { images, .. } => images
+            .iter()
+            .map(|i| (i.filename.clone(), i.data.clone()))
+            .collect(),
+        other => panic!("expected images, got {}", other.to_json()),
+    }
+}
+
+/// The error text of a failed output.
+pub fn error_text(output: &JobOutput) -> String {
+    match output {
+        JobOutput::Failed { error, .. } => error.clone(),
+        other => panic!("expected an error, got {}", other.to_json()),
+    }
+}
+
+/// Sampler steps seen for `node`, in order.
+pub fn steps_of(snapshots: &[ProgressSnapshot], node: &str) -> Vec<u64> {
+    snapshots
+        .iter()
+        .filter(|s| {
+            s.kind == comfy_worker::progress::ProgressKind::Progress
+                && s.node.as_deref() == Some(node)
+        })
+        .map(|s| s.value.0 as u64)
+        .collect()
+}
+
+/// Logs to the test output when `TEST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                std::env::var("TEST_LOG").unwrap_or_default(),
+            ))
+            .with_test_writer()
+            .try_init();
+    }
+}
