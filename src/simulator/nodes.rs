@@ -416,13 +416,13 @@ async fn save_images(
     let png: bytes::Bytes = encode(&frame_info, texts).await?.into();
 
     let mut store = lock(&run.shared.store);
-    let mut counter = next_counter(
+    let first = next_counter(
         &store.files.list_dir(folder, &rel_folder),
         &prefix,
         &filename,
     );
     let mut results = Vec::new();
-    for batch_number in 0..images.batch {
+    for (batch_number, counter) in (0..images.batch).zip(first..) {
         let name = format!(
             "{}_{counter:05}_.png",
             filename.replace("%batch_num%", &batch_number.to_string())
@@ -431,7 +431,6 @@ async fn save_images(
             .files
             .put(folder, &path::join(&rel_folder, &name), png.clone());
         results.push(json!({"filename": name, "subfolder": subfolder, "type": folder.as_str()}));
-        counter += 1;
     }
     let mut ui = Map::new();
     ui.insert("images".into(), Value::Array(results));

@@ -344,7 +344,7 @@ pub(crate) mod path {
         for comp in p.split('/') {
             match comp {
                 "" | "." => {}
-                ".." if !(!absolute && comps.is_empty()) && comps.last() != Some(&"..") => {
+                ".." if (absolute || !comps.is_empty()) && comps.last() != Some(&"..") => {
                     comps.pop();
                 }
                 c => comps.push(c),
