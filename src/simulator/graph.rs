@@ -16,7 +16,7 @@ use super::{lock, Shared};
 /// Python's default recursion limit, minus the frames the server itself uses.
 const RECURSION_LIMIT: usize = 980;
 /// Validation recursion needs a big stack for deep (or cyclic) graphs; it runs on its own thread.
-const VALIDATION_STACK: usize = 256 * 1024 * 1024;
+const VALIDATION_STACK: usize = 64 * 1024 * 1024;
 /// Classes whose `VALIDATE_INPUTS(image)` replaces the combo check of `image`.
 const IMAGE_FILE_VALIDATORS: [&str; 2] = ["LoadImage", "LoadImageMask"];
 

@@ -1323,3 +1323,44 @@ async fn serve_runs_until_shutdown() {
         .expect("joins")
         .expect("serves");
 }
+
+#[tokio::test]
+async fn deep_graphs_neither_overflow_nor_hang() {
+    let sim = start().await;
+    let chain = |length: usize| {
+        let mut prompt = serde_json::Map::new();
+        prompt.insert("0".into(), json!({"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}));
+        for i in 1..length {
+            prompt.insert(
+                i.to_string(),
+                json!({"class_type": "ImageInvert", "inputs": {"image": [(i - 1).to_string(), 0]}}),
+            );
+        }
+        prompt.insert("out".into(), json!({"class_type": "PreviewImage", "inputs": {"images": [(length - 1).to_string(), 0]}}));
+        Value::Object(prompt)
+    };
+    // Deeper than Python's recursion limit: rejected like the real server, through a RecursionError.
+    let (status, body) = post_json(&sim, "/prompt", &json!({"prompt": chain(3000)})).await;
+    assert_eq!(status, 400);
+    let reasons: Vec<&Value> = body["node_errors"]
+        .as_object()
+        .expect("node_errors")
+        .values()
+        .collect();
+    assert_eq!(
+        reasons[0]["errors"][0]["extra_info"]["exception_type"],
+        "RecursionError"
+    );
+    // A long but legal chain runs.
+    let mut ws = Ws::connect(&sim, "deep").await;
+    ws.next().await;
+    let prompt_id = queue_prompt(&sim, &chain(120), Some("deep")).await;
+    let frames = ws.until_done(&prompt_id).await;
+    assert_eq!(
+        frames
+            .iter()
+            .filter(|f| f.kind() == Some("executing"))
+            .count(),
+        122
+    );
+}

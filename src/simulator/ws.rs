@@ -209,8 +209,13 @@ async fn run_socket(shared: Arc<Shared>, mut socket: WebSocket, client_id: Strin
             _ = dropped.changed() => break End::Abrupt,
             frame = rx.recv(), if queue_open => match frame {
                 Some(frame) => {
-                    if socket.send(frame.into()).await.is_err() {
-                        break End::Abrupt;
+                    // A client that stops reading must not keep the drop and shutdown switches from working.
+                    tokio::select! {
+                        sent = socket.send(frame.into()) => if sent.is_err() {
+                            break End::Abrupt;
+                        },
+                        _ = dropped.changed() => break End::Abrupt,
+                        _ = shared.shutdown.cancelled() => break End::Abrupt,
                     }
                 }
                 // Replaced by a newer socket with the same id: stay open, receive nothing.
