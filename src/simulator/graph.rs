@@ -95,7 +95,7 @@ fn validate_prompt(shared: &Shared, prompt: &mut Value, partial: Option<&Value>)
         };
         if class.is_output() {
             let targeted = match partial {
-                None => true,
+                None | Some(Value::Null) => true,
                 Some(Value::Array(targets)) => targets.iter().any(|t| t.as_str() == Some(id)),
                 Some(Value::String(targets)) => targets.contains(id.as_str()),
                 Some(_) => return Validation::Internal,

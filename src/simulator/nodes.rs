@@ -247,8 +247,11 @@ fn py_round(v: f64) -> u32 {
     clamp_dim(v.round_ties_even() as i64)
 }
 
+/// ComfyUI's `MAX_RESOLUTION`: no simulated image gets bigger than this per side.
+const MAX_RESOLUTION: i64 = 16_384;
+
 fn clamp_dim(v: i64) -> u32 {
-    v.clamp(1, 1 << 16) as u32
+    v.clamp(1, MAX_RESOLUTION) as u32
 }
 
 impl NodeCtx<'_> {

@@ -301,7 +301,7 @@ impl Queue {
         let mut offset = offset.unwrap_or(-1);
         if offset < 0 {
             if let Some(max) = max_items {
-                offset = len - max;
+                offset = len.saturating_sub(max);
             }
         }
         let mut out = Map::new();

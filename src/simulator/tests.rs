@@ -545,6 +545,47 @@ async fn global_interrupt_matches_the_recording() {
     interrupt_scenario("interrupt_global", false).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupt_between_nodes_blames_the_next_node() {
+    let sim = start().await;
+    let mut ws = Ws::connect(&sim, "between").await;
+    ws.next().await;
+    sim.pause_after_step(3);
+    let mut prompt = workflow("interrupt");
+    prompt["2"]["inputs"]["steps"] = json!(3);
+    let prompt_id = queue_prompt(&sim, &prompt, Some("between")).await;
+    sim.paused().await;
+    let (status, _) = post_json(&sim, "/interrupt", &json!({})).await;
+    assert_eq!(status, 200);
+    sim.resume();
+    let frames = ws.until_done(&prompt_id).await;
+    let kinds: Vec<&str> = frames.iter().rev().take(6).filter_map(Got::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "executing",
+            "status",
+            "execution_interrupted",
+            "executing",
+            "progress_state",
+            "progress_state"
+        ]
+    );
+    let interrupted = frames
+        .iter()
+        .find(|f| f.kind() == Some("execution_interrupted"))
+        .expect("interrupted");
+    let data = &interrupted.text().expect("text")["data"];
+    assert_eq!(
+        (data["node_id"].clone(), data["node_type"].clone()),
+        (json!("3"), json!("SaveImage"))
+    );
+    assert_eq!(data["executed"], json!(["2", "1"]));
+    let entry = history_entry(&sim, &prompt_id).await;
+    assert_eq!(entry["status"]["messages"][2][0], "execution_interrupted");
+    assert_eq!(entry["outputs"], json!({}));
+}
+
 #[tokio::test]
 async fn interrupt_for_another_prompt_is_ignored() {
     let sim = start().await;
