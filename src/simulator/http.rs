@@ -194,12 +194,16 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
                 shared.announce_queue(&store);
             }
             shared.control.wake.notify_one();
+            tracing::debug!(%prompt_id, %number, "prompt queued");
             ok_json(&json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}))
         }
-        Validation::Rejected { error, node_errors } => json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": error, "node_errors": node_errors}),
-        ),
+        Validation::Rejected { error, node_errors } => {
+            tracing::debug!(error_type = %error["type"], "invalid prompt");
+            json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": error, "node_errors": node_errors}),
+            )
+        }
         Validation::Internal => server_error(),
     }
 }
