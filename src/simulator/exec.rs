@@ -174,6 +174,7 @@ impl Executor {
             "executing",
             json!({"node": null, "prompt_id": item.prompt_id}),
         );
+        tracing::debug!(prompt_id = %item.prompt_id, success, "prompt finished");
     }
 
     /// `execute_async`'s loop over the `ExecutionList`.
