@@ -157,8 +157,14 @@ impl Ws {
         }
     }
 
+    /// Close with a handshake and wait for the server's reply (the server unregisters before replying).
     async fn close(mut self) {
         let _ = self.stream.close(None).await;
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(WAIT, self.stream.next()).await {
+            if message.is_close() {
+                break;
+            }
+        }
     }
 }
 
