@@ -1,48 +1,291 @@
-//! Placeholder for the ComfyUI simulator (being written on the `sim` branch).
-#![allow(missing_docs, clippy::todo, unused_variables)]
+//! A fake ComfyUI 0.3.64 server that speaks the real protocol: the HTTP API, the `/ws` WebSocket with its
+//! message order and routing, validation with the real error bodies, a classic output cache, and simulated
+//! node execution that produces real PNG files. It needs no GPU and no models.
+//!
+//! It serves two purposes: `comfy-worker simulate-comfyui` / `run --simulate` let newcomers see the whole
+//! flow, and integration tests run it in-process on `127.0.0.1:0` with deterministic hooks
+//! ([`Simulator::pause_after_step`], [`Simulator::drop_websockets`], ...).
+//!
+//! # Layout
+//! * `http`: the routes (also under `/api`), the Origin check and the body limit.
+//! * `ws`: `/ws` and the socket registry that routes messages by client id.
+//! * `graph`: `POST /prompt` validation (`validate_prompt` / `validate_inputs`).
+//! * `exec`: the single prompt worker: queue, cache, execution order and message emission.
+//! * `nodes`: what each simulated node class does with its inputs.
+//! * `store`: files, queue and history.
+//! * `catalog`: the recorded `object_info` with model names added.
+//! * `image`: PNG/JPEG bytes and tensor text.
+//! * `pyfmt`: Python-style JSON and `str()`/`repr()` text.
 
+mod catalog;
+mod exec;
+mod graph;
+mod http;
+mod image;
+mod nodes;
+mod pyfmt;
+mod store;
+mod ws;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use anyhow::Context as _;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use catalog::Catalog;
+use store::{Folder, Store};
+use ws::Hub;
+
+/// How the simulated server behaves.
+#[derive(Clone, Debug)]
 pub struct SimConfig {
+    /// Time per sampler step for every node that has an INT `steps` input.
     pub step_delay: Duration,
 }
 
 impl Default for SimConfig {
-    fn default() -> Self {
+    fn default() -> SimConfig {
         SimConfig {
             step_delay: Duration::from_millis(50),
         }
     }
 }
 
+/// A running simulated ComfyUI server. Dropping it or calling [`Simulator::shutdown`] stops it.
 pub struct Simulator {
     addr: SocketAddr,
+    shared: Arc<Shared>,
+    /// The HTTP server and the prompt worker, awaited by `shutdown`.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Simulator {
-    pub async fn start(
-        listener: tokio::net::TcpListener,
-        config: SimConfig,
-    ) -> std::io::Result<Simulator> {
+    /// Serve on an already-bound listener (tests pass `127.0.0.1:0`).
+    pub async fn start(listener: TcpListener, config: SimConfig) -> std::io::Result<Simulator> {
+        let addr = listener.local_addr()?;
+        let catalog = Catalog::load().map_err(std::io::Error::other)?;
+        let shared = Arc::new(Shared::new(config, catalog));
+        // Like a fresh ComfyUI checkout, the input folder holds `example.png`.
+        let example = image::encode_png(&image::ImageInfo::gradient(64, 64, 1), &[])
+            .map_err(std::io::Error::other)?;
+        lock(&shared.store)
+            .files
+            .put(Folder::Input, "example.png", example.into());
+
+        let app = http::router(shared.clone());
+        let stop = shared.shutdown.clone();
+        let server = tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "simulated ComfyUI server failed");
+            }
+        });
+        let worker = tokio::spawn(exec::run(shared.clone()));
+        tracing::info!(%addr, "simulated ComfyUI listening");
         Ok(Simulator {
-            addr: listener.local_addr()?,
+            addr,
+            shared,
+            tasks: vec![server, worker],
         })
     }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// `"127.0.0.1:PORT"`, the form `COMFY_HOST` takes.
     pub fn host(&self) -> String {
         self.addr.to_string()
     }
-    pub async fn shutdown(self) {}
+
+    /// Stop serving and wait for the server and the prompt worker to finish.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+
+    /// Abruptly close every open WebSocket connection (TCP dropped, no close handshake).
+    /// New connections still work.
+    pub fn drop_websockets(&self) {
+        self.shared.hub.drop_all();
+    }
+
+    /// While true, sockets stay open but receive nothing (the known zombie-socket bug); HTTP keeps working.
+    /// Messages sent meanwhile are lost, not delayed.
+    pub fn set_websockets_silent(&self, silent: bool) {
+        self.shared.hub.set_silent(silent);
+    }
+
+    /// Arm a breakpoint: the executor stops right after emitting sampler step `step` (of the next node with
+    /// steps that reaches it) and waits until [`Simulator::resume`]. [`Simulator::paused`] returns once it is
+    /// stopped there.
+    pub fn pause_after_step(&self, step: u32) {
+        self.shared.control.pause.send_replace(Pause::Armed(step));
+    }
+
+    /// Wait until the executor is stopped at the armed breakpoint.
+    pub async fn paused(&self) {
+        let mut rx = self.shared.control.pause.subscribe();
+        let _ = rx.wait_for(|p| *p == Pause::Paused).await;
+    }
+
+    /// Let a paused executor continue (also disarms a breakpoint not reached yet).
+    pub fn resume(&self) {
+        self.shared.control.pause.send_replace(Pause::Off);
+    }
+
+    /// Every `POST /prompt` body received (parsed JSON), in order.
+    pub fn prompts(&self) -> Vec<Value> {
+        lock(&self.shared.log).prompts.clone()
+    }
+
+    /// Every `POST /interrupt` body received (`None` when empty/non-JSON), in order.
+    pub fn interrupts(&self) -> Vec<Option<Value>> {
+        lock(&self.shared.log).interrupts.clone()
+    }
+
+    /// Bytes of a file in the simulated input folder (after `/upload/image`), e.g. `input_file("", "test.png")`.
+    pub fn input_file(&self, subfolder: &str, name: &str) -> Option<Vec<u8>> {
+        let abs = store::path::join(&store::path::join(&Folder::Input.root(), subfolder), name);
+        let rel = Folder::Input.relative(&abs)?;
+        lock(&self.shared.store)
+            .files
+            .get(Folder::Input, &rel)
+            .map(|b| b.to_vec())
+    }
+
+    /// The clientIds of the WebSocket connections accepted so far, one per connection.
+    pub fn ws_client_ids(&self) -> Vec<String> {
+        lock(&self.shared.log).ws_client_ids.clone()
+    }
 }
 
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// Run a simulated server on `addr` until `shutdown` resolves (used by the CLI subcommand).
 pub async fn serve(
     addr: SocketAddr,
     config: SimConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to bind the simulated ComfyUI to {addr}"))?;
+    let simulator = Simulator::start(listener, config)
+        .await
+        .context("failed to start the simulated ComfyUI")?;
     shutdown.await;
+    simulator.shutdown().await;
     Ok(())
+}
+
+/// State shared by the HTTP handlers, the socket tasks and the prompt worker.
+pub(crate) struct Shared {
+    pub(crate) config: SimConfig,
+    pub(crate) catalog: Catalog,
+    /// Files, queue and history. Lock order: `store` before the hub's socket table.
+    pub(crate) store: Mutex<Store>,
+    pub(crate) hub: Hub,
+    pub(crate) control: Control,
+    /// What the test hooks report.
+    pub(crate) log: Mutex<Log>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Signals between the HTTP side and the prompt worker.
+pub(crate) struct Control {
+    /// `nodes.interrupt_processing()`: checked before each node and at each step; cleared per prompt.
+    pub(crate) interrupt: AtomicBool,
+    /// Wakes the worker when a prompt is queued or a flag is set.
+    pub(crate) wake: Notify,
+    /// `POST /free {"free_memory": true}`: the worker drops its cache before the next prompt.
+    pub(crate) free_memory: AtomicBool,
+    pub(crate) pause: watch::Sender<Pause>,
+    pub(crate) current: Mutex<Current>,
+}
+
+/// The breakpoint of [`Simulator::pause_after_step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pause {
+    Off,
+    Armed(u32),
+    Paused,
+}
+
+/// `server.client_id` / `server.last_node_id`, read when a socket connects.
+#[derive(Default)]
+pub(crate) struct Current {
+    pub(crate) client_id: Option<String>,
+    pub(crate) last_node: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct Log {
+    pub(crate) prompts: Vec<Value>,
+    pub(crate) interrupts: Vec<Option<Value>>,
+    pub(crate) ws_client_ids: Vec<String>,
+}
+
+impl Shared {
+    fn new(config: SimConfig, catalog: Catalog) -> Shared {
+        Shared {
+            config,
+            catalog,
+            store: Mutex::new(Store::default()),
+            hub: Hub::new(),
+            control: Control {
+                interrupt: AtomicBool::new(false),
+                wake: Notify::new(),
+                free_memory: AtomicBool::new(false),
+                pause: watch::Sender::new(Pause::Off),
+                current: Mutex::new(Current::default()),
+            },
+            log: Mutex::new(Log::default()),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// `get_queue_info()`.
+    pub(crate) fn queue_info(&self) -> Value {
+        let remaining = lock(&self.store).queue.remaining();
+        json!({"exec_info": {"queue_remaining": remaining}})
+    }
+
+    /// `queue_updated()`: broadcast `status`. Called with the store locked so that the announcements of a
+    /// put and of the worker's get cannot swap.
+    pub(crate) fn announce_queue(&self, store: &Store) {
+        let info = json!({"exec_info": {"queue_remaining": store.queue.remaining()}});
+        self.hub
+            .send_json("status", json!({ "status": info }), None);
+    }
+
+    pub(crate) fn interrupted(&self) -> bool {
+        self.control.interrupt.load(Ordering::SeqCst)
+    }
+}
+
+/// Lock a mutex, ignoring poisoning (a panicking holder leaves consistent-enough simulator state).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
