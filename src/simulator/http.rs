@@ -283,6 +283,8 @@ async fn post_interrupt(State(shared): State<Arc<Shared>>, body: Bytes) -> Respo
     if interrupt {
         shared.control.interrupt.store(true, Ordering::SeqCst);
     }
+    // After the flag: a test that saw the count go up knows the interrupt is in effect.
+    shared.control.interrupts_handled.send_modify(|n| *n += 1);
     StatusCode::OK.into_response()
 }
 

@@ -159,6 +159,12 @@ impl Simulator {
         lock(&self.shared.log).interrupts.clone()
     }
 
+    /// Resolves once `n` `POST /interrupt` requests have been handled (their flag is set).
+    pub async fn interrupt_handled(&self, n: usize) {
+        let mut rx = self.shared.control.interrupts_handled.subscribe();
+        let _ = rx.wait_for(|count| *count >= n).await;
+    }
+
     /// Bytes of a file in the simulated input folder (after `/upload/image`), e.g. `input_file("", "test.png")`.
     pub fn input_file(&self, subfolder: &str, name: &str) -> Option<Vec<u8>> {
         let abs = store::path::join(&store::path::join(&Folder::Input.root(), subfolder), name);
@@ -221,6 +227,8 @@ pub(crate) struct Control {
     pub(crate) free_memory: AtomicBool,
     pub(crate) pause: watch::Sender<Pause>,
     pub(crate) current: Mutex<Current>,
+    /// `POST /interrupt` requests fully handled so far (for [`Simulator::interrupt_handled`]).
+    pub(crate) interrupts_handled: watch::Sender<usize>,
 }
 
 /// The breakpoint of [`Simulator::pause_after_step`].
@@ -258,6 +266,7 @@ impl Shared {
                 free_memory: AtomicBool::new(false),
                 pause: watch::Sender::new(Pause::Off),
                 current: Mutex::new(Current::default()),
+                interrupts_handled: watch::Sender::new(0),
             },
             log: Mutex::new(Log::default()),
             shutdown: CancellationToken::new(),

@@ -36,10 +36,21 @@ fn stdout_json(out: &Output) -> Value {
 fn run_simulate_prints_step_lines_and_png_outputs() {
     let out = run_in(
         repo(),
-        &["run", "test_input.json", "--simulate", "--json-progress", "--sim-step-ms", "1"],
+        &[
+            "run",
+            "test_input.json",
+            "--simulate",
+            "--json-progress",
+            "--sim-step-ms",
+            "1",
+        ],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}; stderr: {stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "exit {:?}; stderr: {stderr}",
+        out.status
+    );
     let output = stdout_json(&out);
     let images = output["images"].as_array().expect("images");
     assert_eq!(images.len(), 1);
@@ -67,14 +78,33 @@ fn run_simulate_prints_step_lines_and_png_outputs() {
 #[test]
 fn default_mode_runs_test_input_json_in_the_current_directory() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(repo().join("test_input.json"), dir.path().join("test_input.json")).unwrap();
+    std::fs::copy(
+        repo().join("test_input.json"),
+        dir.path().join("test_input.json"),
+    )
+    .unwrap();
     let out_dir = dir.path().join("out");
     let out = run_in(
         dir.path(),
-        &["--simulate", "--quiet", "--sim-step-ms", "1", "--output-dir", out_dir.to_str().unwrap()],
+        &[
+            "--simulate",
+            "--quiet",
+            "--sim-step-ms",
+            "1",
+            "--output-dir",
+            out_dir.to_str().unwrap(),
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stderr.is_empty(), "--quiet printed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "--quiet printed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let output = stdout_json(&out);
     let name = output["images"][0]["filename"].as_str().unwrap();
     let written = std::fs::read(out_dir.join(name)).expect("decoded file written");
@@ -84,11 +114,26 @@ fn default_mode_runs_test_input_json_in_the_current_directory() {
 #[test]
 fn an_error_output_exits_1() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_in(dir.path(), &["run", "--simulate", "-q", "--test_input", r#"{"input": {}}"#]);
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "--simulate",
+            "-q",
+            "--test_input",
+            r#"{"input": {}}"#,
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(stdout_json(&out), serde_json::json!({"error": "Missing 'workflow' parameter"}));
+    assert_eq!(
+        stdout_json(&out),
+        serde_json::json!({"error": "Missing 'workflow' parameter"})
+    );
 
     let out = run_in(dir.path(), &["run", "-q"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stdout_json(&out)["error"].as_str().unwrap().contains("test_input.json not found"));
+    assert!(stdout_json(&out)["error"]
+        .as_str()
+        .unwrap()
+        .contains("test_input.json not found"));
 }

@@ -43,12 +43,21 @@ fn start(dir: &Path, comfy_cmd: &str, port: u16) -> Output {
 fn start_script_launches_comfyui_and_runs_the_test_job() {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(root.join("test_input.json"), dir.path().join("test_input.json")).unwrap();
+    std::fs::copy(
+        root.join("test_input.json"),
+        dir.path().join("test_input.json"),
+    )
+    .unwrap();
     let port = free_port();
     let _guard = KillOnDrop(dir.path().join("comfyui.pid"));
     let out = start(
         dir.path(),
-        &format!("{} simulate-comfyui --port {port} --step-ms 1", bin()),
+        // Its output goes to a file: an inherited stdout would keep the pipe open after the worker exits.
+        &format!(
+            "{} simulate-comfyui --port {port} --step-ms 1 >{} 2>&1",
+            bin(),
+            dir.path().join("comfyui.log").display()
+        ),
         port,
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -60,14 +69,22 @@ fn start_script_launches_comfyui_and_runs_the_test_job() {
         .expect("a PID in the PID file");
     assert!(pid > 0);
     let output: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
-    assert_eq!(output["images"].as_array().map(Vec::len), Some(1), "{output}");
+    assert_eq!(
+        output["images"].as_array().map(Vec::len),
+        Some(1),
+        "{output}"
+    );
 }
 
 #[test]
 fn a_comfyui_that_dies_at_start_fails_the_job_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(root.join("test_input.json"), dir.path().join("test_input.json")).unwrap();
+    std::fs::copy(
+        root.join("test_input.json"),
+        dir.path().join("test_input.json"),
+    )
+    .unwrap();
     let port = free_port();
     // Nothing listens on the port: without the PID check the worker would give up only after
     // its retries, with a different message.
