@@ -249,16 +249,7 @@ impl ComfyClient {
             warn!(ours = %prompt_id, theirs = %queued.prompt_id, "ComfyUI replaced the prompt id");
         }
         info!(prompt_id = %queued.prompt_id, client_id = %client_id, "prompt queued");
-        let position = self
-            .queue()
-            .await
-            .ok()
-            .and_then(|q| q.position(&queued.prompt_id));
-        on_event(PromptEvent::Queued {
-            prompt_id: queued.prompt_id.clone(),
-            position,
-            queue_remaining: None,
-        });
+        on_event(self.queued_event(&queued.prompt_id, None).await);
         let now = Instant::now();
         let mut watch = Watch {
             client: self,
@@ -320,6 +311,18 @@ impl ComfyClient {
             cancelled,
             warnings,
         })
+    }
+}
+
+impl ComfyClient {
+    /// A `Queued` event with the prompt's place in `/queue` (unknown if that call fails).
+    async fn queued_event(&self, prompt_id: &str, queue_remaining: Option<u64>) -> PromptEvent {
+        let position = self.queue().await.ok().and_then(|q| q.position(prompt_id));
+        PromptEvent::Queued {
+            prompt_id: prompt_id.to_owned(),
+            position,
+            queue_remaining,
+        }
     }
 }
 
@@ -398,17 +401,11 @@ impl Watch<'_> {
                 // A fresh socket gets no events for our prompt: every queue change may be its end.
                 self.next_poll = Instant::now();
             } else if !self.started && status.sid.is_none() {
-                let position = self
-                    .client
-                    .queue()
-                    .await
-                    .ok()
-                    .and_then(|q| q.position(&self.prompt_id));
-                on_event(PromptEvent::Queued {
-                    prompt_id: self.prompt_id.clone(),
-                    position,
-                    queue_remaining: Some(remaining),
-                });
+                on_event(
+                    self.client
+                        .queued_event(&self.prompt_id, Some(remaining))
+                        .await,
+                );
             }
             return None;
         }

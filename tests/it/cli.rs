@@ -15,6 +15,17 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A temporary directory holding a copy of the repository's test_input.json.
+pub fn job_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("test_input.json"),
+        dir.path().join("test_input.json"),
+    )
+    .unwrap();
+    dir
+}
+
 fn run_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)
@@ -77,12 +88,7 @@ fn run_simulate_prints_step_lines_and_png_outputs() {
 
 #[test]
 fn default_mode_runs_test_input_json_in_the_current_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        repo().join("test_input.json"),
-        dir.path().join("test_input.json"),
-    )
-    .unwrap();
+    let dir = job_dir();
     let out_dir = dir.path().join("out");
     let out = run_in(
         dir.path(),

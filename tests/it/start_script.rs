@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::cli::bin;
+use crate::cli::{bin, job_dir};
 
 struct KillOnDrop(std::path::PathBuf);
 
@@ -41,13 +41,7 @@ fn start(dir: &Path, comfy_cmd: &str, port: u16) -> Output {
 
 #[test]
 fn start_script_launches_comfyui_and_runs_the_test_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(
-        root.join("test_input.json"),
-        dir.path().join("test_input.json"),
-    )
-    .unwrap();
+    let dir = job_dir();
     let port = free_port();
     let _guard = KillOnDrop(dir.path().join("comfyui.pid"));
     let out = start(
@@ -78,13 +72,7 @@ fn start_script_launches_comfyui_and_runs_the_test_job() {
 
 #[test]
 fn a_comfyui_that_dies_at_start_fails_the_job_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(
-        root.join("test_input.json"),
-        dir.path().join("test_input.json"),
-    )
-    .unwrap();
+    let dir = job_dir();
     let port = free_port();
     // Nothing listens on the port: without the PID check the worker would give up only after
     // its retries, with a different message.
