@@ -70,7 +70,8 @@ pub struct ProgressSnapshot {
     pub node_type: Option<String>,
     /// Human name of what the node does ("Sampling", "Decoding", ...), else its class type.
     pub step: Option<String>,
-    /// Percent of the workflow done (cached nodes count as done), never decreasing.
+    /// Percent of the workflow done, never decreasing. Cached nodes count as done; each node weighs
+    /// 1 plus its `steps` input, so sampling dominates as it does in wall time.
     pub overall_percent: f64,
     /// Nodes finished or cached.
     pub nodes_done: usize,
@@ -176,6 +177,10 @@ struct StepState {
 pub struct ProgressTracker {
     started_at: Instant,
     class_of: HashMap<String, String>,
+    /// Share of the workflow each node stands for: 1, plus its `steps` for sampler-like nodes,
+    /// so a 25-step sampler weighs more than a loader in `overall_percent`.
+    weight_of: HashMap<String, f64>,
+    total_weight: f64,
     nodes_total: usize,
     done: HashSet<String>,
     cached: HashSet<String>,
@@ -185,6 +190,8 @@ pub struct ProgressTracker {
     prompt_id: Option<String>,
     queue_remaining: Option<u64>,
     queue_position: Option<usize>,
+    /// A `queued` snapshot was published (later ones only when the queue state changes).
+    queued_reported: bool,
 }
 
 fn round1(v: f64) -> f64 {
@@ -202,9 +209,21 @@ impl ProgressTracker {
             .nodes()
             .filter_map(|n| Some((n.id.to_owned(), n.class_type?.to_owned())))
             .collect();
+        let weight_of: HashMap<String, f64> = workflow
+            .nodes()
+            .map(|n| {
+                (
+                    n.id.to_owned(),
+                    1.0 + n.steps.unwrap_or(0).min(10_000) as f64,
+                )
+            })
+            .collect();
+        let total_weight = weight_of.values().sum();
         ProgressTracker {
             started_at,
             class_of,
+            weight_of,
+            total_weight,
             nodes_total: workflow.len(),
             done: HashSet::new(),
             cached: HashSet::new(),
@@ -214,6 +233,7 @@ impl ProgressTracker {
             prompt_id: None,
             queue_remaining: None,
             queue_position: None,
+            queued_reported: false,
         }
     }
 
@@ -300,16 +320,18 @@ impl ProgressTracker {
             0.0
         };
         let nodes_done = self.done.len();
-        let fraction = match &node {
-            Some(n) if !self.done.contains(n) && self.is_node(n) && max > 0.0 => {
-                (value / max).clamp(0.0, 1.0)
+        let weight = |n: &str| self.weight_of.get(n).copied().unwrap_or(0.0);
+        let done_weight: f64 = self.done.iter().map(|n| weight(n)).sum();
+        let running_weight = match &node {
+            Some(n) if !self.done.contains(n) && max > 0.0 => {
+                weight(n) * (value / max).clamp(0.0, 1.0)
             }
             _ => 0.0,
         };
         let computed = if kind == ProgressKind::Finished {
             100.0
-        } else if self.nodes_total > 0 {
-            ((nodes_done as f64 + fraction) / self.nodes_total as f64 * 100.0).min(100.0)
+        } else if self.total_weight > 0.0 {
+            ((done_weight + running_weight) / self.total_weight * 100.0).min(100.0)
         } else {
             0.0
         };
@@ -353,21 +375,27 @@ impl ProgressTracker {
                 queue_remaining,
             } => {
                 self.prompt_id = Some(prompt_id.clone());
+                let remaining = queue_remaining.or(self.queue_remaining);
+                let changed = self.queue_position != *position
+                    || self.queue_remaining != remaining
+                    || !self.queued_reported;
                 self.queue_position = *position;
-                if queue_remaining.is_some() {
-                    self.queue_remaining = *queue_remaining;
-                }
-                Some(self.snapshot(ProgressKind::Queued, now))
+                self.queue_remaining = remaining;
+                self.queued_reported = true;
+                // Several `status` broadcasts often repeat the same queue state.
+                changed.then(|| self.snapshot(ProgressKind::Queued, now))
             }
             PromptEvent::Started => Some(self.snapshot(ProgressKind::Started, now)),
             PromptEvent::Cached { nodes } => {
+                let before = self.cached.len();
                 for n in nodes {
                     if self.is_node(n) {
                         self.cached.insert(n.clone());
                         self.done.insert(n.clone());
                     }
                 }
-                Some(self.snapshot(ProgressKind::Cached, now))
+                // ComfyUI always sends the list, usually empty: report only actual cache hits.
+                (self.cached.len() > before).then(|| self.snapshot(ProgressKind::Cached, now))
             }
             PromptEvent::Executing { node } => {
                 if self.current.as_ref().map(|c| c.0.as_str()) == Some(node.as_str()) {
@@ -520,6 +548,56 @@ mod tests {
         assert_eq!(json["max"], json!(10));
         assert_eq!(json["type"], json!("progress"));
         assert!(json.get("message").is_none());
+    }
+
+    #[test]
+    fn samplers_weigh_their_steps_in_the_overall_percent() {
+        let wf = Workflow::from_value(json!({
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
+            "2": {"class_type": "KSampler", "inputs": {"steps": 18}},
+            "3": {"class_type": "SaveImage", "inputs": {}}
+        }))
+        .unwrap();
+        let t0 = Instant::now();
+        let mut tr = ProgressTracker::new(&wf, t0);
+        tr.apply(&PromptEvent::Executing { node: "1".into() }, t0);
+        let s = tr
+            .apply(&PromptEvent::Executing { node: "2".into() }, t0)
+            .unwrap();
+        assert_eq!(s.overall_percent, 4.8, "1 of 21 weight units");
+        let s = tr
+            .apply(
+                &PromptEvent::Progress {
+                    node: Some("2".into()),
+                    value: 9.0,
+                    max: 18.0,
+                },
+                t0,
+            )
+            .unwrap();
+        assert_eq!(s.overall_percent, 50.0, "(1 + 19 / 2) of 21");
+        assert!(
+            tr.apply(&PromptEvent::Cached { nodes: vec![] }, t0)
+                .is_none(),
+            "an empty cache list is not news"
+        );
+    }
+
+    #[test]
+    fn repeated_queue_states_are_reported_once() {
+        let t0 = Instant::now();
+        let mut tr = ProgressTracker::new(&workflow(), t0);
+        let queued = |position, remaining| PromptEvent::Queued {
+            prompt_id: "p".into(),
+            position,
+            queue_remaining: remaining,
+        };
+        assert!(tr.apply(&queued(Some(2), None), t0).is_some());
+        assert!(tr.apply(&queued(Some(2), None), t0).is_none());
+        let s = tr.apply(&queued(Some(1), Some(2)), t0).unwrap();
+        assert_eq!((s.queue_position, s.queue_remaining), (Some(1), Some(2)));
+        assert!(tr.apply(&queued(Some(1), Some(2)), t0).is_none());
+        assert_eq!(s.prompt_id.as_deref(), Some("p"));
     }
 
     #[test]

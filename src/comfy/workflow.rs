@@ -21,6 +21,8 @@ pub struct WorkflowNode<'a> {
     pub class_type: Option<&'a str>,
     /// `_meta.title`, when present.
     pub title: Option<&'a str>,
+    /// A literal integer `steps` input (samplers), when present.
+    pub steps: Option<u64>,
 }
 
 /// Why a value is not a usable API-format workflow.
@@ -95,6 +97,10 @@ impl Workflow {
                 .get("_meta")
                 .and_then(|m| m.get("title"))
                 .and_then(Value::as_str),
+            steps: node
+                .get("inputs")
+                .and_then(|i| i.get("steps"))
+                .and_then(Value::as_u64),
         })
     }
 
