@@ -5,7 +5,8 @@
 //! * [`job`]: the job engine: worker-comfyui's input and output schema, uploads, outputs.
 //! * [`progress`]: turns prompt events into progress snapshots, the one place that computes them.
 //! * [`simulator`]: a fake ComfyUI speaking the real protocol, for trying and testing without a GPU.
-//! * [`cli`]: the command line (`run`, `simulate-comfyui`).
+//! * [`platform`]: serverless platform adapters (RunPod worker protocol).
+//! * [`cli`]: the command line (`run`, `worker`, `simulate-comfyui`).
 //! * [`config`]: settings from the environment.
 //! * [`telemetry`]: log set-up.
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod comfy;
 pub mod config;
 pub mod job;
+pub mod platform;
 pub mod progress;
 pub mod simulator;
 pub mod telemetry;

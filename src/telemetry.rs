@@ -1,13 +1,221 @@
-//! Logging: structured `tracing` lines on stderr, filtered by `RUST_LOG`.
+//! Logging: structured `tracing` events, one line each, on stderr, filtered by `RUST_LOG`.
+//!
+//! Human text by default (a job's lines carry `job{job_id=…}`); with `RUNPOD_ENDPOINT_ID` set,
+//! one JSON object per line in the platform's log-viewer convention:
+//! `{"requestId": <job id or null>, "message": "...", "level": "INFO", ...fields}`.
 
-use tracing_subscriber::EnvFilter;
+use std::fmt;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Longest message kept whole; longer ones are cut in the middle, as the SDK does.
+const MAX_MESSAGE: usize = 4096;
 
 /// Installs the global subscriber once; `default` applies when `RUST_LOG` is unset.
-pub fn init(default: &str) {
+pub fn init(default: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    if json {
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .event_format(RunPodJson);
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(JobIdLayer)
+            .with(fmt)
+            .try_init();
+    } else {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .try_init();
+    }
+}
+
+/// True when logs should be JSON lines (the platform sets `RUNPOD_ENDPOINT_ID`).
+pub fn json_requested() -> bool {
+    std::env::var_os("RUNPOD_ENDPOINT_ID").is_some_and(|v| !v.is_empty())
+}
+
+/// The `job_id` of a span, kept in its extensions.
+struct JobId(String);
+
+/// Records the `job_id` field of new spans.
+struct JobIdLayer;
+
+impl<S> Layer<S> for JobIdLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let (Some(Value::String(job_id)), Some(span)) = (fields.0.remove("job_id"), ctx.span(id))
+        {
+            span.extensions_mut().insert(JobId(job_id));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Fields(Map<String, Value>);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_owned()));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), Value::Bool(value));
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), Value::from(value));
+    }
+}
+
+fn cut_middle(s: String) -> String {
+    if s.len() <= MAX_MESSAGE {
+        return s;
+    }
+    let half = MAX_MESSAGE / 2;
+    let mut head = half;
+    while !s.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = s.len() - half;
+    while !s.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{}\n...TRUNCATED {} CHARACTERS...\n{}",
+        &s[..head],
+        tail - head,
+        &s[tail..]
+    )
+}
+
+/// One JSON object per event: `requestId`, `message`, `level`, then the event's other fields.
+struct RunPodJson;
+
+impl<S, N> FormatEvent<S, N> for RunPodJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let job_id = ctx.event_scope().and_then(|scope| {
+            scope
+                .from_root()
+                .filter_map(|span| span.extensions().get::<JobId>().map(|j| j.0.clone()))
+                .last()
+        });
+        let message = match fields.0.remove("message") {
+            Some(Value::String(s)) => s,
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        let mut line = Map::new();
+        line.insert(
+            "requestId".into(),
+            job_id.map(Value::String).unwrap_or(Value::Null),
+        );
+        line.insert("message".into(), Value::String(cut_middle(message)));
+        line.insert(
+            "level".into(),
+            Value::String(event.metadata().level().to_string()),
+        );
+        for (k, v) in fields.0 {
+            line.entry(k).or_insert(v);
+        }
+        let text = serde_json::to_string(&Value::Object(line)).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_job_id() {
+        let capture = Capture::default();
+        let sink = capture.clone();
+        let subscriber = tracing_subscriber::registry().with(JobIdLayer).with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || sink.clone())
+                .event_format(RunPodJson),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("job", job_id = %"job-7");
+            let _g = span.enter();
+            tracing::warn!(attempt = 2, "posting failed");
+        });
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"requestId": null, "message": "outside", "level": "INFO"})
+        );
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"requestId": "job-7", "message": "posting failed", "level": "WARN", "attempt": 2})
+        );
+    }
+
+    #[test]
+    fn long_messages_are_cut_in_the_middle() {
+        let long = "a".repeat(5000);
+        let cut = cut_middle(long);
+        assert!(cut.len() < 4200);
+        assert!(cut.contains("...TRUNCATED 904 CHARACTERS..."));
+    }
 }

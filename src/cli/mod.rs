@@ -2,6 +2,7 @@
 
 mod run;
 mod view;
+mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +24,8 @@ use crate::simulator::{self, SimConfig};
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Without a subcommand: run ./test_input.json (or --test_input) once, like the RunPod SDK.
+    /// Without a subcommand: the RunPod job loop when RUNPOD_WEBHOOK_GET_JOB is set, otherwise
+    /// run ./test_input.json (or --test_input) once, like the RunPod SDK.
     #[command(flatten)]
     run: RunArgs,
 }
@@ -32,6 +34,8 @@ pub struct Cli {
 enum Command {
     /// Run one job from a test-input file and print its output JSON on stdout.
     Run(RunArgs),
+    /// Take jobs from the RunPod platform (needs RUNPOD_WEBHOOK_GET_JOB and friends).
+    Worker,
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
@@ -94,14 +98,44 @@ pub fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Some(Command::Run(args)) => run::run(args).await,
+            Some(Command::Worker) => match runpod_settings() {
+                Ok(Some(settings)) => worker::run(settings).await,
+                Ok(None) => {
+                    eprintln!("comfy-worker worker: RUNPOD_WEBHOOK_GET_JOB is not set; it is the platform's job-take URL");
+                    ExitCode::FAILURE
+                }
+                Err(code) => code,
+            },
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            // Like the SDK: the platform's variables select the job loop; without them, a local test run.
+            // `--test_input` always means a local run.
+            None if cli.run.test_input.is_none() => match runpod_settings() {
+                Ok(Some(settings)) => worker::run(settings).await,
+                Ok(None) => run::run(cli.run).await,
+                Err(code) => code,
+            },
             None => run::run(cli.run).await,
         }
     })
 }
 
+/// The RunPod settings (None in local mode); logs are set up here, as JSON on the platform.
+fn runpod_settings() -> Result<Option<crate::platform::runpod::RunPodSettings>, ExitCode> {
+    match crate::platform::runpod::RunPodSettings::from_env() {
+        Ok(Some(s)) => {
+            crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
+            Ok(Some(s))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => {
+            eprintln!("comfy-worker: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
 async fn simulate(args: SimArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=info");
+    crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
     let addr = SocketAddr::new(args.host, args.port);
     let config = SimConfig {
         step_delay: Duration::from_millis(args.step_ms),

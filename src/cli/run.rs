@@ -82,7 +82,7 @@ fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, String>
 
 /// Runs the command.
 pub(crate) async fn run(args: RunArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=warn");
+    crate::telemetry::init("comfy_worker=warn", crate::telemetry::json_requested());
     let job = match load_test_input(&args) {
         Ok(job) => job,
         Err(e) => return fail(e),

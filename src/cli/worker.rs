@@ -1,0 +1,44 @@
+//! `comfy-worker worker`: the RunPod job loop (also the default when `RUNPOD_WEBHOOK_GET_JOB` is set).
+
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::Settings;
+use crate::job::Engine;
+use crate::platform::runpod::{PlatformClient, RunPodSettings, Worker};
+
+/// Runs the job loop until SIGTERM / Ctrl+C (the job in progress is finished and posted first).
+pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "invalid configuration");
+            return ExitCode::FAILURE;
+        }
+    };
+    let engine = match Engine::new(settings) {
+        Ok(e) => e,
+        Err(e) => {
+            error!(error = %e, "invalid ComfyUI configuration");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match PlatformClient::new(runpod) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "invalid platform configuration");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        super::shutdown_signal().await;
+        info!("shutdown requested: finishing the job in progress, taking no new ones");
+        on_signal.cancel();
+    });
+    Worker::new(engine, client).run(shutdown).await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,416 @@
+//! The platform's HTTP endpoints: job-take, job-done (results and progress), ping, job-stop.
+//! One persistent client for everything; `Authorization` is the raw API key, as the SDK sends it.
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use reqwest::StatusCode;
+use serde_json::{Map, Value};
+use tracing::{debug, warn};
+
+use super::settings::RunPodSettings;
+use crate::comfy::api::error_chain;
+
+/// A job as the platform hands it out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlatformJob {
+    /// Job id.
+    pub id: String,
+    /// `input` (absent when the platform sent none).
+    pub input: Option<Value>,
+}
+
+/// What one job-take poll gave.
+#[derive(Debug)]
+pub enum Take {
+    /// Jobs to run (one, or several from a batch reply).
+    Jobs(Vec<PlatformJob>),
+    /// Nothing to do now.
+    NoJob,
+    /// HTTP 429: wait before polling again.
+    RateLimited,
+    /// Anything else; retried with backoff.
+    Failed(String),
+}
+
+/// How a result post ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The platform accepted it.
+    Delivered,
+    /// The platform refused it or never answered; nothing more can be done.
+    Lost(String),
+}
+
+/// The platform client.
+#[derive(Debug, Clone)]
+pub struct PlatformClient {
+    http: reqwest::Client,
+    settings: RunPodSettings,
+}
+
+/// Errors a post may be retried after: connection problems, timeouts, 5xx and 429.
+fn retryable(status: Option<StatusCode>) -> bool {
+    match status {
+        None => true,
+        Some(s) => s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS,
+    }
+}
+
+/// The job-done body for an output, exactly as the SDK derives it from a handler's return value
+/// (`output`, then `error`, then `stopPod`).
+pub fn result_body(output: &Value, stop_pod: bool) -> Value {
+    let mut body = Map::new();
+    match output {
+        Value::Object(obj) => {
+            let mut rest = obj.clone();
+            let error = rest.remove("error");
+            let error = error.filter(truthy);
+            // The SDK drops an empty `output`.
+            if !rest.is_empty() {
+                body.insert("output".into(), Value::Object(rest));
+            }
+            if let Some(e) = error {
+                body.insert("error".into(), e);
+            }
+        }
+        other => {
+            body.insert("output".into(), other.clone());
+        }
+    }
+    if stop_pod {
+        body.insert("stopPod".into(), Value::Bool(true));
+    }
+    Value::Object(body)
+}
+
+/// Python truthiness, which decides whether the SDK treats `error` as set.
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// Parses a job-take reply body.
+pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("job-take reply is not JSON: {e}"))?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(_) => vec![value],
+        other => {
+            return Err(format!(
+                "job-take reply is not a job: {}",
+                short(&other.to_string())
+            ))
+        }
+    };
+    let mut jobs = Vec::new();
+    for item in items {
+        let id = match item.get("id") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => {
+                warn!(job = %short(&item.to_string()), "Job has missing field(s): id or input. Skipped");
+                continue;
+            }
+        };
+        jobs.push(PlatformJob {
+            id,
+            input: item.get("input").cloned(),
+        });
+    }
+    Ok(jobs)
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+impl PlatformClient {
+    /// A client for the platform in `settings`.
+    pub fn new(settings: RunPodSettings) -> Result<PlatformClient, String> {
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &settings.api_key {
+            let mut value = HeaderValue::from_str(key.expose())
+                .map_err(|_| "RUNPOD_AI_API_KEY is not a valid header value".to_owned())?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("comfy-worker/", env!("CARGO_PKG_VERSION"))),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(PlatformClient { http, settings })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &RunPodSettings {
+        &self.settings
+    }
+
+    /// One job-take long poll.
+    pub async fn take(&self, job_in_progress: bool) -> Take {
+        let url = self.settings.take_url(job_in_progress);
+        let resp = match self
+            .http
+            .get(&url)
+            .timeout(self.settings.long_poll_timeout)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Take::NoJob,
+            Err(e) => return Take::Failed(error_chain(&e)),
+        };
+        match resp.status() {
+            StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => return Take::NoJob,
+            StatusCode::TOO_MANY_REQUESTS => return Take::RateLimited,
+            s if !s.is_success() => {
+                let body = resp.text().await.unwrap_or_default();
+                return Take::Failed(format!("HTTP {s}: {}", short(&body)));
+            }
+            _ => {}
+        }
+        let is_json = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let body = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Take::Failed(error_chain(&e)),
+        };
+        if !is_json || body.is_empty() {
+            return Take::NoJob;
+        }
+        match parse_jobs(&body) {
+            Ok(jobs) if jobs.is_empty() => Take::NoJob,
+            Ok(jobs) => Take::Jobs(jobs),
+            Err(e) => Take::Failed(e),
+        }
+    }
+
+    fn job_done(&self, job_id: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.settings.result_url(job_id))
+            // The SDK's headers, byte for byte: a form content type although the body is JSON.
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header("charset", "utf-8")
+            .header("X-Request-ID", job_id)
+            .body(body)
+    }
+
+    /// Posts one progress update (`{"status": "IN_PROGRESS", "output": ...}`); best effort.
+    pub async fn post_progress(&self, job_id: &str, output: &Value) -> Result<(), String> {
+        let body =
+            serde_json::to_vec(&serde_json::json!({"status": "IN_PROGRESS", "output": output}))
+                .map_err(|e| e.to_string())?;
+        let resp = self
+            .job_done(job_id, body)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", resp.status()))
+        }
+    }
+
+    /// Posts a final result, retrying connection errors, timeouts and 5xx with backoff. A 400 for
+    /// a body over 1 MiB (the platform's size limit) is replaced by a short error so the job ends.
+    pub async fn post_result(&self, job_id: &str, body: &Value) -> Delivery {
+        let bytes = match serde_json::to_vec(body) {
+            Ok(b) => b,
+            Err(e) => return Delivery::Lost(format!("cannot serialise the result: {e}")),
+        };
+        match self.post_with_retries(job_id, bytes.clone()).await {
+            Err((Some(StatusCode::BAD_REQUEST), why)) if bytes.len() > 1 << 20 => {
+                let mb = bytes.len() as f64 / 1_048_576.0;
+                warn!(
+                    bytes = bytes.len(),
+                    "the platform refused the result (too large); posting a short error instead"
+                );
+                let mut fallback = serde_json::json!({"error": format!(
+                    "The job output is {mb:.1} MB, which the platform refused (HTTP 400; results are limited to about 20 MB). Return fewer or smaller outputs."
+                )});
+                if body.get("stopPod") == Some(&Value::Bool(true)) {
+                    fallback["stopPod"] = Value::Bool(true);
+                }
+                let bytes = serde_json::to_vec(&fallback).unwrap_or_default();
+                match self.post_with_retries(job_id, bytes).await {
+                    Ok(()) => Delivery::Delivered,
+                    Err((_, e)) => {
+                        Delivery::Lost(format!("{why}; the short error was refused too: {e}"))
+                    }
+                }
+            }
+            Err((_, why)) => Delivery::Lost(why),
+            Ok(()) => Delivery::Delivered,
+        }
+    }
+
+    async fn post_with_retries(
+        &self,
+        job_id: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), (Option<StatusCode>, String)> {
+        let attempts = self.settings.result_attempts.max(1);
+        let mut delay = self.settings.result_retry_delay;
+        let mut last = (None, String::new());
+        for attempt in 1..=attempts {
+            let sent = self
+                .job_done(job_id, bytes.clone())
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await;
+            last = match sent {
+                Ok(resp) if resp.status().is_success() => return Ok(()),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    (Some(status), format!("HTTP {status}: {}", short(&text)))
+                }
+                Err(e) => (None, error_chain(&e)),
+            };
+            if !retryable(last.0) || attempt == attempts {
+                break;
+            }
+            warn!(attempt, error = %last.1, retry_in_ms = delay.as_millis() as u64, "posting the result failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        Err(last)
+    }
+
+    /// One heartbeat; the reply is ignored.
+    pub async fn ping(&self, job_ids: &[String]) {
+        let Some(url) = self.settings.ping_url_for(job_ids) else {
+            return;
+        };
+        let timeout = self.settings.ping_interval * 2;
+        match self.http.get(&url).timeout(timeout).send().await {
+            Ok(r) if r.status().is_success() => debug!(jobs = job_ids.len(), "ping"),
+            Ok(r) => warn!(status = %r.status(), "ping refused"),
+            Err(e) => warn!(error = %error_chain(&e), "ping failed"),
+        }
+    }
+
+    /// One job-stop long poll: the ids to stop, or why not (and how long to wait before the next).
+    pub async fn stopped_jobs(&self) -> Result<Vec<String>, (String, Duration)> {
+        let Some(url) = self.settings.stop_url() else {
+            return Err(("no job-stop URL".into(), Duration::MAX));
+        };
+        let resp = match self
+            .http
+            .get(&url)
+            .timeout(self.settings.long_poll_timeout)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Ok(Vec::new()),
+            Err(e) => return Err((error_chain(&e), Duration::from_secs(1))),
+        };
+        match resp.status() {
+            StatusCode::NO_CONTENT => return Ok(Vec::new()),
+            StatusCode::TOO_MANY_REQUESTS => {
+                return Err(("HTTP 429".into(), Duration::from_secs(5)))
+            }
+            s if !s.is_success() => return Err((format!("HTTP {s}"), Duration::from_secs(1))),
+            _ => {}
+        }
+        let body: Value = match resp.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                return Err((
+                    format!("job-stop reply is not JSON: {e}"),
+                    Duration::from_secs(1),
+                ))
+            }
+        };
+        Ok(body
+            .get("jobsToStop")
+            .and_then(Value::as_array)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn result_body_follows_the_sdk_table() {
+        assert_eq!(
+            result_body(&json!({"images": []}), false),
+            json!({"output": {"images": []}})
+        );
+        assert_eq!(result_body(&json!({}), false), json!({}));
+        assert_eq!(
+            result_body(&json!({"error": "e"}), false),
+            json!({"error": "e"})
+        );
+        assert_eq!(
+            result_body(&json!({"error": "e", "details": ["d"]}), false),
+            json!({"output": {"details": ["d"]}, "error": "e"})
+        );
+        assert_eq!(
+            result_body(&json!({"error": "", "a": 1}), false),
+            json!({"output": {"a": 1}})
+        );
+        assert_eq!(result_body(&json!({"error": null}), false), json!({}));
+        assert_eq!(result_body(&json!([1]), false), json!({"output": [1]}));
+        assert_eq!(
+            result_body(&json!({"images": []}), true),
+            json!({"output": {"images": []}, "stopPod": true})
+        );
+        let keys: Vec<String> = result_body(&json!({"details": [], "error": "x"}), true)
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(keys, ["output", "error", "stopPod"]);
+    }
+
+    #[test]
+    fn take_replies() {
+        let jobs = parse_jobs(br#"{"id": "a", "input": {"x": 1}}"#).unwrap();
+        assert_eq!(
+            jobs,
+            [PlatformJob {
+                id: "a".into(),
+                input: Some(json!({"x": 1}))
+            }]
+        );
+        let batch =
+            parse_jobs(br#"[{"id": "a", "input": {}}, {"input": {}}, {"id": "c"}]"#).unwrap();
+        assert_eq!(
+            batch.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(batch[1].input, None);
+        assert!(parse_jobs(b"garbage").is_err());
+        assert!(parse_jobs(b"42").is_err());
+    }
+}

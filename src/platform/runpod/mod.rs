@@ -1,0 +1,13 @@
+//! RunPod's serverless worker protocol: take jobs, run them on the engine, relay every progress
+//! snapshot to the job-done URL (what `/status` shows while the job runs), post the result, keep
+//! the heartbeat going, and obey the stop channel. Wire format per the SDK (runpod-python 1.12).
+
+pub mod client;
+pub mod relay;
+pub mod settings;
+mod worker;
+
+pub use client::{result_body, Delivery, PlatformClient, PlatformJob, Take};
+pub use relay::{Relay, RelayStats};
+pub use settings::RunPodSettings;
+pub use worker::{JobEnd, Worker};

@@ -1,0 +1,269 @@
+//! RunPod settings from the environment (the SDK's variable names) and the URL templating rules.
+
+use std::time::Duration;
+
+use crate::config::{ConfigError, Secret};
+
+/// The protocol version sent in pings: the RunPod SDK release whose wire behaviour this implements.
+pub const SDK_PROTOCOL_VERSION: &str = "1.12.0";
+
+/// Settings of the RunPod job loop.
+#[derive(Debug, Clone)]
+pub struct RunPodSettings {
+    /// `RUNPOD_WEBHOOK_GET_JOB`: job-take URL template (`$ID` = worker id).
+    pub get_job_url: String,
+    /// `RUNPOD_WEBHOOK_POST_OUTPUT`: job-done URL template (`$RUNPOD_POD_ID`, `$ID` = job id).
+    pub post_output_url: String,
+    /// `RUNPOD_WEBHOOK_PING`: heartbeat URL template (`$RUNPOD_POD_ID`).
+    pub ping_url: Option<String>,
+    /// `RUNPOD_POD_ID`: the worker id (random when unset; then there is no heartbeat).
+    pub worker_id: String,
+    /// True when `RUNPOD_POD_ID` was set.
+    pub worker_id_given: bool,
+    /// `RUNPOD_AI_API_KEY`: sent raw as `Authorization` on every platform call.
+    pub api_key: Option<Secret>,
+    /// `RUNPOD_PING_INTERVAL` (ms): heartbeat period.
+    pub ping_interval: Duration,
+    /// `REFRESH_WORKER=true`: ask the platform to stop this worker after each job (`stopPod`), and exit.
+    pub refresh_worker: bool,
+    /// `JOB_TIMEOUT_S`: per-job deadline; the prompt is interrupted and the job fails with a timeout error.
+    pub job_timeout: Option<Duration>,
+    /// `RUNPOD_RESULT_RETRY_DELAY_MS`: first retry delay for result posts (doubles, capped at 30 s).
+    pub result_retry_delay: Duration,
+    /// `RUNPOD_RESULT_ATTEMPTS`: result post attempts in all.
+    pub result_attempts: u32,
+    /// `RUNPOD_PROGRESS=false` turns the progress relay off.
+    pub relay_progress: bool,
+    /// Client-side bound of one job-take or job-stop long poll (90 s, like the SDK).
+    pub long_poll_timeout: Duration,
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
+}
+
+impl RunPodSettings {
+    /// Reads the environment through `lookup`; `None` when `RUNPOD_WEBHOOK_GET_JOB` is unset (local mode).
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<RunPodSettings>, ConfigError> {
+        let get = |k: &str| {
+            lookup(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let Some(get_job_url) = get("RUNPOD_WEBHOOK_GET_JOB") else {
+            return Ok(None);
+        };
+        let ms = |name: &'static str, default: u64| -> Result<u64, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) => v.parse::<u64>().map_err(|_| ConfigError {
+                    name,
+                    value: v,
+                    expected: "a whole number of milliseconds",
+                }),
+            }
+        };
+        let ping_ms = ms("RUNPOD_PING_INTERVAL", 10_000)?.max(100);
+        let job_timeout = match get("JOB_TIMEOUT_S") {
+            None => None,
+            Some(v) => match v.parse::<f64>() {
+                Ok(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
+                Ok(0.0) => None,
+                _ => {
+                    return Err(ConfigError {
+                        name: "JOB_TIMEOUT_S",
+                        value: v,
+                        expected: "a positive number of seconds (0 = none)",
+                    })
+                }
+            },
+        };
+        let attempts = match get("RUNPOD_RESULT_ATTEMPTS") {
+            None => 6,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or(ConfigError {
+                    name: "RUNPOD_RESULT_ATTEMPTS",
+                    value: v,
+                    expected: "a whole number of at least 1",
+                })?,
+        };
+        let worker_id_env = get("RUNPOD_POD_ID");
+        Ok(Some(RunPodSettings {
+            get_job_url,
+            post_output_url: get("RUNPOD_WEBHOOK_POST_OUTPUT")
+                .unwrap_or_else(|| "JOB_DONE_URL".into()),
+            ping_url: get("RUNPOD_WEBHOOK_PING"),
+            worker_id_given: worker_id_env.is_some(),
+            worker_id: worker_id_env.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            api_key: get("RUNPOD_AI_API_KEY").map(Secret::new),
+            ping_interval: Duration::from_millis(ping_ms),
+            refresh_worker: get("REFRESH_WORKER").is_some_and(|v| truthy(&v)),
+            job_timeout,
+            result_retry_delay: Duration::from_millis(ms("RUNPOD_RESULT_RETRY_DELAY_MS", 1000)?),
+            result_attempts: attempts,
+            relay_progress: get("RUNPOD_PROGRESS").is_none_or(|v| truthy(&v)),
+            long_poll_timeout: Duration::from_secs(90),
+        }))
+    }
+
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Option<RunPodSettings>, ConfigError> {
+        RunPodSettings::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// The job-take URL.
+    pub fn take_url(&self, job_in_progress: bool) -> String {
+        let base = self.get_job_url.replace("$ID", &self.worker_id);
+        with_param(
+            &base,
+            "job_in_progress",
+            if job_in_progress { "1" } else { "0" },
+        )
+    }
+
+    /// The job-stop URL, when the take URL has the platform's `/job-take/` shape.
+    pub fn stop_url(&self) -> Option<String> {
+        let base = self.get_job_url.replace("$ID", &self.worker_id);
+        base.contains("/job-take/")
+            .then(|| base.replace("/job-take/", "/job-stop/"))
+    }
+
+    /// The job-done URL for a job (results and progress).
+    pub fn result_url(&self, job_id: &str) -> String {
+        let base = self
+            .post_output_url
+            .replace("$RUNPOD_POD_ID", &self.worker_id)
+            .replace("$ID", job_id);
+        with_param(&base, "isStream", "false")
+    }
+
+    /// The ping URL for the jobs held now (none when idle), when the heartbeat is configured.
+    pub fn ping_url_for(&self, job_ids: &[String]) -> Option<String> {
+        if !self.worker_id_given || self.api_key.is_none() {
+            return None;
+        }
+        let mut url = self
+            .ping_url
+            .as_ref()?
+            .replace("$RUNPOD_POD_ID", &self.worker_id);
+        if !job_ids.is_empty() {
+            // `,` is sent as %2C, as `requests` encodes it.
+            url = with_param(&url, "job_id", &job_ids.join("%2C"));
+        }
+        Some(with_param(&url, "runpod_version", SDK_PROTOCOL_VERSION))
+    }
+}
+
+/// Appends `k=v` with `&`, or `?` when the URL has no query yet.
+pub(crate) fn with_param(url: &str, key: &str, value: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{key}={value}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Option<RunPodSettings> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        RunPodSettings::from_lookup(|k| map.get(k).cloned()).unwrap()
+    }
+
+    #[test]
+    fn local_mode_without_get_job() {
+        assert!(settings(&[]).is_none());
+    }
+
+    #[test]
+    fn templates_like_the_sdk() {
+        let s = settings(&[
+            (
+                "RUNPOD_WEBHOOK_GET_JOB",
+                "https://api.runpod.ai/v2/ep/job-take/$ID?gpu=H100",
+            ),
+            (
+                "RUNPOD_WEBHOOK_POST_OUTPUT",
+                "https://api.runpod.ai/v2/ep/job-done/$RUNPOD_POD_ID/$ID?gpu=H100",
+            ),
+            (
+                "RUNPOD_WEBHOOK_PING",
+                "https://api.runpod.ai/v2/ep/ping/$RUNPOD_POD_ID?gpu=H100",
+            ),
+            ("RUNPOD_POD_ID", "pod1"),
+            ("RUNPOD_AI_API_KEY", "key"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.take_url(false),
+            "https://api.runpod.ai/v2/ep/job-take/pod1?gpu=H100&job_in_progress=0"
+        );
+        assert_eq!(
+            s.take_url(true),
+            "https://api.runpod.ai/v2/ep/job-take/pod1?gpu=H100&job_in_progress=1"
+        );
+        assert_eq!(
+            s.stop_url().unwrap(),
+            "https://api.runpod.ai/v2/ep/job-stop/pod1?gpu=H100"
+        );
+        assert_eq!(
+            s.result_url("j-1"),
+            "https://api.runpod.ai/v2/ep/job-done/pod1/j-1?gpu=H100&isStream=false"
+        );
+        assert_eq!(
+            s.ping_url_for(&["a".into(), "b".into()]).unwrap(),
+            "https://api.runpod.ai/v2/ep/ping/pod1?gpu=H100&job_id=a%2Cb&runpod_version=1.12.0"
+        );
+        assert_eq!(
+            s.ping_url_for(&[]).unwrap(),
+            "https://api.runpod.ai/v2/ep/ping/pod1?gpu=H100&runpod_version=1.12.0"
+        );
+        assert_eq!(s.ping_interval, Duration::from_secs(10));
+        assert!(!s.refresh_worker && s.relay_progress && s.job_timeout.is_none());
+    }
+
+    #[test]
+    fn question_mark_when_the_template_has_no_query() {
+        let s = settings(&[
+            ("RUNPOD_WEBHOOK_GET_JOB", "http://h/job-take/$ID"),
+            (
+                "RUNPOD_WEBHOOK_POST_OUTPUT",
+                "http://h/job-done/$RUNPOD_POD_ID/$ID",
+            ),
+            ("RUNPOD_POD_ID", "w"),
+            ("REFRESH_WORKER", "true"),
+            ("JOB_TIMEOUT_S", "2.5"),
+        ])
+        .unwrap();
+        assert_eq!(s.take_url(false), "http://h/job-take/w?job_in_progress=0");
+        assert_eq!(s.result_url("j"), "http://h/job-done/w/j?isStream=false");
+        assert!(
+            s.ping_url_for(&[]).is_none(),
+            "no ping without a key and a ping URL"
+        );
+        assert!(s.refresh_worker);
+        assert_eq!(s.job_timeout, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn bad_numbers_name_the_variable() {
+        let map: HashMap<&str, &str> = [
+            ("RUNPOD_WEBHOOK_GET_JOB", "http://h/x"),
+            ("RUNPOD_PING_INTERVAL", "often"),
+        ]
+        .into();
+        let err = RunPodSettings::from_lookup(|k| map.get(k).map(|v| v.to_string())).unwrap_err();
+        assert_eq!(err.name, "RUNPOD_PING_INTERVAL");
+    }
+}

@@ -1,0 +1,371 @@
+//! The job loop and its two companions: the heartbeat and the stop channel, each on its own task
+//! so job work never delays them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
+
+use super::client::{result_body, Delivery, PlatformClient, PlatformJob, Take};
+use super::relay::Relay;
+use crate::job::{Engine, JobOutput};
+use crate::progress;
+
+/// Why a running job was cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CancelReason {
+    /// The platform's stop channel named it: post nothing.
+    Stopped,
+    /// Its deadline passed: post a timeout error.
+    TimedOut,
+    /// The worker is shutting down: post what the job produced (an interruption error).
+    Shutdown,
+}
+
+/// How a job ended, for logs and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// The result was posted.
+    Posted(Delivery),
+    /// Stopped by the platform; nothing posted.
+    Stopped,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    reason: Arc<Mutex<Option<CancelReason>>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Taken but unfinished jobs (what the ping reports).
+    held: BTreeSet<String>,
+    /// The job being run now.
+    running: HashMap<String, Running>,
+}
+
+/// The RunPod worker: a job loop plus heartbeat and stop-channel tasks.
+pub struct Worker {
+    engine: Engine,
+    client: PlatformClient,
+    state: Arc<Mutex<State>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Worker {
+    /// A worker running jobs on `engine` for the platform behind `client`.
+    pub fn new(engine: Engine, client: PlatformClient) -> Worker {
+        Worker {
+            engine,
+            client,
+            state: Arc::new(Mutex::new(State::default())),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled (then the job in progress finishes and is posted) or,
+    /// with `REFRESH_WORKER`, until the first job is done.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let settings = self.client.settings().clone();
+        info!(
+            worker_id = %settings.worker_id,
+            progress = settings.relay_progress,
+            heartbeat = settings.ping_url_for(&[]).is_some(),
+            stop_channel = settings.stop_url().is_some(),
+            "RunPod worker started"
+        );
+        let companions = CancellationToken::new();
+        let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
+        let stops = tokio::spawn(self.stop_channel(companions.clone()));
+        let mut backoff = Duration::from_secs(1);
+        while !shutdown.is_cancelled() {
+            let in_progress = !lock(&self.state).held.is_empty();
+            let started = Instant::now();
+            let take = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                t = self.client.take(in_progress) => t,
+            };
+            match take {
+                Take::Jobs(jobs) => {
+                    backoff = Duration::from_secs(1);
+                    {
+                        let mut st = lock(&self.state);
+                        st.held.extend(jobs.iter().map(|j| j.id.clone()));
+                    }
+                    for job in jobs {
+                        self.run_job(job, &shutdown).await;
+                    }
+                    if settings.refresh_worker {
+                        info!("REFRESH_WORKER is set: exiting after the job");
+                        break;
+                    }
+                }
+                Take::NoJob => {
+                    backoff = Duration::from_secs(1);
+                    // A platform that answers at once instead of long-polling must not be hammered.
+                    let floor = Duration::from_millis(250);
+                    if let Some(rest) = floor.checked_sub(started.elapsed()) {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(rest) => {}
+                        }
+                    }
+                }
+                Take::RateLimited => {
+                    warn!("job-take rate limited (HTTP 429); waiting 5 s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+                Take::Failed(e) => {
+                    warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        companions.cancel();
+        let _ = heartbeat.await;
+        let _ = stops.await;
+        info!("RunPod worker stopped");
+    }
+
+    fn heartbeat(
+        &self,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let client = self.client.clone();
+        let state = self.state.clone();
+        async move {
+            if client.settings().ping_url_for(&[]).is_none() {
+                return;
+            }
+            let mut tick = tokio::time::interval(client.settings().ping_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let held: Vec<String> = lock(&state).held.iter().cloned().collect();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = client.ping(&held) => {}
+                }
+            }
+        }
+    }
+
+    fn stop_channel(
+        &self,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let client = self.client.clone();
+        let state = self.state.clone();
+        async move {
+            if client.settings().stop_url().is_none() {
+                return;
+            }
+            loop {
+                let polled = Instant::now();
+                let result = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = client.stopped_jobs() => r,
+                };
+                let pause = match result {
+                    Ok(ids) => {
+                        let st = lock(&state);
+                        for id in &ids {
+                            if let Some(running) = st.running.get(id) {
+                                info!(job_id = %id, "the platform stopped the job");
+                                lock(&running.reason).get_or_insert(CancelReason::Stopped);
+                                running.cancel.cancel();
+                            }
+                        }
+                        // The SDK's 1 s floor between polls that return at once.
+                        Duration::from_secs(1).saturating_sub(polled.elapsed())
+                    }
+                    Err((why, wait)) => {
+                        warn!(error = %why, "job-stop poll failed");
+                        wait.min(Duration::from_secs(30))
+                    }
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    /// Runs one job and posts its result (unless the platform stopped it).
+    pub async fn run_job(&self, job: PlatformJob, shutdown: &CancellationToken) -> JobEnd {
+        let span = tracing::info_span!("job", job_id = %job.id);
+        let end = self.run_job_inner(&job, shutdown).instrument(span).await;
+        lock(&self.state).held.remove(&job.id);
+        end
+    }
+
+    async fn run_job_inner(&self, job: &PlatformJob, shutdown: &CancellationToken) -> JobEnd {
+        info!("Started.");
+        let settings = self.client.settings();
+        let cancel = CancellationToken::new();
+        let reason = Arc::new(Mutex::new(None));
+        lock(&self.state).running.insert(
+            job.id.clone(),
+            Running {
+                cancel: cancel.clone(),
+                reason: reason.clone(),
+            },
+        );
+        let timeout = job_timeout(settings.job_timeout, job.input.as_ref());
+        let watchdog = {
+            let cancel = cancel.clone();
+            let reason = reason.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let deadline = async {
+                    match timeout {
+                        Some(t) => tokio::time::sleep(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let why = tokio::select! {
+                    _ = deadline => CancelReason::TimedOut,
+                    _ = shutdown.cancelled() => CancelReason::Shutdown,
+                    _ = cancel.cancelled() => return,
+                };
+                if why == CancelReason::Shutdown {
+                    // Give the job time to finish on its own before interrupting it.
+                    tokio::select! {
+                        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+                        _ = cancel.cancelled() => return,
+                    }
+                }
+                lock(&reason).get_or_insert(why);
+                cancel.cancel();
+            })
+        };
+
+        let (sender, mut snapshots) = progress::channel();
+        let relay = settings
+            .relay_progress
+            .then(|| Relay::start(self.client.clone(), job.id.clone()));
+        let forward = async {
+            while let Some(s) = snapshots.recv().await {
+                if let Some(relay) = &relay {
+                    relay.update(s.to_json());
+                }
+            }
+        };
+        let engine = &self.engine;
+        let run_cancel = cancel.clone();
+        let run = async move {
+            // A panic in the engine fails this job only; the worker keeps serving.
+            let out =
+                AssertUnwindSafe(engine.run(&job.id, job.input.as_ref(), &sender, &run_cancel))
+                    .catch_unwind()
+                    .await;
+            // Closing the channel ends the forwarding below.
+            drop(sender);
+            out
+        };
+        let (output, ()) = tokio::join!(run, forward);
+        let output = output.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            error!(panic = %what, "the job panicked");
+            JobOutput::error(format!("Internal error in comfy-worker: {what}"))
+        });
+        watchdog.abort();
+        lock(&self.state).running.remove(&job.id);
+        if let Some(relay) = relay {
+            let stats = relay.finish().await;
+            info!(
+                posted = stats.posted,
+                failed = stats.failed,
+                "progress relay finished"
+            );
+        }
+
+        let why = *lock(&reason);
+        let output = match why {
+            Some(CancelReason::Stopped) => {
+                info!("Finished. (stopped by the platform; nothing posted)");
+                return JobEnd::Stopped;
+            }
+            Some(CancelReason::TimedOut) => {
+                let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
+                JobOutput::error(format!(
+                    "Job timed out after {secs:.0} s; the ComfyUI prompt was interrupted"
+                ))
+                .to_json()
+            }
+            Some(CancelReason::Shutdown) | None => output.to_json(),
+        };
+        let body = result_body(&output, settings.refresh_worker);
+        let delivery = self.client.post_result(&job.id, &body).await;
+        match &delivery {
+            Delivery::Delivered => info!(failed = output.get("error").is_some(), "Finished."),
+            Delivery::Lost(e) => error!(error = %e, "Failed to return job results."),
+        }
+        JobEnd::Posted(delivery)
+    }
+}
+
+/// How long a job in progress may take to finish once SIGTERM arrived, before it is interrupted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// The job's deadline: `JOB_TIMEOUT_S`, or the input's `timeout_s` when shorter (or when no
+/// worker-wide timeout is set).
+fn job_timeout(worker: Option<Duration>, input: Option<&Value>) -> Option<Duration> {
+    let requested = input
+        .and_then(|i| i.get("timeout_s"))
+        .and_then(Value::as_f64)
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(7.0 * 86_400.0)));
+    match (worker, requested) {
+        (Some(w), Some(r)) => Some(w.min(r)),
+        (w, r) => w.or(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn job_timeout_takes_the_shorter() {
+        let s = Duration::from_secs;
+        assert_eq!(job_timeout(None, None), None);
+        assert_eq!(job_timeout(Some(s(60)), None), Some(s(60)));
+        assert_eq!(
+            job_timeout(None, Some(&json!({"timeout_s": 5}))),
+            Some(s(5))
+        );
+        assert_eq!(
+            job_timeout(Some(s(60)), Some(&json!({"timeout_s": 600}))),
+            Some(s(60))
+        );
+        assert_eq!(
+            job_timeout(Some(s(60)), Some(&json!({"timeout_s": "x"}))),
+            Some(s(60))
+        );
+        assert_eq!(job_timeout(None, Some(&json!({"timeout_s": -1}))), None);
+    }
+}
