@@ -139,6 +139,7 @@ async fn simulate(args: SimArgs) -> ExitCode {
     let addr = SocketAddr::new(args.host, args.port);
     let config = SimConfig {
         step_delay: Duration::from_millis(args.step_ms),
+        ..SimConfig::default()
     };
     eprintln!("comfy-worker: simulated ComfyUI on http://{addr} (Ctrl+C to stop)");
     match simulator::serve(addr, config, shutdown_signal()).await {

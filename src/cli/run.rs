@@ -101,6 +101,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         };
         let config = SimConfig {
             step_delay: Duration::from_millis(args.sim_step_ms),
+            ..SimConfig::default()
         };
         match Simulator::start(listener, config).await {
             Ok(sim) => {

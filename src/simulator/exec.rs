@@ -174,6 +174,9 @@ impl Executor {
             "executing",
             json!({"node": null, "prompt_id": item.prompt_id}),
         );
+        lock(&shared.log)
+            .completions
+            .push((item.prompt_id.clone(), std::time::Instant::now()));
         tracing::debug!(prompt_id = %item.prompt_id, success, "prompt finished");
     }
 
@@ -855,6 +858,12 @@ impl PromptRun {
             "progress",
             json!({"value": value, "max": max, "prompt_id": self.prompt_id, "node": id}),
         );
+        lock(&self.shared.log).steps.push(super::StepMark {
+            prompt_id: self.prompt_id.clone(),
+            node: id.to_owned(),
+            step: value,
+            at: std::time::Instant::now(),
+        });
         if let (Some(preview), false) = (preview, metadata) {
             let mut payload = preview.format.to_be_bytes().to_vec();
             payload.extend_from_slice(&preview.bytes);

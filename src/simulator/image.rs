@@ -24,6 +24,8 @@ pub(crate) enum Fill {
     Gradient {
         inverted: bool,
     },
+    /// Pseudo-random pixels: incompressible, so PNGs have realistic sizes (benchmarks).
+    Noise,
 }
 
 impl ImageInfo {
@@ -60,6 +62,16 @@ impl ImageInfo {
                     rgb
                 }
             }
+            Fill::Noise => {
+                // splitmix64 of the position: fixed per pixel, no visible pattern.
+                let mut h =
+                    ((u64::from(x) << 32) | u64::from(y)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+                h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                h ^= h >> 31;
+                let b = h.to_le_bytes();
+                [b[0], b[1], b[2]]
+            }
         }
     }
 
@@ -69,6 +81,7 @@ impl ImageInfo {
             Fill::Solid(rgb) => rgb,
             Fill::Gradient { inverted: false } => [128, 128, 128],
             Fill::Gradient { inverted: true } => [127, 127, 127],
+            Fill::Noise => [128, 128, 128],
         }
     }
 
@@ -78,6 +91,7 @@ impl ImageInfo {
             Fill::Gradient { inverted } => Fill::Gradient {
                 inverted: !inverted,
             },
+            Fill::Noise => Fill::Noise,
         };
         ImageInfo {
             fill,

@@ -52,12 +52,15 @@ use ws::Hub;
 pub struct SimConfig {
     /// Time per sampler step for every node that has an INT `steps` input.
     pub step_delay: Duration,
+    /// Save images with pseudo-random pixels, so PNG sizes are realistic (benchmarks); default off.
+    pub noise_images: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> SimConfig {
         SimConfig {
             step_delay: Duration::from_millis(50),
+            noise_images: false,
         }
     }
 }
@@ -159,6 +162,16 @@ impl Simulator {
         lock(&self.shared.log).interrupts.clone()
     }
 
+    /// Every sampler step sent so far, with its time.
+    pub fn step_marks(&self) -> Vec<StepMark> {
+        lock(&self.shared.log).steps.clone()
+    }
+
+    /// When each finished prompt's terminal `executing{node: null}` was sent.
+    pub fn completions(&self) -> Vec<(String, std::time::Instant)> {
+        lock(&self.shared.log).completions.clone()
+    }
+
     /// Resolves once `n` `POST /interrupt` requests have been handled (their flag is set).
     pub async fn interrupt_handled(&self, n: usize) {
         let mut rx = self.shared.control.interrupts_handled.subscribe();
@@ -251,6 +264,21 @@ pub(crate) struct Log {
     pub(crate) prompts: Vec<Value>,
     pub(crate) interrupts: Vec<Option<Value>>,
     pub(crate) ws_client_ids: Vec<String>,
+    pub(crate) steps: Vec<StepMark>,
+    pub(crate) completions: Vec<(String, std::time::Instant)>,
+}
+
+/// When the simulator sent a sampler step's `progress` message (for latency benchmarks).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepMark {
+    /// The prompt.
+    pub prompt_id: String,
+    /// The node.
+    pub node: String,
+    /// The step value sent.
+    pub step: u64,
+    /// When it was handed to the sockets.
+    pub at: std::time::Instant,
 }
 
 impl Shared {

@@ -412,10 +412,13 @@ async fn save_images(
     if let Some(Value::Object(extra)) = node.extra_data.get("extra_pnginfo") {
         texts.extend(extra.iter().map(|(k, v)| (k.clone(), pyfmt::to_json(v))));
     }
-    let frame_info = ImageInfo {
+    let mut frame_info = ImageInfo {
         batch: 1,
         ..images.clone()
     };
+    if run.shared.config.noise_images {
+        frame_info.fill = image::Fill::Noise;
+    }
     let png: bytes::Bytes = encode(&frame_info, texts).await?.into();
 
     let mut store = lock(&run.shared.store);

@@ -16,6 +16,7 @@ async fn simulator(step_ms: u64) -> Simulator {
         listener,
         SimConfig {
             step_delay: Duration::from_millis(step_ms),
+            ..SimConfig::default()
         },
     )
     .await

@@ -1,7 +1,8 @@
 //! The progress relay of one job: at most one progress post in flight; while one is in flight,
 //! newer snapshots replace older ones (the platform keeps only the last), so a slow platform never
-//! slows the job; [`Relay::finish`] waits for the post in flight and drops what is pending, so no
-//! progress post can ever reach the platform after the final result.
+//! slows the job. [`Relay::finish`] waits for the post in flight and then, when asked, sends the
+//! latest snapshot not yet sent, so `/status` is current just before the result; after it
+//! returns no progress post is sent or in flight, so none can land after the final result.
 
 use serde_json::Value;
 use tokio::sync::watch;
@@ -16,7 +17,10 @@ use super::client::PlatformClient;
 pub struct Relay {
     latest: watch::Sender<Option<Value>>,
     stop: CancellationToken,
-    task: JoinHandle<RelayStats>,
+    /// Returns its stats and the receiver, so `finish` can send what is still pending.
+    task: JoinHandle<(RelayStats, Option<watch::Receiver<Option<Value>>>)>,
+    client: PlatformClient,
+    job_id: String,
 }
 
 /// What a relay did, for logs and tests.
@@ -34,7 +38,9 @@ impl Relay {
         let (latest, mut rx) = watch::channel::<Option<Value>>(None);
         let stop = CancellationToken::new();
         let stopped = stop.clone();
+        let (task_client, task_job) = (client.clone(), job_id.clone());
         let task = tokio::spawn(async move {
+            let (client, job_id) = (task_client, task_job);
             let mut stats = RelayStats::default();
             loop {
                 tokio::select! {
@@ -42,7 +48,7 @@ impl Relay {
                     _ = stopped.cancelled() => break,
                     changed = rx.changed() => {
                         if changed.is_err() {
-                            break;
+                            return (stats, None);
                         }
                     }
                 }
@@ -58,9 +64,15 @@ impl Relay {
                     }
                 }
             }
-            stats
+            (stats, Some(rx))
         });
-        Relay { latest, stop, task }
+        Relay {
+            latest,
+            stop,
+            task,
+            client,
+            job_id,
+        }
     }
 
     /// Queues a snapshot, replacing one not yet sent. Never blocks.
@@ -68,10 +80,21 @@ impl Relay {
         self.latest.send_replace(Some(snapshot));
     }
 
-    /// Waits for the post in flight to settle and drops the rest. After this returns, no
-    /// progress post for the job is sent or in flight.
-    pub async fn finish(self) -> RelayStats {
+    /// Waits for the post in flight to settle; with `flush`, then posts the latest snapshot not
+    /// yet sent. After this returns, no progress post for the job is sent or in flight.
+    pub async fn finish(self, flush: bool) -> RelayStats {
         self.stop.cancel();
-        self.task.await.unwrap_or_default()
+        let (mut stats, rx) = self.task.await.unwrap_or_default();
+        if let (true, Some(mut rx)) = (flush, rx) {
+            if rx.has_changed().unwrap_or(false) {
+                if let Some(snapshot) = rx.borrow_and_update().clone() {
+                    match self.client.post_progress(&self.job_id, &snapshot).await {
+                        Ok(()) => stats.posted += 1,
+                        Err(_) => stats.failed += 1,
+                    }
+                }
+            }
+        }
+        stats
     }
 }

@@ -293,8 +293,11 @@ impl Worker {
         });
         watchdog.abort();
         lock(&self.state).running.remove(&job.id);
+        let why = *lock(&reason);
         if let Some(relay) = relay {
-            let stats = relay.finish().await;
+            // A stopped job posts nothing more; otherwise /status is brought up to date first.
+            let flush = why != Some(CancelReason::Stopped);
+            let stats = relay.finish(flush).await;
             info!(
                 posted = stats.posted,
                 failed = stats.failed,
@@ -302,7 +305,6 @@ impl Worker {
             );
         }
 
-        let why = *lock(&reason);
         let output = match why {
             Some(CancelReason::Stopped) => {
                 info!("Finished. (stopped by the platform; nothing posted)");
@@ -311,7 +313,8 @@ impl Worker {
             Some(CancelReason::TimedOut) => {
                 let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
                 JobOutput::error(format!(
-                    "Job timed out after {secs:.0} s; the ComfyUI prompt was interrupted"
+                    "Job timed out after {} s (JOB_TIMEOUT_S or input.timeout_s); the ComfyUI prompt was interrupted",
+                    humane_seconds(secs)
                 ))
                 .to_json()
             }
@@ -324,6 +327,15 @@ impl Worker {
             Delivery::Lost(e) => error!(error = %e, "Failed to return job results."),
         }
         JobEnd::Posted(delivery)
+    }
+}
+
+/// `2.5`, `30`, `600`: seconds without noise.
+fn humane_seconds(secs: f64) -> String {
+    if secs < 10.0 && secs.fract() != 0.0 {
+        format!("{secs:.1}")
+    } else {
+        format!("{secs:.0}")
     }
 }
 
