@@ -20,6 +20,7 @@ async fn start() -> Simulator {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let config = SimConfig {
         step_delay: Duration::from_millis(2),
+        ..SimConfig::default()
     };
     Simulator::start(listener, config)
         .await
