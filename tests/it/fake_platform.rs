@@ -15,9 +15,12 @@
 //!   post is applied even if the worker gives up on it meanwhile, as a real platform that has
 //!   received the request would.
 //! - [`FakePlatform::stop_job`] models a client's `/cancel`: the job's status becomes `CANCELLED`
-//!   at once and later posts for it are answered 200 but no longer change its status.
+//!   at once and later posts for it are answered 200 but no longer change its status. A job
+//!   stopped while still queued is not withdrawn: the next job-take still hands it out.
 //! - Posts to the job-stream URL without a `status` are stream chunks ([`PostKind::Stream`]); they
 //!   never finish a job.
+//! - A job-take or job-stop poll the worker abandons is dropped with its connection (hyper notices
+//!   the EOF), so a job pushed afterwards goes to the next poll rather than into the void.
 //! - [`Fault::Reset`] closes the connection with a TCP reset before any response byte, so the
 //!   client sees a connection error, not an HTTP status.
 
@@ -259,30 +262,27 @@ impl FakePlatform {
     /// Waits for the job's first accepted final post and returns its body. Unbounded: wrap it in
     /// `tokio::time::timeout`.
     pub async fn wait_final(&self, id: &str) -> Value {
-        self.wait_for(|st| st.jobs.get(id).and_then(|j| j.finals.first().cloned()))
-            .await
+        self.wait_for(|f| {
+            let st = f.shared.lock();
+            st.jobs.get(id).and_then(|j| j.finals.first().cloned())
+        })
+        .await
     }
 
     /// Waits for the job's first accepted progress post whose `output` matches `pred` (earlier
     /// posts included) and returns that `output`.
     pub async fn wait_progress(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        self.wait_for(|st| {
-            st.jobs
-                .get(id)
-                .and_then(|j| j.progress.iter().find(|o| pred(o)).cloned())
+        self.wait_for(|f| {
+            let outputs = f.shared.lock().jobs.get(id).map(|j| j.progress.clone());
+            outputs.unwrap_or_default().into_iter().find(|o| pred(o))
         })
         .await
     }
 
     /// Waits for the first post for the job (in arrival order, accepted or not) matching `pred`.
     pub async fn wait_post(&self, id: &str, pred: impl Fn(&Post) -> bool) -> Post {
-        self.wait_for(|st| {
-            st.posts
-                .iter()
-                .find(|(j, p)| j == id && pred(p))
-                .map(|(_, p)| p.clone())
-        })
-        .await
+        self.wait_for(|f| f.posts(id).into_iter().find(|p| pred(p)))
+            .await
     }
 
     /// The job's `/status` view now: `{"id","status","delayTime","executionTime","output"?,
@@ -327,7 +327,7 @@ impl FakePlatform {
 
     /// Waits for the first ping (earlier ones included) matching `pred`.
     pub async fn wait_ping(&self, pred: impl Fn(&Ping) -> bool) -> Ping {
-        self.wait_for(|st| st.pings.iter().find(|p| pred(p)).cloned())
+        self.wait_for(|f| f.pings().into_iter().find(|p| pred(p)))
             .await
     }
 
@@ -338,13 +338,13 @@ impl FakePlatform {
 
     /// Waits until at least `n` job-take requests have arrived.
     pub async fn wait_takes(&self, n: usize) -> Vec<Take> {
-        self.wait_for(|st| (st.takes.len() >= n).then(|| st.takes.clone()))
+        self.wait_for(|f| Some(f.takes()).filter(|t| t.len() >= n))
             .await
     }
 
     /// Waits until at least `n` job-stop polls have arrived (answered or still held).
     pub async fn wait_stop_requests(&self, n: usize) {
-        self.wait_for(|st| (st.stop_requests >= n).then_some(()))
+        self.wait_for(|f| (f.shared.lock().stop_requests >= n).then_some(()))
             .await
     }
 
@@ -355,11 +355,10 @@ impl FakePlatform {
 
     /// Waits until a job-stop poll has delivered `id` to the worker.
     pub async fn wait_stop_delivered(&self, id: &str) -> StopPoll {
-        self.wait_for(|st| {
-            st.stop_polls
-                .iter()
+        self.wait_for(|f| {
+            f.stop_polls()
+                .into_iter()
                 .find(|s| s.job_ids.iter().any(|j| j == id))
-                .cloned()
         })
         .await
     }
@@ -369,11 +368,13 @@ impl FakePlatform {
         self.shared.lock().violations.clone()
     }
 
-    /// Re-checks `probe` after every state change until it yields something.
-    async fn wait_for<T>(&self, mut probe: impl FnMut(&PlatformState) -> Option<T>) -> T {
+    /// Re-checks `probe` after every state change until it yields something. Probes copy what
+    /// they need out of the lock before calling a test's predicate, so a predicate may call back
+    /// into the fake.
+    async fn wait_for<T>(&self, mut probe: impl FnMut(&FakePlatform) -> Option<T>) -> T {
         let mut changed = self.shared.changed.subscribe();
         loop {
-            if let Some(found) = probe(&self.shared.lock()) {
+            if let Some(found) = probe(self) {
                 return found;
             }
             // The sender lives as long as `self`, so this cannot fail while we wait.
