@@ -19,8 +19,9 @@
 //!   stopped while still queued is not withdrawn: the next job-take still hands it out.
 //! - Posts to the job-stream URL without a `status` are stream chunks ([`PostKind::Stream`]); they
 //!   never finish a job.
-//! - A job-take or job-stop poll the worker abandons is dropped with its connection (hyper notices
-//!   the EOF), so a job pushed afterwards goes to the next poll rather than into the void.
+//! - A job-take poll the worker abandons ends as soon as hyper notices the connection's EOF
+//!   ([`FakePlatform::wait_held_takes`]); a job pushed before that goes to the dead poll and is
+//!   lost, as it could be on the real platform.
 //! - [`Fault::Reset`] closes the connection with a TCP reset before any response byte, so the
 //!   client sees a connection error, not an HTTP status.
 
@@ -342,6 +343,13 @@ impl FakePlatform {
             .await
     }
 
+    /// Waits until exactly `n` job-take polls are being held (not yet answered, and not yet
+    /// abandoned by the worker).
+    pub async fn wait_held_takes(&self, n: usize) {
+        self.wait_for(|f| (f.shared.lock().held_takes == n).then_some(()))
+            .await
+    }
+
     /// Waits until at least `n` job-stop polls have arrived (answered or still held).
     pub async fn wait_stop_requests(&self, n: usize) {
         self.wait_for(|f| (f.shared.lock().stop_requests >= n).then_some(()))
@@ -415,6 +423,8 @@ struct PlatformState {
     posts: Vec<(String, Post)>,
     pings: Vec<Ping>,
     takes: Vec<Take>,
+    /// How many job-take polls are being held right now.
+    held_takes: usize,
     /// How many job-stop polls have arrived (answered or still held).
     stop_requests: usize,
     stop_polls: Vec<StopPoll>,
@@ -663,11 +673,16 @@ async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
     }
     // Subscribe before recording, so a push after the record always wakes this poll.
     let mut changed = sh.changed.subscribe();
-    sh.lock().takes.push(Take {
-        job_in_progress,
-        at: Instant::now(),
-    });
+    {
+        let mut st = sh.lock();
+        st.takes.push(Take {
+            job_in_progress,
+            at: Instant::now(),
+        });
+        st.held_takes += 1;
+    }
     sh.bump();
+    let _held = HeldTake(&sh);
     let deadline = tokio::time::Instant::now() + sh.long_poll;
     loop {
         if let Some(body) = take_next(&sh) {
@@ -678,6 +693,16 @@ async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
             _ = tokio::time::sleep_until(deadline) => return StatusCode::NO_CONTENT.into_response(),
             _ = sh.stop.cancelled() => return StatusCode::NO_CONTENT.into_response(),
         }
+    }
+}
+
+/// Counts a job-take poll as held until its handler ends, answered or dropped with its connection.
+struct HeldTake<'a>(&'a Shared);
+
+impl Drop for HeldTake<'_> {
+    fn drop(&mut self) {
+        self.0.lock().held_takes -= 1;
+        self.0.bump();
     }
 }
 

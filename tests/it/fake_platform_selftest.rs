@@ -258,6 +258,39 @@ async fn held_take_wakes_up_when_a_job_is_pushed() {
 }
 
 #[tokio::test]
+async fn abandoned_take_ends_and_the_next_poll_gets_the_job() {
+    bounded(async {
+        let (fake, sdk) = start(PlatformOptions {
+            long_poll: LONG,
+            ..PlatformOptions::default()
+        })
+        .await;
+        let started = Instant::now();
+        let err = sdk
+            .http
+            .get(sdk.take_url())
+            .header("Authorization", fake.api_key())
+            .timeout(Duration::from_millis(100))
+            .send()
+            .await
+            .expect_err("the client gives up first");
+        assert!(err.is_timeout(), "{err:?}");
+        fake.wait_held_takes(0).await;
+        assert!(
+            started.elapsed() < LONG / 2,
+            "the abandoned poll was held on"
+        );
+        fake.push_job("after", json!({}));
+        let (status, body) = sdk.take().await;
+        assert_eq!(status, 200);
+        assert_eq!(body.unwrap()["id"], "after");
+        assert_eq!(fake.takes().len(), 2);
+        assert_no_violations(&fake);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn empty_take_is_held_for_the_long_poll_then_204() {
     bounded(async {
         let long_poll = Duration::from_millis(300);
