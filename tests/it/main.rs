@@ -1,6 +1,8 @@
 //! The integration-test binary: every test module lives here (one link step for all tests).
 
 mod cli;
+mod fake_platform;
+mod fake_platform_selftest;
 mod harness;
 mod job_flow;
 mod replay;
