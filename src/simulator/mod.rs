@@ -89,6 +89,11 @@ impl Simulator {
         let app = http::router(shared.clone());
         let stop = shared.shutdown.clone();
         let server = tokio::spawn(async move {
+            // No Nagle delay: responses written in two parts would otherwise wait for the
+            // client's delayed ACK (~40 ms on loopback), which no real ComfyUI shows.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let result = axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;

@@ -8,4 +8,5 @@ mod job_flow;
 mod replay;
 mod replay_jobs;
 mod replay_selftest;
+mod serverless;
 mod start_script;

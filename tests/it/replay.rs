@@ -209,6 +209,9 @@ impl ReplayServer {
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let stop = shared.stop.clone();
         tokio::spawn(async move {
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;

@@ -1,27 +1,31 @@
-//! The progress relay of one job: at most one progress post in flight; while one is in flight,
-//! newer snapshots replace older ones (the platform keeps only the last), so a slow platform never
-//! slows the job. [`Relay::finish`] waits for the post in flight and then, when asked, sends the
+//! The progress relay of one job.
+//!
+//! At most one progress post is in flight. Snapshots are posted in order while the platform keeps
+//! up, so every sampler step reaches `/status`, bursts included (ComfyUI sends a node's last step,
+//! its end and the next node's start within microseconds). When the platform falls behind (the
+//! oldest unsent snapshot has waited longer than [`COALESCE_AFTER`]), the backlog is replaced by
+//! its latest snapshot: the platform keeps only the last one anyway, and the job never waits for
+//! the relay. [`Relay::finish`] waits for the post in flight and then, when asked, sends the
 //! latest snapshot not yet sent, so `/status` is current just before the result; after it
 //! returns no progress post is sent or in flight, so none can land after the final result.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::client::PlatformClient;
 
-/// A running relay.
-#[derive(Debug)]
-pub struct Relay {
-    latest: watch::Sender<Option<Value>>,
-    stop: CancellationToken,
-    /// Returns its stats and the receiver, so `finish` can send what is still pending.
-    task: JoinHandle<(RelayStats, Option<watch::Receiver<Option<Value>>>)>,
-    client: PlatformClient,
-    job_id: String,
-}
+/// How long a snapshot may wait behind others before the backlog is coalesced to the latest.
+pub const COALESCE_AFTER: Duration = Duration::from_millis(250);
+
+/// Bound on unsent snapshots kept while a post hangs (the oldest are dropped first).
+const MAX_BACKLOG: usize = 1024;
 
 /// What a relay did, for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -30,44 +34,67 @@ pub struct RelayStats {
     pub posted: u64,
     /// Posts that failed (not retried: the next snapshot supersedes them).
     pub failed: u64,
+    /// Snapshots dropped because a newer one replaced them while the platform was behind.
+    pub coalesced: u64,
+}
+
+#[derive(Default)]
+struct Backlog {
+    queue: Mutex<VecDeque<(Instant, Value)>>,
+    wake: Notify,
+}
+
+impl Backlog {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<(Instant, Value)>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next snapshot to post, coalescing a backlog that is too old.
+    fn next(&self, stats: &mut RelayStats) -> Option<Value> {
+        let mut q = self.lock();
+        let behind = q
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > COALESCE_AFTER);
+        if behind && q.len() > 1 {
+            stats.coalesced += q.len() as u64 - 1;
+            let latest = q.pop_back();
+            q.clear();
+            return latest.map(|(_, v)| v);
+        }
+        q.pop_front().map(|(_, v)| v)
+    }
+}
+
+/// A running relay.
+pub struct Relay {
+    backlog: Arc<Backlog>,
+    stop: CancellationToken,
+    task: JoinHandle<RelayStats>,
+    client: PlatformClient,
+    job_id: String,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("job_id", &self.job_id)
+            .finish()
+    }
 }
 
 impl Relay {
     /// Starts relaying for `job_id`.
     pub fn start(client: PlatformClient, job_id: String) -> Relay {
-        let (latest, mut rx) = watch::channel::<Option<Value>>(None);
+        let backlog = Arc::new(Backlog::default());
         let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let (task_client, task_job) = (client.clone(), job_id.clone());
-        let task = tokio::spawn(async move {
-            let (client, job_id) = (task_client, task_job);
-            let mut stats = RelayStats::default();
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = stopped.cancelled() => break,
-                    changed = rx.changed() => {
-                        if changed.is_err() {
-                            return (stats, None);
-                        }
-                    }
-                }
-                let Some(snapshot) = rx.borrow_and_update().clone() else {
-                    continue;
-                };
-                // Not cancellable: `finish` waits for this post to settle.
-                match client.post_progress(&job_id, &snapshot).await {
-                    Ok(()) => stats.posted += 1,
-                    Err(e) => {
-                        stats.failed += 1;
-                        debug!(job_id = %job_id, error = %e, "progress post failed");
-                    }
-                }
-            }
-            (stats, Some(rx))
-        });
+        let task = tokio::spawn(Self::post_loop(
+            client.clone(),
+            job_id.clone(),
+            backlog.clone(),
+            stop.clone(),
+        ));
         Relay {
-            latest,
+            backlog,
             stop,
             task,
             client,
@@ -75,26 +102,88 @@ impl Relay {
         }
     }
 
-    /// Queues a snapshot, replacing one not yet sent. Never blocks.
+    async fn post_loop(
+        client: PlatformClient,
+        job_id: String,
+        backlog: Arc<Backlog>,
+        stop: CancellationToken,
+    ) -> RelayStats {
+        let mut stats = RelayStats::default();
+        loop {
+            if stop.is_cancelled() {
+                return stats;
+            }
+            let Some(snapshot) = backlog.next(&mut stats) else {
+                tokio::select! {
+                    _ = stop.cancelled() => return stats,
+                    _ = backlog.wake.notified() => continue,
+                }
+            };
+            // Not cancellable: `finish` waits for this post to settle.
+            match client.post_progress(&job_id, &snapshot).await {
+                Ok(()) => stats.posted += 1,
+                Err(e) => {
+                    stats.failed += 1;
+                    debug!(job_id = %job_id, error = %e, "progress post failed");
+                }
+            }
+        }
+    }
+
+    /// Queues a snapshot. Never blocks.
     pub fn update(&self, snapshot: Value) {
-        self.latest.send_replace(Some(snapshot));
+        {
+            let mut q = self.backlog.lock();
+            if q.len() >= MAX_BACKLOG {
+                q.pop_front();
+            }
+            q.push_back((Instant::now(), snapshot));
+        }
+        self.backlog.wake.notify_one();
     }
 
     /// Waits for the post in flight to settle; with `flush`, then posts the latest snapshot not
     /// yet sent. After this returns, no progress post for the job is sent or in flight.
     pub async fn finish(self, flush: bool) -> RelayStats {
         self.stop.cancel();
-        let (mut stats, rx) = self.task.await.unwrap_or_default();
-        if let (true, Some(mut rx)) = (flush, rx) {
-            if rx.has_changed().unwrap_or(false) {
-                if let Some(snapshot) = rx.borrow_and_update().clone() {
-                    match self.client.post_progress(&self.job_id, &snapshot).await {
-                        Ok(()) => stats.posted += 1,
-                        Err(_) => stats.failed += 1,
-                    }
-                }
+        let mut stats = self.task.await.unwrap_or_default();
+        let pending = {
+            let mut q = self.backlog.lock();
+            stats.coalesced += q.len().saturating_sub(1) as u64;
+            let latest = q.pop_back().map(|(_, v)| v);
+            q.clear();
+            latest
+        };
+        if let (true, Some(snapshot)) = (flush, pending) {
+            match self.client.post_progress(&self.job_id, &snapshot).await {
+                Ok(()) => stats.posted += 1,
+                Err(_) => stats.failed += 1,
             }
         }
         stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_fresh_backlog_is_posted_in_order_an_old_one_coalesces() {
+        let backlog = Backlog::default();
+        let mut stats = RelayStats::default();
+        let now = Instant::now();
+        backlog.lock().extend([(now, json!(1)), (now, json!(2))]);
+        assert_eq!(backlog.next(&mut stats), Some(json!(1)));
+        assert_eq!(backlog.next(&mut stats), Some(json!(2)));
+        assert_eq!(backlog.next(&mut stats), None);
+        let old = now - COALESCE_AFTER * 2;
+        backlog
+            .lock()
+            .extend([(old, json!(3)), (old, json!(4)), (now, json!(5))]);
+        assert_eq!(backlog.next(&mut stats), Some(json!(5)));
+        assert_eq!(stats.coalesced, 2);
+        assert_eq!(backlog.next(&mut stats), None);
     }
 }

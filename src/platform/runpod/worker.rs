@@ -301,6 +301,7 @@ impl Worker {
             info!(
                 posted = stats.posted,
                 failed = stats.failed,
+                coalesced = stats.coalesced,
                 "progress relay finished"
             );
         }
