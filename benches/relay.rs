@@ -124,8 +124,8 @@ async fn result_latency() -> (Vec<f64>, usize) {
     let mut bytes = 0;
     for j in 0..BIG_JOBS {
         let id = format!("big-{j}");
-        // 836 × 836 RGB noise: a ~2.1 MB PNG each, four per job.
-        platform.push_job(&id, workflow(j as u64 + 100, 2, 836, 4));
+        // 700 × 700 RGB noise: a ~2 MB PNG each (the fast deflate does not shrink noise), four per job.
+        platform.push_job(&id, workflow(j as u64 + 100, 2, 700, 4));
         let body = platform.wait_final(&id).await;
         let images = body["output"]["images"]
             .as_array()

@@ -5,9 +5,9 @@
 //! its end and the next node's start within microseconds). When the platform falls behind (the
 //! oldest unsent snapshot has waited longer than [`COALESCE_AFTER`]), the backlog is replaced by
 //! its latest snapshot: the platform keeps only the last one anyway, and the job never waits for
-//! the relay. [`Relay::finish`] waits for the post in flight and then, when asked, sends the
-//! latest snapshot not yet sent, so `/status` is current just before the result; after it
-//! returns no progress post is sent or in flight, so none can land after the final result.
+//! the relay. [`Relay::finish`] either drains what is left under the same rule, so `/status` is
+//! current just before the result, or (for a stopped job) only waits for the post in flight;
+//! after it returns no progress post is sent or in flight, so none can land after the result.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,9 +68,11 @@ impl Backlog {
 /// A running relay.
 pub struct Relay {
     backlog: Arc<Backlog>,
+    /// Stop after the post in flight.
     stop: CancellationToken,
+    /// Stop once nothing is left to send.
+    drain: CancellationToken,
     task: JoinHandle<RelayStats>,
-    client: PlatformClient,
     job_id: String,
 }
 
@@ -87,17 +89,19 @@ impl Relay {
     pub fn start(client: PlatformClient, job_id: String) -> Relay {
         let backlog = Arc::new(Backlog::default());
         let stop = CancellationToken::new();
+        let drain = CancellationToken::new();
         let task = tokio::spawn(Self::post_loop(
-            client.clone(),
+            client,
             job_id.clone(),
             backlog.clone(),
             stop.clone(),
+            drain.clone(),
         ));
         Relay {
             backlog,
             stop,
+            drain,
             task,
-            client,
             job_id,
         }
     }
@@ -107,6 +111,7 @@ impl Relay {
         job_id: String,
         backlog: Arc<Backlog>,
         stop: CancellationToken,
+        drain: CancellationToken,
     ) -> RelayStats {
         let mut stats = RelayStats::default();
         loop {
@@ -114,8 +119,12 @@ impl Relay {
                 return stats;
             }
             let Some(snapshot) = backlog.next(&mut stats) else {
+                if drain.is_cancelled() {
+                    return stats;
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return stats,
+                    _ = drain.cancelled() => continue,
                     _ = backlog.wake.notified() => continue,
                 }
             };
@@ -142,24 +151,19 @@ impl Relay {
         self.backlog.wake.notify_one();
     }
 
-    /// Waits for the post in flight to settle; with `flush`, then posts the latest snapshot not
-    /// yet sent. After this returns, no progress post for the job is sent or in flight.
-    pub async fn finish(self, flush: bool) -> RelayStats {
-        self.stop.cancel();
-        let mut stats = self.task.await.unwrap_or_default();
-        let pending = {
-            let mut q = self.backlog.lock();
-            stats.coalesced += q.len().saturating_sub(1) as u64;
-            let latest = q.pop_back().map(|(_, v)| v);
-            q.clear();
-            latest
-        };
-        if let (true, Some(snapshot)) = (flush, pending) {
-            match self.client.post_progress(&self.job_id, &snapshot).await {
-                Ok(()) => stats.posted += 1,
-                Err(_) => stats.failed += 1,
-            }
+    /// With `drain`, sends what is left (coalescing an old backlog, as always) and returns when
+    /// nothing is pending; without, returns once the post in flight settled and drops the rest.
+    /// After this returns, no progress post for the job is sent or in flight.
+    pub async fn finish(self, drain: bool) -> RelayStats {
+        if drain {
+            self.drain.cancel();
+        } else {
+            self.stop.cancel();
         }
+        let mut stats = self.task.await.unwrap_or_default();
+        let mut q = self.backlog.lock();
+        stats.coalesced += q.len() as u64;
+        q.clear();
         stats
     }
 }

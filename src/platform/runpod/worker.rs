@@ -296,8 +296,8 @@ impl Worker {
         let why = *lock(&reason);
         if let Some(relay) = relay {
             // A stopped job posts nothing more; otherwise /status is brought up to date first.
-            let flush = why != Some(CancelReason::Stopped);
-            let stats = relay.finish(flush).await;
+            let drain = why != Some(CancelReason::Stopped);
+            let stats = relay.finish(drain).await;
             info!(
                 posted = stats.posted,
                 failed = stats.failed,
