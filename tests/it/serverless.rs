@@ -421,3 +421,44 @@ async fn json_logs_carry_the_job_id_and_refresh_worker_stops_the_pod() {
     assert!(!log.contains("secret-key-123"), "a secret reached the log");
     assert_clean(&platform);
 }
+
+#[tokio::test]
+async fn an_oversize_result_refused_by_the_platform_becomes_a_short_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = Simulator::start(
+        listener,
+        SimConfig {
+            step_delay: Duration::from_millis(1),
+            noise_images: true,
+        },
+    )
+    .await
+    .unwrap();
+    let platform = FakePlatform::start(PlatformOptions {
+        max_result_bytes: 1 << 20,
+        ..PlatformOptions::default()
+    })
+    .await;
+    let _worker = WorkerProcess::start(&platform, &sim, &[]);
+    // Two 700 × 700 noise PNGs: about 4 MB, over the (lowered) limit.
+    let mut input = job_input(21, 1);
+    input["workflow"]["1"]["inputs"]["width"] = json!(700);
+    input["workflow"]["1"]["inputs"]["height"] = json!(700);
+    platform.push_job("huge", input);
+    let body = final_of(&platform, "huge").await;
+    let err = body["error"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(err.contains("MB, which the platform refused"), "{err}");
+    let finals: Vec<_> = platform
+        .posts("huge")
+        .into_iter()
+        .filter(|p| p.kind == PostKind::Final)
+        .collect();
+    assert_eq!(
+        finals.len(),
+        2,
+        "the full result once, then the short error"
+    );
+    assert_eq!(finals[0].response, Some(400));
+    assert_eq!(platform.status("huge")["status"], "FAILED");
+    assert_clean(&platform);
+}
