@@ -9,6 +9,7 @@
 //! * [`cli`]: the command line (`run`, `worker`, `simulate-comfyui`).
 //! * [`config`]: settings from the environment.
 //! * [`telemetry`]: log set-up.
+//! * [`webhook`]: completion and progress webhooks, with an SSRF guard.
 
 pub mod cli;
 pub mod comfy;
@@ -18,3 +19,4 @@ pub mod platform;
 pub mod progress;
 pub mod simulator;
 pub mod telemetry;
+pub mod webhook;
