@@ -12,7 +12,9 @@
 #   COMFY_LOG_LEVEL      ComfyUI --verbose level                   (INFO)
 #   COMFY_PID_FILE       where ComfyUI's PID is written            (/tmp/comfyui.pid)
 #   COMFY_WORKER_BIN     the worker binary                         (comfy-worker on PATH)
-#   SERVE_API_LOCALLY    "true": ComfyUI also listens on all interfaces (--listen)
+#   SERVE_API_LOCALLY    "true": the local endpoint (`comfy-worker serve`) on 0.0.0.0:$SERVE_API_PORT
+#                        instead of the job loop, and ComfyUI also listens on all interfaces (--listen)
+#   SERVE_API_PORT       port of the local endpoint                (8000)
 # Arguments are passed to comfy-worker unchanged.
 set -euo pipefail
 
@@ -23,6 +25,7 @@ set -euo pipefail
 : "${COMFY_PID_FILE:=/tmp/comfyui.pid}"
 : "${COMFY_WORKER_BIN:=comfy-worker}"
 : "${SERVE_API_LOCALLY:=false}"
+: "${SERVE_API_PORT:=8000}"
 export COMFY_PID_FILE
 
 log() { echo "comfy-worker start: $*" >&2; }
@@ -57,4 +60,8 @@ fi
 echo "$!" > "$COMFY_PID_FILE"
 log "ComfyUI pid $(cat "$COMFY_PID_FILE") written to $COMFY_PID_FILE"
 
+if [ "$SERVE_API_LOCALLY" = "true" ]; then
+    log "serving the local endpoint on 0.0.0.0:$SERVE_API_PORT"
+    exec "$COMFY_WORKER_BIN" serve --host 0.0.0.0 --port "$SERVE_API_PORT" "$@"
+fi
 exec "$COMFY_WORKER_BIN" "$@"
