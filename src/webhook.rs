@@ -25,7 +25,7 @@ use reqwest::header::{HeaderMap, HeaderValue, USER_AGENT};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::comfy::api::error_chain;
 use crate::config::ConfigError;
@@ -267,22 +267,28 @@ impl Webhooks {
     /// is logged (without the body).
     pub fn send_final(&self, url: WebhookUrl, body: Value) {
         let hooks = self.clone();
-        tokio::spawn(async move {
+        let deliver = async move {
             let host = url.host();
             match hooks.post_retrying(&url, &body).await {
                 Ok(attempt) => info!(host = %host, attempt, "webhook delivered"),
-                Err(e) => {
-                    error!(host = %host, attempts = hooks.policy.attempts, error = %e, "webhook not delivered")
-                }
+                Err(e) => error!(
+                    host = %host,
+                    attempts = hooks.policy.attempts,
+                    error = %e,
+                    "webhook not delivered"
+                ),
             }
-        });
+        };
+        tokio::spawn(deliver.in_current_span());
     }
 
     /// A progress webhook for the job `task_id`: events are queued and delivered in order, one
     /// POST at a time, on a task of its own (see [`ProgressHook`]).
     pub fn progress(&self, url: WebhookUrl, task_id: &str) -> ProgressHook {
         let queue = Arc::new(Queue::default());
-        let task = tokio::spawn(deliver_progress(self.clone(), url, queue.clone()));
+        debug!(host = %url.host(), task_id, "progress webhook started");
+        let task =
+            tokio::spawn(deliver_progress(self.clone(), url, queue.clone()).in_current_span());
         ProgressHook {
             queue,
             task: Some(task),
