@@ -410,12 +410,24 @@ impl Drop for ProgressHook {
 }
 
 /// What the last progress event said, repeated by an `error` event.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct LastProgress {
     percentage: f64,
     step: String,
     value: f64,
     max: f64,
+}
+
+impl Default for LastProgress {
+    /// Before the first snapshot: the job has not started.
+    fn default() -> Self {
+        LastProgress {
+            percentage: 0.0,
+            step: kind_label(ProgressKind::Queued).to_owned(),
+            value: 0.0,
+            max: 1.0,
+        }
+    }
 }
 
 impl LastProgress {
@@ -1075,9 +1087,12 @@ mod tests {
 
         let hook = idle_hook("job-3");
         hook.failed("Boom", None);
+        let failed = &queued(&hook)[0];
+        assert_eq!(failed["error"], json!({"message": "Boom", "details": null}));
         assert_eq!(
-            queued(&hook)[0]["error"],
-            json!({"message": "Boom", "details": null})
+            failed["progress"],
+            json!({"percentage": 0, "currentStep": "Queued", "currentValue": 0, "maxValue": 1}),
+            "failed before any progress"
         );
 
         let hook = idle_hook("job-4");
