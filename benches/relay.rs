@@ -19,6 +19,7 @@ use comfy_worker::config::Settings;
 use comfy_worker::job::Engine;
 use comfy_worker::platform::runpod::{PlatformClient, RunPodSettings, Worker};
 use comfy_worker::simulator::{SimConfig, Simulator};
+use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +61,7 @@ async fn start(sim_config: SimConfig) -> (Simulator, FakePlatform, CancellationT
     let worker = Worker::new(
         Engine::new(settings).unwrap(),
         PlatformClient::new(runpod).unwrap(),
+        Webhooks::new(WebhookPolicy::default()),
     );
     let stop = CancellationToken::new();
     let token = stop.clone();

@@ -8,6 +8,7 @@ use tracing::{error, info};
 use crate::config::Settings;
 use crate::job::Engine;
 use crate::platform::runpod::{PlatformClient, RunPodSettings, Worker};
+use crate::webhook::{WebhookPolicy, Webhooks};
 
 /// Runs the job loop until SIGTERM / Ctrl+C (the job in progress is finished and posted first).
 pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
@@ -32,6 +33,13 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let webhooks = match WebhookPolicy::from_lookup(|k| std::env::var(k).ok()) {
+        Ok(policy) => Webhooks::new(policy),
+        Err(e) => {
+            error!(error = %e, "invalid webhook configuration");
+            return ExitCode::FAILURE;
+        }
+    };
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -39,6 +47,6 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
         info!("shutdown requested: finishing the job in progress, taking no new ones");
         on_signal.cancel();
     });
-    Worker::new(engine, client).run(shutdown).await;
+    Worker::new(engine, client, webhooks).run(shutdown).await;
     ExitCode::SUCCESS
 }

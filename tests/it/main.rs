@@ -10,3 +10,5 @@ mod replay_jobs;
 mod replay_selftest;
 mod serverless;
 mod start_script;
+mod webhooks;
+mod worker_process;

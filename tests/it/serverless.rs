@@ -1,108 +1,14 @@
 //! The real binary in serverless mode: a fake RunPod platform hands out jobs, the ComfyUI
 //! simulator runs them; progress, results, pings and stops are checked on the platform's side.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use comfy_worker::simulator::{SimConfig, Simulator};
 use serde_json::{json, Value};
 
-use crate::cli::bin;
 use crate::fake_platform::{FakePlatform, Fault, PlatformOptions, PostKind};
 use crate::harness::{self, png_size, LIMIT};
-
-/// The worker process; killed when dropped. Its stderr goes to a file kept for inspection.
-struct WorkerProcess {
-    child: Option<Child>,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl WorkerProcess {
-    fn start(platform: &FakePlatform, sim: &Simulator, extra: &[(&str, &str)]) -> WorkerProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("worker.log");
-        let mut cmd = Command::new(bin());
-        cmd.arg("worker")
-            .current_dir(dir.path())
-            .envs(platform.env())
-            .env("COMFY_HOST", sim.host())
-            .env("COMFY_PID_FILE", dir.path().join("no.pid"))
-            .env("COMFY_API_AVAILABLE_INTERVAL_MS", "10")
-            .env("WEBSOCKET_RECONNECT_DELAY_S", "0.02")
-            .env("COMFY_WS_SILENCE_S", "1")
-            .env("COMFY_HISTORY_POLL_INTERVAL_MS", "50")
-            .env("RUNPOD_RESULT_RETRY_DELAY_MS", "20")
-            .env("RUST_LOG", "comfy_worker=debug")
-            .env_remove("RUNPOD_ENDPOINT_ID")
-            .env_remove("JOB_TIMEOUT_S")
-            .env_remove("REFRESH_WORKER")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        WorkerProcess {
-            child: Some(cmd.spawn().expect("start the worker")),
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the process to exit on its own.
-    async fn exited(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        tokio::time::timeout(LIMIT, tokio::task::spawn_blocking(move || child.wait()))
-            .await
-            .expect("the worker did not exit")
-            .unwrap()
-            .unwrap()
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- worker log ---\n{}", self.log());
-        }
-    }
-}
-
-async fn simulator(step_ms: u64) -> Simulator {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(
-        listener,
-        SimConfig {
-            step_delay: Duration::from_millis(step_ms),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap()
-}
-
-/// `ok.json` (EmptyImage → SlowSteps → two SaveImage) with its own colour, so no run is cached.
-fn job_input(colour: u64, steps: u64) -> Value {
-    let mut wf = harness::workflow("ok");
-    wf["1"]["inputs"]["color"] = json!(colour);
-    wf["2"]["inputs"]["steps"] = json!(steps);
-    json!({ "workflow": wf })
-}
-
-async fn final_of(platform: &FakePlatform, id: &str) -> Value {
-    tokio::time::timeout(LIMIT, platform.wait_final(id))
-        .await
-        .unwrap_or_else(|_| panic!("no result for {id}; status {}", platform.status(id)))
-}
+use crate::worker_process::{final_of, job_input, simulator, WorkerProcess};
 
 fn assert_clean(platform: &FakePlatform) {
     assert!(

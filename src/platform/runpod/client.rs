@@ -18,6 +18,9 @@ pub struct PlatformJob {
     pub id: String,
     /// `input` (absent when the platform sent none).
     pub input: Option<Value>,
+    /// `progress_webhook`: top-level on the job (the platform passes unknown keys through) or
+    /// inside `input`; not yet checked.
+    pub progress_webhook: Option<String>,
 }
 
 /// What one job-take poll gave.
@@ -120,12 +123,40 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
                 continue;
             }
         };
+        let input = item.get("input").cloned();
+        let progress_webhook = progress_webhook(&item, input.as_ref());
         jobs.push(PlatformJob {
             id,
-            input: item.get("input").cloned(),
+            input,
+            progress_webhook,
         });
     }
     Ok(jobs)
+}
+
+/// The job's `progress_webhook`, top-level first, then in `input` (an object, or a JSON string as
+/// the input may be). A value that is not a string is reported and ignored.
+fn progress_webhook(job: &Value, input: Option<&Value>) -> Option<String> {
+    let parsed;
+    let input = match input {
+        Some(Value::String(s)) => {
+            parsed = serde_json::from_str::<Value>(s).ok();
+            parsed.as_ref()
+        }
+        other => other,
+    };
+    let found = job
+        .get("progress_webhook")
+        .or_else(|| input.and_then(|i| i.get("progress_webhook")));
+    match found {
+        None | Some(Value::Null) => None,
+        Some(Value::String(url)) if url.trim().is_empty() => None,
+        Some(Value::String(url)) => Some(url.trim().to_owned()),
+        Some(_) => {
+            warn!("progress_webhook is not a string; the job runs without it");
+            None
+        }
+    }
 }
 
 fn short(s: &str) -> String {
@@ -400,7 +431,8 @@ mod tests {
             jobs,
             [PlatformJob {
                 id: "a".into(),
-                input: Some(json!({"x": 1}))
+                input: Some(json!({"x": 1})),
+                progress_webhook: None,
             }]
         );
         let batch =
@@ -412,5 +444,43 @@ mod tests {
         assert_eq!(batch[1].input, None);
         assert!(parse_jobs(b"garbage").is_err());
         assert!(parse_jobs(b"42").is_err());
+    }
+
+    #[test]
+    fn progress_webhook_top_level_or_in_input() {
+        let hook = |body: &str| {
+            parse_jobs(body.as_bytes()).unwrap()[0]
+                .progress_webhook
+                .clone()
+        };
+        let url = Some("https://example.com/hook".to_owned());
+        assert_eq!(
+            hook(r#"{"id": "a", "input": {}, "progress_webhook": "https://example.com/hook"}"#),
+            url
+        );
+        assert_eq!(
+            hook(r#"{"id": "a", "input": {"progress_webhook": " https://example.com/hook "}}"#),
+            url
+        );
+        assert_eq!(
+            hook(r#"{"id": "a", "input": "{\"progress_webhook\": \"https://example.com/hook\"}"}"#),
+            url
+        );
+        assert_eq!(
+            hook(
+                r#"{"id": "a", "progress_webhook": "https://example.com/hook", "input": {"progress_webhook": "https://other.example/"}}"#
+            ),
+            url,
+            "the top-level one wins"
+        );
+        assert_eq!(
+            hook(r#"{"id": "a", "input": {"progress_webhook": 7}}"#),
+            None
+        );
+        assert_eq!(
+            hook(r#"{"id": "a", "input": {"progress_webhook": ""}}"#),
+            None
+        );
+        assert_eq!(hook(r#"{"id": "a"}"#), None);
     }
 }

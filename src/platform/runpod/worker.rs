@@ -1,5 +1,6 @@
 //! The job loop and its two companions: the heartbeat and the stop channel, each on its own task
-//! so job work never delays them.
+//! so job work never delays them. A job's progress webhook, if it names one, is fed from the same
+//! snapshots as the relay and never delays the job or its result either.
 
 use std::collections::{BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -8,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use serde_json::Value;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 use super::client::{result_body, Delivery, PlatformClient, PlatformJob, Take};
 use super::relay::Relay;
 use crate::job::{Engine, JobOutput};
-use crate::progress;
+use crate::progress::{self, ProgressSnapshot};
+use crate::webhook::{ProgressHook, Webhooks};
 
 /// Why a running job was cancelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,7 @@ struct State {
 pub struct Worker {
     engine: Engine,
     client: PlatformClient,
+    webhooks: Webhooks,
     state: Arc<Mutex<State>>,
 }
 
@@ -61,11 +65,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Worker {
-    /// A worker running jobs on `engine` for the platform behind `client`.
-    pub fn new(engine: Engine, client: PlatformClient) -> Worker {
+    /// A worker running jobs on `engine` for the platform behind `client`, delivering jobs'
+    /// progress webhooks through `webhooks`.
+    pub fn new(engine: Engine, client: PlatformClient, webhooks: Webhooks) -> Worker {
         Worker {
             engine,
             client,
+            webhooks,
             state: Arc::new(Mutex::new(State::default())),
         }
     }
@@ -262,8 +268,10 @@ impl Worker {
         let relay = settings
             .relay_progress
             .then(|| Relay::start(self.client.clone(), job.id.clone()));
+        let mut webhook = JobWebhook::start(&self.webhooks, job);
         let forward = async {
             while let Some(s) = snapshots.recv().await {
+                webhook.snapshot(&s);
                 if let Some(relay) = &relay {
                     relay.update(s.to_json());
                 }
@@ -294,6 +302,22 @@ impl Worker {
         watchdog.abort();
         lock(&self.state).running.remove(&job.id);
         let why = *lock(&reason);
+        let output = match why {
+            Some(CancelReason::Stopped) => None,
+            Some(CancelReason::TimedOut) => {
+                let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
+                Some(
+                    JobOutput::error(format!(
+                        "Job timed out after {} s (JOB_TIMEOUT_S or input.timeout_s); the ComfyUI prompt was interrupted",
+                        humane_seconds(secs)
+                    ))
+                    .to_json(),
+                )
+            }
+            Some(CancelReason::Shutdown) | None => Some(output.to_json()),
+        };
+        // Before the relay drains, so the webhook's final event is on its way at once.
+        webhook.end(output.as_ref());
         if let Some(relay) = relay {
             // A stopped job posts nothing more; otherwise /status is brought up to date first.
             let drain = why != Some(CancelReason::Stopped);
@@ -306,20 +330,9 @@ impl Worker {
             );
         }
 
-        let output = match why {
-            Some(CancelReason::Stopped) => {
-                info!("Finished. (stopped by the platform; nothing posted)");
-                return JobEnd::Stopped;
-            }
-            Some(CancelReason::TimedOut) => {
-                let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
-                JobOutput::error(format!(
-                    "Job timed out after {} s (JOB_TIMEOUT_S or input.timeout_s); the ComfyUI prompt was interrupted",
-                    humane_seconds(secs)
-                ))
-                .to_json()
-            }
-            Some(CancelReason::Shutdown) | None => output.to_json(),
+        let Some(output) = output else {
+            info!("Finished. (stopped by the platform; nothing posted)");
+            return JobEnd::Stopped;
         };
         let body = result_body(&output, settings.refresh_worker);
         let delivery = self.client.post_result(&job.id, &body).await;
@@ -329,6 +342,123 @@ impl Worker {
         }
         JobEnd::Posted(delivery)
     }
+}
+
+/// A job's progress webhook: off, being checked (snapshots wait), or running.
+enum JobWebhook {
+    Off,
+    Checking {
+        check: JoinHandle<Option<ProgressHook>>,
+        early: Vec<ProgressSnapshot>,
+    },
+    Ready(ProgressHook),
+}
+
+impl JobWebhook {
+    /// Checks the job's `progress_webhook` on a task of its own (a DNS lookup must not hold up
+    /// the job); an invalid or refused URL is logged and the job runs without it.
+    fn start(webhooks: &Webhooks, job: &PlatformJob) -> JobWebhook {
+        let Some(url) = job.progress_webhook.clone() else {
+            return JobWebhook::Off;
+        };
+        let webhooks = webhooks.clone();
+        let job_id = job.id.clone();
+        let check = tokio::spawn(
+            async move {
+                match webhooks.validate(&url).await {
+                    Ok(url) => {
+                        info!("progress webhook accepted");
+                        Some(webhooks.progress(url, &job_id))
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "progress webhook ignored; the job runs without it");
+                        None
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        JobWebhook::Checking {
+            check,
+            early: Vec::new(),
+        }
+    }
+
+    /// Passes a snapshot on, or keeps it until the check is done. Never blocks.
+    fn snapshot(&mut self, snapshot: &ProgressSnapshot) {
+        if let JobWebhook::Checking { check, early } = self {
+            match check.now_or_never() {
+                None => {
+                    early.push(snapshot.clone());
+                    return;
+                }
+                Some(checked) => {
+                    *self = match checked.ok().flatten() {
+                        Some(hook) => {
+                            early.drain(..).for_each(|s| hook.snapshot(&s));
+                            JobWebhook::Ready(hook)
+                        }
+                        None => JobWebhook::Off,
+                    }
+                }
+            }
+        }
+        if let JobWebhook::Ready(hook) = self {
+            hook.snapshot(snapshot);
+        }
+    }
+
+    /// Sends the final event for `output` (`None`: stopped by the platform) and lets the hook
+    /// deliver what is queued, on a task of its own: the result post never waits for it.
+    fn end(self, output: Option<&Value>) {
+        if matches!(self, JobWebhook::Off) {
+            return;
+        }
+        let end = match output {
+            None => Err(("Job cancelled".to_owned(), None)),
+            Some(out) => match failure(out) {
+                Some(failed) => Err(failed),
+                None => Ok(out.clone()),
+            },
+        };
+        tokio::spawn(
+            async move {
+                let hook = match self {
+                    JobWebhook::Off => return,
+                    JobWebhook::Ready(hook) => hook,
+                    JobWebhook::Checking { check, early } => match check.await {
+                        Ok(Some(hook)) => {
+                            early.iter().for_each(|s| hook.snapshot(s));
+                            hook
+                        }
+                        _ => return,
+                    },
+                };
+                match end {
+                    Ok(result) => hook.completed(&result),
+                    Err((message, details)) => hook.failed(&message, details.as_deref()),
+                }
+                hook.finish().await;
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// The error message and details of a failed job's output; `None` for a success.
+fn failure(output: &Value) -> Option<(String, Option<Vec<String>>)> {
+    let message = match output.get("error")? {
+        Value::Null | Value::Bool(false) => return None,
+        Value::String(s) if s.is_empty() => return None,
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let details = output.get("details").and_then(Value::as_array).map(|list| {
+        list.iter()
+            .map(|d| d.as_str().map_or_else(|| d.to_string(), str::to_owned))
+            .collect()
+    });
+    Some((message, details))
 }
 
 /// `2.5`, `30`, `600`: seconds without noise.
@@ -380,5 +510,20 @@ mod tests {
             Some(s(60))
         );
         assert_eq!(job_timeout(None, Some(&json!({"timeout_s": -1}))), None);
+    }
+
+    #[test]
+    fn failures_for_the_webhook() {
+        assert_eq!(failure(&json!({"images": []})), None);
+        assert_eq!(failure(&json!({"error": "", "images": []})), None);
+        assert_eq!(failure(&json!({"error": null})), None);
+        assert_eq!(
+            failure(&json!({"error": "boom"})),
+            Some(("boom".into(), None))
+        );
+        assert_eq!(
+            failure(&json!({"error": "boom", "details": ["a", 1]})),
+            Some(("boom".into(), Some(vec!["a".into(), "1".into()])))
+        );
     }
 }
