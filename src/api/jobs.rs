@@ -33,7 +33,7 @@ const WORKER_ID: &str = "local";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Events buffered per job for `/events` subscribers; one that falls further behind skips.
-const EVENT_BUFFER: usize = 256;
+pub(crate) const EVENT_BUFFER: usize = 256;
 
 /// The longest `policy.executionTimeout` / `policy.ttl` accepted (the cloud's 7 days).
 const MAX_POLICY: Duration = Duration::from_secs(7 * 86_400);
@@ -704,6 +704,50 @@ impl LocalEndpoint {
     }
 }
 
+#[cfg(test)]
+impl LocalEndpoint {
+    /// An endpoint whose jobs tests move by hand: no runner, no ComfyUI.
+    pub(crate) fn without_runner() -> LocalEndpoint {
+        let engine = Engine::new(crate::config::Settings::default()).expect("engine");
+        LocalEndpoint {
+            inner: Arc::new(Inner {
+                engine,
+                webhooks: Webhooks::new(crate::webhook::WebhookPolicy::default()),
+                options: ServeOptions::default(),
+                state: Mutex::new(State::default()),
+                wake: Notify::new(),
+                closing: CancellationToken::new(),
+                stopped: CancellationToken::new(),
+                hooks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// What the runner does when it takes the next job.
+    pub(crate) fn start_next_by_hand(&self) -> Option<String> {
+        lock(&self.inner.state)
+            .start_next(Instant::now())
+            .map(|s| s.id)
+    }
+
+    /// What the runner does with a snapshot.
+    pub(crate) fn progress_by_hand(&self, id: &str, snapshot: &ProgressSnapshot) {
+        record_progress(&self.inner, id, snapshot);
+    }
+
+    /// What the runner does when the engine returned `output`.
+    pub(crate) fn complete_by_hand(&self, id: &str, output: Value) {
+        let ending = {
+            let mut state = lock(&self.inner.state);
+            state.running = None;
+            state.finalize(id, JobStatus::Completed, Some(output), None, Instant::now())
+        };
+        if let Some(ending) = ending {
+            ending.deliver(&self.inner);
+        }
+    }
+}
+
 /// Takes queued jobs in order and runs them, one at a time, until the endpoint closes.
 async fn runner(inner: Arc<Inner>) {
     let _stopped = inner.stopped.clone().drop_guard();
@@ -733,7 +777,6 @@ async fn run_job(inner: &Inner, job: Started) {
         execution_timeout,
         input_timeout,
     } = job;
-    info!(job_id = %id, "job started");
     let fired: Arc<Mutex<Option<Deadline>>> = Arc::default();
     let watchdog = {
         let cancel = cancel.clone();

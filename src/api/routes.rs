@@ -65,6 +65,7 @@ pub fn router(endpoint: LocalEndpoint) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(protected);
     Router::new()
+        .route("/v2/{endpoint_id}/", get(page))
         .nest("/v2/{endpoint_id}", api.clone())
         .merge(api)
         .fallback(no_route)
@@ -245,15 +246,7 @@ async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = job_id(path)?;
     let (first, receiver) = endpoint.subscribe(&id)?;
-    let mut feed = Feed {
-        endpoint,
-        id,
-        receiver,
-        pending: VecDeque::new(),
-        last_status: String::new(),
-        done: false,
-    };
-    feed.push_status(&first);
+    let feed = Feed::new(endpoint, id, &first, receiver);
     let stream = futures_util::stream::unfold(feed, |mut feed| async move {
         feed.next().await.map(|event| (Ok(event), feed))
     });
@@ -278,6 +271,24 @@ fn sse_event(name: &'static str, data: &Value) -> Event {
 }
 
 impl Feed {
+    fn new(
+        endpoint: LocalEndpoint,
+        id: String,
+        first: &Value,
+        receiver: tokio::sync::broadcast::Receiver<JobEvent>,
+    ) -> Feed {
+        let mut feed = Feed {
+            endpoint,
+            id,
+            receiver,
+            pending: VecDeque::new(),
+            last_status: String::new(),
+            done: false,
+        };
+        feed.push_status(first);
+        feed
+    }
+
     fn push_status(&mut self, body: &Value) {
         self.pending.push_back(sse_event("status", body));
         self.last_status = body["status"].as_str().unwrap_or_default().to_owned();
@@ -368,6 +379,67 @@ mod tests {
         assert!(!same_secret(b"ab", b"abc"));
         assert!(!same_secret(b"abcd", b"abc"));
         assert!(!same_secret(b"", b"abc"));
+    }
+
+    /// An `Event`'s wire form, e.g. `event: status\ndata: {...}\n\n`.
+    async fn wire(event: Event) -> String {
+        use axum::response::IntoResponse;
+        let stream = futures_util::stream::iter([Ok::<_, Infallible>(event)]);
+        let response = Sse::new(stream).into_response();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_skips_to_the_current_state() {
+        use crate::progress::ProgressTracker;
+        use futures_util::FutureExt;
+        use std::time::Instant;
+
+        let endpoint = LocalEndpoint::without_runner();
+        let submission = Submission::parse(json!({"input": {}})).unwrap();
+        let (id, _) = endpoint.submit(submission).await.unwrap();
+        let (first, receiver) = endpoint.subscribe(&id).unwrap();
+        let mut feed = Feed::new(endpoint.clone(), id.clone(), &first, receiver);
+        assert_eq!(endpoint.start_next_by_hand().as_deref(), Some(id.as_str()));
+        // Far more events than the buffer holds, with nobody reading: the job never waits.
+        let workflow = crate::comfy::Workflow::from_value(
+            json!({"1": {"class_type": "SaveImage", "inputs": {}}}),
+        )
+        .unwrap();
+        let snapshot = ProgressTracker::new(&workflow, Instant::now()).finished(Instant::now());
+        let flood = 3 * super::super::jobs::EVENT_BUFFER;
+        for _ in 0..flood {
+            endpoint.progress_by_hand(&id, &snapshot);
+        }
+        // What the subscriber can read now: it skipped to the current state.
+        let mut events = Vec::new();
+        while let Some(Some(event)) = feed.next().now_or_never() {
+            events.push(wire(event).await);
+        }
+        assert!(events[0].starts_with("event: status") && events[0].contains("IN_QUEUE"));
+        assert!(
+            events[1].starts_with("event: status") && events[1].contains("IN_PROGRESS"),
+            "the missed status change comes first: {}",
+            events[1]
+        );
+        assert!(events.len() < flood, "skipped events: {}", events.len());
+
+        endpoint.complete_by_hand(&id, json!({"images": []}));
+        let mut rest = Vec::new();
+        while let Some(event) = tokio::time::timeout(Duration::from_secs(5), feed.next())
+            .await
+            .unwrap()
+        {
+            rest.push(wire(event).await);
+        }
+        let last = rest.last().unwrap();
+        assert!(
+            last.starts_with("event: status") && last.contains("COMPLETED"),
+            "{last}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::api::{self, ServeOptions};
 use crate::config::{Secret, Settings};
@@ -151,7 +151,6 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
     let on_signal = shutdown.clone();
     let signals = tokio::spawn(async move {
         super::shutdown_signal().await;
-        info!("shutdown requested");
         on_signal.cancel();
     });
     let served = api::serve(listener, engine, Webhooks::new(policy), options, shutdown).await;

@@ -8,5 +8,6 @@ mod job_flow;
 mod replay;
 mod replay_jobs;
 mod replay_selftest;
+mod serve;
 mod serverless;
 mod start_script;
