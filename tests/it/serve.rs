@@ -337,6 +337,23 @@ async fn execution_timeout_interrupts_the_prompt_and_times_the_job_out() {
     // ComfyUI is clean for the next job.
     let (_, next) = ep.post("/runsync", job(0x560000, 2)).await;
     assert_images(&next);
+
+    // The worker's own `input.timeout_s` fails the job, as in serverless mode.
+    sim.pause_after_step(1);
+    let mut body = job(0x570000, 20);
+    body["input"]["timeout_s"] = json!(0.2);
+    let id = ep.run(body).await;
+    tokio::time::timeout(LIMIT, sim.paused()).await.unwrap();
+    tokio::time::timeout(LIMIT, sim.interrupt_handled(2))
+        .await
+        .unwrap();
+    sim.resume();
+    let done = ep.final_status(&id).await;
+    assert_eq!(done["status"], "FAILED", "{done}");
+    assert!(done["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("Job timed out after 0.2 s (input.timeout_s)"));
     ep.stop().await;
 }
 
