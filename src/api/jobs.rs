@@ -158,7 +158,9 @@ fn millis_field(value: Option<&Value>, name: &str) -> Result<Option<Duration>, A
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
             Some(ms) if ms.is_finite() && ms > 0.0 => {
-                Ok(Some(Duration::from_secs_f64(ms / 1000.0).min(MAX_POLICY)))
+                // Clamped before the conversion, which panics beyond `u64::MAX` seconds.
+                let secs = (ms / 1000.0).min(MAX_POLICY.as_secs_f64());
+                Ok(Some(Duration::from_secs_f64(secs)))
             }
             _ => Err(ApiError::bad_request(format!(
                 "'{name}' must be a positive number of milliseconds"
@@ -920,6 +922,16 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(top.progress_webhook.as_deref(), Some("http://top"));
+        let huge = Submission::parse(json!({
+            "input": {}, "policy": {"executionTimeout": 1e300, "ttl": 1e30}
+        }))
+        .unwrap();
+        assert_eq!(huge.execution_timeout, Some(MAX_POLICY));
+        assert_eq!(huge.ttl, Some(MAX_POLICY));
+        assert_eq!(
+            input_timeout(&json!({"timeout_s": 1e300})),
+            Some(MAX_POLICY)
+        );
 
         for (body, wanted) in [
             (json!([1]), "JSON object"),
