@@ -6,11 +6,13 @@
 //! * [`progress`]: turns prompt events into progress snapshots, the one place that computes them.
 //! * [`simulator`]: a fake ComfyUI speaking the real protocol, for trying and testing without a GPU.
 //! * [`platform`]: serverless platform adapters (RunPod worker protocol).
-//! * [`cli`]: the command line (`run`, `worker`, `simulate-comfyui`).
+//! * [`api`]: the local endpoint (`serve`): RunPod's endpoint API, live progress as SSE.
+//! * [`cli`]: the command line (`run`, `worker`, `serve`, `simulate-comfyui`).
 //! * [`config`]: settings from the environment.
 //! * [`telemetry`]: log set-up.
 //! * [`webhook`]: completion and progress webhooks, with an SSRF guard.
 
+pub mod api;
 pub mod cli;
 pub mod comfy;
 pub mod config;

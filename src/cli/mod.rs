@@ -1,6 +1,8 @@
-//! The command line: `run` (one job, live progress), `simulate-comfyui`, and the default mode.
+//! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
+//! `simulate-comfyui`, and the default mode.
 
 mod run;
+mod serve;
 mod view;
 mod worker;
 
@@ -10,6 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+pub use serve::ServeArgs;
 
 use crate::simulator::{self, SimConfig};
 
@@ -28,6 +32,23 @@ pub struct Cli {
     /// run ./test_input.json (or --test_input) once, like the RunPod SDK.
     #[command(flatten)]
     run: RunArgs,
+    /// The RunPod SDK's spellings for the local API server.
+    #[command(flatten)]
+    sdk_serve: SdkServeArgs,
+}
+
+/// `--rp_serve_api [--rp_api_host HOST] [--rp_api_port PORT]`, as the RunPod SDK spells them.
+#[derive(Debug, Clone, Args)]
+struct SdkServeArgs {
+    /// Start the local endpoint (same as `serve`), like the RunPod SDK's flag.
+    #[arg(long = "rp_serve_api")]
+    rp_serve_api: bool,
+    /// Address for --rp_serve_api [default: 127.0.0.1].
+    #[arg(long = "rp_api_host", value_name = "HOST", requires = "rp_serve_api")]
+    rp_api_host: Option<String>,
+    /// Port for --rp_serve_api [default: 8000].
+    #[arg(long = "rp_api_port", value_name = "PORT", requires = "rp_serve_api")]
+    rp_api_port: Option<u16>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,6 +57,9 @@ enum Command {
     Run(RunArgs),
     /// Take jobs from the RunPod platform (needs RUNPOD_WEBHOOK_GET_JOB and friends).
     Worker,
+    /// Serve a local endpoint that behaves like a RunPod cloud endpoint (/run, /runsync, /status,
+    /// /stream, /cancel, /health, live progress on /events/{id}).
+    Serve(ServeArgs),
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
@@ -106,7 +130,18 @@ pub fn main() -> ExitCode {
                 }
                 Err(code) => code,
             },
+            Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            None if cli.sdk_serve.rp_serve_api => {
+                let mut args = ServeArgs::sdk_defaults(
+                    cli.sdk_serve.rp_api_host,
+                    cli.sdk_serve.rp_api_port,
+                );
+                args.simulate = cli.run.simulate;
+                args.sim_step_ms = cli.run.sim_step_ms;
+                args.comfy_host = cli.run.comfy_host;
+                serve::run(args).await
+            }
             // Like the SDK: the platform's variables select the job loop; without them, a local test run.
             // `--test_input` always means a local run.
             None if cli.run.test_input.is_none() => match runpod_settings() {
@@ -202,6 +237,48 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.port == 9000));
         assert!(
             Cli::try_parse_from(["comfy-worker", "run", "--quiet", "--json-progress"]).is_err()
+        );
+    }
+
+    #[test]
+    fn parses_serve_and_the_sdk_flags() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "serve",
+            "--port",
+            "9000",
+            "--api-key",
+            "k",
+            "--job-ttl-s",
+            "5",
+            "--max-jobs",
+            "3",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Serve(a)) => {
+                assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 9000));
+                assert_eq!(a.api_key.as_deref(), Some("k"));
+                assert_eq!((a.job_ttl_s, a.max_jobs), (5, 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["comfy-worker", "serve", "--max-jobs", "0"]).is_err());
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "--rp_serve_api",
+            "--rp_api_host",
+            "0.0.0.0",
+            "--rp_api_port",
+            "9001",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none() && cli.sdk_serve.rp_serve_api);
+        assert_eq!(cli.sdk_serve.rp_api_host.as_deref(), Some("0.0.0.0"));
+        assert_eq!(cli.sdk_serve.rp_api_port, Some(9001));
+        assert!(
+            Cli::try_parse_from(["comfy-worker", "--rp_api_port", "9001"]).is_err(),
+            "the address flags need --rp_serve_api"
         );
     }
 }

@@ -8,6 +8,8 @@ mod job_flow;
 mod replay;
 mod replay_jobs;
 mod replay_selftest;
+mod runpod_client;
+mod serve;
 mod serverless;
 mod start_script;
 mod webhooks;

@@ -1,0 +1,97 @@
+//! The local endpoint (`comfy-worker serve`): an HTTP server that behaves like a RunPod cloud
+//! endpoint (`/run`, `/runsync`, `/status`, `/stream`, `/cancel`, `/health`, `/purge-queue`),
+//! plus live progress as Server-Sent Events (`/events/{id}`), an OpenAPI document and a page.
+//!
+//! `jobs.rs` holds the job store and the runner (jobs run in order, one at a time, through
+//! [`crate::job::Engine::run`]); `routes.rs` is the axum router (auth, body limits, JSON errors);
+//! `openapi.json` and `page.html` are served as they are. Only this module knows the endpoint's
+//! wire format; it reuses the serverless mode's result mapping
+//! ([`crate::platform::runpod::result_body`]) so both modes report a job the same way.
+
+mod error;
+mod jobs;
+mod routes;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Secret;
+use crate::job::Engine;
+use crate::webhook::Webhooks;
+
+pub use jobs::{JobStatus, LocalEndpoint};
+pub use routes::router;
+
+/// How the local endpoint behaves; [`ServeOptions::default`] matches the cloud's limits.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// When set, every route except `GET /` and `GET /openapi.json` needs
+    /// `Authorization: Bearer <key>` (or the raw key, as the RunPod docs also show).
+    pub api_key: Option<Secret>,
+    /// How long a finished job stays visible (the cloud keeps `/run` results 30 min);
+    /// a job's `policy.ttl` overrides it.
+    pub job_ttl: Duration,
+    /// Jobs kept at most; beyond it the oldest finished ones are dropped, and while every kept job
+    /// is queued or running, new submissions are refused with 429.
+    pub max_jobs: usize,
+    /// Largest `/run` request body (the cloud's 10 MB).
+    pub max_run_bytes: usize,
+    /// Largest `/runsync` request body (the cloud's 20 MB).
+    pub max_runsync_bytes: usize,
+    /// How long `/runsync` waits without `?wait=` (the cloud's 90 s).
+    pub runsync_default_wait: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            api_key: None,
+            job_ttl: Duration::from_secs(30 * 60),
+            max_jobs: 1000,
+            max_run_bytes: 10 * 1000 * 1000,
+            max_runsync_bytes: 20 * 1000 * 1000,
+            runsync_default_wait: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Serves the local endpoint on `listener` until `shutdown` is cancelled; then it stops accepting,
+/// ends event streams and `/runsync` waits, and lets the running job finish (for at most 20 s,
+/// then it is interrupted). Queued jobs are dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    webhooks: Webhooks,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    let endpoint = LocalEndpoint::new(engine, webhooks, options);
+    let app = router(endpoint.clone());
+    let closing = {
+        let endpoint = endpoint.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            info!("shutdown requested: finishing the running job, accepting no new requests");
+            // Long-lived replies (event streams, `/runsync`) end now, so the server can drain.
+            endpoint.close();
+        }
+    };
+    info!(%addr, auth = endpoint.options().api_key.is_some(), "local endpoint listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(closing)
+        .await;
+    // Also when the server failed: the runner must not outlive it.
+    endpoint.close();
+    if tokio::time::timeout(Duration::from_secs(60), endpoint.stopped())
+        .await
+        .is_err()
+    {
+        warn!("the running job did not end in time; exiting anyway");
+    }
+    info!("local endpoint stopped");
+    served
+}

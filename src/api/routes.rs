@@ -1,0 +1,484 @@
+//! The axum router: the cloud endpoint's routes at the root and under `/v2/{endpoint_id}/`,
+//! the API key check, per-route body limits, and JSON errors for everything a client can get
+//! wrong (bad JSON, unknown ids, unknown routes, wrong methods).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
+use tracing::debug;
+
+use super::error::ApiError;
+use super::jobs::{body_is_final, JobEvent, LocalEndpoint, Submission};
+
+/// The page served at `GET /`.
+const PAGE: &str = include_str!("page.html");
+
+/// The OpenAPI 3.0 description served at `GET /openapi.json`.
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// `/runsync?wait=` bounds, as the cloud clamps them (ms).
+const RUNSYNC_WAIT_MS: (u64, u64) = (1_000, 300_000);
+
+/// How long `/health` waits for ComfyUI's `/system_stats`.
+const HEALTH_PROBE: Duration = Duration::from_secs(2);
+
+/// The local endpoint's routes, at the root and under `/v2/{endpoint_id}/` (the cloud's path
+/// shape, so `RUNPOD_ENDPOINT_BASE_URL=http://127.0.0.1:8000/v2` works for the official clients).
+pub fn router(endpoint: LocalEndpoint) -> Router {
+    let options = endpoint.options().clone();
+    let protected = Router::new()
+        .route(
+            "/run",
+            post(run).layer(DefaultBodyLimit::max(options.max_run_bytes)),
+        )
+        .route(
+            "/runsync",
+            post(runsync).layer(DefaultBodyLimit::max(options.max_runsync_bytes)),
+        )
+        .route("/status/{id}", get(status).post(status))
+        .route("/stream/{id}", get(stream).post(stream))
+        .route("/cancel/{id}", post(cancel))
+        .route("/health", get(health))
+        .route("/purge-queue", post(purge_queue))
+        .route("/events/{id}", get(events))
+        .route_layer(middleware::from_fn_with_state(
+            endpoint.clone(),
+            require_api_key,
+        ));
+    let api = Router::new()
+        .route("/", get(page))
+        .route("/openapi.json", get(openapi))
+        .merge(protected);
+    Router::new()
+        .route("/v2/{endpoint_id}/", get(page))
+        .nest("/v2/{endpoint_id}", api.clone())
+        .merge(api)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(endpoint)
+}
+
+/// The `{id}` of a job route; by name, so the `{endpoint_id}` of the prefix does not matter.
+#[derive(Debug, Deserialize)]
+struct JobPath {
+    id: String,
+}
+
+fn job_id(path: Result<Path<JobPath>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(p)| p.id)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+/// The request body as JSON; over the route's limit is 413.
+fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than this route's limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::new(rejection.status(), rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// Accepts `Authorization: Bearer <key>` or the raw key, when a key is configured.
+async fn require_api_key(
+    State(endpoint): State<LocalEndpoint>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &endpoint.options().api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .unwrap_or("");
+        let token = match given.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => given[7..].trim(),
+            _ => given,
+        };
+        if !same_secret(token.as_bytes(), key.expose().as_bytes()) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without stopping at the first difference, so timing does not reveal the key.
+fn same_secret(given: &[u8], key: &[u8]) -> bool {
+    let mut diff = given.len() ^ key.len();
+    for (i, k) in key.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ k);
+    }
+    diff == 0
+}
+
+async fn run(
+    State(endpoint): State<LocalEndpoint>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = json_body(body, endpoint.options().max_run_bytes)?;
+    let (id, _) = endpoint.submit(Submission::parse(body)?).await?;
+    Ok(Json(json!({ "id": id, "status": "IN_QUEUE" })))
+}
+
+/// `?wait=ms` clamped to the cloud's bounds; the default otherwise.
+fn runsync_wait(query: Option<&str>, default: Duration) -> Result<Duration, ApiError> {
+    let wait = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "wait")
+        .map(|(_, v)| v.into_owned());
+    let Some(wait) = wait else {
+        return Ok(default);
+    };
+    let ms: f64 = wait
+        .trim()
+        .parse()
+        .ok()
+        .filter(|ms: &f64| ms.is_finite())
+        .ok_or_else(|| ApiError::bad_request("'wait' must be a number of milliseconds"))?;
+    let (low, high) = RUNSYNC_WAIT_MS;
+    Ok(Duration::from_millis(
+        ms.clamp(low as f64, high as f64) as u64
+    ))
+}
+
+async fn runsync(
+    State(endpoint): State<LocalEndpoint>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let wait = runsync_wait(query.as_deref(), endpoint.options().runsync_default_wait)?;
+    let body = json_body(body, endpoint.options().max_runsync_bytes)?;
+    let (id, mut done) = endpoint.submit(Submission::parse(body)?).await?;
+    let closing = endpoint.closing().clone();
+    let finished: Option<Arc<Value>> = tokio::select! {
+        r = tokio::time::timeout(wait, done.wait_for(Option::is_some)) => match r {
+            Ok(Ok(body)) => body.clone(),
+            _ => None,
+        },
+        _ = closing.cancelled() => None,
+    };
+    // Not final in time: the current status; the client polls `/status` from here.
+    let body = finished
+        .or_else(|| endpoint.current_status(&id))
+        .or_else(|| done.borrow().clone())
+        .ok_or_else(|| ApiError::job_not_found(&id))?;
+    Ok(Json(&*body).into_response())
+}
+
+async fn status(
+    State(endpoint): State<LocalEndpoint>,
+    path: Result<Path<JobPath>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let body = endpoint.status(&job_id(path)?)?;
+    Ok(Json(&*body).into_response())
+}
+
+async fn stream(
+    State(endpoint): State<LocalEndpoint>,
+    path: Result<Path<JobPath>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(endpoint.stream(&job_id(path)?)?))
+}
+
+async fn cancel(
+    State(endpoint): State<LocalEndpoint>,
+    path: Result<Path<JobPath>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = job_id(path)?;
+    let status = endpoint.cancel(&id)?;
+    Ok(Json(json!({ "id": id, "status": status.as_str() })))
+}
+
+async fn purge_queue(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
+    let removed = endpoint.purge_queue();
+    Json(json!({ "removed": removed, "status": "completed" }))
+}
+
+async fn health(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
+    let counts = endpoint.counts();
+    let comfy = endpoint.engine().comfy();
+    let probe = tokio::time::timeout(HEALTH_PROBE, comfy.system_stats()).await;
+    let mut comfyui = json!({ "reachable": false, "host": comfy.host() });
+    if let Ok(Ok(stats)) = probe {
+        comfyui["reachable"] = json!(true);
+        if let Some(version) = stats.system.comfyui_version {
+            comfyui["version"] = json!(version);
+        }
+    }
+    let busy = u8::from(counts.worker_busy);
+    Json(json!({
+        "jobs": {
+            "completed": counts.completed,
+            "failed": counts.failed,
+            "inProgress": counts.in_progress,
+            "inQueue": counts.in_queue,
+            "retried": 0,
+        },
+        "workers": { "idle": 1 - busy, "running": busy },
+        "comfyui": comfyui,
+    }))
+}
+
+async fn events(
+    State(endpoint): State<LocalEndpoint>,
+    path: Result<Path<JobPath>, PathRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = job_id(path)?;
+    let (first, receiver) = endpoint.subscribe(&id)?;
+    let feed = Feed::new(endpoint, id, &first, receiver);
+    let stream = futures_util::stream::unfold(feed, |mut feed| async move {
+        feed.next().await.map(|event| (Ok(event), feed))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// One `/events` subscriber: `status` first, then `progress` and `status` events as they come,
+/// until a final status (or shutdown). A subscriber that falls behind skips to the current state.
+struct Feed {
+    endpoint: LocalEndpoint,
+    id: String,
+    receiver: tokio::sync::broadcast::Receiver<JobEvent>,
+    pending: VecDeque<Event>,
+    last_status: String,
+    done: bool,
+}
+
+fn sse_event(name: &'static str, data: &Value) -> Event {
+    Event::default()
+        .event(name)
+        .data(serde_json::to_string(data).unwrap_or_else(|_| "null".into()))
+}
+
+impl Feed {
+    fn new(
+        endpoint: LocalEndpoint,
+        id: String,
+        first: &Value,
+        receiver: tokio::sync::broadcast::Receiver<JobEvent>,
+    ) -> Feed {
+        let mut feed = Feed {
+            endpoint,
+            id,
+            receiver,
+            pending: VecDeque::new(),
+            last_status: String::new(),
+            done: false,
+        };
+        feed.push_status(first);
+        feed
+    }
+
+    fn push_status(&mut self, body: &Value) {
+        self.pending.push_back(sse_event("status", body));
+        self.last_status = body["status"].as_str().unwrap_or_default().to_owned();
+        if body_is_final(body) {
+            self.done = true;
+        }
+    }
+
+    /// After skipped events: the status if it changed, else the latest snapshot.
+    fn catch_up(&mut self) {
+        match self.endpoint.current_status(&self.id) {
+            Some(body) if body["status"].as_str() != Some(self.last_status.as_str()) => {
+                self.push_status(&body)
+            }
+            Some(body) => {
+                if let Some(snapshot) = body.get("output").filter(|_| !body_is_final(&body)) {
+                    self.pending.push_back(sse_event("progress", snapshot));
+                }
+            }
+            None => self.done = true,
+        }
+    }
+
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(event);
+            }
+            if self.done {
+                return None;
+            }
+            let closing = self.endpoint.closing().clone();
+            let received = tokio::select! {
+                _ = closing.cancelled() => {
+                    self.done = true;
+                    continue;
+                }
+                r = self.receiver.recv() => r,
+            };
+            match received {
+                Ok(JobEvent::Status(body)) => self.push_status(&body),
+                Ok(JobEvent::Progress(snapshot)) => {
+                    self.pending.push_back(sse_event("progress", &snapshot))
+                }
+                Err(RecvError::Lagged(skipped)) => {
+                    debug!(job_id = %self.id, skipped, "event subscriber fell behind");
+                    self.catch_up();
+                }
+                Err(RecvError::Closed) => {
+                    self.catch_up();
+                    self.done = true;
+                }
+            }
+        }
+    }
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {method} {}", uri.path()),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"abcd", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+    }
+
+    /// An `Event`'s wire form, e.g. `event: status\ndata: {...}\n\n`.
+    async fn wire(event: Event) -> String {
+        use axum::response::IntoResponse;
+        let stream = futures_util::stream::iter([Ok::<_, Infallible>(event)]);
+        let response = Sse::new(stream).into_response();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_skips_to_the_current_state() {
+        use crate::progress::ProgressTracker;
+        use futures_util::FutureExt;
+        use std::time::Instant;
+
+        let endpoint = LocalEndpoint::without_runner();
+        let submission = Submission::parse(json!({"input": {}})).unwrap();
+        let (id, _) = endpoint.submit(submission).await.unwrap();
+        let (first, receiver) = endpoint.subscribe(&id).unwrap();
+        let mut feed = Feed::new(endpoint.clone(), id.clone(), &first, receiver);
+        assert_eq!(endpoint.start_next_by_hand().as_deref(), Some(id.as_str()));
+        // Far more events than the buffer holds, with nobody reading: the job never waits.
+        let workflow = crate::comfy::Workflow::from_value(
+            json!({"1": {"class_type": "SaveImage", "inputs": {}}}),
+        )
+        .unwrap();
+        let snapshot = ProgressTracker::new(&workflow, Instant::now()).finished(Instant::now());
+        let flood = 3 * super::super::jobs::EVENT_BUFFER;
+        for _ in 0..flood {
+            endpoint.progress_by_hand(&id, &snapshot);
+        }
+        // What the subscriber can read now: it skipped to the current state.
+        let mut events = Vec::new();
+        while let Some(Some(event)) = feed.next().now_or_never() {
+            events.push(wire(event).await);
+        }
+        assert!(events[0].starts_with("event: status") && events[0].contains("IN_QUEUE"));
+        assert!(
+            events[1].starts_with("event: status") && events[1].contains("IN_PROGRESS"),
+            "the missed status change comes first: {}",
+            events[1]
+        );
+        assert!(events.len() < flood, "skipped events: {}", events.len());
+
+        endpoint.complete_by_hand(&id, json!({"images": []}));
+        let mut rest = Vec::new();
+        while let Some(event) = tokio::time::timeout(Duration::from_secs(5), feed.next())
+            .await
+            .unwrap()
+        {
+            rest.push(wire(event).await);
+        }
+        let last = rest.last().unwrap();
+        assert!(
+            last.starts_with("event: status") && last.contains("COMPLETED"),
+            "{last}"
+        );
+    }
+
+    #[test]
+    fn runsync_wait_is_clamped() {
+        let default = Duration::from_secs(90);
+        assert_eq!(runsync_wait(None, default).unwrap(), default);
+        assert_eq!(runsync_wait(Some("x=1"), default).unwrap(), default);
+        assert_eq!(
+            runsync_wait(Some("wait=10"), default).unwrap(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            runsync_wait(Some("wait=2500"), default).unwrap(),
+            Duration::from_millis(2500)
+        );
+        assert_eq!(
+            runsync_wait(Some("wait=9999999"), default).unwrap(),
+            Duration::from_secs(300)
+        );
+        assert!(runsync_wait(Some("wait=soon"), default).is_err());
+    }
+
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.0"));
+        for path in [
+            "/",
+            "/run",
+            "/runsync",
+            "/status/{id}",
+            "/stream/{id}",
+            "/cancel/{id}",
+            "/health",
+            "/purge-queue",
+            "/events/{id}",
+            "/openapi.json",
+        ] {
+            assert!(doc["paths"].get(path).is_some(), "{path} missing");
+        }
+    }
+}

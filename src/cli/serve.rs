@@ -1,0 +1,165 @@
+//! `comfy-worker serve` (or the SDK's `--rp_serve_api`): the local endpoint, an HTTP server that
+//! behaves like a RunPod cloud endpoint, in front of the local ComfyUI (or the simulator).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::api::{self, ServeOptions};
+use crate::config::{Secret, Settings};
+use crate::job::Engine;
+use crate::simulator::{SimConfig, Simulator};
+use crate::webhook::{WebhookPolicy, Webhooks};
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (a name or an IP); anything but loopback should have an API key.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require this key (`Authorization: Bearer KEY` or the raw key) on every API route.
+    #[arg(
+        long,
+        env = "SERVE_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+    /// Seconds a finished job stays visible on /status (a job's policy.ttl overrides it).
+    #[arg(long = "job-ttl-s", value_name = "N", default_value_t = 1800)]
+    pub job_ttl_s: u64,
+    /// Jobs kept at most; the oldest finished ones are dropped first.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = parse_positive)]
+    pub max_jobs: usize,
+    /// Run jobs on a built-in ComfyUI simulator instead of a real ComfyUI.
+    #[arg(long)]
+    pub simulate: bool,
+    /// Simulated time per sampler step, in milliseconds (with --simulate).
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub sim_step_ms: u64,
+    /// ComfyUI address (overrides COMFY_HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub comfy_host: Option<String>,
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+impl ServeArgs {
+    /// What `--rp_serve_api` runs: these defaults, the SDK flags' address, `SERVE_API_KEY`.
+    pub(crate) fn sdk_defaults(host: Option<String>, port: Option<u16>) -> ServeArgs {
+        ServeArgs {
+            host: host.unwrap_or_else(|| "127.0.0.1".into()),
+            port: port.unwrap_or(8000),
+            api_key: std::env::var("SERVE_API_KEY").ok(),
+            job_ttl_s: 1800,
+            max_jobs: 1000,
+            simulate: false,
+            sim_step_ms: 50,
+            comfy_host: None,
+        }
+    }
+
+    fn options(&self) -> ServeOptions {
+        ServeOptions {
+            api_key: self
+                .api_key
+                .as_deref()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(Secret::new),
+            job_ttl: Duration::from_secs(self.job_ttl_s),
+            max_jobs: self.max_jobs,
+            ..ServeOptions::default()
+        }
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    error!("{message}");
+    eprintln!("comfy-worker serve: {message}");
+    ExitCode::FAILURE
+}
+
+/// Serves until Ctrl+C / SIGTERM; the running job is given time to finish.
+pub(crate) async fn run(args: ServeArgs) -> ExitCode {
+    crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
+    let mut settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => return fail(e.to_string()),
+    };
+    if let Some(host) = &args.comfy_host {
+        settings.comfy_host = host.clone();
+    }
+    let policy = match WebhookPolicy::from_lookup(|k| std::env::var(k).ok()) {
+        Ok(p) => p,
+        Err(e) => return fail(e.to_string()),
+    };
+    let simulator = if args.simulate {
+        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot start the simulator: {e}")),
+        };
+        let config = SimConfig {
+            step_delay: Duration::from_millis(args.sim_step_ms),
+            ..SimConfig::default()
+        };
+        match Simulator::start(listener, config).await {
+            Ok(sim) => {
+                settings.comfy_host = sim.host();
+                // A PID file of some other ComfyUI must not decide readiness here.
+                settings.comfy_pid_file = PathBuf::from("/nonexistent/comfy-worker-simulator.pid");
+                Some(sim)
+            }
+            Err(e) => return fail(format!("cannot start the simulator: {e}")),
+        }
+    } else {
+        None
+    };
+    let engine = match Engine::new(settings) {
+        Ok(e) => e,
+        Err(e) => return fail(e.to_string()),
+    };
+    let listener = match tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}:{}: {e}", args.host, args.port)),
+    };
+    let options = args.options();
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return fail(format!("cannot read the listening address: {e}")),
+    };
+    if !addr.ip().is_loopback() && options.api_key.is_none() {
+        warn!(%addr, "listening beyond loopback without an API key: anyone who reaches this port can run jobs (set --api-key or SERVE_API_KEY)");
+    }
+    eprintln!(
+        "comfy-worker: local endpoint on http://{addr} (ComfyUI at {}; Ctrl+C to stop)",
+        engine.comfy().host()
+    );
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    let signals = tokio::spawn(async move {
+        super::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let served = api::serve(listener, engine, Webhooks::new(policy), options, shutdown).await;
+    signals.abort();
+    if let Some(sim) = simulator {
+        sim.shutdown().await;
+    }
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("the server failed: {e}")),
+    }
+}
