@@ -31,6 +31,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Where Debian's package puts Chromium.
 const DEFAULT_CHROMIUM: &str = "/usr/bin/chromium";
+/// How to get Chromium, for the error when it is missing.
+const INSTALL_HINT: &str = "The page tests drive headless Chromium: install it with \
+     `sudo apt-get install -y chromium` (Debian; Ubuntu: the chromium snap or Google Chrome), \
+     or set CHROMIUM_BIN to a Chromium or Chrome binary.";
 /// Bound for Chromium to start and for one CDP command to be answered.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -82,7 +86,9 @@ impl Browser {
             port: 0,
             dir,
         };
-        browser.port = browser.wait_for_port(&profile.join("DevToolsActivePort")).await?;
+        browser.port = browser
+            .wait_for_port(&profile.join("DevToolsActivePort"))
+            .await?;
         Ok(browser)
     }
 
@@ -110,7 +116,8 @@ impl Browser {
 
     /// Chromium's output so far (for failure messages).
     pub fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("chromium.log")).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(self.dir.path().join("chromium.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -150,6 +157,16 @@ impl Drop for Browser {
         // and utility processes exit when it does.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Those helpers may still write into the profile for a moment, which makes a single
+        // removal fail with "directory not empty"; retry briefly so no profile is left in /tmp.
+        for _ in 0..40 {
+            match std::fs::remove_dir_all(self.dir.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                _ => break,
+            }
+        }
     }
 }
 
@@ -160,7 +177,10 @@ fn chromium_binary() -> Result<PathBuf> {
         if bin.is_file() {
             return Ok(bin);
         }
-        bail!("CHROMIUM_BIN={} does not exist", bin.display());
+        bail!(
+            "CHROMIUM_BIN={} does not exist. {INSTALL_HINT}",
+            bin.display()
+        );
     }
     let default = PathBuf::from(DEFAULT_CHROMIUM);
     if default.is_file() {
@@ -173,11 +193,7 @@ fn chromium_binary() -> Result<PathBuf> {
         .map(|dir| dir.join("chromium"))
         .find(|p| p.is_file());
     on_path.ok_or_else(|| {
-        anyhow!(
-            "Chromium is not installed: the page test drives headless Chromium and needs \
-             {DEFAULT_CHROMIUM}. Install it with `sudo apt-get install -y chromium` (Debian/Ubuntu), \
-             or set CHROMIUM_BIN to a Chromium or Chrome binary."
-        )
+        anyhow!("Chromium is not installed ({DEFAULT_CHROMIUM} not found). {INSTALL_HINT}")
     })
 }
 
@@ -318,7 +334,10 @@ impl Page {
                 .unwrap_or("exception");
             bail!("JavaScript threw: {text}\nwhile evaluating: {expression}");
         }
-        Ok(result["result"].get("value").cloned().unwrap_or(Value::Null))
+        Ok(result["result"]
+            .get("value")
+            .cloned()
+            .unwrap_or(Value::Null))
     }
 
     /// Waits, inside the page, until the JavaScript expression `condition` is truthy and returns

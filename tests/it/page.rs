@@ -147,17 +147,114 @@ fn script(outcome: Outcome) -> Vec<(Duration, Value)> {
     }
     let snaps = match outcome {
         Outcome::Image => vec![
-            snap("executing", 0, 1, "1", "EmptyImage", "EmptyImage", 0.0, 0, None, 0.01),
-            snap("executed", 1, 1, "1", "EmptyImage", "EmptyImage", 4.3, 1, None, 0.02),
-            snap("progress", 5, 20, "2", "SlowSteps", "Sampling", 26.1, 1, Some(1.5), 0.52),
-            snap("progress", 10, 20, "2", "SlowSteps", "Sampling", 47.8, 1, Some(1.0), 1.02),
-            snap("progress", 15, 20, "2", "SlowSteps", "Sampling", 69.6, 1, Some(0.5), 1.52),
-            snap("progress", 20, 20, "2", "SlowSteps", "Sampling", 91.3, 1, Some(0.0), 2.02),
-            snap("executing", 0, 1, "3", "SaveImage", "Saving image", 95.7, 2, None, 2.03),
-            snap("finished", 1, 1, "3", "SaveImage", "Saving image", 100.0, 3, None, 2.05),
+            snap(
+                "executing",
+                0,
+                1,
+                "1",
+                "EmptyImage",
+                "EmptyImage",
+                0.0,
+                0,
+                None,
+                0.01,
+            ),
+            snap(
+                "executed",
+                1,
+                1,
+                "1",
+                "EmptyImage",
+                "EmptyImage",
+                4.3,
+                1,
+                None,
+                0.02,
+            ),
+            snap(
+                "progress",
+                5,
+                20,
+                "2",
+                "SlowSteps",
+                "Sampling",
+                26.1,
+                1,
+                Some(1.5),
+                0.52,
+            ),
+            snap(
+                "progress",
+                10,
+                20,
+                "2",
+                "SlowSteps",
+                "Sampling",
+                47.8,
+                1,
+                Some(1.0),
+                1.02,
+            ),
+            snap(
+                "progress",
+                15,
+                20,
+                "2",
+                "SlowSteps",
+                "Sampling",
+                69.6,
+                1,
+                Some(0.5),
+                1.52,
+            ),
+            snap(
+                "progress",
+                20,
+                20,
+                "2",
+                "SlowSteps",
+                "Sampling",
+                91.3,
+                1,
+                Some(0.0),
+                2.02,
+            ),
+            snap(
+                "executing",
+                0,
+                1,
+                "3",
+                "SaveImage",
+                "Saving image",
+                95.7,
+                2,
+                None,
+                2.03,
+            ),
+            snap(
+                "finished",
+                1,
+                1,
+                "3",
+                "SaveImage",
+                "Saving image",
+                100.0,
+                3,
+                None,
+                2.05,
+            ),
         ],
         Outcome::Failure => vec![snap(
-            "executing", 0, 1, "1", "Broken", "Broken", 0.0, 0, None, 0.01,
+            "executing",
+            0,
+            1,
+            "1",
+            "Broken",
+            "Broken",
+            0.0,
+            0,
+            None,
+            0.01,
         )],
     };
     snaps
@@ -185,7 +282,11 @@ impl Fake {
         }
         let running = ms(at - first);
         if at < self.end() {
-            let latest = script.iter().rev().find(|(due, _)| *due <= at).map(|(_, s)| s);
+            let latest = script
+                .iter()
+                .rev()
+                .find(|(due, _)| *due <= at)
+                .map(|(_, s)| s);
             return json!({"id": id, "status": "IN_PROGRESS", "delayTime": ms(first),
                           "executionTime": running, "output": latest});
         }
@@ -210,14 +311,15 @@ impl Fake {
         }
     }
 
-    /// Records the request; answers 401 when a key is required and not given.
-    fn admit(
+    /// Records the request (answered with `status` unless refused); returns the 401 reply when a
+    /// key is required and not given.
+    fn refuse(
         &self,
         method: Method,
         path: String,
         headers: &HeaderMap,
         status: StatusCode,
-    ) -> Result<(), Response> {
+    ) -> Option<Response> {
         let authorization = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -237,11 +339,7 @@ impl Fake {
             authorization,
             status,
         });
-        if authorized {
-            Ok(())
-        } else {
-            Err(error(StatusCode::UNAUTHORIZED, "Unauthorized"))
-        }
+        (!authorized).then(|| error(StatusCode::UNAUTHORIZED, "Unauthorized"))
     }
 
     fn job(&self, id: &str) -> Option<(Duration, bool)> {
@@ -288,7 +386,7 @@ impl FakeEndpoint {
 }
 
 async fn run(State(fake): State<Arc<Fake>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = fake.admit(Method::POST, "/run".into(), &headers, StatusCode::OK) {
+    if let Some(refused) = fake.refuse(Method::POST, "/run".into(), &headers, StatusCode::OK) {
         return refused;
     }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
@@ -320,10 +418,11 @@ async fn status(
 ) -> Response {
     let path = format!("/status/{id}");
     let Some((at, cancelled)) = fake.job(&id) else {
-        let _ = fake.admit(Method::GET, path, &headers, StatusCode::NOT_FOUND);
-        return error(StatusCode::NOT_FOUND, "No such job");
+        return fake
+            .refuse(Method::GET, path, &headers, StatusCode::NOT_FOUND)
+            .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "No such job"));
     };
-    if let Err(refused) = fake.admit(Method::GET, path, &headers, StatusCode::OK) {
+    if let Some(refused) = fake.refuse(Method::GET, path, &headers, StatusCode::OK) {
         return refused;
     }
     Json(fake.status_at(&id, at, cancelled)).into_response()
@@ -334,8 +433,12 @@ async fn cancel(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = fake.admit(Method::POST, format!("/cancel/{id}"), &headers, StatusCode::OK)
-    {
+    if let Some(refused) = fake.refuse(
+        Method::POST,
+        format!("/cancel/{id}"),
+        &headers,
+        StatusCode::OK,
+    ) {
         return refused;
     }
     match fake.jobs.lock().unwrap().get_mut(&id) {
@@ -355,14 +458,16 @@ async fn events(
 ) -> Response {
     let path = format!("/events/{id}");
     if !fake.options.events {
-        let _ = fake.admit(Method::GET, path, &headers, StatusCode::NOT_FOUND);
-        return error(StatusCode::NOT_FOUND, "Not found");
+        return fake
+            .refuse(Method::GET, path, &headers, StatusCode::NOT_FOUND)
+            .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "Not found"));
     }
     let Some((at, cancelled)) = fake.job(&id) else {
-        let _ = fake.admit(Method::GET, path, &headers, StatusCode::NOT_FOUND);
-        return error(StatusCode::NOT_FOUND, "No such job");
+        return fake
+            .refuse(Method::GET, path, &headers, StatusCode::NOT_FOUND)
+            .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "No such job"));
     };
-    if let Err(refused) = fake.admit(Method::GET, path, &headers, StatusCode::OK) {
+    if let Some(refused) = fake.refuse(Method::GET, path, &headers, StatusCode::OK) {
         return refused;
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
@@ -380,7 +485,10 @@ async fn events(
         };
         let status_event = |body: &Value| format!("event: status\ndata: {body}\n\n");
         let mut last = fake.status_at(&id, at, cancelled);
-        if tx.send(Bytes::from_static(b": connected\n\n")).await.is_err()
+        if tx
+            .send(Bytes::from_static(b": connected\n\n"))
+            .await
+            .is_err()
             || send(status_event(&last)).await.is_none()
         {
             return;
@@ -500,8 +608,13 @@ async fn text(page: &Page, selector: &str) -> Result<String> {
     Ok(value.as_str().unwrap_or_default().to_owned())
 }
 
-fn artifacts_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts")
+/// Writes `target/test-artifacts/<name>` and returns its path.
+fn save_artifact(name: &str, bytes: &[u8]) -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// One observation of the live view, taken when `#overall-bar`'s `aria-valuenow` changed.
@@ -587,6 +700,10 @@ async fn page_streams_progress_and_renders_the_image() -> Result<()> {
             node_bar: field("node").parse().context("node aria-valuenow")?,
         };
         let finished = sample.overall >= 100.0;
+        if sample.step == "step 10/20" {
+            // Mid-run view, for people looking at the artifacts.
+            save_artifact("page-running.png", &page.screenshot().await?)?;
+        }
         samples.push(sample);
         if finished {
             break;
@@ -631,15 +748,23 @@ async fn page_streams_progress_and_renders_the_image() -> Result<()> {
         json!([{"w": 96, "h": 64, "src": "data:image/png;base64,", "alt": "Output image 1: page_00001_.png"}])
     );
     assert_eq!(text(page, "#status").await?, "COMPLETED");
-    assert_eq!(page.eval("document.getElementById('error').hidden").await?, json!(true));
-    assert_eq!(page.eval("document.getElementById('cancel').disabled").await?, json!(true));
-    assert_eq!(page.eval("document.getElementById('submit').disabled").await?, json!(false));
+    assert_eq!(
+        page.eval("document.getElementById('error').hidden").await?,
+        json!(true)
+    );
+    assert_eq!(
+        page.eval("document.getElementById('cancel').disabled")
+            .await?,
+        json!(true)
+    );
+    assert_eq!(
+        page.eval("document.getElementById('submit').disabled")
+            .await?,
+        json!(false)
+    );
 
     let shot = page.screenshot().await?;
-    let dir = artifacts_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("page.png");
-    std::fs::write(&path, &shot)?;
+    let path = save_artifact("page.png", &shot)?;
     let info = png::Decoder::new(std::io::Cursor::new(shot))
         .read_info()
         .context("the screenshot is not a PNG")?;
@@ -719,7 +844,10 @@ async fn page_polls_status_and_shows_a_failure_readably() -> Result<()> {
         WAIT,
     )
     .await?;
-    assert_eq!(endpoint.fake.runs(), vec![json!({"input": {"workflow": workflow}})]);
+    assert_eq!(
+        endpoint.fake.runs(),
+        vec![json!({"input": {"workflow": workflow}})]
+    );
     let error = text(page, "#error").await?;
     assert!(
         error.starts_with(
@@ -737,7 +865,11 @@ async fn page_polls_status_and_shows_a_failure_readably() -> Result<()> {
             "Available node types: EmptyImage, SlowSteps, SaveImage"
         ])
     );
-    assert_eq!(page.eval("document.querySelectorAll('#images img').length").await?, json!(0));
+    assert_eq!(
+        page.eval("document.querySelectorAll('#images img').length")
+            .await?,
+        json!(0)
+    );
     let seen = endpoint.fake.seen();
     assert!(
         seen.iter()
@@ -745,18 +877,19 @@ async fn page_polls_status_and_shows_a_failure_readably() -> Result<()> {
         "{seen:?}"
     );
     assert!(
-        seen.iter().filter(|s| s.path.starts_with("/status/")).count() >= 2,
+        seen.iter()
+            .filter(|s| s.path.starts_with("/status/"))
+            .count()
+            >= 2,
         "the page should have polled /status: {seen:?}"
     );
-    let shot = page.screenshot().await?;
-    std::fs::create_dir_all(artifacts_dir())?;
-    std::fs::write(artifacts_dir().join("page-error.png"), shot)?;
+    save_artifact("page-error.png", &page.screenshot().await?)?;
     session.assert_no_page_errors();
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn page_input_forms_and_sse_parser() -> Result<()> {
+async fn page_input_forms_sse_parser_and_cancel() -> Result<()> {
     let endpoint = FakeEndpoint::start(FakeOptions {
         api_key: None,
         events: true,
@@ -788,7 +921,10 @@ async fn page_input_forms_and_sse_parser() -> Result<()> {
     let refused = page
         .eval("(() => { try { buildRequest('[1]'); return null; } catch (e) { return e.message; } })()")
         .await?;
-    assert!(refused.as_str().unwrap_or_default().starts_with("Expected a JSON object"));
+    assert!(refused
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("Expected a JSON object"));
 
     // The SSE parser: CR, LF and CRLF line ends split anywhere, comments, multi-line data.
     let events = page
@@ -805,7 +941,42 @@ async fn page_input_forms_and_sse_parser() -> Result<()> {
         .await?;
     assert_eq!(
         events,
-        json!([["status", "{\"a\":1}"], ["message", "x\ny"], ["progress", "2"]])
+        json!([
+            ["status", "{\"a\":1}"],
+            ["message", "x\ny"],
+            ["progress", "2"]
+        ])
+    );
+
+    // Cancel a running job: the page posts /cancel and shows the final state.
+    page.eval(
+        "document.getElementById('load-example').click();
+         document.getElementById('submit').click();",
+    )
+    .await?;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'IN_PROGRESS'
+         && !document.getElementById('cancel').disabled",
+        WAIT,
+    )
+    .await?;
+    page.eval("document.getElementById('cancel').click()")
+        .await?;
+    let after = page
+        .wait_for(
+            "document.getElementById('status').dataset.state === 'CANCELLED'
+             && [document.getElementById('result-empty').textContent,
+                 document.getElementById('cancel').disabled,
+                 document.getElementById('submit').disabled]",
+            WAIT,
+        )
+        .await?;
+    assert_eq!(after, json!(["The job was cancelled.", true, false]));
+    let seen = endpoint.fake.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.method == Method::POST && s.path == "/cancel/job-1-e1"),
+        "{seen:?}"
     );
     session.assert_no_page_errors();
     Ok(())
