@@ -118,149 +118,41 @@ const TICK: Duration = Duration::from_millis(200);
 /// What the scripted job reports at each moment: `(due after /run, snapshot)`, then the final
 /// status at [`Fake::end`]. The job is IN_QUEUE until the first snapshot.
 fn script(outcome: Outcome) -> Vec<(Duration, Value)> {
-    #[allow(clippy::too_many_arguments)]
-    fn snap(
-        kind: &str,
-        value: u32,
-        max: u32,
-        node: &str,
-        node_type: &str,
-        step: &str,
-        overall: f64,
-        done: u32,
-        eta: Option<f64>,
-        elapsed: f64,
-    ) -> Value {
-        let percent = if max == 0 {
-            0.0
-        } else {
-            (1000.0 * f64::from(value) / f64::from(max)).round() / 10.0
-        };
-        json!({
-            "type": kind, "value": value, "max": max, "percent": percent,
-            "node": node, "node_type": node_type, "step": step,
-            "overall_percent": overall, "nodes_done": done, "nodes_total": 3, "nodes_cached": 0,
-            "eta_seconds": eta, "elapsed_seconds": elapsed,
-            "prompt_id": "11111111-2222-3333-4444-555555555555",
-            "queue_remaining": 1, "queue_position": null
-        })
-    }
-    let snaps = match outcome {
-        Outcome::Image => vec![
-            snap(
-                "executing",
-                0,
-                1,
-                "1",
-                "EmptyImage",
-                "EmptyImage",
-                0.0,
-                0,
-                None,
-                0.01,
-            ),
-            snap(
-                "executed",
-                1,
-                1,
-                "1",
-                "EmptyImage",
-                "EmptyImage",
-                4.3,
-                1,
-                None,
-                0.02,
-            ),
-            snap(
-                "progress",
-                5,
-                20,
-                "2",
-                "SlowSteps",
-                "Sampling",
-                26.1,
-                1,
-                Some(1.5),
-                0.52,
-            ),
-            snap(
-                "progress",
-                10,
-                20,
-                "2",
-                "SlowSteps",
-                "Sampling",
-                47.8,
-                1,
-                Some(1.0),
-                1.02,
-            ),
-            snap(
-                "progress",
-                15,
-                20,
-                "2",
-                "SlowSteps",
-                "Sampling",
-                69.6,
-                1,
-                Some(0.5),
-                1.52,
-            ),
-            snap(
-                "progress",
-                20,
-                20,
-                "2",
-                "SlowSteps",
-                "Sampling",
-                91.3,
-                1,
-                Some(0.0),
-                2.02,
-            ),
-            snap(
-                "executing",
-                0,
-                1,
-                "3",
-                "SaveImage",
-                "Saving image",
-                95.7,
-                2,
-                None,
-                2.03,
-            ),
-            snap(
-                "finished",
-                1,
-                1,
-                "3",
-                "SaveImage",
-                "Saving image",
-                100.0,
-                3,
-                None,
-                2.05,
-            ),
+    // (node id, class type, human step name)
+    type Node = (&'static str, &'static str, &'static str);
+    const EMPTY: Node = ("1", "EmptyImage", "EmptyImage");
+    const SLOW: Node = ("2", "SlowSteps", "Sampling");
+    const SAVE: Node = ("3", "SaveImage", "Saving image");
+    const BROKEN: Node = ("1", "Broken", "Broken");
+    // (type, value, max, node, overall %, nodes done, eta, elapsed)
+    type Row = (&'static str, u32, u32, Node, f64, u32, Option<f64>, f64);
+    let rows: &[Row] = match outcome {
+        Outcome::Image => &[
+            ("executing", 0, 1, EMPTY, 0.0, 0, None, 0.01),
+            ("executed", 1, 1, EMPTY, 4.3, 1, None, 0.02),
+            ("progress", 5, 20, SLOW, 26.1, 1, Some(1.5), 0.52),
+            ("progress", 10, 20, SLOW, 47.8, 1, Some(1.0), 1.02),
+            ("progress", 15, 20, SLOW, 69.6, 1, Some(0.5), 1.52),
+            ("progress", 20, 20, SLOW, 91.3, 1, Some(0.0), 2.02),
+            ("executing", 0, 1, SAVE, 95.7, 2, None, 2.03),
+            ("finished", 1, 1, SAVE, 100.0, 3, None, 2.05),
         ],
-        Outcome::Failure => vec![snap(
-            "executing",
-            0,
-            1,
-            "1",
-            "Broken",
-            "Broken",
-            0.0,
-            0,
-            None,
-            0.01,
-        )],
+        Outcome::Failure => &[("executing", 0, 1, BROKEN, 0.0, 0, None, 0.01)],
     };
-    snaps
-        .into_iter()
+    rows.iter()
         .enumerate()
-        .map(|(i, s)| (TICK * (i as u32 + 1), s))
+        .map(|(i, &(kind, value, max, (node, node_type, step), overall, done, eta, elapsed))| {
+            let snapshot = json!({
+                "type": kind, "value": value, "max": max,
+                "percent": (1000.0 * f64::from(value) / f64::from(max)).round() / 10.0,
+                "node": node, "node_type": node_type, "step": step,
+                "overall_percent": overall, "nodes_done": done, "nodes_total": 3, "nodes_cached": 0,
+                "eta_seconds": eta, "elapsed_seconds": elapsed,
+                "prompt_id": "11111111-2222-3333-4444-555555555555",
+                "queue_remaining": 1, "queue_position": null
+            });
+            (TICK * (i as u32 + 1), snapshot)
+        })
         .collect()
 }
 
@@ -654,6 +546,25 @@ async fn page_streams_progress_and_renders_the_image() -> Result<()> {
         .await?;
     assert_eq!(bar, json!(["progressbar", "0"]));
 
+    // Without the key the endpoint refuses; the page says why.
+    page.eval(
+        "document.getElementById('load-example').click();
+         document.getElementById('submit').click();",
+    )
+    .await?;
+    let refused = page
+        .wait_for(
+            "document.getElementById('status').dataset.state === 'ERROR'
+             && document.getElementById('error').innerText",
+            WAIT,
+        )
+        .await?;
+    assert_eq!(
+        refused,
+        json!("Submitting the job failed:\nHTTP 401: Unauthorized\nSet the API key the server was started with.")
+    );
+    assert!(endpoint.fake.runs().is_empty());
+
     // The key (typed like a user would), the example, submit.
     let loaded = page
         .eval(&format!(
@@ -776,8 +687,16 @@ async fn page_streams_progress_and_renders_the_image() -> Result<()> {
     assert_eq!(endpoint.fake.runs(), vec![example_input()]);
     let seen = endpoint.fake.seen();
     let bearer = format!("Bearer {KEY}");
+    let (refused, admitted): (Vec<&Seen>, Vec<&Seen>) = seen
+        .iter()
+        .partition(|s| s.status == StatusCode::UNAUTHORIZED);
     assert!(
-        seen.iter()
+        refused.len() == 1 && refused[0].path == "/run" && refused[0].authorization.is_none(),
+        "{seen:?}"
+    );
+    assert!(
+        admitted
+            .iter()
             .all(|s| s.authorization.as_deref() == Some(bearer.as_str())),
         "{seen:?}"
     );
@@ -947,6 +866,45 @@ async fn page_input_forms_sse_parser_and_cancel() -> Result<()> {
             ["progress", "2"]
         ])
     );
+
+    // Rendering of final results, fed straight to the page's status handler: the MIME type from
+    // the file name, the `errors` list, and `success_no_images`.
+    let rendered = page
+        .eval(
+            r#"(() => {
+              const run = { id: 'synthetic', ctrl: new AbortController(), done: false, timer: null, failures: 0 };
+              applyStatus(run, { id: 'synthetic', status: 'COMPLETED', output: {
+                images: [{ filename: 'a.JPG', type: 'base64', data: 'AAAA' },
+                         { filename: 'b.webp', type: 'base64', data: 'AAAA' }],
+                errors: ['Failed to fetch image data for c.png from /view endpoint: 404\nretry later'] } });
+              const first = {
+                srcs: [...document.querySelectorAll('#images img')].map(i => i.src),
+                errors: [...document.querySelectorAll('#errors li')].map(li => li.textContent),
+                warningsShown: !document.getElementById('warnings').hidden,
+                overall: document.getElementById('overall-bar').getAttribute('aria-valuenow'),
+              };
+              resetView();
+              applyStatus({ ...run, done: false }, { id: 'synthetic', status: 'COMPLETED',
+                                                     output: { status: 'success_no_images', images: [] } });
+              return [first, document.getElementById('result-empty').textContent,
+                      document.querySelectorAll('#images img').length];
+            })()"#,
+        )
+        .await?;
+    assert_eq!(
+        rendered,
+        json!([
+            {
+                "srcs": ["data:image/jpeg;base64,AAAA", "data:image/webp;base64,AAAA"],
+                "errors": ["Failed to fetch image data for c.png from /view endpoint: 404\nretry later"],
+                "warningsShown": true,
+                "overall": "100",
+            },
+            "The workflow finished without images.",
+            0
+        ])
+    );
+    page.eval("resetView()").await?;
 
     // Cancel a running job: the page posts /cancel and shows the final state.
     page.eval(
