@@ -1,10 +1,12 @@
 //! The integration-test binary: every test module lives here (one link step for all tests).
 
+mod cdp;
 mod cli;
 mod fake_platform;
 mod fake_platform_selftest;
 mod harness;
 mod job_flow;
+mod page;
 mod replay;
 mod replay_jobs;
 mod replay_selftest;
