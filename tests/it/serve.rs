@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::{self, png_size, LIMIT};
 
-async fn simulator(step_ms: u64) -> Simulator {
+pub(crate) async fn simulator(step_ms: u64) -> Simulator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Simulator::start(
         listener,
@@ -31,7 +31,7 @@ async fn simulator(step_ms: u64) -> Simulator {
 }
 
 /// A local endpoint served on a port of its own, in front of `sim`.
-struct Endpoint {
+pub(crate) struct Endpoint {
     base: String,
     http: reqwest::Client,
     shutdown: CancellationToken,
@@ -39,7 +39,16 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    async fn start(sim: &Simulator, options: ServeOptions) -> Endpoint {
+    pub(crate) async fn start(sim: &Simulator, options: ServeOptions) -> Endpoint {
+        Endpoint::start_with(sim, options, Webhooks::new(WebhookPolicy::default())).await
+    }
+
+    /// With the given webhook delivery (tests with a receiver on loopback must allow it).
+    pub(crate) async fn start_with(
+        sim: &Simulator,
+        options: ServeOptions,
+        webhooks: Webhooks,
+    ) -> Endpoint {
         harness::init_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -47,7 +56,7 @@ impl Endpoint {
         let server = tokio::spawn(api::serve(
             listener,
             harness::engine(&sim.host()),
-            Webhooks::new(WebhookPolicy::default()),
+            webhooks,
             options,
             shutdown.clone(),
         ));
@@ -75,16 +84,16 @@ impl Endpoint {
         (status, body)
     }
 
-    async fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
         self.send(self.http.get(self.url(path))).await
     }
 
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.send(self.http.post(self.url(path)).json(&body)).await
     }
 
     /// `POST /run`; returns the job id.
-    async fn run(&self, body: Value) -> String {
+    pub(crate) async fn run(&self, body: Value) -> String {
         let (code, reply) = self.post("/run", body).await;
         assert_eq!(code, 200, "{reply}");
         assert_eq!(reply["status"], "IN_QUEUE", "{reply}");
@@ -93,7 +102,7 @@ impl Endpoint {
         id
     }
 
-    async fn status(&self, id: &str) -> Value {
+    pub(crate) async fn status(&self, id: &str) -> Value {
         let (code, body) = self.get(&format!("/status/{id}")).await;
         assert_eq!(code, 200, "{body}");
         body
@@ -119,7 +128,7 @@ impl Endpoint {
         seen
     }
 
-    async fn final_status(&self, id: &str) -> Value {
+    pub(crate) async fn final_status(&self, id: &str) -> Value {
         self.poll(id, is_final).await.pop().unwrap()
     }
 
@@ -146,7 +155,7 @@ fn is_final(body: &Value) -> bool {
 }
 
 /// `ok.json` (EmptyImage → SlowSteps → two SaveImage) with its own colour, so no run is cached.
-fn job(colour: u64, steps: u64) -> Value {
+pub(crate) fn job(colour: u64, steps: u64) -> Value {
     let mut wf = harness::workflow("ok");
     wf["1"]["inputs"]["color"] = json!(colour);
     wf["2"]["inputs"]["steps"] = json!(steps);

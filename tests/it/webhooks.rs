@@ -421,3 +421,66 @@ async fn send_final_retries_until_delivered() {
     );
     assert!(hits.iter().all(|h| h.body == body));
 }
+
+// --- The local endpoint (`serve`): the cloud's `webhook` plus progress webhooks. ---
+
+fn loopback_policy() -> WebhookPolicy {
+    WebhookPolicy {
+        allow_private: true,
+        retry_delay: Duration::from_millis(20),
+        ..WebhookPolicy::default()
+    }
+}
+
+#[tokio::test]
+async fn serve_sends_the_final_status_and_every_progress_event() {
+    let sim = crate::serve::simulator(10).await;
+    let receiver = Receiver::start(ReceiverOptions::default()).await;
+    let endpoint = crate::serve::Endpoint::start_with(
+        &sim,
+        comfy_worker::api::ServeOptions::default(),
+        Webhooks::new(loopback_policy()),
+    )
+    .await;
+    let mut body = crate::serve::job(31, 6);
+    body["webhook"] = json!(receiver.url("/final"));
+    body["progress_webhook"] = json!(receiver.url("/progress"));
+    let id = endpoint.run(body).await;
+    let status = endpoint.final_status(&id).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+
+    let finals = receiver.wait("/final", |hits| !hits.is_empty()).await;
+    assert_eq!(finals.len(), 1);
+    assert_eq!(
+        finals[0].body, status,
+        "the webhook body is the final /status body"
+    );
+
+    let hits = receiver.wait_final("/progress").await;
+    let events = accepted(&hits);
+    assert_completed_stream(&events, &id, 6, &status["output"]);
+}
+
+#[tokio::test]
+async fn serve_refuses_webhooks_to_private_addresses_with_a_clear_error() {
+    let sim = crate::serve::simulator(1).await;
+    let endpoint =
+        crate::serve::Endpoint::start(&sim, comfy_worker::api::ServeOptions::default()).await;
+    for (field, url, why) in [
+        ("webhook", "http://127.0.0.1:9/hook", "loopback"),
+        (
+            "progress_webhook",
+            "http://169.254.169.254/latest",
+            "metadata",
+        ),
+        ("webhook", "ftp://example.com/x", "http"),
+    ] {
+        let mut body = crate::serve::job(32, 1);
+        body[field] = json!(url);
+        let (code, reply) = endpoint.post("/run", body).await;
+        assert_eq!(code, 400, "{field} {url}: {reply}");
+        let err = reply["error"].as_str().unwrap();
+        assert!(err.contains(url) && err.contains(why), "{err}");
+    }
+    assert!(sim.prompts().is_empty(), "nothing was queued");
+}
