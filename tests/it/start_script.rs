@@ -1,5 +1,6 @@
 //! `docker/start.sh` outside Docker: it starts "ComfyUI" (here the simulator) in the background,
-//! writes its PID file, and execs the worker, which waits for ComfyUI and runs test_input.json.
+//! writes its PID file, and execs the worker, which waits for ComfyUI and runs test_input.json,
+//! or, with `SERVE_API_LOCALLY=true`, serves the local endpoint.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -82,4 +83,80 @@ fn a_comfyui_that_dies_at_start_fails_the_job_at_once() {
     let err = output["error"].as_str().unwrap();
     assert!(err.contains("the ComfyUI process (pid"), "{err}");
     assert!(err.contains("has exited"), "{err}");
+}
+
+struct KillChild(std::process::Child);
+
+impl Drop for KillChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn serve_api_locally_starts_the_local_endpoint() {
+    let dir = job_dir();
+    let (comfy_port, api_port) = (free_port(), free_port());
+    let _comfy = KillOnDrop(dir.path().join("comfyui.pid"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/start.sh");
+    let child = Command::new("bash")
+        .arg(script)
+        .current_dir(dir.path())
+        .env(
+            "COMFYUI_START_CMD",
+            format!(
+                "{} simulate-comfyui --port {comfy_port} --step-ms 1 >{} 2>&1",
+                bin(),
+                dir.path().join("comfyui.log").display()
+            ),
+        )
+        .env("COMFY_WORKER_BIN", bin())
+        .env("COMFY_PID_FILE", dir.path().join("comfyui.pid"))
+        .env("COMFY_HOST", format!("127.0.0.1:{comfy_port}"))
+        .env("COMFY_API_AVAILABLE_INTERVAL_MS", "20")
+        .env("SERVE_API_LOCALLY", "true")
+        .env("SERVE_API_PORT", api_port.to_string())
+        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
+        .env_remove("SERVE_API_KEY")
+        .env("RUST_LOG", "comfy_worker=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("worker.log")).unwrap())
+        .spawn()
+        .expect("run start.sh");
+    let _worker = KillChild(child);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let base = format!("http://127.0.0.1:{api_port}");
+    // Readiness: the endpoint answers once the worker has started (a client would retry too).
+    let ready = async {
+        loop {
+            if let Ok(r) = http.get(format!("{base}/health")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(crate::harness::LIMIT, ready)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the endpoint never answered; worker log:\n{}",
+                std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default()
+            )
+        });
+    let job = std::fs::read_to_string(dir.path().join("test_input.json")).unwrap();
+    let reply: serde_json::Value = http
+        .post(format!("{base}/runsync?wait=60000"))
+        .header("Content-Type", "application/json")
+        .body(job)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["status"], "COMPLETED", "{reply}");
+    assert_eq!(reply["output"]["images"].as_array().map(Vec::len), Some(1));
 }
