@@ -53,6 +53,8 @@ pub struct Settings {
     pub view_timeout: Duration,
     /// `COMFY_ORG_API_KEY`: default key for Comfy.org API nodes (a job's `comfy_org_api_key` wins).
     pub comfy_org_api_key: Option<Secret>,
+    /// Where outputs go: `BUCKET_*`, `OUTPUT_UPLOAD`, `MAX_INLINE_OUTPUT_BYTES` (see `job::storage`).
+    pub storage: crate::job::StorageSettings,
 }
 
 impl Default for Settings {
@@ -69,6 +71,7 @@ impl Default for Settings {
             http_timeout: Duration::from_secs(30),
             view_timeout: Duration::from_secs(120),
             comfy_org_api_key: None,
+            storage: crate::job::StorageSettings::default(),
         }
     }
 }
@@ -162,6 +165,7 @@ impl Settings {
             http_timeout: r.secs("COMFY_HTTP_TIMEOUT_S", d.http_timeout)?,
             view_timeout: r.secs("COMFY_VIEW_TIMEOUT_S", d.view_timeout)?,
             comfy_org_api_key: r.get("COMFY_ORG_API_KEY").map(Secret::new),
+            storage: crate::job::StorageSettings::from_lookup(&r.0)?,
         })
     }
 

@@ -21,7 +21,7 @@ use tracing::{error, info};
 
 use super::error::ApiError;
 use super::ServeOptions;
-use crate::job::{Engine, JobOutput};
+use crate::job::{Engine, JobOptions, JobOutput};
 use crate::platform::runpod::result_body;
 use crate::progress::{self, ProgressSnapshot};
 use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};
@@ -100,6 +100,8 @@ pub(crate) struct Submission {
     pub(crate) progress_webhook: Option<String>,
     pub(crate) execution_timeout: Option<Duration>,
     pub(crate) ttl: Option<Duration>,
+    /// `s3Config` on the job (the engine also reads `input.s3Config`).
+    pub(crate) s3_config: Option<Value>,
 }
 
 impl Submission {
@@ -132,12 +134,14 @@ impl Submission {
             ),
             Some(_) => return Err(ApiError::bad_request("'policy' must be an object")),
         };
+        let s3_config = body.remove("s3Config").filter(|v| !v.is_null());
         Ok(Submission {
             input,
             webhook,
             progress_webhook,
             execution_timeout,
             ttl,
+            s3_config,
         })
     }
 }
@@ -240,6 +244,8 @@ struct Job {
     seq: u64,
     /// Taken by the runner when the job starts.
     input: Option<Value>,
+    /// The job's `s3Config`, taken with `input`.
+    s3_config: Option<Value>,
     status: JobStatus,
     submitted: Instant,
     started: Option<Instant>,
@@ -368,6 +374,7 @@ impl State {
         job.status = status;
         job.ended = Some(now);
         job.input = None;
+        job.s3_config = None;
         job.progress = None;
         let body = Arc::new(job.build_body(id, now, output.as_ref(), error.as_ref()));
         job.final_body = Some(body.clone());
@@ -423,6 +430,9 @@ impl State {
             job.publish_status(&id, now);
             let input = job.input.take().unwrap_or(Value::Null);
             let started = Started {
+                options: JobOptions {
+                    s3_config: job.s3_config.take(),
+                },
                 input_timeout: input_timeout(&input),
                 input,
                 cancel: job.cancel.clone(),
@@ -440,6 +450,7 @@ impl State {
 struct Started {
     id: String,
     input: Value,
+    options: JobOptions,
     cancel: CancellationToken,
     execution_timeout: Option<Duration>,
     input_timeout: Option<Duration>,
@@ -558,6 +569,7 @@ impl LocalEndpoint {
         let job = Job {
             seq,
             input: Some(submission.input),
+            s3_config: submission.s3_config,
             status: JobStatus::InQueue,
             submitted: now,
             started: None,
@@ -775,6 +787,7 @@ async fn run_job(inner: &Inner, job: Started) {
     let Started {
         id,
         input,
+        options,
         cancel,
         execution_timeout,
         input_timeout,
@@ -815,9 +828,10 @@ async fn run_job(inner: &Inner, job: Started) {
     let (job_id, run_cancel) = (&id, &cancel);
     let run = async move {
         // A panic in the engine fails this job only; the endpoint keeps serving.
-        let out = AssertUnwindSafe(engine.run(job_id, Some(&input), &sender, run_cancel))
-            .catch_unwind()
-            .await;
+        let out =
+            AssertUnwindSafe(engine.run_with(job_id, Some(&input), &options, &sender, run_cancel))
+                .catch_unwind()
+                .await;
         // Closing the channel ends the forwarding.
         drop(sender);
         out

@@ -134,8 +134,11 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         .and_then(Value::as_str)
         .unwrap_or(LOCAL_JOB_ID)
         .to_owned();
+    let options = crate::job::JobOptions {
+        s3_config: job.get("s3Config").cloned(),
+    };
     let output = engine
-        .run(&job_id, job.get("input"), &sender, &cancel)
+        .run_with(&job_id, job.get("input"), &options, &sender, &cancel)
         .await;
     drop(sender);
     let _ = view.await;
@@ -203,6 +206,7 @@ mod tests {
                 filename: "sub/../a.png".into(),
                 kind: "base64".into(),
                 data: codec::encode(b"png-bytes"),
+                content_type: None,
             }],
             errors: vec![],
         };

@@ -6,6 +6,7 @@ pub mod codec;
 pub mod input;
 pub mod output;
 mod report;
+pub mod storage;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use crate::progress::{ProgressSender, ProgressTracker};
 
 pub use input::{parse_input, JobInput};
 pub use output::{JobOutput, OutputImage};
+pub use storage::{CollectedFile, JobStorage, Storage, StorageSettings, UploadMode};
 
 /// Output files fetched from `/view` at once.
 const FETCH_CONCURRENCY: usize = 4;
@@ -33,6 +35,14 @@ const FETCH_CONCURRENCY: usize = 4;
 pub struct Engine {
     comfy: ComfyClient,
     settings: Settings,
+    storage: Storage,
+}
+
+/// What a job carries beside `input` that the engine uses.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    /// The job's top-level `s3Config` (the platform's field); `input.s3Config` is read too.
+    pub s3_config: Option<Value>,
 }
 
 impl Engine {
@@ -46,7 +56,12 @@ impl Engine {
                 view_timeout: settings.view_timeout,
             },
         )?;
-        Ok(Engine { comfy, settings })
+        let storage = Storage::new(settings.storage.clone());
+        Ok(Engine {
+            comfy,
+            settings,
+            storage,
+        })
     }
 
     /// The ComfyUI client.
@@ -126,20 +141,35 @@ impl Engine {
         progress: &ProgressSender,
         cancel: &CancellationToken,
     ) -> JobOutput {
+        self.run_with(job_id, input, &JobOptions::default(), progress, cancel)
+            .await
+    }
+
+    /// [`Engine::run`] with what the job carries beside `input` (its `s3Config`).
+    pub async fn run_with(
+        &self,
+        job_id: &str,
+        input: Option<&Value>,
+        options: &JobOptions,
+        progress: &ProgressSender,
+        cancel: &CancellationToken,
+    ) -> JobOutput {
         let span = tracing::info_span!("job", job_id = %job_id);
-        self.run_inner(input, progress, cancel)
+        self.run_inner(job_id, input, options, progress, cancel)
             .instrument(span)
             .await
     }
 
     async fn run_inner(
         &self,
-        input: Option<&Value>,
+        job_id: &str,
+        raw_input: Option<&Value>,
+        options: &JobOptions,
         progress: &ProgressSender,
         cancel: &CancellationToken,
     ) -> JobOutput {
         let started = Instant::now();
-        let input = match input::parse_input(input) {
+        let input = match input::parse_input(raw_input) {
             Ok(i) => i,
             Err(out) => {
                 info!(
@@ -154,6 +184,11 @@ impl Engine {
             images = input.images.len(),
             "job started"
         );
+        let s3_config = storage::job_s3_config(options.s3_config.as_ref(), raw_input);
+        let storage = match self.storage.for_job(job_id, s3_config.as_ref()) {
+            Ok(s) => s,
+            Err(msg) => return JobOutput::error(msg),
+        };
         if let Err(msg) = self.wait_until_ready(cancel).await {
             return JobOutput::error(msg);
         }
@@ -209,7 +244,7 @@ impl Engine {
         if matches!(result.outcome, Outcome::Success) && !result.cancelled {
             progress.send(tracker.finished(Instant::now()));
         }
-        let output = self.collect(result).await;
+        let output = self.collect(result, &storage).await;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             ok = !output.is_error(),
@@ -244,8 +279,9 @@ impl Engine {
         }
     }
 
-    /// Fetches the returnable files and applies worker-comfyui's assembly rules.
-    async fn collect(&self, result: PromptResult) -> JobOutput {
+    /// Fetches the returnable files, places them (base64 or bucket, see [`storage`]) and
+    /// applies worker-comfyui's assembly rules.
+    async fn collect(&self, result: PromptResult, storage: &JobStorage) -> JobOutput {
         let mut errors = Vec::new();
         match &result.outcome {
             Outcome::Success => {}
@@ -283,16 +319,12 @@ impl Engine {
                 warn!(node = %node.node_id, keys = ?unhandled, "node produced output kinds this version does not return");
             }
         }
-        let fetched: Vec<Result<OutputImage, String>> = futures_util::stream::iter(wanted)
+        let fetched: Vec<Result<CollectedFile, String>> = futures_util::stream::iter(wanted)
             .map(|file| {
                 let comfy = self.comfy.clone();
                 async move {
                     match comfy.view(&file.file).await {
-                        Ok(bytes) => Ok(OutputImage {
-                            filename: file.file.filename.clone(),
-                            kind: "base64".into(),
-                            data: codec::encode(&bytes),
-                        }),
+                        Ok(bytes) => Ok(CollectedFile::new(file.file.filename.clone(), bytes)),
                         Err(e) => Err(format!(
                             "Failed to fetch image data for {} from /view endpoint: {e}",
                             file.file.filename
@@ -303,9 +335,21 @@ impl Engine {
             .buffered(FETCH_CONCURRENCY)
             .collect()
             .await;
-        let mut images = Vec::new();
+        let mut files = Vec::new();
         for f in fetched {
             match f {
+                Ok(file) => files.push(file),
+                Err(e) => errors.push(e),
+            }
+        }
+        let placed = match storage.place(files).await {
+            Ok(placed) => placed,
+            Err(too_large) if errors.is_empty() => return JobOutput::error(too_large),
+            Err(too_large) => return JobOutput::error_with_details(too_large, errors),
+        };
+        let mut images = Vec::new();
+        for entry in placed {
+            match entry {
                 Ok(img) => images.push(img),
                 Err(e) => errors.push(e),
             }

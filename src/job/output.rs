@@ -1,5 +1,6 @@
 //! The job output, exactly as worker-comfyui returns it:
-//! `{"images": [{"filename", "type": "base64", "data"}], "errors"?: [...]}`,
+//! `{"images": [{"filename", "type": "base64", "data"}], "errors"?: [...]}` (uploaded files:
+//! `{"filename", "type": "s3_url", "data": <presigned URL>, "content_type"}`),
 //! `{"status": "success_no_images", "images": []}`, or `{"error": "...", "details"?: [...]}`.
 
 use serde::Serialize;
@@ -15,6 +16,9 @@ pub struct OutputImage {
     pub kind: String,
     /// Base64 of the file (or a URL).
     pub data: String,
+    /// The MIME type, for `s3_url` entries (absent on base64 ones, as in worker-comfyui).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// What a job returns.
@@ -107,6 +111,7 @@ mod tests {
             filename: "a.png".into(),
             kind: "base64".into(),
             data: "aGk=".into(),
+            content_type: None,
         };
         assert_eq!(
             JobOutput::from_parts(vec![img.clone()], vec![]).to_json(),

@@ -21,6 +21,9 @@ pub struct PlatformJob {
     /// `progress_webhook`: top-level on the job (the platform passes unknown keys through) or
     /// inside `input`; not yet checked.
     pub progress_webhook: Option<String>,
+    /// `s3Config` (`{accessId, accessSecret, bucketName, endpointUrl}`): the platform's per-job
+    /// bucket, passed to the engine as it is (it holds a secret: never logged).
+    pub s3_config: Option<Value>,
 }
 
 /// What one job-take poll gave.
@@ -125,10 +128,12 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
         };
         let input = item.get("input").cloned();
         let progress_webhook = progress_webhook(&item, input.as_ref());
+        let s3_config = item.get("s3Config").filter(|v| !v.is_null()).cloned();
         jobs.push(PlatformJob {
             id,
             input,
             progress_webhook,
+            s3_config,
         });
     }
     Ok(jobs)
@@ -433,6 +438,7 @@ mod tests {
                 id: "a".into(),
                 input: Some(json!({"x": 1})),
                 progress_webhook: None,
+                s3_config: None,
             }]
         );
         let batch =

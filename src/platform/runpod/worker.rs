@@ -15,7 +15,7 @@ use tracing::{error, info, warn, Instrument};
 
 use super::client::{result_body, Delivery, PlatformClient, PlatformJob, Take};
 use super::relay::Relay;
-use crate::job::{Engine, JobOutput};
+use crate::job::{Engine, JobOptions, JobOutput};
 use crate::progress::{self, ProgressSnapshot};
 use crate::webhook::{ProgressHook, Webhooks};
 
@@ -279,12 +279,20 @@ impl Worker {
         };
         let engine = &self.engine;
         let run_cancel = cancel.clone();
+        let options = JobOptions {
+            s3_config: job.s3_config.clone(),
+        };
         let run = async move {
             // A panic in the engine fails this job only; the worker keeps serving.
-            let out =
-                AssertUnwindSafe(engine.run(&job.id, job.input.as_ref(), &sender, &run_cancel))
-                    .catch_unwind()
-                    .await;
+            let out = AssertUnwindSafe(engine.run_with(
+                &job.id,
+                job.input.as_ref(),
+                &options,
+                &sender,
+                &run_cancel,
+            ))
+            .catch_unwind()
+            .await;
             // Closing the channel ends the forwarding below.
             drop(sender);
             out

@@ -1,0 +1,1139 @@
+//! Where a job's output files go: inline as base64 (worker-comfyui's default), or uploaded to an
+//! S3-compatible bucket and returned as presigned GET URLs (`"type": "s3_url"`).
+//!
+//! * The bucket comes from `BUCKET_ENDPOINT_URL` / `BUCKET_ACCESS_KEY_ID` /
+//!   `BUCKET_SECRET_ACCESS_KEY` (worker-comfyui's names) plus `BUCKET_NAME`, `BUCKET_PREFIX`,
+//!   `BUCKET_REGION`, or, for one job, from the job's `s3Config` (the platform's field,
+//!   `{accessId, accessSecret, bucketName, endpointUrl}`), which replaces the env bucket.
+//! * `OUTPUT_UPLOAD` picks when to upload: `auto` (default) only when the base64 output would
+//!   exceed `MAX_INLINE_OUTPUT_BYTES` (the largest files go first, until the rest fits),
+//!   `always`, or `never`. An output over the limit that cannot be uploaded fails the job with a
+//!   message naming its size and the fix, instead of a result the platform would refuse.
+//! * Keys are `{prefix}/{job_id}/{filename}`; files above [`StorageSettings::multipart_threshold`]
+//!   go up as a multipart upload. A failed upload is an `errors` entry
+//!   (`Error uploading {filename} to S3: …`), never a failed worker.
+//!
+//! Secrets never reach logs or messages: they are [`Secret`]s, and upload errors are scrubbed.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::signer::{Method, Signer};
+use object_store::{
+    Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, PutMultipartOptions,
+    PutOptions, PutPayload, RetryConfig,
+};
+use serde_json::Value;
+use tracing::{debug, info, warn};
+
+use super::codec;
+use super::output::OutputImage;
+use crate::config::{ConfigError, Secret};
+
+/// `MAX_INLINE_OUTPUT_BYTES` default: 15 MiB of JSON, leaving room under the ~20 MB the
+/// platform's job-done endpoint accepts (worker-comfyui#129).
+pub const DEFAULT_MAX_INLINE_OUTPUT_BYTES: u64 = 15 * 1024 * 1024;
+/// `BUCKET_URL_EXPIRY_S` default and maximum: 7 days, the SigV4 limit (and the SDK's value).
+pub const MAX_URL_EXPIRY: Duration = Duration::from_secs(604_800);
+/// Files above this size are uploaded in parts.
+pub const DEFAULT_MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
+/// Part size of a multipart upload (S3's minimum is 5 MiB, except for the last part).
+pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
+/// Files (and parts of one file) uploaded at once.
+const UPLOAD_CONCURRENCY: usize = 2;
+/// JSON around one inline entry: `{"filename": "", "type": "base64", "data": ""}, `.
+const INLINE_ENTRY_OVERHEAD: u64 = 48;
+/// A generous estimate of one `s3_url` entry without its file name (a presigned URL is ~600 B).
+const URL_ENTRY_ESTIMATE: u64 = 1200;
+/// The rest of a result: `{"output": {"images": [], "errors": […]}}` with some room for warnings.
+const RESULT_OVERHEAD: u64 = 4096;
+
+/// When output files are uploaded (`OUTPUT_UPLOAD`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadMode {
+    /// Only what does not fit inline, largest files first (the default).
+    Auto,
+    /// Every file (worker-comfyui's behaviour with `BUCKET_ENDPOINT_URL`).
+    Always,
+    /// Never; everything is base64.
+    Never,
+}
+
+/// A bucket and the keys to write to it, as configured (not yet checked against the server).
+#[derive(Debug, Clone)]
+pub struct BucketSettings {
+    /// `BUCKET_ENDPOINT_URL` / `s3Config.endpointUrl`.
+    pub endpoint_url: String,
+    /// `BUCKET_ACCESS_KEY_ID` / `s3Config.accessId`.
+    pub access_key_id: String,
+    /// `BUCKET_SECRET_ACCESS_KEY` / `s3Config.accessSecret`.
+    pub secret_access_key: Secret,
+    /// `BUCKET_NAME` / `s3Config.bucketName`; without it the bucket comes from the endpoint URL.
+    pub bucket_name: Option<String>,
+    /// `BUCKET_REGION` / `s3Config.region`; without it, from the endpoint's host, else `us-east-1`.
+    pub region: Option<String>,
+}
+
+/// Output placement settings, read from the environment with the other [`crate::config::Settings`].
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    /// The worker's bucket (`BUCKET_ENDPOINT_URL` and friends); `None` when unset.
+    pub bucket: Option<BucketSettings>,
+    /// `OUTPUT_UPLOAD`.
+    pub mode: UploadMode,
+    /// `BUCKET_PREFIX`, without leading or trailing slashes (may be empty).
+    pub prefix: String,
+    /// `BUCKET_URL_EXPIRY_S`: how long presigned GET URLs work.
+    pub url_expiry: Duration,
+    /// `MAX_INLINE_OUTPUT_BYTES`: the largest result (JSON bytes) returned inline.
+    pub max_inline_bytes: u64,
+    /// Files above this many bytes are uploaded in parts.
+    pub multipart_threshold: usize,
+    /// Part size of multipart uploads.
+    pub part_size: usize,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            bucket: None,
+            mode: UploadMode::Auto,
+            prefix: String::new(),
+            url_expiry: MAX_URL_EXPIRY,
+            max_inline_bytes: DEFAULT_MAX_INLINE_OUTPUT_BYTES,
+            multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
+            part_size: DEFAULT_PART_SIZE,
+        }
+    }
+}
+
+impl StorageSettings {
+    /// Reads the `BUCKET_*`, `OUTPUT_UPLOAD` and `MAX_INLINE_OUTPUT_BYTES` variables through
+    /// `lookup`; an endpoint that names no bucket, or one without keys, is refused here so a
+    /// misconfigured worker fails at start rather than on the first large output.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let d = StorageSettings::default();
+        let mode = match get("OUTPUT_UPLOAD").map(|v| v.to_ascii_lowercase()) {
+            None => d.mode,
+            Some(v) if v == "auto" => UploadMode::Auto,
+            Some(v) if v == "always" => UploadMode::Always,
+            Some(v) if v == "never" => UploadMode::Never,
+            Some(v) => {
+                return Err(ConfigError {
+                    name: "OUTPUT_UPLOAD",
+                    value: v,
+                    expected: "auto, always or never",
+                })
+            }
+        };
+        let url_expiry = match get("BUCKET_URL_EXPIRY_S") {
+            None => d.url_expiry,
+            Some(v) => match v.parse::<u64>() {
+                Ok(s) if (1..=MAX_URL_EXPIRY.as_secs()).contains(&s) => Duration::from_secs(s),
+                _ => {
+                    return Err(ConfigError {
+                        name: "BUCKET_URL_EXPIRY_S",
+                        value: v,
+                        expected: "whole seconds from 1 to 604800 (7 days, the S3 maximum)",
+                    })
+                }
+            },
+        };
+        let max_inline_bytes = match get("MAX_INLINE_OUTPUT_BYTES") {
+            None => d.max_inline_bytes,
+            Some(v) => v.parse::<u64>().map_err(|_| ConfigError {
+                name: "MAX_INLINE_OUTPUT_BYTES",
+                value: v,
+                expected: "a number of bytes",
+            })?,
+        };
+        let bucket = match get("BUCKET_ENDPOINT_URL") {
+            None => None,
+            Some(endpoint_url) => {
+                let missing = |name: &'static str| ConfigError {
+                    name,
+                    value: String::new(),
+                    expected: "required when BUCKET_ENDPOINT_URL is set",
+                };
+                let access_key_id =
+                    get("BUCKET_ACCESS_KEY_ID").ok_or_else(|| missing("BUCKET_ACCESS_KEY_ID"))?;
+                let secret_access_key = Secret::new(
+                    get("BUCKET_SECRET_ACCESS_KEY")
+                        .ok_or_else(|| missing("BUCKET_SECRET_ACCESS_KEY"))?,
+                );
+                let bucket = BucketSettings {
+                    endpoint_url,
+                    access_key_id,
+                    secret_access_key,
+                    bucket_name: get("BUCKET_NAME"),
+                    region: get("BUCKET_REGION"),
+                };
+                if locate(&bucket, ENV_NAMES).is_err() {
+                    return Err(ConfigError {
+                        name: "BUCKET_ENDPOINT_URL",
+                        value: without_credentials(&bucket.endpoint_url),
+                        expected: "an http(s) URL that names the bucket, like https://<bucket>.s3.<region>.amazonaws.com or http://host:9000/<bucket>, or any endpoint with BUCKET_NAME set",
+                    });
+                }
+                Some(bucket)
+            }
+        };
+        Ok(StorageSettings {
+            bucket,
+            mode,
+            prefix: get("BUCKET_PREFIX")
+                .map(|p| p.trim_matches('/').to_owned())
+                .unwrap_or_default(),
+            url_expiry,
+            max_inline_bytes,
+            ..d
+        })
+    }
+}
+
+/// A URL for a message: credentials in it (`user:pw@`) are dropped.
+fn without_credentials(raw: &str) -> String {
+    match url::Url::parse(raw.trim()) {
+        Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        Ok(_) => raw.trim().to_owned(),
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
+/// The variable names a configuration problem is reported with.
+#[derive(Debug, Clone, Copy)]
+struct Names {
+    endpoint: &'static str,
+    bucket: &'static str,
+}
+
+const ENV_NAMES: Names = Names {
+    endpoint: "BUCKET_ENDPOINT_URL",
+    bucket: "BUCKET_NAME",
+};
+const JOB_NAMES: Names = Names {
+    endpoint: "s3Config.endpointUrl",
+    bucket: "s3Config.bucketName",
+};
+
+/// Where requests go, as object_store needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketLocation {
+    /// The endpoint object_store talks to: the bucket's own host for virtual-hosted style, or
+    /// the service's base URL (the bucket is appended) for path style.
+    pub endpoint: String,
+    /// The bucket.
+    pub bucket: String,
+    /// `https://<bucket>.<service host>/<key>` rather than `https://<host>/<bucket>/<key>`.
+    pub virtual_hosted: bool,
+    /// The SigV4 signing region.
+    pub region: String,
+    /// Key prefix taken from the endpoint's path (`http://host/<bucket>/<prefix>`), may be empty.
+    pub path_prefix: String,
+}
+
+/// Maps an endpoint URL and optional bucket name onto object_store's terms.
+///
+/// * With a bucket name: virtual-hosted style when the host starts with `<bucket>.`, else path
+///   style with the URL (minus a trailing `/<bucket>`) as the service's base URL.
+/// * Without one, the URL must name the bucket: in its path (`http://minio:9000/<bucket>`, path
+///   style, further segments become a key prefix), or as the first label of its host, the
+///   virtual-hosted endpoint worker-comfyui documents (`https://<bucket>.s3.<region>.amazonaws.com`).
+///   Hosts that are a service's bare endpoint (`s3.…`, `<account>.r2.cloudflarestorage.com`,
+///   `<region>.digitaloceanspaces.com`, IP addresses, names with fewer than three labels) name no
+///   bucket and are refused.
+/// * The region is the configured one, else the one in the host (`.s3.<region>.`,
+///   `s3-<region>.`, `<region>.digitaloceanspaces.com`, `auto` for R2), else `us-east-1`.
+fn locate(bucket: &BucketSettings, names: Names) -> Result<BucketLocation, String> {
+    let raw = bucket.endpoint_url.trim();
+    let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!(
+            "the scheme must be http or https, not {}",
+            url.scheme()
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "put the keys in the access key variables, not in {}",
+            names.endpoint
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the URL must not have a query or fragment".into());
+    }
+    let Some(host) = url.host_str().map(|h| h.to_ascii_lowercase()) else {
+        return Err("the URL has no host".into());
+    };
+    let origin = match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    };
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(|s| s.filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let is_ip = host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
+    let region = bucket
+        .region
+        .clone()
+        .or_else(|| (!is_ip).then(|| region_from_host(&host)).flatten())
+        .unwrap_or_else(|| "us-east-1".into());
+    let name = bucket
+        .bucket_name
+        .as_deref()
+        .map(str::trim)
+        .filter(|b| !b.is_empty());
+    if let Some(name) = name {
+        if !is_ip && host.starts_with(&format!("{}.", name.to_ascii_lowercase())) {
+            return Ok(BucketLocation {
+                endpoint: origin,
+                bucket: name.to_owned(),
+                virtual_hosted: true,
+                region,
+                path_prefix: segments.join("/"),
+            });
+        }
+        let mut base = segments.clone();
+        if base.last() == Some(&name) {
+            base.pop();
+        }
+        let endpoint = if base.is_empty() {
+            origin
+        } else {
+            format!("{origin}/{}", base.join("/"))
+        };
+        return Ok(BucketLocation {
+            endpoint,
+            bucket: name.to_owned(),
+            virtual_hosted: false,
+            region,
+            path_prefix: String::new(),
+        });
+    }
+    if let Some((first, rest)) = segments.split_first() {
+        return Ok(BucketLocation {
+            endpoint: origin,
+            bucket: (*first).to_owned(),
+            virtual_hosted: false,
+            region,
+            path_prefix: rest.join("/"),
+        });
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    let bare_service = is_ip
+        || labels.len() < 3
+        || labels[0] == "s3"
+        || labels[0].starts_with("s3-")
+        || labels[0] == "storage"
+        || (host.ends_with(".r2.cloudflarestorage.com") && labels.len() == 4)
+        || (host.ends_with(".digitaloceanspaces.com") && labels.len() == 3);
+    if bare_service {
+        return Err(format!(
+            "{} names no bucket: use the bucket's own endpoint (https://<bucket>.s3.<region>.amazonaws.com), put the bucket in the path (http://host:9000/<bucket>), or set {}",
+            names.endpoint, names.bucket
+        ));
+    }
+    Ok(BucketLocation {
+        endpoint: origin,
+        bucket: labels[0].to_owned(),
+        virtual_hosted: true,
+        region,
+        path_prefix: String::new(),
+    })
+}
+
+/// The region a service host names, as boto3 and the RunPod SDK read it.
+fn region_from_host(host: &str) -> Option<String> {
+    let labels: Vec<&str> = host.split('.').collect();
+    if host.ends_with(".r2.cloudflarestorage.com") {
+        return Some("auto".into());
+    }
+    if let Some(i) = labels.iter().position(|l| *l == "digitaloceanspaces") {
+        return (i > 0).then(|| labels[i - 1].to_owned());
+    }
+    for (i, label) in labels.iter().enumerate() {
+        // At least a registrable domain (two labels) must follow the region.
+        let followed = |j: usize| labels.len() >= j + 3;
+        if *label == "s3" {
+            let mut j = i + 1;
+            if labels.get(j) == Some(&"dualstack") {
+                j += 1;
+            }
+            if followed(j) {
+                return Some(labels[j].to_owned());
+            }
+        } else if let Some(rest) = label.strip_prefix("s3-") {
+            if rest.starts_with("external") {
+                return Some("us-east-1".into());
+            }
+            if !matches!(rest, "accelerate" | "website") && followed(i) {
+                return Some(rest.to_owned());
+            }
+        }
+    }
+    None
+}
+
+/// A job's `s3Config`: top level on the job (`top`) first, then inside `input` (an object, or a
+/// JSON string holding one). `null` counts as absent.
+pub fn job_s3_config(top: Option<&Value>, input: Option<&Value>) -> Option<Value> {
+    let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
+    if let Some(v) = present(top) {
+        return Some(v);
+    }
+    match input {
+        Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+            .ok()
+            .and_then(|i| present(i.get("s3Config"))),
+        Some(i) => present(i.get("s3Config")),
+        None => None,
+    }
+}
+
+/// Parses `{accessId, accessSecret, bucketName?, endpointUrl, region?}`.
+fn parse_s3_config(value: &Value) -> Result<BucketSettings, String> {
+    const USAGE: &str =
+        "expected {\"accessId\", \"accessSecret\", \"endpointUrl\", \"bucketName\"?}";
+    let Value::Object(map) = value else {
+        return Err(format!("Invalid s3Config: not an object; {USAGE}"));
+    };
+    let field = |key: &str, required: bool| -> Result<Option<String>, String> {
+        match map.get(key) {
+            None | Some(Value::Null) if !required => Ok(None),
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
+            Some(Value::String(_)) if !required => Ok(None),
+            _ => Err(format!(
+                "Invalid s3Config: '{key}' must be a non-empty string; {USAGE}"
+            )),
+        }
+    };
+    Ok(BucketSettings {
+        endpoint_url: field("endpointUrl", true)?.unwrap_or_default(),
+        access_key_id: field("accessId", true)?.unwrap_or_default(),
+        secret_access_key: Secret::new(field("accessSecret", true)?.unwrap_or_default()),
+        bucket_name: field("bucketName", false)?,
+        region: field("region", false)?,
+    })
+}
+
+/// One output file, fetched and ready to be placed.
+#[derive(Debug, Clone)]
+pub struct CollectedFile {
+    /// The file name ComfyUI gave it (the entry's `filename`).
+    pub filename: String,
+    /// Its MIME type (sent as the object's `Content-Type`).
+    pub content_type: String,
+    /// Its bytes.
+    pub bytes: Bytes,
+}
+
+impl CollectedFile {
+    /// A file whose content type follows from its extension.
+    pub fn new(filename: impl Into<String>, bytes: Bytes) -> CollectedFile {
+        let filename = filename.into();
+        CollectedFile {
+            content_type: content_type_for(&filename).to_owned(),
+            filename,
+            bytes,
+        }
+    }
+}
+
+/// The MIME type of a ComfyUI output file, from its extension.
+pub fn content_type_for(filename: &str) -> &'static str {
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        "tif" | "tiff" => "image/tiff",
+        "avif" => "image/avif",
+        "exr" => "image/x-exr",
+        "mp4" | "m4v" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        "mkv" => "video/x-matroska",
+        "avi" => "video/x-msvideo",
+        "wav" => "audio/wav",
+        "mp3" => "audio/mpeg",
+        "flac" => "audio/flac",
+        "ogg" | "opus" => "audio/ogg",
+        "m4a" => "audio/mp4",
+        "txt" => "text/plain; charset=utf-8",
+        "json" => "application/json",
+        "glb" => "model/gltf-binary",
+        "gltf" => "model/gltf+json",
+        "obj" => "model/obj",
+        "svg" => "image/svg+xml",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A bucket a job writes to, with its client.
+#[derive(Debug)]
+struct Target {
+    store: AmazonS3,
+    location: BucketLocation,
+    secret: Secret,
+}
+
+impl Target {
+    fn build(bucket: &BucketSettings, names: Names) -> Result<Target, String> {
+        let location = locate(bucket, names)?;
+        let store = AmazonS3Builder::new()
+            .with_endpoint(&location.endpoint)
+            .with_bucket_name(&location.bucket)
+            .with_virtual_hosted_style_request(location.virtual_hosted)
+            .with_region(&location.region)
+            .with_access_key_id(&bucket.access_key_id)
+            .with_secret_access_key(bucket.secret_access_key.expose())
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(true)
+                    .with_connect_timeout(Duration::from_secs(10))
+                    .with_timeout(Duration::from_secs(300)),
+            )
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig::default(),
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(60),
+            })
+            .build()
+            .map_err(|e| scrub(&e.to_string(), &bucket.secret_access_key))?;
+        Ok(Target {
+            store,
+            location,
+            secret: bucket.secret_access_key.clone(),
+        })
+    }
+}
+
+/// Removes a secret from a message (object_store never prints it; this is a second guard).
+fn scrub(message: &str, secret: &Secret) -> String {
+    let s = secret.expose();
+    if s.len() >= 4 {
+        message.replace(s, "[redacted]")
+    } else {
+        message.to_owned()
+    }
+}
+
+/// Places output files for every job; built once from the settings.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    settings: Arc<StorageSettings>,
+    /// The env bucket's client, or why it could not be built.
+    env_target: Option<Result<Arc<Target>, String>>,
+}
+
+impl Storage {
+    /// The storage for `settings` (builds the env bucket's client; nothing is contacted).
+    pub fn new(settings: StorageSettings) -> Storage {
+        let env_target = settings.bucket.as_ref().map(|b| {
+            let target = Target::build(b, ENV_NAMES).map(Arc::new);
+            match &target {
+                Ok(t) => info!(
+                    bucket = %t.location.bucket,
+                    endpoint = %t.location.endpoint,
+                    region = %t.location.region,
+                    mode = ?settings.mode,
+                    "output bucket configured"
+                ),
+                Err(e) => warn!(error = %e, "the output bucket cannot be used"),
+            }
+            target
+        });
+        if settings.bucket.is_none() && settings.mode == UploadMode::Always {
+            warn!("OUTPUT_UPLOAD=always but no bucket is configured (BUCKET_ENDPOINT_URL); outputs stay base64 unless a job sends s3Config");
+        }
+        Storage {
+            settings: Arc::new(settings),
+            env_target,
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &StorageSettings {
+        &self.settings
+    }
+
+    /// The placement for one job: the job's `s3Config` (see [`job_s3_config`]) replaces the env
+    /// bucket. An invalid `s3Config` is an error message for the job's output.
+    pub fn for_job(&self, job_id: &str, s3_config: Option<&Value>) -> Result<JobStorage, String> {
+        let target = match s3_config {
+            Some(value) => {
+                let bucket = parse_s3_config(value)?;
+                let target = Target::build(&bucket, JOB_NAMES)
+                    .map_err(|e| format!("Invalid s3Config: {e}"))?;
+                info!(bucket = %target.location.bucket, endpoint = %target.location.endpoint, "outputs go to the job's s3Config bucket");
+                Some(Ok(Arc::new(target)))
+            }
+            None => self.env_target.clone(),
+        };
+        Ok(JobStorage {
+            settings: self.settings.clone(),
+            job_id: job_id.to_owned(),
+            target,
+        })
+    }
+}
+
+/// One job's output placement.
+#[derive(Debug)]
+pub struct JobStorage {
+    settings: Arc<StorageSettings>,
+    job_id: String,
+    target: Option<Result<Arc<Target>, String>>,
+}
+
+/// Base64 length of `n` bytes (padded).
+fn base64_len(n: usize) -> u64 {
+    (n as u64).div_ceil(3) * 4
+}
+
+/// Bytes as MB (MiB, as the platform counts), one decimal unless whole.
+fn mb(bytes: u64) -> String {
+    let tenths = (bytes as f64 / 1_048_576.0 * 10.0).round() as u64;
+    if tenths % 10 == 0 {
+        format!("{}", tenths / 10)
+    } else {
+        format!("{}.{}", tenths / 10, tenths % 10)
+    }
+}
+
+impl JobStorage {
+    /// True when a bucket is configured for this job (usable or not).
+    pub fn has_bucket(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Turns files into output entries, one per file in order: base64 entries, `s3_url` entries
+    /// for uploaded files, or an error line for a file whose upload failed. `Err` is the job's
+    /// error when the output cannot be returned at all (over the inline limit with nothing to
+    /// upload to).
+    pub async fn place(
+        &self,
+        files: Vec<CollectedFile>,
+    ) -> Result<Vec<Result<OutputImage, String>>, String> {
+        let s = &self.settings;
+        let inline_size = |f: &CollectedFile| {
+            base64_len(f.bytes.len()) + f.filename.len() as u64 + INLINE_ENTRY_OVERHEAD
+        };
+        let url_size = |f: &CollectedFile| URL_ENTRY_ESTIMATE + 2 * f.filename.len() as u64;
+        let all_inline: u64 = RESULT_OVERHEAD + files.iter().map(inline_size).sum::<u64>();
+        let mode = if self.target.is_some() {
+            s.mode
+        } else {
+            UploadMode::Never
+        };
+        let mut upload = vec![false; files.len()];
+        match mode {
+            UploadMode::Always => upload.iter_mut().for_each(|u| *u = true),
+            UploadMode::Never => {
+                if all_inline > s.max_inline_bytes {
+                    let fix = if self.target.is_some() {
+                        "OUTPUT_UPLOAD=never keeps every output inline; set OUTPUT_UPLOAD=auto to upload large outputs to the configured bucket"
+                    } else {
+                        "set BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config) to return large outputs as URLs"
+                    };
+                    warn!(
+                        bytes = all_inline,
+                        limit = s.max_inline_bytes,
+                        "the output is too large to return inline"
+                    );
+                    return Err(format!(
+                        "The job output is {} MB as base64, over the {} MB the platform accepts in a result (MAX_INLINE_OUTPUT_BYTES); {fix}",
+                        mb(all_inline),
+                        mb(s.max_inline_bytes)
+                    ));
+                }
+            }
+            UploadMode::Auto => {
+                let mut order: Vec<usize> = (0..files.len()).collect();
+                order.sort_by_key(|&i| std::cmp::Reverse(files[i].bytes.len()));
+                let mut total = all_inline;
+                for i in order {
+                    if total <= s.max_inline_bytes {
+                        break;
+                    }
+                    upload[i] = true;
+                    total = total - inline_size(&files[i]) + url_size(&files[i]);
+                }
+            }
+        }
+        let uploads = upload.iter().filter(|u| **u).count();
+        if uploads > 0 {
+            info!(
+                files = files.len(),
+                uploads,
+                inline_bytes = all_inline,
+                limit = s.max_inline_bytes,
+                mode = ?mode,
+                "uploading outputs to the bucket"
+            );
+        }
+        let entries = futures_util::stream::iter(files.into_iter().zip(upload))
+            .map(|(file, up)| async move {
+                if up {
+                    self.upload(&file).await
+                } else {
+                    Ok(OutputImage {
+                        data: codec::encode(&file.bytes),
+                        filename: file.filename,
+                        kind: "base64".into(),
+                        content_type: None,
+                    })
+                }
+            })
+            .buffered(UPLOAD_CONCURRENCY)
+            .collect()
+            .await;
+        Ok(entries)
+    }
+
+    /// Uploads one file and returns its `s3_url` entry, or worker-comfyui's error line.
+    async fn upload(&self, file: &CollectedFile) -> Result<OutputImage, String> {
+        let fail = |e: String| format!("Error uploading {} to S3: {e}", file.filename);
+        let target = match &self.target {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return Err(fail(e.clone())),
+            None => return Err(fail("no bucket is configured".into())),
+        };
+        let key = self.key(&target.location, &file.filename);
+        let started = std::time::Instant::now();
+        let result = async {
+            self.put(target, &key, file).await?;
+            target
+                .store
+                .signed_url(Method::GET, &key, self.settings.url_expiry)
+                .await
+        }
+        .await;
+        match result {
+            Ok(url) => {
+                debug!(
+                    key = %key,
+                    bytes = file.bytes.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "output uploaded"
+                );
+                Ok(OutputImage {
+                    filename: file.filename.clone(),
+                    kind: "s3_url".into(),
+                    data: url.to_string(),
+                    content_type: Some(file.content_type.clone()),
+                })
+            }
+            Err(e) => {
+                let message = scrub(&error_text(&e), &target.secret);
+                warn!(key = %key, error = %message, "output upload failed");
+                Err(fail(message))
+            }
+        }
+    }
+
+    /// `{path prefix}/{BUCKET_PREFIX}/{job_id}/{filename}`.
+    fn key(&self, location: &BucketLocation, filename: &str) -> ObjectPath {
+        let parts = [
+            location.path_prefix.as_str(),
+            self.settings.prefix.as_str(),
+            self.job_id.as_str(),
+            filename,
+        ];
+        let key = parts
+            .iter()
+            .flat_map(|p| p.split('/'))
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("/");
+        ObjectPath::from(key)
+    }
+
+    /// One `PUT` up to the multipart threshold, else a multipart upload (aborted on failure).
+    async fn put(
+        &self,
+        target: &Target,
+        key: &ObjectPath,
+        file: &CollectedFile,
+    ) -> object_store::Result<()> {
+        let attributes: Attributes = [(Attribute::ContentType, file.content_type.clone())]
+            .into_iter()
+            .collect();
+        if file.bytes.len() <= self.settings.multipart_threshold {
+            let options = PutOptions {
+                attributes,
+                ..PutOptions::default()
+            };
+            target
+                .store
+                .put_opts(key, PutPayload::from_bytes(file.bytes.clone()), options)
+                .await?;
+            return Ok(());
+        }
+        let options = PutMultipartOptions {
+            attributes,
+            ..PutMultipartOptions::default()
+        };
+        let mut upload = target.store.put_multipart_opts(key, options).await?;
+        let part_size = self.settings.part_size.max(1);
+        let parts: Vec<Bytes> = (0..file.bytes.len())
+            .step_by(part_size)
+            .map(|start| {
+                file.bytes
+                    .slice(start..(start + part_size).min(file.bytes.len()))
+            })
+            .collect();
+        let sent = futures_util::stream::iter(parts)
+            .map(|part| upload.put_part(PutPayload::from_bytes(part)))
+            .buffered(UPLOAD_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await;
+        let done = match sent {
+            Ok(_) => upload.complete().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if done.is_err() {
+            if let Err(e) = upload.abort().await {
+                debug!(error = %e, "aborting the multipart upload failed");
+            }
+        }
+        done
+    }
+}
+
+/// An object_store error as one line: its message and its sources, without repeats.
+fn error_text(e: &object_store::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn bucket(endpoint: &str, name: Option<&str>, region: Option<&str>) -> BucketSettings {
+        BucketSettings {
+            endpoint_url: endpoint.into(),
+            access_key_id: "AKID".into(),
+            secret_access_key: Secret::new("very-secret"),
+            bucket_name: name.map(Into::into),
+            region: region.map(Into::into),
+        }
+    }
+
+    fn loc(endpoint: &str, name: Option<&str>) -> Result<BucketLocation, String> {
+        locate(&bucket(endpoint, name, None), ENV_NAMES)
+    }
+
+    #[test]
+    fn virtual_hosted_endpoint_names_the_bucket_and_region() {
+        let l = loc("https://my-outputs.s3.eu-west-3.amazonaws.com", None).unwrap();
+        assert_eq!(
+            l,
+            BucketLocation {
+                endpoint: "https://my-outputs.s3.eu-west-3.amazonaws.com".into(),
+                bucket: "my-outputs".into(),
+                virtual_hosted: true,
+                region: "eu-west-3".into(),
+                path_prefix: String::new(),
+            }
+        );
+        // The same endpoint with BUCKET_NAME set to that bucket stays virtual-hosted.
+        assert_eq!(
+            loc(
+                "https://my-outputs.s3.eu-west-3.amazonaws.com/",
+                Some("my-outputs")
+            )
+            .unwrap(),
+            l
+        );
+        let spaces = loc("https://art.nyc3.digitaloceanspaces.com", None).unwrap();
+        assert_eq!(
+            (spaces.bucket.as_str(), spaces.region.as_str()),
+            ("art", "nyc3")
+        );
+        assert!(spaces.virtual_hosted);
+        let legacy = loc("https://b.s3-us-west-2.amazonaws.com", None).unwrap();
+        assert_eq!(legacy.region, "us-west-2");
+        assert_eq!(
+            loc("https://b.s3.amazonaws.com", None).unwrap().region,
+            "us-east-1"
+        );
+    }
+
+    #[test]
+    fn path_style_with_bucket_name_or_bucket_in_path() {
+        let l = loc("http://127.0.0.1:9000", Some("outputs")).unwrap();
+        assert_eq!(
+            l,
+            BucketLocation {
+                endpoint: "http://127.0.0.1:9000".into(),
+                bucket: "outputs".into(),
+                virtual_hosted: false,
+                region: "us-east-1".into(),
+                path_prefix: String::new(),
+            }
+        );
+        assert_eq!(
+            loc("http://127.0.0.1:9000/outputs", Some("outputs")).unwrap(),
+            l
+        );
+        let in_path = loc("http://127.0.0.1:9000/outputs/comfy/runs", None).unwrap();
+        assert_eq!(in_path.bucket, "outputs");
+        assert_eq!(in_path.path_prefix, "comfy/runs");
+        assert!(!in_path.virtual_hosted);
+        // A service endpoint with a bucket name: path style against the regional endpoint.
+        let aws = loc("https://s3.us-east-2.amazonaws.com", Some("b")).unwrap();
+        assert_eq!(
+            (
+                aws.endpoint.as_str(),
+                aws.region.as_str(),
+                aws.virtual_hosted
+            ),
+            ("https://s3.us-east-2.amazonaws.com", "us-east-2", false)
+        );
+        let r2 = loc("https://acc123.r2.cloudflarestorage.com", Some("b")).unwrap();
+        assert_eq!(r2.region, "auto");
+        // A proxy base path is kept.
+        assert_eq!(
+            loc("https://gw.example.com/s3", Some("b"))
+                .unwrap()
+                .endpoint,
+            "https://gw.example.com/s3"
+        );
+        // An explicit region wins.
+        let l = locate(
+            &bucket(
+                "https://b.s3.eu-west-1.amazonaws.com",
+                None,
+                Some("eu-central-1"),
+            ),
+            ENV_NAMES,
+        )
+        .unwrap();
+        assert_eq!(l.region, "eu-central-1");
+    }
+
+    #[test]
+    fn endpoints_without_a_bucket_are_refused_clearly() {
+        for url in [
+            "http://127.0.0.1:9000",
+            "http://localhost:9000",
+            "https://s3.us-east-1.amazonaws.com",
+            "https://s3.amazonaws.com",
+            "https://acc123.r2.cloudflarestorage.com",
+            "https://nyc3.digitaloceanspaces.com",
+        ] {
+            let err = loc(url, None).unwrap_err();
+            assert!(
+                err.contains("names no bucket") && err.contains("BUCKET_NAME"),
+                "{url}: {err}"
+            );
+        }
+        assert!(loc("ftp://host/b", None).unwrap_err().contains("scheme"));
+        assert!(loc("https://k:s@host/b", None)
+            .unwrap_err()
+            .contains("keys"));
+        assert!(loc("not a url", None).unwrap_err().contains("not a URL"));
+    }
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<StorageSettings, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        StorageSettings::from_lookup(&|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn env_settings() {
+        let s = settings(&[]).unwrap();
+        assert!(s.bucket.is_none());
+        assert_eq!(s.mode, UploadMode::Auto);
+        assert_eq!(s.url_expiry, Duration::from_secs(604_800));
+        assert_eq!(s.max_inline_bytes, 15 * 1024 * 1024);
+        let s = settings(&[
+            (
+                "BUCKET_ENDPOINT_URL",
+                "https://b.s3.us-west-1.amazonaws.com",
+            ),
+            ("BUCKET_ACCESS_KEY_ID", "AKID"),
+            ("BUCKET_SECRET_ACCESS_KEY", "shh-very-secret"),
+            ("BUCKET_PREFIX", "/comfy/out/"),
+            ("BUCKET_URL_EXPIRY_S", "3600"),
+            ("OUTPUT_UPLOAD", "Always"),
+            ("MAX_INLINE_OUTPUT_BYTES", "1000"),
+        ])
+        .unwrap();
+        assert_eq!(s.prefix, "comfy/out");
+        assert_eq!(s.mode, UploadMode::Always);
+        assert_eq!(s.url_expiry, Duration::from_secs(3600));
+        assert_eq!(s.max_inline_bytes, 1000);
+        assert!(!format!("{s:?}").contains("shh-very-secret"));
+
+        let err = settings(&[("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9000")]).unwrap_err();
+        assert_eq!(err.name, "BUCKET_ACCESS_KEY_ID");
+        let err = settings(&[
+            ("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9000"),
+            ("BUCKET_ACCESS_KEY_ID", "a"),
+            ("BUCKET_SECRET_ACCESS_KEY", "shh-very-secret"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.name, "BUCKET_ENDPOINT_URL");
+        assert!(err.to_string().contains("names the bucket"), "{err}");
+        assert!(!err.to_string().contains("shh-very-secret"));
+        assert_eq!(
+            settings(&[("OUTPUT_UPLOAD", "sometimes")])
+                .unwrap_err()
+                .name,
+            "OUTPUT_UPLOAD"
+        );
+        assert_eq!(
+            settings(&[("BUCKET_URL_EXPIRY_S", "604801")])
+                .unwrap_err()
+                .name,
+            "BUCKET_URL_EXPIRY_S"
+        );
+    }
+
+    #[test]
+    fn s3_config_top_level_or_in_input() {
+        let cfg =
+            serde_json::json!({"accessId": "a", "accessSecret": "s", "endpointUrl": "http://h/b"});
+        let other = serde_json::json!({"accessId": "x"});
+        assert_eq!(
+            job_s3_config(Some(&cfg), Some(&serde_json::json!({"s3Config": other}))),
+            Some(cfg.clone())
+        );
+        assert_eq!(
+            job_s3_config(None, Some(&serde_json::json!({"s3Config": cfg}))),
+            Some(cfg.clone())
+        );
+        let text = serde_json::json!({"s3Config": cfg}).to_string();
+        assert_eq!(
+            job_s3_config(None, Some(&Value::String(text))),
+            Some(cfg.clone())
+        );
+        assert_eq!(
+            job_s3_config(Some(&Value::Null), Some(&serde_json::json!({}))),
+            None
+        );
+
+        let parsed = parse_s3_config(&cfg).unwrap();
+        assert_eq!(parsed.endpoint_url, "http://h/b");
+        assert_eq!(parsed.bucket_name, None);
+        let err =
+            parse_s3_config(&serde_json::json!({"accessId": "a", "endpointUrl": "http://h/b"}))
+                .unwrap_err();
+        assert!(err.contains("'accessSecret'"), "{err}");
+        assert!(parse_s3_config(&serde_json::json!("x")).is_err());
+    }
+
+    #[test]
+    fn sizes_and_types() {
+        assert_eq!(base64_len(0), 0);
+        assert_eq!(base64_len(1), 4);
+        assert_eq!(base64_len(3), 4);
+        assert_eq!(base64_len(4), 8);
+        assert_eq!(mb(15 * 1024 * 1024), "15");
+        assert_eq!(mb(44_145_050), "42.1");
+        assert_eq!(content_type_for("ComfyUI_00001_.PNG"), "image/png");
+        assert_eq!(content_type_for("clip.mp4"), "video/mp4");
+        assert_eq!(content_type_for("noext"), "application/octet-stream");
+        assert_eq!(
+            scrub("failed: very-secret leaked", &Secret::new("very-secret")),
+            "failed: [redacted] leaked"
+        );
+    }
+
+    fn files(sizes: &[usize]) -> Vec<CollectedFile> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| CollectedFile::new(format!("f{i}.png"), Bytes::from(vec![7u8; *n])))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn without_a_bucket_small_outputs_are_base64_and_large_ones_an_error() {
+        let storage = Storage::new(StorageSettings {
+            max_inline_bytes: 100_000,
+            ..StorageSettings::default()
+        });
+        let job = storage.for_job("job-1", None).unwrap();
+        assert!(!job.has_bucket());
+        let placed = job.place(files(&[300, 600])).await.unwrap();
+        let first = placed[0].as_ref().unwrap();
+        assert_eq!(
+            (first.kind.as_str(), first.filename.as_str()),
+            ("base64", "f0.png")
+        );
+        assert_eq!(first.content_type, None);
+        assert_eq!(codec::decode_input(&first.data).unwrap(), vec![7u8; 300]);
+        let err = job.place(files(&[60_000, 40_000])).await.unwrap_err();
+        assert!(
+            err.starts_with("The job output is 0.1 MB as base64, over the 0.1 MB"),
+            "{err}"
+        );
+        assert!(err.contains("BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config)"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_bucket_gives_error_entries_not_a_failure() {
+        let storage = Storage::new(StorageSettings {
+            max_inline_bytes: 10_000,
+            ..StorageSettings::default()
+        });
+        // Port 9 (discard) on loopback: refused at once; retries are bounded.
+        let cfg = serde_json::json!({"accessId": "a", "accessSecret": "job-secret-123", "endpointUrl": "http://127.0.0.1:9/b"});
+        let job = storage.for_job("job-2", Some(&cfg)).unwrap();
+        assert!(job.has_bucket());
+        let placed =
+            tokio::time::timeout(Duration::from_secs(120), job.place(files(&[20_000, 100])))
+                .await
+                .expect("bounded");
+        let placed = placed.unwrap();
+        let err = placed[0].as_ref().unwrap_err();
+        assert!(err.starts_with("Error uploading f0.png to S3: "), "{err}");
+        assert!(!err.contains("job-secret-123"));
+        assert_eq!(placed[1].as_ref().unwrap().kind, "base64");
+        let bad = storage
+            .for_job("job-3", Some(&serde_json::json!({"accessId": "a", "accessSecret": "s", "endpointUrl": "http://127.0.0.1:9"})))
+            .unwrap_err();
+        assert!(
+            bad.starts_with("Invalid s3Config: s3Config.endpointUrl names no bucket"),
+            "{bad}"
+        );
+        assert!(bad.contains("s3Config.bucketName"), "{bad}");
+    }
+}
