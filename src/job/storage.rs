@@ -745,7 +745,17 @@ impl JobStorage {
                 })
             }
             Err(e) => {
-                let message = scrub(&error_text(&e), &target.secret);
+                let mut message = scrub(&error_text(&e), &target.secret);
+                if [
+                    "SignatureDoesNotMatch",
+                    "InvalidAccessKeyId",
+                    "AuthorizationHeaderMalformed",
+                ]
+                .iter()
+                .any(|code| message.contains(code))
+                {
+                    message.push_str(" (check the bucket's access key id, secret and region)");
+                }
                 warn!(key = %key, error = %message, "output upload failed");
                 Err(fail(message))
             }

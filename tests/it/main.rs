@@ -11,6 +11,7 @@ mod replay;
 mod replay_jobs;
 mod replay_selftest;
 mod runpod_client;
+mod s3;
 mod serve;
 mod serverless;
 mod start_script;

@@ -47,6 +47,11 @@ impl WorkerProcess {
             .env_remove("ALLOW_PRIVATE_WEBHOOKS")
             .env_remove("WEBHOOK_ATTEMPTS")
             .env_remove("WEBHOOK_RETRY_DELAY_MS")
+            .env_remove("BUCKET_ENDPOINT_URL")
+            .env_remove("BUCKET_NAME")
+            .env_remove("BUCKET_PREFIX")
+            .env_remove("OUTPUT_UPLOAD")
+            .env_remove("MAX_INLINE_OUTPUT_BYTES")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in extra {
