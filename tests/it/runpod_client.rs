@@ -86,7 +86,10 @@ async fn the_official_runpod_client_runs_jobs_against_serve() {
             .output()
             .expect("run python")
     });
-    let out = tokio::time::timeout(LIMIT * 4, run).await.expect("client timed out").unwrap();
+    let out = tokio::time::timeout(LIMIT * 4, run)
+        .await
+        .expect("client timed out")
+        .unwrap();
     stop.cancel();
     let _ = server.await;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -99,11 +102,18 @@ async fn the_official_runpod_client_runs_jobs_against_serve() {
         .unwrap_or_else(|e| panic!("client output is not JSON ({e}): {stdout}"));
     assert_eq!(result["status"], "COMPLETED", "{result}");
     for key in ["output", "sync"] {
-        let images = result[key]["images"].as_array().unwrap_or_else(|| panic!("{key}: {result}"));
+        let images = result[key]["images"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}: {result}"));
         assert_eq!(images.len(), 2, "{key}");
         for image in images {
             png_size(image["data"].as_str().unwrap());
         }
     }
-    assert_eq!(result["health"]["jobs"]["completed"], json!(2), "{}", result["health"]);
+    assert_eq!(
+        result["health"]["jobs"]["completed"],
+        json!(2),
+        "{}",
+        result["health"]
+    );
 }
