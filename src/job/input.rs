@@ -830,6 +830,7 @@ impl Fetcher {
             .buffered(DOWNLOAD_CONCURRENCY)
             .collect::<Vec<_>>();
         let results = tokio::select! {
+            biased;
             _ = cancel.cancelled() => {
                 return Err(JobOutput::error("Job cancelled while downloading input files"))
             }
