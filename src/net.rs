@@ -672,7 +672,11 @@ impl Downloader {
         mut resp: reqwest::Response,
         announced: Option<u64>,
     ) -> Result<Bytes, FetchError> {
-        let capacity = announced.unwrap_or(0).min(self.limits.max_bytes) as usize;
+        // Reserved up front only up to 8 MiB: an announced length is a claim, not bytes.
+        let capacity = announced
+            .unwrap_or(0)
+            .min(self.limits.max_bytes)
+            .min(8 * 1024 * 1024) as usize;
         let mut buf = BytesMut::with_capacity(capacity);
         while let Some(chunk) = resp
             .chunk()
