@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::job::input::InputPolicy;
+
 /// A value that must never appear in logs or error messages.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -53,6 +55,9 @@ pub struct Settings {
     pub view_timeout: Duration,
     /// `COMFY_ORG_API_KEY`: default key for Comfy.org API nodes (a job's `comfy_org_api_key` wins).
     pub comfy_org_api_key: Option<Secret>,
+    /// URL inputs: `INPUT_URL_MAX_BYTES`, `INPUT_URL_TIMEOUT_S`, `ALLOW_PRIVATE_INPUT_URLS`,
+    /// `INPUT_URL_ALLOW_HOSTS`.
+    pub inputs: InputPolicy,
 }
 
 impl Default for Settings {
@@ -69,6 +74,7 @@ impl Default for Settings {
             http_timeout: Duration::from_secs(30),
             view_timeout: Duration::from_secs(120),
             comfy_org_api_key: None,
+            inputs: InputPolicy::default(),
         }
     }
 }
@@ -139,6 +145,7 @@ impl Settings {
 
     /// Reads settings through `lookup` (the environment, or a map in tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let inputs = InputPolicy::from_lookup(&lookup)?;
         let r = Reader(lookup);
         let d = Settings::default();
         Ok(Settings {
@@ -162,6 +169,7 @@ impl Settings {
             http_timeout: r.secs("COMFY_HTTP_TIMEOUT_S", d.http_timeout)?,
             view_timeout: r.secs("COMFY_VIEW_TIMEOUT_S", d.view_timeout)?,
             comfy_org_api_key: r.get("COMFY_ORG_API_KEY").map(Secret::new),
+            inputs,
         })
     }
 

@@ -586,24 +586,56 @@ impl ObjectInfo {
     }
 }
 
-fn mime_for(name: &str) -> &'static str {
+/// The media type a file name's extension stands for, if it is a known one.
+pub fn media_type_for_name(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
-    let ext = lower.rsplit('.').next().unwrap_or("");
-    match ext {
+    let (_, ext) = lower.rsplit_once('.')?;
+    Some(match ext {
         "png" => "image/png",
         "jpg" | "jpeg" => "image/jpeg",
         "webp" => "image/webp",
         "gif" => "image/gif",
         "bmp" => "image/bmp",
         "tif" | "tiff" => "image/tiff",
-        "mp4" => "video/mp4",
+        "avif" => "image/avif",
+        "heic" => "image/heic",
+        "exr" => "image/x-exr",
+        "mp4" | "m4v" => "video/mp4",
         "webm" => "video/webm",
+        "mkv" => "video/x-matroska",
         "mov" => "video/quicktime",
+        "avi" => "video/x-msvideo",
         "wav" => "audio/wav",
         "mp3" => "audio/mpeg",
         "flac" => "audio/flac",
-        _ => "application/octet-stream",
-    }
+        "ogg" | "opus" => "audio/ogg",
+        "m4a" => "audio/mp4",
+        "glb" => "model/gltf-binary",
+        "json" => "application/json",
+        "txt" => "text/plain",
+        _ => return None,
+    })
+}
+
+fn mime_for(name: &str) -> &'static str {
+    media_type_for_name(name).unwrap_or("application/octet-stream")
+}
+
+/// One file for `POST /upload/image`, or `POST /upload/mask` when it has an `original_ref`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upload {
+    /// File name (ComfyUI keeps it with `overwrite=true`).
+    pub name: String,
+    /// The bytes.
+    pub data: Bytes,
+    /// Subfolder of the target folder ("" = its root).
+    pub subfolder: String,
+    /// Target folder: `input`, `temp` or `output`.
+    pub folder_type: String,
+    /// The part's media type; from the name when `None`.
+    pub content_type: Option<String>,
+    /// For a mask: the image whose alpha channel it replaces (`/upload/mask`).
+    pub original_ref: Option<FileRef>,
 }
 
 impl ComfyClient {
@@ -804,35 +836,73 @@ impl ComfyClient {
             .map_err(|e| self.transport_error(&what, e))
     }
 
-    /// `POST /upload/image` (multipart) with `overwrite=true`, like worker-comfyui.
+    /// `POST /upload/image` (multipart) of an input image with `overwrite=true`, like
+    /// worker-comfyui.
     pub async fn upload_image(
         &self,
         name: &str,
         data: Bytes,
         subfolder: &str,
     ) -> Result<UploadedFile, ComfyError> {
-        let what = format!("POST /upload/image {name}");
+        self.upload(&Upload {
+            name: name.to_owned(),
+            data,
+            subfolder: subfolder.to_owned(),
+            folder_type: "input".into(),
+            content_type: None,
+            original_ref: None,
+        })
+        .await
+    }
+
+    /// `POST /upload/image`, or `POST /upload/mask` when `upload.original_ref` is set (multipart,
+    /// `overwrite=true`). ComfyUI stores any file sent to `/upload/image`, not only images.
+    pub async fn upload(&self, upload: &Upload) -> Result<UploadedFile, ComfyError> {
+        let path = if upload.original_ref.is_some() {
+            "/upload/mask"
+        } else {
+            "/upload/image"
+        };
+        let name = &upload.name;
+        let what = format!("POST {path} {name}");
+        let content_type = upload
+            .content_type
+            .as_deref()
+            .unwrap_or_else(|| mime_for(name));
         let part = reqwest::multipart::Part::stream_with_length(
-            reqwest::Body::from(data.clone()),
-            data.len() as u64,
+            reqwest::Body::from(upload.data.clone()),
+            upload.data.len() as u64,
         )
-        .file_name(name.to_owned())
-        .mime_str(mime_for(name))
+        .file_name(name.clone())
+        .mime_str(content_type)
         .map_err(|e| ComfyError::Protocol {
             what: what.clone(),
             detail: e.to_string(),
         })?;
+        let folder_type = if upload.folder_type.is_empty() {
+            "input"
+        } else {
+            upload.folder_type.as_str()
+        };
         let mut form = reqwest::multipart::Form::new()
             .part("image", part)
             .text("overwrite", "true")
-            .text("type", "input");
-        if !subfolder.is_empty() {
-            form = form.text("subfolder", subfolder.to_owned());
+            .text("type", folder_type.to_owned());
+        if !upload.subfolder.is_empty() {
+            form = form.text("subfolder", upload.subfolder.clone());
+        }
+        if let Some(original) = &upload.original_ref {
+            let original = serde_json::json!({
+                "filename": original.filename,
+                "subfolder": original.subfolder,
+                "type": original.folder_type,
+            });
+            form = form.text("original_ref", original.to_string());
         }
         let resp = self
             .send(
                 &what,
-                self.http.post(self.url("/upload/image")).multipart(form),
+                self.http.post(self.url(path)).multipart(form),
                 self.options.request_timeout,
             )
             .await?;

@@ -15,6 +15,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::comfy::api::Upload;
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, OutputFile, PromptResult,
     WatchOptions,
@@ -33,6 +34,7 @@ const FETCH_CONCURRENCY: usize = 4;
 pub struct Engine {
     comfy: ComfyClient,
     settings: Settings,
+    inputs: input::Fetcher,
 }
 
 impl Engine {
@@ -46,7 +48,12 @@ impl Engine {
                 view_timeout: settings.view_timeout,
             },
         )?;
-        Ok(Engine { comfy, settings })
+        let inputs = input::Fetcher::new(&settings.inputs);
+        Ok(Engine {
+            comfy,
+            settings,
+            inputs,
+        })
     }
 
     /// The ComfyUI client.
@@ -151,13 +158,28 @@ impl Engine {
         };
         info!(
             nodes = input.workflow.len(),
-            images = input.images.len(),
+            files = input.files.len(),
             "job started"
         );
-        if let Err(msg) = self.wait_until_ready(cancel).await {
-            return JobOutput::error(msg);
-        }
-        if let Err(out) = self.upload_images(&input).await {
+        // Input files are downloaded while ComfyUI may still be starting; a bad URL fails the
+        // job before anything is uploaded.
+        let fetch = self.inputs.fetch_all(&input.files, cancel);
+        let ready = async {
+            self.wait_until_ready(cancel)
+                .await
+                .map_err(JobOutput::error)
+        };
+        let uploads = match tokio::try_join!(fetch, ready) {
+            Ok((uploads, ())) => uploads,
+            Err(out) => {
+                info!(
+                    error = out.error_message().unwrap_or(""),
+                    "job stopped before queueing"
+                );
+                return out;
+            }
+        };
+        if let Err(out) = self.upload_files(&uploads).await {
             return out;
         }
         let mut extra = ExtraData::new();
@@ -218,23 +240,23 @@ impl Engine {
         output
     }
 
-    async fn upload_images(&self, input: &JobInput) -> Result<(), JobOutput> {
+    /// Uploads the input files in order (a mask after the image it refers to, when listed so):
+    /// masks to `/upload/mask`, everything else to `/upload/image`.
+    async fn upload_files(&self, uploads: &[Upload]) -> Result<(), JobOutput> {
         let mut problems = Vec::new();
-        for image in &input.images {
-            match self
-                .comfy
-                .upload_image(&image.name, image.data.clone(), "")
-                .await
-            {
-                Ok(stored) if stored.name != image.name => {
-                    warn!(requested = %image.name, stored = %stored.name, "ComfyUI stored the input under another name");
+        for upload in uploads {
+            match self.comfy.upload(upload).await {
+                Ok(stored) if stored.name != upload.name => {
+                    warn!(requested = %upload.name, stored = %stored.name, "ComfyUI stored the input under another name");
                 }
                 Ok(_) => {}
-                Err(e) => problems.push(format!("Error uploading {}: {e}", image.name)),
+                Err(e) => problems.push(format!("Error uploading {}: {e}", upload.name)),
             }
         }
         if problems.is_empty() {
-            info!(count = input.images.len(), "input images uploaded");
+            if !uploads.is_empty() {
+                info!(count = uploads.len(), "input files uploaded");
+            }
             Ok(())
         } else {
             Err(JobOutput::error_with_details(

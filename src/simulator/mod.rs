@@ -183,6 +183,11 @@ impl Simulator {
         let _ = rx.wait_for(|count| *count >= n).await;
     }
 
+    /// Every upload stored so far, in order.
+    pub fn uploads(&self) -> Vec<UploadMark> {
+        lock(&self.shared.log).uploads.clone()
+    }
+
     /// Bytes of a file in the simulated input folder (after `/upload/image`), e.g. `input_file("", "test.png")`.
     pub fn input_file(&self, subfolder: &str, name: &str) -> Option<Vec<u8>> {
         let abs = store::path::join(&store::path::join(&Folder::Input.root(), subfolder), name);
@@ -271,6 +276,24 @@ pub(crate) struct Log {
     pub(crate) ws_client_ids: Vec<String>,
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
+    pub(crate) uploads: Vec<UploadMark>,
+}
+
+/// One upload the simulator stored (`/upload/image` or `/upload/mask`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UploadMark {
+    /// `/upload/image` or `/upload/mask` (also when reached under `/api`).
+    pub endpoint: &'static str,
+    /// The name it was stored under.
+    pub name: String,
+    /// The `subfolder` field.
+    pub subfolder: String,
+    /// The `type` field (`input` when absent).
+    pub folder_type: String,
+    /// The file part's `Content-Type`.
+    pub content_type: Option<String>,
+    /// The `original_ref` field (masks).
+    pub original_ref: Option<String>,
 }
 
 /// When the simulator sent a sampler step's `progress` message (for latency benchmarks).

@@ -5,6 +5,7 @@ mod cli;
 mod fake_platform;
 mod fake_platform_selftest;
 mod harness;
+mod inputs;
 mod job_flow;
 mod page;
 mod replay;
