@@ -210,10 +210,10 @@ mod tests {
         };
         let out = JobOutput::Images {
             images: vec![entry("sub/../a.png", b"png-bytes")],
-            more: MoreOutputs {
+            more: Box::new(MoreOutputs {
                 videos: vec![entry("v.mp4", b"mp4-bytes")],
                 ..MoreOutputs::default()
-            },
+            }),
             errors: vec![],
         };
         let written = write_outputs(dir.path(), &out).unwrap();

@@ -146,7 +146,7 @@ pub enum JobOutput {
         images: Vec<FileEntry>,
         /// The other kinds (each omitted when empty).
         #[serde(flatten)]
-        more: MoreOutputs,
+        more: Box<MoreOutputs>,
         /// Warnings (omitted when empty).
         #[serde(skip_serializing_if = "Vec::is_empty")]
         errors: Vec<String>,
@@ -159,7 +159,7 @@ pub enum JobOutput {
         images: Vec<FileEntry>,
         /// The other kinds (each omitted when empty).
         #[serde(flatten)]
-        more: MoreOutputs,
+        more: Box<MoreOutputs>,
         /// Warnings (omitted when empty; only present next to other kinds).
         #[serde(skip_serializing_if = "Vec::is_empty")]
         errors: Vec<String>,
@@ -210,14 +210,14 @@ impl JobOutput {
         if !images.is_empty() {
             JobOutput::Images {
                 images,
-                more,
+                more: Box::new(more),
                 errors,
             }
         } else if errors.is_empty() || !more.is_empty() {
             JobOutput::NoImages {
                 status: "success_no_images",
                 images: Vec::new(),
-                more,
+                more: Box::new(more),
                 errors,
             }
         } else {
