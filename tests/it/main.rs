@@ -6,6 +6,7 @@ mod fake_platform;
 mod fake_platform_selftest;
 mod harness;
 mod job_flow;
+mod outputs;
 mod page;
 mod replay;
 mod replay_jobs;
