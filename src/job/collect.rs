@@ -116,7 +116,7 @@ fn noun(kind: &OutputKind) -> &'static str {
 impl Engine {
     /// Step 2: fetches each wanted file's bytes from `/view` (a few at a time, results in the
     /// order given). A file that cannot be fetched becomes a line in `errors`.
-    pub(crate) async fn fetch_files(
+    pub async fn fetch_files(
         &self,
         wanted: Vec<WantedFile>,
         errors: &mut Vec<String>,
@@ -170,7 +170,7 @@ impl Engine {
     /// A file that cannot be delivered adds a line to `errors` (worker-comfyui's wording is
     /// `Error uploading {filename} to S3: {e}`) and is left out. This function is the only place
     /// that decides how a file's bytes reach the client.
-    pub(crate) async fn deliver_files(
+    pub async fn deliver_files(
         &self,
         _job_id: &str,
         files: Vec<CollectedFile>,
