@@ -207,8 +207,12 @@ pub struct WebSocketImages {
     /// Images per node so far, for file names.
     counts: HashMap<String, u32>,
     files: Vec<CollectedFile>,
-    /// The socket dropped at some point: frames sent meanwhile are lost.
-    lost: bool,
+    /// The node running, from `executing`.
+    current: Option<String>,
+    /// SaveImageWebsocket nodes seen to finish (another node started after them, or the end).
+    finished: Vec<String>,
+    /// Nodes that had not finished when the socket dropped: frames they sent meanwhile are lost.
+    lost: Vec<String>,
 }
 
 impl WebSocketImages {
@@ -246,8 +250,27 @@ impl WebSocketImages {
                     bytes: data.clone(),
                 });
             }
-            PromptEvent::ConnectionLost { .. } => self.lost = true,
+            PromptEvent::Executing { node } => {
+                self.end_current();
+                self.current = Some(node.clone());
+            }
+            PromptEvent::Succeeded => self.end_current(),
+            PromptEvent::ConnectionLost { .. } => {
+                for node in &self.nodes {
+                    if !self.finished.contains(node) && !self.lost.contains(node) {
+                        self.lost.push(node.clone());
+                    }
+                }
+            }
             _ => {}
+        }
+    }
+
+    fn end_current(&mut self) {
+        if let Some(node) = self.current.take() {
+            if self.nodes.contains(&node) && !self.finished.contains(&node) {
+                self.finished.push(node);
+            }
         }
     }
 
@@ -256,13 +279,14 @@ impl WebSocketImages {
         self.files.is_empty()
     }
 
-    /// The collected images, in arrival order, and a warning when the socket dropped (images
-    /// sent while it was down cannot be recovered: they never reach `/history`).
+    /// The collected images, in arrival order, and a warning when the socket dropped before a
+    /// SaveImageWebsocket node finished (images sent while it was down cannot be recovered: they
+    /// never reach `/history`).
     pub fn finish(self) -> (Vec<CollectedFile>, Option<String>) {
-        let warning = self.lost.then(|| {
+        let warning = (!self.lost.is_empty()).then(|| {
             format!(
-                "The ComfyUI WebSocket dropped during the job: images SaveImageWebsocket node(s) {} sent meanwhile are missing",
-                self.nodes.join(", ")
+                "The ComfyUI WebSocket dropped before SaveImageWebsocket node(s) {} finished: images sent while it was down are missing",
+                self.lost.join(", ")
             )
         });
         (self.files, warning)
@@ -392,11 +416,20 @@ mod tests {
         assert_eq!(files[0].content_type, "image/png");
         assert_eq!(files[0].folder_type, WEBSOCKET_FOLDER);
         assert!(warning.is_none());
+        let lost = || PromptEvent::ConnectionLost { reason: "x".into() };
+        let executing = |node: &str| PromptEvent::Executing { node: node.into() };
+        let mut ws = WebSocketImages::new(vec!["9".into(), "10".into()]);
+        ws.observe(&executing("9"));
+        ws.observe(&executing("3"));
+        ws.observe(&lost());
+        assert!(ws.finish().1.unwrap().contains("node(s) 10 finished"));
         let mut ws = WebSocketImages::new(vec!["9".into()]);
-        ws.observe(&PromptEvent::ConnectionLost { reason: "x".into() });
-        assert!(ws.finish().1.unwrap().contains("node(s) 9"));
+        ws.observe(&executing("9"));
+        ws.observe(&PromptEvent::Succeeded);
+        ws.observe(&lost());
+        assert!(ws.finish().1.is_none(), "the node had finished");
         let mut none = WebSocketImages::new(Vec::new());
-        none.observe(&PromptEvent::ConnectionLost { reason: "x".into() });
+        none.observe(&lost());
         assert!(none.finish().1.is_none());
     }
 }

@@ -340,6 +340,45 @@ async fn websocket_images_are_images(mode: Mode) {
     assert_eq!(keys(&output), ["images"]);
 }
 
+#[tokio::test]
+async fn websocket_images_lost_with_the_socket_are_reported() {
+    let sim = simulator(1).await;
+    sim.pause_after_step(1);
+    let input = json!({"workflow": {
+        "1": frames(2),
+        "2": {"class_type": "SlowSteps", "inputs": {"image": ["1", 0], "steps": 3, "seconds_per_step": 0.1}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "kept"}},
+        "4": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["2", 0]}},
+    }});
+    let job = crate::harness::spawn_job(&harness::engine(&sim.host()), input);
+    tokio::time::timeout(harness::LIMIT, sim.paused())
+        .await
+        .unwrap();
+    sim.drop_websockets();
+    sim.resume();
+    let (output, _) = job.finish().await;
+    let output = output.to_json();
+    let names: Vec<&str> = output["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["kept_00001_.png", "kept_00002_.png"]);
+    assert_eq!(
+        sim.websocket_images().len(),
+        2,
+        "the frames went to the dropped socket"
+    );
+    let errors = output["errors"].to_string();
+    assert!(
+        errors.contains(
+            "SaveImageWebsocket node(s) 4 finished: images sent while it was down are missing"
+        ),
+        "{errors}"
+    );
+}
+
 /// One workflow with every kind, temp files included.
 fn mixed_workflow() -> Value {
     json!({
