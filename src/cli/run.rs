@@ -58,14 +58,16 @@ fn fail(message: String) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Writes decoded images into `dir`, under their base names.
+/// Writes the decoded output files (images, videos, audio, other keys) into `dir`, under
+/// their base names.
 fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, String> {
-    let JobOutput::Images { images, .. } = output else {
+    let files = output.files();
+    if files.is_empty() {
         return Ok(Vec::new());
-    };
+    }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut written = Vec::new();
-    for image in images.iter().filter(|i| i.kind == "base64") {
+    for image in files.into_iter().filter(|i| i.kind == "base64") {
         let name = Path::new(&image.filename)
             .file_name()
             .map(|n| n.to_owned())
@@ -166,7 +168,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::OutputImage;
+    use crate::job::{FileEntry, MoreOutputs};
 
     fn args() -> RunArgs {
         RunArgs {
@@ -198,16 +200,28 @@ mod tests {
     #[test]
     fn writes_decoded_files_under_their_base_name() {
         let dir = tempfile::tempdir().unwrap();
+        let entry = |name: &str, data: &[u8]| FileEntry {
+            filename: name.into(),
+            kind: "base64".into(),
+            data: codec::encode(data),
+            content_type: "application/octet-stream".into(),
+            format: None,
+            frame_rate: None,
+        };
         let out = JobOutput::Images {
-            images: vec![OutputImage {
-                filename: "sub/../a.png".into(),
-                kind: "base64".into(),
-                data: codec::encode(b"png-bytes"),
-            }],
+            images: vec![entry("sub/../a.png", b"png-bytes")],
+            more: Box::new(MoreOutputs {
+                videos: vec![entry("v.mp4", b"mp4-bytes")],
+                ..MoreOutputs::default()
+            }),
             errors: vec![],
         };
         let written = write_outputs(dir.path(), &out).unwrap();
-        assert_eq!(written, [dir.path().join("a.png")]);
+        assert_eq!(
+            written,
+            [dir.path().join("a.png"), dir.path().join("v.mp4")]
+        );
         assert_eq!(std::fs::read(&written[0]).unwrap(), b"png-bytes");
+        assert_eq!(std::fs::read(&written[1]).unwrap(), b"mp4-bytes");
     }
 }

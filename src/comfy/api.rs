@@ -217,15 +217,51 @@ pub struct FileRef {
     pub folder_type: String,
 }
 
+impl FileRef {
+    /// True for ComfyUI's `temp` folder (PreviewImage, PreviewAudio, VHS with `save_output` off).
+    pub fn is_temp(&self) -> bool {
+        self.folder_type == "temp"
+    }
+}
+
+/// What kind of file an output entry is, from the `ui` key it came under (protocol spec §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileKind {
+    /// `images`: SaveImage, PreviewImage, SaveAnimatedWEBP/PNG, and also the mp4/webm files of
+    /// SaveVideo/SaveWEBM (the node's `animated` flag is set then).
+    Image,
+    /// `gifs` (VideoHelperSuite's `VHS_VideoCombine`) or `videos`.
+    Video,
+    /// `audio`: SaveAudio, SaveAudioMP3/Opus, PreviewAudio.
+    Audio,
+    /// Any other key whose entries are file references (`latents`, `3d`, ...), by name.
+    Other(String),
+}
+
+impl FileKind {
+    fn from_key(key: &str) -> FileKind {
+        match key {
+            "images" => FileKind::Image,
+            "gifs" | "videos" => FileKind::Video,
+            "audio" => FileKind::Audio,
+            other => FileKind::Other(other.to_owned()),
+        }
+    }
+}
+
 /// One output file of a node, with the output key it came under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputFile {
-    /// The `ui` key (`images`, `gifs`, `audio`, ...).
+    /// The `ui` key as ComfyUI sent it (`images`, `gifs`, `audio`, ...).
     pub key: String,
+    /// What the key means.
+    pub kind: FileKind,
     /// Where to fetch it.
     pub file: FileRef,
-    /// `format` when the node gave one (VideoHelperSuite).
+    /// `format` when the node gave one (VideoHelperSuite: `video/h264-mp4`, `image/gif`, ...).
     pub format: Option<String>,
+    /// `frame_rate` when the node gave one (VideoHelperSuite), as sent (integer or float).
+    pub frame_rate: Option<serde_json::Number>,
 }
 
 /// Outputs of one node from `/history`.
@@ -407,6 +443,7 @@ pub(crate) fn parse_node_output(node_id: &str, ui: &Value) -> NodeOutput {
                     match obj.get("filename").and_then(Value::as_str) {
                         Some(filename) if !filename.is_empty() => out.files.push(OutputFile {
                             key: key.clone(),
+                            kind: FileKind::from_key(key),
                             file: FileRef {
                                 filename: filename.to_owned(),
                                 subfolder: obj
@@ -421,6 +458,10 @@ pub(crate) fn parse_node_output(node_id: &str, ui: &Value) -> NodeOutput {
                                     .to_owned(),
                             },
                             format: obj.get("format").and_then(Value::as_str).map(str::to_owned),
+                            frame_rate: match obj.get("frame_rate") {
+                                Some(Value::Number(n)) => Some(n.clone()),
+                                _ => None,
+                            },
                         }),
                         _ => out.problems.push(format!(
                             "Skipping image in node {node_id} due to missing filename: {}",
@@ -1019,6 +1060,45 @@ mod tests {
         assert!(
             matches!(HistoryEntry::parse(&interrupted).outcome, Outcome::Interrupted(ref i) if i.node_id == "2")
         );
+    }
+
+    #[test]
+    fn every_output_kind_is_typed() {
+        let ui = json!({
+            "images": [{"filename": "v_00001_.mp4", "subfolder": "video", "type": "output"}],
+            "animated": [true],
+            "gifs": [{"filename": "AnimateDiff_00001.mp4", "subfolder": "", "type": "temp",
+                      "format": "video/h264-mp4", "frame_rate": 8, "workflow": "AnimateDiff_00001.png",
+                      "fullpath": "/comfyui/temp/AnimateDiff_00001.mp4"}],
+            "audio": [{"filename": "a_00001_.flac", "subfolder": "audio", "type": "output"}],
+            "latents": [{"filename": "l_00001_.latent", "subfolder": "latents", "type": "output"}],
+            "text": ["20"],
+            "result": ["model.glb", {"camera": 1}],
+            "unfinished_batch": [true]
+        });
+        let out = parse_node_output("7", &ui);
+        assert!(out.animated);
+        assert_eq!(out.texts, ["20"]);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let kinds: Vec<(&str, &FileKind)> = out
+            .files
+            .iter()
+            .map(|f| (f.file.filename.as_str(), &f.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("v_00001_.mp4", &FileKind::Image),
+                ("AnimateDiff_00001.mp4", &FileKind::Video),
+                ("a_00001_.flac", &FileKind::Audio),
+                ("l_00001_.latent", &FileKind::Other("latents".into())),
+            ]
+        );
+        let vhs = &out.files[1];
+        assert_eq!(vhs.format.as_deref(), Some("video/h264-mp4"));
+        assert_eq!(vhs.frame_rate, Some(8.into()));
+        assert!(vhs.file.is_temp());
+        assert_eq!(out.files[2].file.subfolder, "audio");
     }
 
     #[test]

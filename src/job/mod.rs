@@ -3,6 +3,7 @@
 //! [`crate::comfy`]'s typed API, never its JSON.
 
 pub mod codec;
+pub mod collect;
 pub mod input;
 pub mod output;
 mod report;
@@ -10,24 +11,22 @@ mod report;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::comfy::api::Upload;
 use crate::comfy::{
-    ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, OutputFile, PromptResult,
-    WatchOptions,
+    ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptResult, WatchOptions,
 };
 use crate::config::Settings;
 use crate::progress::{ProgressSender, ProgressTracker};
 
+pub use collect::{CollectedFile, WebSocketImages};
 pub use input::{parse_input, JobInput};
-pub use output::{JobOutput, OutputImage};
-
-/// Output files fetched from `/view` at once.
-const FETCH_CONCURRENCY: usize = 4;
+pub use output::{
+    FileEntry, JobOutput, MoreOutputs, OutputImage, OutputKind, OutputOptions, Outputs,
+};
 
 /// Runs jobs against one ComfyUI.
 #[derive(Debug, Clone)]
@@ -134,20 +133,23 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> JobOutput {
         let span = tracing::info_span!("job", job_id = %job_id);
-        self.run_inner(input, progress, cancel)
+        self.run_inner(job_id, input, progress, cancel)
             .instrument(span)
             .await
     }
 
     async fn run_inner(
         &self,
+        job_id: &str,
         input: Option<&Value>,
         progress: &ProgressSender,
         cancel: &CancellationToken,
     ) -> JobOutput {
         let started = Instant::now();
-        let input = match input::parse_input(input) {
-            Ok(i) => i,
+        let parsed = input::parse_input(input)
+            .and_then(|i| OutputOptions::parse(input).map(|options| (i, options)));
+        let (input, options) = match parsed {
+            Ok(parsed) => parsed,
             Err(out) => {
                 info!(
                     error = out.error_message().unwrap_or(""),
@@ -194,6 +196,14 @@ impl Engine {
             );
         }
         let mut tracker = ProgressTracker::new(&input.workflow, started);
+        let mut ws_images = WebSocketImages::new(
+            input
+                .workflow
+                .websocket_image_nodes()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        );
         let result = self
             .comfy
             .run_prompt(
@@ -202,6 +212,7 @@ impl Engine {
                 &self.watch_options(),
                 cancel,
                 &mut |event| {
+                    ws_images.observe(&event);
                     if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
                         progress.send(snapshot);
                     }
@@ -231,7 +242,7 @@ impl Engine {
         if matches!(result.outcome, Outcome::Success) && !result.cancelled {
             progress.send(tracker.finished(Instant::now()));
         }
-        let output = self.collect(result).await;
+        let output = self.collect(job_id, result, ws_images, &options).await;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             ok = !output.is_error(),
@@ -266,8 +277,15 @@ impl Engine {
         }
     }
 
-    /// Fetches the returnable files and applies worker-comfyui's assembly rules.
-    async fn collect(&self, result: PromptResult) -> JobOutput {
+    /// Fetches the returnable outputs and applies worker-comfyui's assembly rules (see
+    /// [`collect`] for the steps and the storage seam).
+    async fn collect(
+        &self,
+        job_id: &str,
+        result: PromptResult,
+        ws_images: WebSocketImages,
+        options: &OutputOptions,
+    ) -> JobOutput {
         let mut errors = Vec::new();
         match &result.outcome {
             Outcome::Success => {}
@@ -282,62 +300,34 @@ impl Engine {
         }
         errors.extend(report::dropped_outputs(&result.dropped_outputs));
         errors.extend(result.warnings.iter().cloned());
-        if result.outputs.is_empty() && errors.is_empty() {
+        if result.outputs.is_empty() && ws_images.is_empty() && errors.is_empty() {
             errors.push(format!(
                 "No outputs found in history for prompt {}.",
                 result.prompt_id
             ));
         }
-        let mut wanted: Vec<OutputFile> = Vec::new();
         for node in &result.outputs {
             errors.extend(node.problems.iter().cloned());
-            let mut unhandled: Vec<&str> = Vec::new();
-            for file in &node.files {
-                if file.key != "images" {
-                    if !unhandled.contains(&file.key.as_str()) {
-                        unhandled.push(&file.key);
-                    }
-                } else if file.file.folder_type != "temp" {
-                    wanted.push(file.clone());
-                }
-            }
-            if !unhandled.is_empty() {
-                warn!(node = %node.node_id, keys = ?unhandled, "node produced output kinds this version does not return");
-            }
         }
-        let fetched: Vec<Result<OutputImage, String>> = futures_util::stream::iter(wanted)
-            .map(|file| {
-                let comfy = self.comfy.clone();
-                async move {
-                    match comfy.view(&file.file).await {
-                        Ok(bytes) => Ok(OutputImage {
-                            filename: file.file.filename.clone(),
-                            kind: "base64".into(),
-                            data: codec::encode(&bytes),
-                        }),
-                        Err(e) => Err(format!(
-                            "Failed to fetch image data for {} from /view endpoint: {e}",
-                            file.file.filename
-                        )),
-                    }
-                }
-            })
-            .buffered(FETCH_CONCURRENCY)
-            .collect()
-            .await;
-        let mut images = Vec::new();
-        for f in fetched {
-            match f {
-                Ok(img) => images.push(img),
-                Err(e) => errors.push(e),
-            }
+        let selection = collect::select(&result.outputs, options);
+        let mut files = self.fetch_files(selection.files, &mut errors).await;
+        let (ws_files, ws_warning) = ws_images.finish();
+        if options.wants(OutputKind::Images.name()) {
+            files.extend(ws_files);
+            errors.extend(ws_warning);
         }
+        let mut outputs = self.deliver_files(job_id, files, &mut errors).await;
+        outputs.more.text = selection.texts;
         info!(
-            images = images.len(),
+            images = outputs.images.len(),
+            videos = outputs.more.videos.len(),
+            audio = outputs.more.audio.len(),
+            texts = outputs.more.text.len(),
+            other = outputs.more.other.values().map(Vec::len).sum::<usize>(),
             warnings = errors.len(),
             "outputs collected"
         );
-        if images.is_empty() {
+        if outputs.is_empty() {
             // Lead with what stopped the prompt, not worker-comfyui's generic "Job processing failed".
             let headline = match &result.outcome {
                 Outcome::Failed(f) => Some(report::execution_error(f)),
@@ -348,7 +338,7 @@ impl Engine {
                 return JobOutput::error_with_details(headline, errors);
             }
         }
-        JobOutput::from_parts(images, errors)
+        JobOutput::from_outputs(outputs, errors)
     }
 }
 

@@ -15,6 +15,7 @@
 //! * `store`: files, queue and history.
 //! * `catalog`: the recorded `object_info` with model names added.
 //! * `image`: PNG/JPEG bytes and tensor text.
+//! * `media`: VIDEO/AUDIO values and the container bytes the video, audio and latent save nodes write.
 //! * `pyfmt`: Python-style JSON and `str()`/`repr()` text.
 
 mod catalog;
@@ -22,6 +23,7 @@ mod exec;
 mod graph;
 mod http;
 mod image;
+mod media;
 mod nodes;
 mod pyfmt;
 mod store;
@@ -198,6 +200,12 @@ impl Simulator {
             .map(|b| b.to_vec())
     }
 
+    /// The images `SaveImageWebsocket` nodes sent as binary frames so far, as `(node id, PNG bytes)`,
+    /// in order (one per image; they are never stored as files).
+    pub fn websocket_images(&self) -> Vec<(String, Vec<u8>)> {
+        lock(&self.shared.log).websocket_images.clone()
+    }
+
     /// The clientIds of the WebSocket connections accepted so far, one per connection.
     pub fn ws_client_ids(&self) -> Vec<String> {
         lock(&self.shared.log).ws_client_ids.clone()
@@ -277,6 +285,7 @@ pub(crate) struct Log {
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
     pub(crate) uploads: Vec<UploadMark>,
+    pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
 }
 
 /// One upload the simulator stored (`/upload/image` or `/upload/mask`).

@@ -7,6 +7,7 @@ mod fake_platform_selftest;
 mod harness;
 mod inputs;
 mod job_flow;
+mod outputs;
 mod page;
 mod replay;
 mod replay_jobs;
