@@ -6,6 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::job::input::InputPolicy;
+use crate::job::storage::StorageSettings;
+
 /// A value that must never appear in logs or error messages.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -53,8 +56,12 @@ pub struct Settings {
     pub view_timeout: Duration,
     /// `COMFY_ORG_API_KEY`: default key for Comfy.org API nodes (a job's `comfy_org_api_key` wins).
     pub comfy_org_api_key: Option<Secret>,
-    /// Where outputs go: `BUCKET_*`, `OUTPUT_UPLOAD`, `MAX_INLINE_OUTPUT_BYTES` (see `job::storage`).
-    pub storage: crate::job::StorageSettings,
+    /// URL inputs: `INPUT_URL_MAX_BYTES`, `INPUT_URL_TIMEOUT_S`, `ALLOW_PRIVATE_INPUT_URLS`,
+    /// `INPUT_URL_ALLOW_HOSTS`.
+    pub inputs: InputPolicy,
+    /// Where outputs go and where `s3://` inputs come from: `BUCKET_*`, `OUTPUT_UPLOAD`,
+    /// `MAX_INLINE_OUTPUT_BYTES`, `ALLOW_PRIVATE_S3_ENDPOINTS` (see `job::storage`).
+    pub storage: StorageSettings,
 }
 
 impl Default for Settings {
@@ -71,7 +78,8 @@ impl Default for Settings {
             http_timeout: Duration::from_secs(30),
             view_timeout: Duration::from_secs(120),
             comfy_org_api_key: None,
-            storage: crate::job::StorageSettings::default(),
+            inputs: InputPolicy::default(),
+            storage: StorageSettings::default(),
         }
     }
 }
@@ -142,6 +150,8 @@ impl Settings {
 
     /// Reads settings through `lookup` (the environment, or a map in tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let inputs = InputPolicy::from_lookup(&lookup)?;
+        let storage = StorageSettings::from_lookup(&lookup)?;
         let r = Reader(lookup);
         let d = Settings::default();
         Ok(Settings {
@@ -165,7 +175,8 @@ impl Settings {
             http_timeout: r.secs("COMFY_HTTP_TIMEOUT_S", d.http_timeout)?,
             view_timeout: r.secs("COMFY_VIEW_TIMEOUT_S", d.view_timeout)?,
             comfy_org_api_key: r.get("COMFY_ORG_API_KEY").map(Secret::new),
-            storage: crate::job::StorageSettings::from_lookup(&r.0)?,
+            inputs,
+            storage,
         })
     }
 

@@ -9,6 +9,7 @@
 //! * [`api`]: the local endpoint (`serve`): RunPod's endpoint API, live progress as SSE.
 //! * [`cli`]: the command line (`run`, `worker`, `serve`, `simulate-comfyui`).
 //! * [`config`]: settings from the environment.
+//! * [`net`]: the SSRF guard and guarded downloads, for URLs a job names.
 //! * [`telemetry`]: log set-up.
 //! * [`webhook`]: completion and progress webhooks, with an SSRF guard.
 
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod comfy;
 pub mod config;
 pub mod job;
+pub mod net;
 pub mod platform;
 pub mod progress;
 pub mod simulator;

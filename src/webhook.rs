@@ -3,7 +3,7 @@
 //! A job may name a URL that the worker then calls. Without a guard, that lets anyone who can
 //! submit a job make the worker call what only it can reach: the cloud metadata service
 //! (`169.254.169.254`), ComfyUI on loopback, services on the private network. So, unless
-//! `ALLOW_PRIVATE_WEBHOOKS=true`:
+//! `ALLOW_PRIVATE_WEBHOOKS=true`, the shared guard of [`crate::net`] applies:
 //! * [`Webhooks::validate`] refuses URLs that are not plain http(s), carry credentials, name a
 //!   local host (`localhost`, `*.localhost`, `*.local`, `*.internal`), or whose host is or resolves
 //!   to a loopback, private, link-local, CGNAT, unspecified, multicast, broadcast or reserved
@@ -17,7 +17,6 @@
 //! and a [`ProgressHook`] keeps an ordered queue drained by one task, one POST at a time.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +28,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::comfy::api::error_chain;
 use crate::config::ConfigError;
+use crate::net::{Guard, UrlError};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};
 
 /// How webhooks are checked and delivered.
@@ -158,6 +158,7 @@ pub enum WebhookError {
 #[derive(Debug, Clone)]
 pub struct Webhooks {
     policy: WebhookPolicy,
+    guard: Guard,
     /// `Err` when the HTTP client could not be built (then every delivery fails, logged).
     http: Result<reqwest::Client, String>,
 }
@@ -173,24 +174,22 @@ impl Webhooks {
             USER_AGENT,
             HeaderValue::from_static(concat!("comfy-worker/", env!("CARGO_PKG_VERSION"))),
         );
-        let mut builder = reqwest::Client::builder()
+        let guard = Guard::new(policy.allow_private, policy.timeout);
+        let builder = reqwest::Client::builder()
             .default_headers(headers)
             .timeout(policy.timeout)
-            .connect_timeout(policy.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            // A proxy would make the connection on our behalf, out of the guard's sight.
-            .no_proxy();
-        if !policy.allow_private {
-            builder = builder.dns_resolver(GuardedResolver {
-                timeout: policy.timeout,
-            });
-        }
+            .connect_timeout(policy.timeout);
+        let builder = guard.client(builder, "webhook host");
         let http = builder.build().map_err(|e| {
             let e = format!("cannot build the webhook HTTP client: {}", error_chain(&e));
             error!(error = %e, "webhooks disabled");
             e
         });
-        Webhooks { policy, http }
+        Webhooks {
+            policy,
+            guard,
+            http,
+        }
     }
 
     /// The policy in force.
@@ -210,56 +209,11 @@ impl Webhooks {
             url: url.to_owned(),
             reason: format!("{reason} {ALLOW_HINT}"),
         };
-        let parsed =
-            url::Url::parse(url.trim()).map_err(|e| invalid(format!("not a URL ({e})")))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(invalid(format!(
-                "the scheme must be http or https, not {:?}",
-                parsed.scheme()
-            )));
+        match self.guard.check(url).await {
+            Ok(parsed) => Ok(WebhookUrl(parsed.as_str().to_owned())),
+            Err(UrlError::Invalid(reason)) => Err(invalid(reason)),
+            Err(UrlError::Refused(reason)) => Err(refused(reason)),
         }
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(invalid("credentials in the URL are not allowed".into()));
-        }
-        let host = match parsed.host() {
-            None => return Err(invalid("the URL has no host".into())),
-            Some(h) => h,
-        };
-        let checked = WebhookUrl(parsed.as_str().to_owned());
-        if self.policy.allow_private {
-            return Ok(checked);
-        }
-        let name = match host {
-            url::Host::Ipv4(ip) => {
-                return match refusal(IpAddr::V4(ip)) {
-                    Some(why) => Err(refused(format!("{ip} is {why}"))),
-                    None => Ok(checked),
-                }
-            }
-            url::Host::Ipv6(ip) => {
-                return match refusal(IpAddr::V6(ip)) {
-                    Some(why) => Err(refused(format!("{ip} is {why}"))),
-                    None => Ok(checked),
-                }
-            }
-            url::Host::Domain(name) => name.to_owned(),
-        };
-        if let Some(why) = local_name(&name) {
-            return Err(refused(format!("{name} is {why}")));
-        }
-        let port = parsed.port_or_known_default().unwrap_or(80);
-        let addrs = lookup(&name, port, self.policy.timeout)
-            .await
-            .map_err(|e| invalid(format!("cannot resolve {name}: {e}")))?;
-        if addrs.is_empty() {
-            return Err(invalid(format!("{name} resolves to no address")));
-        }
-        for addr in &addrs {
-            if let Some(why) = refusal(addr.ip()) {
-                return Err(refused(format!("{name} resolves to {}, {why}", addr.ip())));
-            }
-        }
-        Ok(checked)
     }
 
     /// POSTs `body` as JSON to `url` on a task of its own, retrying connection errors and
@@ -584,290 +538,10 @@ async fn deliver_progress(hooks: Webhooks, url: WebhookUrl, queue: Arc<Queue>) {
     );
 }
 
-/// Resolves `name`, bounded by `timeout`.
-async fn lookup(name: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
-    match tokio::time::timeout(timeout, tokio::net::lookup_host((name, port))).await {
-        Err(_) => Err(format!("no answer within {} s", timeout.as_secs_f64())),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(addrs)) => Ok(addrs.collect()),
-    }
-}
-
-/// The HTTP client's resolver: only addresses that pass [`refusal`] are ever connected to.
-struct GuardedResolver {
-    timeout: Duration,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let name = name.as_str().to_owned();
-            if let Some(why) = local_name(&name) {
-                return Err(format!("webhook host refused: {name} is {why}").into());
-            }
-            let addrs = lookup(&name, 0, timeout).await?;
-            let (allowed, refused) = split_allowed(addrs);
-            if allowed.is_empty() {
-                let why = match refused.first() {
-                    Some((ip, why)) => format!("{name} resolves to {ip}, {why}"),
-                    None => format!("{name} resolves to no address"),
-                };
-                return Err(format!("webhook host refused: {why}").into());
-            }
-            if !refused.is_empty() {
-                debug!(host = %name, refused = refused.len(), "webhook host: refused addresses skipped");
-            }
-            let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
-            Ok(addrs)
-        })
-    }
-}
-
-/// Splits resolved addresses into those that may be connected to and those refused (with why).
-fn split_allowed(addrs: Vec<SocketAddr>) -> (Vec<SocketAddr>, Vec<(IpAddr, String)>) {
-    let mut allowed = Vec::new();
-    let mut refused = Vec::new();
-    for addr in addrs {
-        match refusal(addr.ip()) {
-            None => allowed.push(addr),
-            Some(why) => refused.push((addr.ip(), why)),
-        }
-    }
-    (allowed, refused)
-}
-
-/// Why `name` may not be a webhook host without resolving it, if it is a local name.
-fn local_name(name: &str) -> Option<&'static str> {
-    let n = name.trim_end_matches('.').to_ascii_lowercase();
-    if n == "localhost"
-        || n.ends_with(".localhost")
-        || n == "localhost.localdomain"
-        || n == "ip6-localhost"
-        || n == "ip6-loopback"
-    {
-        Some("a local host name")
-    } else if n.ends_with(".local") || n == "local" {
-        Some("a link-local (mDNS) name")
-    } else if n.ends_with(".internal") || n == "internal" {
-        Some("a private-use name (.internal)")
-    } else {
-        None
-    }
-}
-
-/// Why `ip` may not receive webhooks (`"a loopback address"`, or for an IPv6 form of an IPv4
-/// address `"an IPv4-mapped form of 127.0.0.1, a loopback address"`), or `None` when it may.
-fn refusal(ip: IpAddr) -> Option<String> {
-    if let IpAddr::V6(v6) = ip {
-        if let Some((form, v4)) = embedded_v4(v6) {
-            return v4_class(v4).map(|why| format!("{form} form of {v4}, {why}"));
-        }
-    }
-    match ip {
-        IpAddr::V4(v4) => v4_class(v4),
-        IpAddr::V6(v6) => v6_class(v6),
-    }
-    .map(str::to_owned)
-}
-
-fn v4_class(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, c, d] = ip.octets();
-    Some(match (a, b) {
-        _ if ip.is_unspecified() => "an unspecified address",
-        (0, _) => "a \"this network\" address (0.0.0.0/8)",
-        (127, _) => "a loopback address",
-        (10, _) => "a private address",
-        (172, 16..=31) => "a private address",
-        (192, 168) => "a private address",
-        (100, 64..=127) => "a shared (CGNAT) address",
-        (169, 254) if (c, d) == (169, 254) => "a link-local address (the cloud metadata service)",
-        (169, 254) => "a link-local address",
-        _ if ip.is_broadcast() => "the broadcast address",
-        (224..=239, _) => "a multicast address",
-        (240..=255, _) => "a reserved address",
-        _ => return None,
-    })
-}
-
-fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
-    let first = ip.segments()[0];
-    Some(match first {
-        _ if ip.is_unspecified() => "an unspecified address",
-        _ if ip.is_loopback() => "a loopback address",
-        0xfc00..=0xfdff => "a private (unique local) address",
-        0xfe80..=0xfebf => "a link-local address",
-        0xfec0..=0xfeff => "a private (site-local) address",
-        0xff00..=0xffff => "a multicast address",
-        _ => return None,
-    })
-}
-
-/// An IPv4 address carried inside an IPv6 one, with the name of the form: IPv4-mapped
-/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::a.b.c.d`) or 6to4
-/// (`2002:aabb:ccdd::`).
-fn embedded_v4(ip: Ipv6Addr) -> Option<(&'static str, Ipv4Addr)> {
-    let s = ip.segments();
-    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    match s {
-        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(("an IPv4-mapped", low)),
-        // `::` and `::1` are IPv6's own unspecified and loopback addresses.
-        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => None,
-        [0, 0, 0, 0, 0, 0, _, _] => Some(("an IPv4-compatible", low)),
-        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(("a NAT64", low)),
-        [0x2002, hi, lo, ..] => Some((
-            "a 6to4",
-            Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8),
-        )),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn refused_addresses_and_why() {
-        for (addr, why) in [
-            ("127.0.0.1", "a loopback address"),
-            ("127.255.255.254", "a loopback address"),
-            ("10.0.0.1", "a private address"),
-            ("10.255.255.255", "a private address"),
-            ("172.16.0.1", "a private address"),
-            ("172.31.255.255", "a private address"),
-            ("192.168.1.1", "a private address"),
-            ("169.254.0.1", "a link-local address"),
-            (
-                "169.254.169.254",
-                "a link-local address (the cloud metadata service)",
-            ),
-            ("0.0.0.0", "an unspecified address"),
-            ("0.1.2.3", "a \"this network\" address (0.0.0.0/8)"),
-            ("100.64.0.1", "a shared (CGNAT) address"),
-            ("100.127.255.255", "a shared (CGNAT) address"),
-            ("224.0.0.1", "a multicast address"),
-            ("239.255.255.250", "a multicast address"),
-            ("255.255.255.255", "the broadcast address"),
-            ("240.0.0.1", "a reserved address"),
-            ("::1", "a loopback address"),
-            ("::", "an unspecified address"),
-            ("fc00::1", "a private (unique local) address"),
-            ("fd00:ec2::254", "a private (unique local) address"),
-            ("fe80::1", "a link-local address"),
-            ("febf::1", "a link-local address"),
-            ("fec0::1", "a private (site-local) address"),
-            ("ff02::1", "a multicast address"),
-            (
-                "::ffff:127.0.0.1",
-                "an IPv4-mapped form of 127.0.0.1, a loopback address",
-            ),
-            (
-                "::ffff:169.254.169.254",
-                "an IPv4-mapped form of 169.254.169.254, a link-local address (the cloud metadata service)",
-            ),
-            (
-                "::ffff:10.1.2.3",
-                "an IPv4-mapped form of 10.1.2.3, a private address",
-            ),
-            (
-                "::127.0.0.1",
-                "an IPv4-compatible form of 127.0.0.1, a loopback address",
-            ),
-            (
-                "::192.168.0.1",
-                "an IPv4-compatible form of 192.168.0.1, a private address",
-            ),
-            (
-                "64:ff9b::a9fe:a9fe",
-                "a NAT64 form of 169.254.169.254, a link-local address (the cloud metadata service)",
-            ),
-            (
-                "2002:7f00:1::",
-                "a 6to4 form of 127.0.0.1, a loopback address",
-            ),
-        ] {
-            assert_eq!(refusal(ip(addr)).as_deref(), Some(why), "{addr}");
-        }
-    }
-
-    #[test]
-    fn public_addresses_are_allowed() {
-        for addr in [
-            "1.1.1.1",
-            "8.8.8.8",
-            "9.255.255.255",
-            "11.0.0.1",
-            "100.63.255.255",
-            "100.128.0.1",
-            "126.255.255.255",
-            "128.0.0.1",
-            "169.253.255.255",
-            "169.255.0.1",
-            "172.15.255.255",
-            "172.32.0.1",
-            "192.167.255.255",
-            "192.169.0.1",
-            "223.255.255.255",
-            "2606:4700:4700::1111",
-            "2001:4860:4860::8888",
-            "::ffff:1.1.1.1",
-            "::8.8.8.8",
-            "64:ff9b::808:808",
-            "2002:808:808::1",
-            "fbff::1",
-            "fe00::1",
-        ] {
-            assert_eq!(refusal(ip(addr)), None, "{addr}");
-        }
-    }
-
-    #[test]
-    fn resolved_addresses_are_filtered() {
-        let addrs: Vec<SocketAddr> = ["1.1.1.1:80", "127.0.0.1:80", "[::ffff:10.0.0.1]:80"]
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
-        let (allowed, refused) = split_allowed(addrs);
-        assert_eq!(allowed, ["1.1.1.1:80".parse::<SocketAddr>().unwrap()]);
-        assert_eq!(
-            refused,
-            [
-                (ip("127.0.0.1"), "a loopback address".to_owned()),
-                (
-                    ip("::ffff:10.0.0.1"),
-                    "an IPv4-mapped form of 10.0.0.1, a private address".to_owned()
-                )
-            ]
-        );
-    }
-
-    #[test]
-    fn local_names() {
-        for name in [
-            "localhost",
-            "LOCALHOST.",
-            "app.localhost",
-            "localhost.localdomain",
-            "ip6-localhost",
-            "printer.local",
-            "metadata.google.internal",
-        ] {
-            assert!(local_name(name).is_some(), "{name}");
-        }
-        for name in [
-            "example.com",
-            "localhost.example.com",
-            "internal.example.com",
-        ] {
-            assert_eq!(local_name(name), None, "{name}");
-        }
-    }
 
     fn hooks(allow_private: bool) -> Webhooks {
         Webhooks::new(WebhookPolicy {

@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::view::{ProgressMode, ProgressView};
 use super::RunArgs;
-use crate::config::Settings;
-use crate::job::{codec, Engine, JobOutput};
+use crate::config::{ConfigError, Settings};
+use crate::job::{codec, Engine, JobOutput, StorageSettings};
 use crate::progress;
 use crate::simulator::{SimConfig, Simulator};
 
@@ -58,14 +58,16 @@ fn fail(message: String) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Writes decoded images into `dir`, under their base names.
+/// Writes the decoded output files (images, videos, audio, other keys) into `dir`, under
+/// their base names.
 fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, String> {
-    let JobOutput::Images { images, .. } = output else {
+    let files = output.files();
+    if files.is_empty() {
         return Ok(Vec::new());
-    };
+    }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut written = Vec::new();
-    for image in images.iter().filter(|i| i.kind == "base64") {
+    for image in files.into_iter().filter(|i| i.kind == "base64") {
         let name = Path::new(&image.filename)
             .file_name()
             .map(|n| n.to_owned())
@@ -80,6 +82,17 @@ fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, String>
     Ok(written)
 }
 
+/// The settings for `run`: those of the environment, except that the inline output limit,
+/// which stands for the platform's result limit, applies only when `MAX_INLINE_OUTPUT_BYTES` is
+/// set (the output goes to stdout, which has no limit).
+fn settings_for_run(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+    let mut settings = Settings::from_lookup(&lookup)?;
+    if !StorageSettings::inline_limit_is_set(&lookup) {
+        settings.storage.max_inline_bytes = None;
+    }
+    Ok(settings)
+}
+
 /// Runs the command.
 pub(crate) async fn run(args: RunArgs) -> ExitCode {
     crate::telemetry::init("comfy_worker=warn", crate::telemetry::json_requested());
@@ -87,7 +100,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Ok(job) => job,
         Err(e) => return fail(e),
     };
-    let mut settings = match Settings::from_env() {
+    let mut settings = match settings_for_run(|k| std::env::var(k).ok()) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
@@ -169,7 +182,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::OutputImage;
+    use crate::job::{FileEntry, MoreOutputs};
 
     fn args() -> RunArgs {
         RunArgs {
@@ -182,6 +195,28 @@ mod tests {
             output_dir: None,
             comfy_host: None,
         }
+    }
+
+    #[test]
+    fn the_inline_limit_applies_only_when_set() {
+        let no_env = |_: &str| None;
+        assert_eq!(
+            settings_for_run(no_env).unwrap().storage.max_inline_bytes,
+            None
+        );
+        assert_eq!(
+            Settings::from_lookup(no_env)
+                .unwrap()
+                .storage
+                .max_inline_bytes,
+            Some(crate::job::storage::DEFAULT_MAX_INLINE_OUTPUT_BYTES),
+            "worker and serve keep the default"
+        );
+        let set = |k: &str| (k == "MAX_INLINE_OUTPUT_BYTES").then(|| "1000".to_owned());
+        assert_eq!(
+            settings_for_run(set).unwrap().storage.max_inline_bytes,
+            Some(1000)
+        );
     }
 
     #[test]
@@ -201,17 +236,28 @@ mod tests {
     #[test]
     fn writes_decoded_files_under_their_base_name() {
         let dir = tempfile::tempdir().unwrap();
+        let entry = |name: &str, data: &[u8]| FileEntry {
+            filename: name.into(),
+            kind: "base64".into(),
+            data: codec::encode(data),
+            content_type: "application/octet-stream".into(),
+            format: None,
+            frame_rate: None,
+        };
         let out = JobOutput::Images {
-            images: vec![OutputImage {
-                filename: "sub/../a.png".into(),
-                kind: "base64".into(),
-                data: codec::encode(b"png-bytes"),
-                content_type: None,
-            }],
+            images: vec![entry("sub/../a.png", b"png-bytes")],
+            more: Box::new(MoreOutputs {
+                videos: vec![entry("v.mp4", b"mp4-bytes")],
+                ..MoreOutputs::default()
+            }),
             errors: vec![],
         };
         let written = write_outputs(dir.path(), &out).unwrap();
-        assert_eq!(written, [dir.path().join("a.png")]);
+        assert_eq!(
+            written,
+            [dir.path().join("a.png"), dir.path().join("v.mp4")]
+        );
         assert_eq!(std::fs::read(&written[0]).unwrap(), b"png-bytes");
+        assert_eq!(std::fs::read(&written[1]).unwrap(), b"mp4-bytes");
     }
 }

@@ -217,15 +217,51 @@ pub struct FileRef {
     pub folder_type: String,
 }
 
+impl FileRef {
+    /// True for ComfyUI's `temp` folder (PreviewImage, PreviewAudio, VHS with `save_output` off).
+    pub fn is_temp(&self) -> bool {
+        self.folder_type == "temp"
+    }
+}
+
+/// What kind of file an output entry is, from the `ui` key it came under (protocol spec §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileKind {
+    /// `images`: SaveImage, PreviewImage, SaveAnimatedWEBP/PNG, and also the mp4/webm files of
+    /// SaveVideo/SaveWEBM (the node's `animated` flag is set then).
+    Image,
+    /// `gifs` (VideoHelperSuite's `VHS_VideoCombine`) or `videos`.
+    Video,
+    /// `audio`: SaveAudio, SaveAudioMP3/Opus, PreviewAudio.
+    Audio,
+    /// Any other key whose entries are file references (`latents`, `3d`, ...), by name.
+    Other(String),
+}
+
+impl FileKind {
+    fn from_key(key: &str) -> FileKind {
+        match key {
+            "images" => FileKind::Image,
+            "gifs" | "videos" => FileKind::Video,
+            "audio" => FileKind::Audio,
+            other => FileKind::Other(other.to_owned()),
+        }
+    }
+}
+
 /// One output file of a node, with the output key it came under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputFile {
-    /// The `ui` key (`images`, `gifs`, `audio`, ...).
+    /// The `ui` key as ComfyUI sent it (`images`, `gifs`, `audio`, ...).
     pub key: String,
+    /// What the key means.
+    pub kind: FileKind,
     /// Where to fetch it.
     pub file: FileRef,
-    /// `format` when the node gave one (VideoHelperSuite).
+    /// `format` when the node gave one (VideoHelperSuite: `video/h264-mp4`, `image/gif`, ...).
     pub format: Option<String>,
+    /// `frame_rate` when the node gave one (VideoHelperSuite), as sent (integer or float).
+    pub frame_rate: Option<serde_json::Number>,
 }
 
 /// Outputs of one node from `/history`.
@@ -407,6 +443,7 @@ pub(crate) fn parse_node_output(node_id: &str, ui: &Value) -> NodeOutput {
                     match obj.get("filename").and_then(Value::as_str) {
                         Some(filename) if !filename.is_empty() => out.files.push(OutputFile {
                             key: key.clone(),
+                            kind: FileKind::from_key(key),
                             file: FileRef {
                                 filename: filename.to_owned(),
                                 subfolder: obj
@@ -421,6 +458,10 @@ pub(crate) fn parse_node_output(node_id: &str, ui: &Value) -> NodeOutput {
                                     .to_owned(),
                             },
                             format: obj.get("format").and_then(Value::as_str).map(str::to_owned),
+                            frame_rate: match obj.get("frame_rate") {
+                                Some(Value::Number(n)) => Some(n.clone()),
+                                _ => None,
+                            },
                         }),
                         _ => out.problems.push(format!(
                             "Skipping image in node {node_id} due to missing filename: {}",
@@ -586,24 +627,56 @@ impl ObjectInfo {
     }
 }
 
-fn mime_for(name: &str) -> &'static str {
+/// The media type a file name's extension stands for, if it is a known one.
+pub fn media_type_for_name(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
-    let ext = lower.rsplit('.').next().unwrap_or("");
-    match ext {
+    let (_, ext) = lower.rsplit_once('.')?;
+    Some(match ext {
         "png" => "image/png",
         "jpg" | "jpeg" => "image/jpeg",
         "webp" => "image/webp",
         "gif" => "image/gif",
         "bmp" => "image/bmp",
         "tif" | "tiff" => "image/tiff",
-        "mp4" => "video/mp4",
+        "avif" => "image/avif",
+        "heic" => "image/heic",
+        "exr" => "image/x-exr",
+        "mp4" | "m4v" => "video/mp4",
         "webm" => "video/webm",
+        "mkv" => "video/x-matroska",
         "mov" => "video/quicktime",
+        "avi" => "video/x-msvideo",
         "wav" => "audio/wav",
         "mp3" => "audio/mpeg",
         "flac" => "audio/flac",
-        _ => "application/octet-stream",
-    }
+        "ogg" | "opus" => "audio/ogg",
+        "m4a" => "audio/mp4",
+        "glb" => "model/gltf-binary",
+        "json" => "application/json",
+        "txt" => "text/plain",
+        _ => return None,
+    })
+}
+
+fn mime_for(name: &str) -> &'static str {
+    media_type_for_name(name).unwrap_or("application/octet-stream")
+}
+
+/// One file for `POST /upload/image`, or `POST /upload/mask` when it has an `original_ref`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upload {
+    /// File name (ComfyUI keeps it with `overwrite=true`).
+    pub name: String,
+    /// The bytes.
+    pub data: Bytes,
+    /// Subfolder of the target folder ("" = its root).
+    pub subfolder: String,
+    /// Target folder: `input`, `temp` or `output`.
+    pub folder_type: String,
+    /// The part's media type; from the name when `None`.
+    pub content_type: Option<String>,
+    /// For a mask: the image whose alpha channel it replaces (`/upload/mask`).
+    pub original_ref: Option<FileRef>,
 }
 
 impl ComfyClient {
@@ -804,35 +877,73 @@ impl ComfyClient {
             .map_err(|e| self.transport_error(&what, e))
     }
 
-    /// `POST /upload/image` (multipart) with `overwrite=true`, like worker-comfyui.
+    /// `POST /upload/image` (multipart) of an input image with `overwrite=true`, like
+    /// worker-comfyui.
     pub async fn upload_image(
         &self,
         name: &str,
         data: Bytes,
         subfolder: &str,
     ) -> Result<UploadedFile, ComfyError> {
-        let what = format!("POST /upload/image {name}");
+        self.upload(&Upload {
+            name: name.to_owned(),
+            data,
+            subfolder: subfolder.to_owned(),
+            folder_type: "input".into(),
+            content_type: None,
+            original_ref: None,
+        })
+        .await
+    }
+
+    /// `POST /upload/image`, or `POST /upload/mask` when `upload.original_ref` is set (multipart,
+    /// `overwrite=true`). ComfyUI stores any file sent to `/upload/image`, not only images.
+    pub async fn upload(&self, upload: &Upload) -> Result<UploadedFile, ComfyError> {
+        let path = if upload.original_ref.is_some() {
+            "/upload/mask"
+        } else {
+            "/upload/image"
+        };
+        let name = &upload.name;
+        let what = format!("POST {path} {name}");
+        let content_type = upload
+            .content_type
+            .as_deref()
+            .unwrap_or_else(|| mime_for(name));
         let part = reqwest::multipart::Part::stream_with_length(
-            reqwest::Body::from(data.clone()),
-            data.len() as u64,
+            reqwest::Body::from(upload.data.clone()),
+            upload.data.len() as u64,
         )
-        .file_name(name.to_owned())
-        .mime_str(mime_for(name))
+        .file_name(name.clone())
+        .mime_str(content_type)
         .map_err(|e| ComfyError::Protocol {
             what: what.clone(),
             detail: e.to_string(),
         })?;
+        let folder_type = if upload.folder_type.is_empty() {
+            "input"
+        } else {
+            upload.folder_type.as_str()
+        };
         let mut form = reqwest::multipart::Form::new()
             .part("image", part)
             .text("overwrite", "true")
-            .text("type", "input");
-        if !subfolder.is_empty() {
-            form = form.text("subfolder", subfolder.to_owned());
+            .text("type", folder_type.to_owned());
+        if !upload.subfolder.is_empty() {
+            form = form.text("subfolder", upload.subfolder.clone());
+        }
+        if let Some(original) = &upload.original_ref {
+            let original = serde_json::json!({
+                "filename": original.filename,
+                "subfolder": original.subfolder,
+                "type": original.folder_type,
+            });
+            form = form.text("original_ref", original.to_string());
         }
         let resp = self
             .send(
                 &what,
-                self.http.post(self.url("/upload/image")).multipart(form),
+                self.http.post(self.url(path)).multipart(form),
                 self.options.request_timeout,
             )
             .await?;
@@ -949,6 +1060,45 @@ mod tests {
         assert!(
             matches!(HistoryEntry::parse(&interrupted).outcome, Outcome::Interrupted(ref i) if i.node_id == "2")
         );
+    }
+
+    #[test]
+    fn every_output_kind_is_typed() {
+        let ui = json!({
+            "images": [{"filename": "v_00001_.mp4", "subfolder": "video", "type": "output"}],
+            "animated": [true],
+            "gifs": [{"filename": "AnimateDiff_00001.mp4", "subfolder": "", "type": "temp",
+                      "format": "video/h264-mp4", "frame_rate": 8, "workflow": "AnimateDiff_00001.png",
+                      "fullpath": "/comfyui/temp/AnimateDiff_00001.mp4"}],
+            "audio": [{"filename": "a_00001_.flac", "subfolder": "audio", "type": "output"}],
+            "latents": [{"filename": "l_00001_.latent", "subfolder": "latents", "type": "output"}],
+            "text": ["20"],
+            "result": ["model.glb", {"camera": 1}],
+            "unfinished_batch": [true]
+        });
+        let out = parse_node_output("7", &ui);
+        assert!(out.animated);
+        assert_eq!(out.texts, ["20"]);
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let kinds: Vec<(&str, &FileKind)> = out
+            .files
+            .iter()
+            .map(|f| (f.file.filename.as_str(), &f.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("v_00001_.mp4", &FileKind::Image),
+                ("AnimateDiff_00001.mp4", &FileKind::Video),
+                ("a_00001_.flac", &FileKind::Audio),
+                ("l_00001_.latent", &FileKind::Other("latents".into())),
+            ]
+        );
+        let vhs = &out.files[1];
+        assert_eq!(vhs.format.as_deref(), Some("video/h264-mp4"));
+        assert_eq!(vhs.frame_rate, Some(8.into()));
+        assert!(vhs.file.is_temp());
+        assert_eq!(out.files[2].file.subfolder, "audio");
     }
 
     #[test]

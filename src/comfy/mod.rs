@@ -14,8 +14,9 @@ pub mod workflow;
 pub mod ws;
 
 pub use api::{
-    ClientOptions, ComfyClient, ExecutionFailure, FileRef, HistoryEntry, Interruption, NodeErrors,
-    NodeOutput, ObjectInfo, Outcome, OutputFile, PromptRejection, QueueSnapshot, SystemStats,
+    ClientOptions, ComfyClient, ExecutionFailure, FileKind, FileRef, HistoryEntry, Interruption,
+    NodeErrors, NodeOutput, ObjectInfo, Outcome, OutputFile, PromptRejection, QueueSnapshot,
+    SystemStats,
 };
 pub use error::ComfyError;
 pub use run::{ExtraData, NodeState, PromptEvent, PromptResult, WatchOptions};

@@ -119,11 +119,24 @@ impl Workflow {
         self.graph.is_empty()
     }
 
+    /// Nodes whose images come back only as binary WebSocket frames, never as files
+    /// (`SaveImageWebsocket`: a full-size PNG preview per image while it runs, nothing in
+    /// `/history`; protocol spec §2). Their [`crate::comfy::PromptEvent::Preview`]s are outputs.
+    pub fn websocket_image_nodes(&self) -> Vec<&str> {
+        self.nodes()
+            .filter(|n| n.class_type == Some(WEBSOCKET_IMAGE_CLASS))
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// The graph as sent to `POST /prompt`.
     pub fn as_json(&self) -> &Map<String, Value> {
         &self.graph
     }
 }
+
+/// The node class that returns images over the socket (`custom_nodes/websocket_image_save.py`).
+const WEBSOCKET_IMAGE_CLASS: &str = "SaveImageWebsocket";
 
 /// UI-format exports have `nodes` (array) and `links` (array), usually `last_node_id` and `version`.
 fn is_ui_format(graph: &Map<String, Value>) -> bool {
@@ -173,5 +186,13 @@ mod tests {
         assert_eq!(ids, ["10", "2"]);
         assert_eq!(wf.nodes().next().unwrap().title, Some("Save"));
         assert_eq!(wf.class_type("2"), Some("EmptyImage"));
+        assert!(wf.websocket_image_nodes().is_empty());
+        let wf = Workflow::from_value(json!({
+            "1": {"class_type": "SaveImageWebsocket", "inputs": {}},
+            "2": {"class_type": "SaveImage", "inputs": {}},
+            "3": {"class_type": "SaveImageWebsocket", "inputs": {}}
+        }))
+        .unwrap();
+        assert_eq!(wf.websocket_image_nodes(), ["1", "3"]);
     }
 }

@@ -1,8 +1,9 @@
 //! The job engine: validates a job's input, uploads its images, runs the workflow on ComfyUI
-//! with live progress, and assembles worker-comfyui's output. It sees ComfyUI only through
-//! [`crate::comfy`]'s typed API, never its JSON.
+//! with live progress, and assembles worker-comfyui's output (files inline or in a bucket, see
+//! [`storage`]). It sees ComfyUI only through [`crate::comfy`]'s typed API, never its JSON.
 
 pub mod codec;
+pub mod collect;
 pub mod input;
 pub mod output;
 mod report;
@@ -11,30 +12,30 @@ pub mod storage;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::comfy::api::Upload;
 use crate::comfy::{
-    ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, OutputFile, PromptResult,
-    WatchOptions,
+    ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptResult, WatchOptions,
 };
 use crate::config::Settings;
 use crate::progress::{ProgressSender, ProgressTracker};
 
+pub use collect::{CollectedFile, WebSocketImages};
 pub use input::{parse_input, JobInput};
-pub use output::{JobOutput, OutputImage};
-pub use storage::{CollectedFile, JobStorage, Storage, StorageSettings, UploadMode};
-
-/// Output files fetched from `/view` at once.
-const FETCH_CONCURRENCY: usize = 4;
+pub use output::{
+    FileEntry, JobOutput, MoreOutputs, OutputImage, OutputKind, OutputOptions, Outputs,
+};
+pub use storage::{JobStorage, Storage, StorageSettings, UploadMode};
 
 /// Runs jobs against one ComfyUI.
 #[derive(Debug, Clone)]
 pub struct Engine {
     comfy: ComfyClient,
     settings: Settings,
+    inputs: input::Fetcher,
     storage: Storage,
 }
 
@@ -56,10 +57,12 @@ impl Engine {
                 view_timeout: settings.view_timeout,
             },
         )?;
+        let inputs = input::Fetcher::new(&settings.inputs);
         let storage = Storage::new(settings.storage.clone());
         Ok(Engine {
             comfy,
             settings,
+            inputs,
             storage,
         })
     }
@@ -150,12 +153,12 @@ impl Engine {
         &self,
         job_id: &str,
         input: Option<&Value>,
-        options: &JobOptions,
+        job: &JobOptions,
         progress: &ProgressSender,
         cancel: &CancellationToken,
     ) -> JobOutput {
         let span = tracing::info_span!("job", job_id = %job_id);
-        self.run_inner(job_id, input, options, progress, cancel)
+        self.run_inner(job_id, input, job, progress, cancel)
             .instrument(span)
             .await
     }
@@ -164,13 +167,15 @@ impl Engine {
         &self,
         job_id: &str,
         raw_input: Option<&Value>,
-        options: &JobOptions,
+        job: &JobOptions,
         progress: &ProgressSender,
         cancel: &CancellationToken,
     ) -> JobOutput {
         let started = Instant::now();
-        let input = match input::parse_input(raw_input) {
-            Ok(i) => i,
+        let parsed = input::parse_input(raw_input)
+            .and_then(|i| OutputOptions::parse(raw_input).map(|options| (i, options)));
+        let (input, options) = match parsed {
+            Ok(parsed) => parsed,
             Err(out) => {
                 info!(
                     error = out.error_message().unwrap_or(""),
@@ -181,18 +186,38 @@ impl Engine {
         };
         info!(
             nodes = input.workflow.len(),
-            images = input.images.len(),
+            files = input.files.len(),
             "job started"
         );
-        let s3_config = storage::job_s3_config(options.s3_config.as_ref(), raw_input);
-        let storage = match self.storage.for_job(job_id, s3_config.as_ref()) {
+        // The job's bucket (its s3Config, checked by the SSRF guard, else the worker's): where
+        // `s3://` inputs come from and outputs may go. An unusable s3Config fails the job here.
+        let s3_config = storage::job_s3_config(job.s3_config.as_ref(), raw_input);
+        let storage = match self.storage.for_job(job_id, s3_config.as_ref()).await {
             Ok(s) => s,
-            Err(msg) => return JobOutput::error(msg),
+            Err(message) => {
+                info!(error = %message, "job s3Config rejected");
+                return JobOutput::error(message);
+            }
         };
-        if let Err(msg) = self.wait_until_ready(cancel).await {
-            return JobOutput::error(msg);
-        }
-        if let Err(out) = self.upload_images(&input).await {
+        // Input files are downloaded while ComfyUI may still be starting; a bad URL fails the
+        // job before anything is uploaded.
+        let fetch = self.inputs.fetch_all(&input.files, &storage, cancel);
+        let ready = async {
+            self.wait_until_ready(cancel)
+                .await
+                .map_err(JobOutput::error)
+        };
+        let uploads = match tokio::try_join!(fetch, ready) {
+            Ok((uploads, ())) => uploads,
+            Err(out) => {
+                info!(
+                    error = out.error_message().unwrap_or(""),
+                    "job stopped before queueing"
+                );
+                return out;
+            }
+        };
+        if let Err(out) = self.upload_files(&uploads).await {
             return out;
         }
         let mut extra = ExtraData::new();
@@ -207,6 +232,14 @@ impl Engine {
             );
         }
         let mut tracker = ProgressTracker::new(&input.workflow, started);
+        let mut ws_images = WebSocketImages::new(
+            input
+                .workflow
+                .websocket_image_nodes()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        );
         let result = self
             .comfy
             .run_prompt(
@@ -215,6 +248,7 @@ impl Engine {
                 &self.watch_options(),
                 cancel,
                 &mut |event| {
+                    ws_images.observe(&event);
                     if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
                         progress.send(snapshot);
                     }
@@ -244,7 +278,7 @@ impl Engine {
         if matches!(result.outcome, Outcome::Success) && !result.cancelled {
             progress.send(tracker.finished(Instant::now()));
         }
-        let output = self.collect(result, &storage).await;
+        let output = self.collect(result, ws_images, &options, &storage).await;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             ok = !output.is_error(),
@@ -253,23 +287,23 @@ impl Engine {
         output
     }
 
-    async fn upload_images(&self, input: &JobInput) -> Result<(), JobOutput> {
+    /// Uploads the input files in order (a mask after the image it refers to, when listed so):
+    /// masks to `/upload/mask`, everything else to `/upload/image`.
+    async fn upload_files(&self, uploads: &[Upload]) -> Result<(), JobOutput> {
         let mut problems = Vec::new();
-        for image in &input.images {
-            match self
-                .comfy
-                .upload_image(&image.name, image.data.clone(), "")
-                .await
-            {
-                Ok(stored) if stored.name != image.name => {
-                    warn!(requested = %image.name, stored = %stored.name, "ComfyUI stored the input under another name");
+        for upload in uploads {
+            match self.comfy.upload(upload).await {
+                Ok(stored) if stored.name != upload.name => {
+                    warn!(requested = %upload.name, stored = %stored.name, "ComfyUI stored the input under another name");
                 }
                 Ok(_) => {}
-                Err(e) => problems.push(format!("Error uploading {}: {e}", image.name)),
+                Err(e) => problems.push(format!("Error uploading {}: {e}", upload.name)),
             }
         }
         if problems.is_empty() {
-            info!(count = input.images.len(), "input images uploaded");
+            if !uploads.is_empty() {
+                info!(count = uploads.len(), "input files uploaded");
+            }
             Ok(())
         } else {
             Err(JobOutput::error_with_details(
@@ -279,9 +313,15 @@ impl Engine {
         }
     }
 
-    /// Fetches the returnable files, places them (base64 or bucket, see [`storage`]) and
-    /// applies worker-comfyui's assembly rules.
-    async fn collect(&self, result: PromptResult, storage: &JobStorage) -> JobOutput {
+    /// Fetches the returnable outputs, delivers them (inline or to the job's bucket) and applies
+    /// worker-comfyui's assembly rules (see [`collect`] for the steps).
+    async fn collect(
+        &self,
+        result: PromptResult,
+        ws_images: WebSocketImages,
+        options: &OutputOptions,
+        storage: &JobStorage,
+    ) -> JobOutput {
         let mut errors = Vec::new();
         match &result.outcome {
             Outcome::Success => {}
@@ -296,70 +336,41 @@ impl Engine {
         }
         errors.extend(report::dropped_outputs(&result.dropped_outputs));
         errors.extend(result.warnings.iter().cloned());
-        if result.outputs.is_empty() && errors.is_empty() {
+        if result.outputs.is_empty() && ws_images.is_empty() && errors.is_empty() {
             errors.push(format!(
                 "No outputs found in history for prompt {}.",
                 result.prompt_id
             ));
         }
-        let mut wanted: Vec<OutputFile> = Vec::new();
         for node in &result.outputs {
             errors.extend(node.problems.iter().cloned());
-            let mut unhandled: Vec<&str> = Vec::new();
-            for file in &node.files {
-                if file.key != "images" {
-                    if !unhandled.contains(&file.key.as_str()) {
-                        unhandled.push(&file.key);
-                    }
-                } else if file.file.folder_type != "temp" {
-                    wanted.push(file.clone());
-                }
-            }
-            if !unhandled.is_empty() {
-                warn!(node = %node.node_id, keys = ?unhandled, "node produced output kinds this version does not return");
-            }
         }
-        let fetched: Vec<Result<CollectedFile, String>> = futures_util::stream::iter(wanted)
-            .map(|file| {
-                let comfy = self.comfy.clone();
-                async move {
-                    match comfy.view(&file.file).await {
-                        Ok(bytes) => Ok(CollectedFile::new(file.file.filename.clone(), bytes)),
-                        Err(e) => Err(format!(
-                            "Failed to fetch image data for {} from /view endpoint: {e}",
-                            file.file.filename
-                        )),
-                    }
-                }
-            })
-            .buffered(FETCH_CONCURRENCY)
-            .collect()
-            .await;
-        let mut files = Vec::new();
-        for f in fetched {
-            match f {
-                Ok(file) => files.push(file),
-                Err(e) => errors.push(e),
-            }
+        let selection = collect::select(&result.outputs, options);
+        let mut files = self.fetch_files(selection.files, &mut errors).await;
+        let (ws_files, ws_warning) = ws_images.finish();
+        if options.wants(OutputKind::Images.name()) {
+            files.extend(ws_files);
+            errors.extend(ws_warning);
         }
-        let placed = match storage.place(files).await {
-            Ok(placed) => placed,
+        let outputs = match self
+            .deliver_files(storage, files, selection.texts, &mut errors)
+            .await
+        {
+            Ok(outputs) => outputs,
+            // Over the inline limit with nowhere to upload to: the platform would refuse it.
             Err(too_large) if errors.is_empty() => return JobOutput::error(too_large),
             Err(too_large) => return JobOutput::error_with_details(too_large, errors),
         };
-        let mut images = Vec::new();
-        for entry in placed {
-            match entry {
-                Ok(img) => images.push(img),
-                Err(e) => errors.push(e),
-            }
-        }
         info!(
-            images = images.len(),
+            images = outputs.images.len(),
+            videos = outputs.more.videos.len(),
+            audio = outputs.more.audio.len(),
+            texts = outputs.more.text.len(),
+            other = outputs.more.other.values().map(Vec::len).sum::<usize>(),
             warnings = errors.len(),
             "outputs collected"
         );
-        if images.is_empty() {
+        if outputs.is_empty() {
             // Lead with what stopped the prompt, not worker-comfyui's generic "Job processing failed".
             let headline = match &result.outcome {
                 Outcome::Failed(f) => Some(report::execution_error(f)),
@@ -370,7 +381,7 @@ impl Engine {
                 return JobOutput::error_with_details(headline, errors);
             }
         }
-        JobOutput::from_parts(images, errors)
+        JobOutput::from_outputs(outputs, errors)
     }
 }
 

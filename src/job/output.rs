@@ -1,24 +1,141 @@
-//! The job output, exactly as worker-comfyui returns it:
-//! `{"images": [{"filename", "type": "base64", "data"}], "errors"?: [...]}` (uploaded files:
-//! `{"filename", "type": "s3_url", "data": <presigned URL>, "content_type"}`),
-//! `{"status": "success_no_images", "images": []}`, or `{"error": "...", "details"?: [...]}`.
+//! The job output: worker-comfyui's shapes, extended with the output kinds it drops.
+//!
+//! * Success: `{"images": [entry…], "videos"?: [entry…], "audio"?: [entry…], "text"?: ["…"],
+//!   "<other key>"?: [entry…], "errors"?: ["…"]}`.
+//! * Nothing in `images`: `{"status": "success_no_images", "images": [], …the other kinds, "errors"?}`
+//!   (worker-comfyui's marker, with the other kinds next to it).
+//! * Failure: `{"error": "…", "details"?: ["…"]}`.
+//!
+//! A file entry is `{"filename", "type": "base64", "data", "content_type"}`, plus `format` and
+//! `frame_rate` when the node gave them (VideoHelperSuite); a file uploaded to a bucket (see
+//! [`super::storage`]) has `"type": "s3_url"` and a presigned GET URL in `data`, in the same
+//! shape. `output.images` holds exactly what worker-comfyui returned (same entries, same order,
+//! `s3_url` entries as worker-comfyui's with a bucket), each with a `content_type` added.
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Number, Value};
 
-/// One returned image.
+use crate::comfy::workflow::json_type;
+
+/// One returned file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OutputImage {
-    /// The file name ComfyUI gave it.
+pub struct FileEntry {
+    /// The file name ComfyUI gave it (or a generated one for WebSocket images).
     pub filename: String,
-    /// `base64` (or `s3_url`).
+    /// `base64`, or `s3_url` for a file uploaded to a bucket.
     #[serde(rename = "type")]
     pub kind: String,
-    /// Base64 of the file (or a URL).
+    /// Base64 of the file, or the presigned URL of the uploaded object.
     pub data: String,
-    /// The MIME type, for `s3_url` entries (absent on base64 ones, as in worker-comfyui).
+    /// MIME type, from the file extension (see [`content_type_for`]).
+    pub content_type: String,
+    /// The container/codec VideoHelperSuite reported, e.g. `video/h264-mp4`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
+    pub format: Option<String>,
+    /// Frames per second VideoHelperSuite reported, as it sent it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame_rate: Option<Number>,
+}
+
+/// The name worker-comfyui's schema uses for a returned file.
+pub type OutputImage = FileEntry;
+
+/// Where a returned file goes in the output.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OutputKind {
+    /// `images` (also SaveVideo's and SaveWEBM's mp4/webm files, which ComfyUI lists there).
+    Images,
+    /// `videos` (ComfyUI's `gifs` and `videos` keys).
+    Videos,
+    /// `audio`.
+    Audio,
+    /// Any other ComfyUI key holding files, under its own name (see [`OutputKind::other`]).
+    Other(String),
+}
+
+/// Output keys a file key of ComfyUI's may not take over.
+const RESERVED_KEYS: [&str; 8] = [
+    "images", "videos", "audio", "text", "status", "errors", "error", "details",
+];
+
+impl OutputKind {
+    /// An unknown ComfyUI key; one that would collide with a key of the output schema is
+    /// prefixed with `output_` (e.g. a node's `errors` files become `output_errors`).
+    pub fn other(key: &str) -> OutputKind {
+        if RESERVED_KEYS.contains(&key) {
+            OutputKind::Other(format!("output_{key}"))
+        } else {
+            OutputKind::Other(key.to_owned())
+        }
+    }
+
+    /// The key in the output JSON, and the name `input.output.kinds` uses.
+    pub fn name(&self) -> &str {
+        match self {
+            OutputKind::Images => "images",
+            OutputKind::Videos => "videos",
+            OutputKind::Audio => "audio",
+            OutputKind::Other(name) => name,
+        }
+    }
+}
+
+/// The name of text outputs (`text`, e.g. PreviewAny) in the output and in `kinds`.
+pub const TEXT_KIND: &str = "text";
+
+/// Everything but `images`, each kind omitted when empty.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct MoreOutputs {
+    /// Videos and animations from ComfyUI's `gifs` / `videos` keys.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub videos: Vec<FileEntry>,
+    /// Audio files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audio: Vec<FileEntry>,
+    /// Text outputs (`text`), in node order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub text: Vec<String>,
+    /// Files under other keys, by key name.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Vec<FileEntry>>,
+}
+
+impl MoreOutputs {
+    /// True when no other kind has anything.
+    pub fn is_empty(&self) -> bool {
+        self.videos.is_empty()
+            && self.audio.is_empty()
+            && self.text.is_empty()
+            && self.other.values().all(Vec::is_empty)
+    }
+}
+
+/// The returned outputs of a run, by kind, before the assembly rules.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outputs {
+    /// `images`.
+    pub images: Vec<FileEntry>,
+    /// The other kinds.
+    pub more: MoreOutputs,
+}
+
+impl Outputs {
+    /// Adds a file under its kind, keeping the order of arrival within each kind.
+    pub fn push(&mut self, kind: &OutputKind, entry: FileEntry) {
+        match kind {
+            OutputKind::Images => self.images.push(entry),
+            OutputKind::Videos => self.more.videos.push(entry),
+            OutputKind::Audio => self.more.audio.push(entry),
+            OutputKind::Other(name) => self.more.other.entry(name.clone()).or_default().push(entry),
+        }
+    }
+
+    /// True when nothing at all is returned.
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty() && self.more.is_empty()
+    }
 }
 
 /// What a job returns.
@@ -28,17 +145,26 @@ pub enum JobOutput {
     /// At least one image; `errors` lists non-fatal problems.
     Images {
         /// The images.
-        images: Vec<OutputImage>,
+        images: Vec<FileEntry>,
+        /// The other kinds (each omitted when empty).
+        #[serde(flatten)]
+        more: Box<MoreOutputs>,
         /// Warnings (omitted when empty).
         #[serde(skip_serializing_if = "Vec::is_empty")]
         errors: Vec<String>,
     },
-    /// Ran fine but produced no returnable image.
+    /// Ran fine but produced no returnable image; other kinds may be present.
     NoImages {
         /// Always `success_no_images`.
         status: &'static str,
         /// Always empty.
-        images: Vec<OutputImage>,
+        images: Vec<FileEntry>,
+        /// The other kinds (each omitted when empty).
+        #[serde(flatten)]
+        more: Box<MoreOutputs>,
+        /// Warnings (omitted when empty; only present next to other kinds).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        errors: Vec<String>,
     },
     /// The job failed.
     Failed {
@@ -67,14 +193,34 @@ impl JobOutput {
         }
     }
 
-    /// The result of a run, from its images and warnings (worker-comfyui's assembly rules).
-    pub fn from_parts(images: Vec<OutputImage>, errors: Vec<String>) -> JobOutput {
+    /// The result of a run that returns only images (worker-comfyui's assembly rules).
+    pub fn from_parts(images: Vec<FileEntry>, errors: Vec<String>) -> JobOutput {
+        JobOutput::from_outputs(
+            Outputs {
+                images,
+                more: MoreOutputs::default(),
+            },
+            errors,
+        )
+    }
+
+    /// The result of a run: images first (worker-comfyui's rules), then the other kinds. With
+    /// no images, the `success_no_images` marker carries the other kinds; with nothing at all
+    /// and warnings, the job failed (`Job processing failed`), as in worker-comfyui.
+    pub fn from_outputs(outputs: Outputs, errors: Vec<String>) -> JobOutput {
+        let Outputs { images, more } = outputs;
         if !images.is_empty() {
-            JobOutput::Images { images, errors }
-        } else if errors.is_empty() {
+            JobOutput::Images {
+                images,
+                more: Box::new(more),
+                errors,
+            }
+        } else if errors.is_empty() || !more.is_empty() {
             JobOutput::NoImages {
                 status: "success_no_images",
                 images: Vec::new(),
+                more: Box::new(more),
+                errors,
             }
         } else {
             JobOutput::error_with_details("Job processing failed", errors)
@@ -94,9 +240,157 @@ impl JobOutput {
         }
     }
 
+    /// Every returned file: images, videos, audio, then the other keys.
+    pub fn files(&self) -> Vec<&FileEntry> {
+        match self {
+            JobOutput::Images { images, more, .. } | JobOutput::NoImages { images, more, .. } => {
+                images
+                    .iter()
+                    .chain(&more.videos)
+                    .chain(&more.audio)
+                    .chain(more.other.values().flatten())
+                    .collect()
+            }
+            JobOutput::Failed { .. } => Vec::new(),
+        }
+    }
+
     /// As JSON.
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Per-job output options, `input.output`:
+/// `{"include_temp": false, "kinds": ["images", "videos", "audio", "text", …]}`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OutputOptions {
+    /// Also return files from ComfyUI's `temp` folder (PreviewImage, PreviewAudio, …).
+    pub include_temp: bool,
+    /// The output keys to return; `None` = every kind.
+    pub kinds: Option<Vec<String>>,
+}
+
+const OUTPUT_SHAPE: &str =
+    r#"{"include_temp": false, "kinds": ["images", "videos", "audio", "text"]}"#;
+
+impl OutputOptions {
+    /// Reads `input.output` (absent or `null`: the defaults). `input` is the job's `input`,
+    /// an object or a string holding one, already accepted by [`super::parse_input`].
+    pub fn parse(input: Option<&Value>) -> Result<OutputOptions, JobOutput> {
+        let parsed;
+        let input = match input {
+            Some(Value::String(s)) => {
+                parsed = serde_json::from_str::<Value>(s).unwrap_or(Value::Null);
+                &parsed
+            }
+            Some(v) => v,
+            None => return Ok(OutputOptions::default()),
+        };
+        let obj = match input.get("output") {
+            None | Some(Value::Null) => return Ok(OutputOptions::default()),
+            Some(Value::Object(obj)) => obj,
+            Some(other) => {
+                return Err(JobOutput::error(format!(
+                    "'output' must be an object like {OUTPUT_SHAPE}, got {}",
+                    json_type(other)
+                )))
+            }
+        };
+        let mut options = OutputOptions::default();
+        for (key, value) in obj {
+            match (key.as_str(), value) {
+                (_, Value::Null) => {}
+                ("include_temp", Value::Bool(b)) => options.include_temp = *b,
+                ("include_temp", other) => {
+                    return Err(JobOutput::error(format!(
+                        "'output.include_temp' must be true or false, got {}",
+                        json_type(other)
+                    )))
+                }
+                ("kinds", Value::Array(list)) => {
+                    let names: Option<Vec<String>> = list
+                        .iter()
+                        .map(|v| v.as_str().filter(|s| !s.trim().is_empty()).map(str::to_owned))
+                        .collect();
+                    match names {
+                        Some(names) => options.kinds = Some(names),
+                        None => return Err(kinds_error()),
+                    }
+                }
+                ("kinds", _) => return Err(kinds_error()),
+                (other, _) => {
+                    return Err(JobOutput::error(format!(
+                        "'output' has an unknown key '{other}'; it takes 'include_temp' and 'kinds', like {OUTPUT_SHAPE}"
+                    )))
+                }
+            }
+        }
+        Ok(options)
+    }
+
+    /// Whether outputs of this kind (an output key: `images`, `videos`, `audio`, `text`, or
+    /// another key's name) are returned.
+    pub fn wants(&self, kind: &str) -> bool {
+        self.kinds
+            .as_ref()
+            .is_none_or(|kinds| kinds.iter().any(|k| k == kind))
+    }
+}
+
+fn kinds_error() -> JobOutput {
+    JobOutput::error(format!(
+        "'output.kinds' must be a list of output names (\"images\", \"videos\", \"audio\", \"text\", or another output key), like {OUTPUT_SHAPE}"
+    ))
+}
+
+/// The MIME type of a returned file: from its extension, else VideoHelperSuite's `format` when
+/// it looks like a MIME type, else `application/octet-stream`. The extension wins over `format`
+/// because VideoHelperSuite's formats are not all MIME types (`video/h264-mp4` is an `.mp4`).
+pub fn content_type_for(filename: &str, format: Option<&str>) -> String {
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .unwrap_or_default();
+    let known = match ext.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" | "jpe" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        "tif" | "tiff" => "image/tiff",
+        "svg" => "image/svg+xml",
+        "avif" => "image/avif",
+        "mp4" | "m4v" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        "mkv" => "video/x-matroska",
+        "avi" => "video/x-msvideo",
+        "flac" => "audio/flac",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "ogg" | "opus" => "audio/ogg",
+        "m4a" => "audio/mp4",
+        "aac" => "audio/aac",
+        "glb" => "model/gltf-binary",
+        "gltf" => "model/gltf+json",
+        "obj" => "model/obj",
+        "json" => "application/json",
+        "txt" => "text/plain",
+        _ => "",
+    };
+    if !known.is_empty() {
+        return known.to_owned();
+    }
+    match format {
+        Some(f)
+            if f.split_once('/').is_some_and(|(t, s)| {
+                !t.is_empty() && !s.is_empty() && !f.contains(char::is_whitespace)
+            }) =>
+        {
+            f.to_owned()
+        }
+        _ => "application/octet-stream".to_owned(),
     }
 }
 
@@ -105,17 +399,23 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn shapes_match_worker_comfyui() {
-        let img = OutputImage {
-            filename: "a.png".into(),
+    fn entry(name: &str) -> FileEntry {
+        FileEntry {
+            filename: name.into(),
             kind: "base64".into(),
             data: "aGk=".into(),
-            content_type: None,
-        };
+            content_type: content_type_for(name, None),
+            format: None,
+            frame_rate: None,
+        }
+    }
+
+    #[test]
+    fn shapes_match_worker_comfyui() {
+        let img = entry("a.png");
         assert_eq!(
             JobOutput::from_parts(vec![img.clone()], vec![]).to_json(),
-            json!({"images": [{"filename": "a.png", "type": "base64", "data": "aGk="}]})
+            json!({"images": [{"filename": "a.png", "type": "base64", "data": "aGk=", "content_type": "image/png"}]})
         );
         assert_eq!(
             JobOutput::from_parts(vec![img], vec!["w".into()]).to_json()["errors"],
@@ -130,5 +430,123 @@ mod tests {
             json!({"error": "Job processing failed", "details": ["x"]})
         );
         assert_eq!(JobOutput::error("e").to_json(), json!({"error": "e"}));
+    }
+
+    #[test]
+    fn other_kinds_sit_next_to_images_or_the_no_images_marker() {
+        let mut outputs = Outputs::default();
+        let mut video = entry("v_00001.mp4");
+        video.format = Some("video/h264-mp4".into());
+        video.frame_rate = Some(8.into());
+        outputs.push(&OutputKind::Videos, video);
+        outputs.push(&OutputKind::Audio, entry("a_00001_.flac"));
+        outputs.push(&OutputKind::other("latents"), entry("l_00001_.latent"));
+        outputs.more.text.push("20".into());
+        let out = JobOutput::from_outputs(outputs.clone(), vec!["w".into()]).to_json();
+        assert_eq!(
+            out,
+            json!({
+                "status": "success_no_images", "images": [],
+                "videos": [{"filename": "v_00001.mp4", "type": "base64", "data": "aGk=", "content_type": "video/mp4",
+                            "format": "video/h264-mp4", "frame_rate": 8}],
+                "audio": [{"filename": "a_00001_.flac", "type": "base64", "data": "aGk=", "content_type": "audio/flac"}],
+                "text": ["20"],
+                "latents": [{"filename": "l_00001_.latent", "type": "base64", "data": "aGk=", "content_type": "application/octet-stream"}],
+                "errors": ["w"]
+            })
+        );
+        let keys: Vec<String> = out.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            keys,
+            ["status", "images", "videos", "audio", "text", "latents", "errors"]
+        );
+        outputs.push(&OutputKind::Images, entry("i.png"));
+        let out = JobOutput::from_outputs(outputs, vec![]);
+        let json = out.to_json();
+        assert_eq!(json["images"][0]["filename"], "i.png");
+        assert!(json.get("status").is_none() && json.get("errors").is_none());
+        let names: Vec<&str> = out.files().iter().map(|f| f.filename.as_str()).collect();
+        assert_eq!(
+            names,
+            ["i.png", "v_00001.mp4", "a_00001_.flac", "l_00001_.latent"]
+        );
+    }
+
+    #[test]
+    fn reserved_keys_are_prefixed() {
+        assert_eq!(OutputKind::other("errors").name(), "output_errors");
+        assert_eq!(OutputKind::other("3d").name(), "3d");
+    }
+
+    #[test]
+    fn options_parse_with_clear_errors() {
+        let parse = |v: Value| OutputOptions::parse(Some(&v));
+        assert_eq!(
+            parse(json!({"workflow": {}})).unwrap(),
+            OutputOptions::default()
+        );
+        assert_eq!(
+            parse(json!({"output": null})).unwrap(),
+            OutputOptions::default()
+        );
+        let o =
+            parse(json!({"output": {"include_temp": true, "kinds": ["videos", "text"]}})).unwrap();
+        assert!(o.include_temp);
+        assert!(o.wants("videos") && o.wants("text") && !o.wants("images"));
+        assert!(OutputOptions::default().wants("latents"));
+        let s = json!({"output": {"kinds": ["audio"]}}).to_string();
+        assert!(!OutputOptions::parse(Some(&Value::String(s)))
+            .unwrap()
+            .wants("images"));
+        for (bad, expected) in [
+            (json!({"output": "all"}), "'output' must be an object"),
+            (
+                json!({"output": {"include_temp": "yes"}}),
+                "'output.include_temp' must be true or false, got a string",
+            ),
+            (
+                json!({"output": {"kinds": "images"}}),
+                "'output.kinds' must be a list",
+            ),
+            (
+                json!({"output": {"kinds": [1]}}),
+                "'output.kinds' must be a list",
+            ),
+            (
+                json!({"output": {"kinds": [""]}}),
+                "'output.kinds' must be a list",
+            ),
+            (
+                json!({"output": {"include_temps": true}}),
+                "unknown key 'include_temps'",
+            ),
+        ] {
+            let err = parse(bad.clone()).unwrap_err();
+            let msg = err.error_message().unwrap();
+            assert!(msg.contains(expected), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn content_types_from_extension_then_format() {
+        assert_eq!(content_type_for("a.PNG", None), "image/png");
+        assert_eq!(
+            content_type_for("v.mp4", Some("video/h264-mp4")),
+            "video/mp4"
+        );
+        assert_eq!(content_type_for("a.gif", Some("image/gif")), "image/gif");
+        assert_eq!(content_type_for("a.flac", None), "audio/flac");
+        assert_eq!(
+            content_type_for("x.bin", Some("video/ProRes")),
+            "video/ProRes"
+        );
+        assert_eq!(
+            content_type_for("x", Some("nonsense")),
+            "application/octet-stream"
+        );
+        assert_eq!(
+            content_type_for("x.latent", None),
+            "application/octet-stream"
+        );
     }
 }

@@ -1,39 +1,49 @@
-//! Where a job's output files go: inline as base64 (worker-comfyui's default), or uploaded to an
-//! S3-compatible bucket and returned as presigned GET URLs (`"type": "s3_url"`).
+//! A job's bucket: where its output files go, inline as base64 (worker-comfyui's default) or
+//! uploaded to an S3-compatible bucket and returned as presigned GET URLs (`"type": "s3_url"`),
+//! and where its `s3://bucket/key` inputs are read from.
 //!
 //! * The bucket comes from `BUCKET_ENDPOINT_URL` / `BUCKET_ACCESS_KEY_ID` /
 //!   `BUCKET_SECRET_ACCESS_KEY` (worker-comfyui's names) plus `BUCKET_NAME`, `BUCKET_PREFIX`,
 //!   `BUCKET_REGION`, or, for one job, from the job's `s3Config` (the platform's field,
 //!   `{accessId, accessSecret, bucketName, endpointUrl}`), which replaces the env bucket.
-//! * `OUTPUT_UPLOAD` picks when to upload: `auto` (default) only when the base64 output would
-//!   exceed `MAX_INLINE_OUTPUT_BYTES` (the largest files go first, until the rest fits),
-//!   `always`, or `never`. An output over the limit that cannot be uploaded fails the job with a
-//!   message naming its size and the fix, instead of a result the platform would refuse.
-//! * Keys are `{prefix}/{job_id}/{filename}`; files above [`StorageSettings::multipart_threshold`]
-//!   go up as a multipart upload. A failed upload is an `errors` entry
-//!   (`Error uploading {filename} to S3: …`), never a failed worker.
+//! * A job's `s3Config.endpointUrl` comes from the client, so it passes the SSRF guard of
+//!   [`crate::net`] (checked when the job starts, and every connection through a guarded
+//!   resolver): loopback, private, link-local and metadata addresses are refused unless
+//!   `ALLOW_PRIVATE_S3_ENDPOINTS=true`. The operator's `BUCKET_ENDPOINT_URL` is trusted.
+//! * `OUTPUT_UPLOAD` picks when to upload: `auto` (default) only when the result would exceed
+//!   `MAX_INLINE_OUTPUT_BYTES` (the largest files go first, until the rest fits), `always`, or
+//!   `never`. A result over the limit that cannot be uploaded fails the job with a message
+//!   naming its size and the fix, instead of a result the platform would refuse. Every file kind
+//!   (images, videos, audio, other keys) may be uploaded; text outputs stay inline.
+//! * Keys are `{prefix}/{job_id}/{subfolder}/{filename}` (no subfolder for most outputs); files
+//!   above [`StorageSettings::multipart_threshold`] go up as a multipart upload. A failed upload
+//!   is an `errors` entry (`Error uploading {filename} to S3: …`), never a failed worker.
+//! * `s3://bucket/key` inputs ([`JobStorage::read`]) are read from the job's bucket when the
+//!   bucket names match, within `INPUT_URL_MAX_BYTES`.
 //!
-//! Secrets never reach logs or messages: they are [`Secret`]s, and upload errors are scrubbed.
+//! Secrets never reach logs or messages: they are [`Secret`]s, and S3 errors are scrubbed.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{HttpClient, HttpConnector};
 use object_store::path::Path as ObjectPath;
 use object_store::signer::{Method, Signer};
 use object_store::{
-    Attribute, Attributes, BackoffConfig, ClientOptions, ObjectStore, PutMultipartOptions,
-    PutOptions, PutPayload, RetryConfig,
+    Attribute, Attributes, BackoffConfig, ClientOptions, GetOptions, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, RetryConfig,
 };
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use super::codec;
-use super::output::OutputImage;
+use super::collect::{base64_entry, CollectedFile};
+use super::output::FileEntry;
 use crate::config::{ConfigError, Secret};
+use crate::net::{Guard, UrlError};
 
 /// `MAX_INLINE_OUTPUT_BYTES` default: 15 MiB of JSON, leaving room under the ~20 MB the
 /// platform's job-done endpoint accepts (worker-comfyui#129).
@@ -46,12 +56,17 @@ pub const DEFAULT_MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
 pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
 /// Files (and parts of one file) uploaded at once.
 const UPLOAD_CONCURRENCY: usize = 2;
-/// JSON around one inline entry: `{"filename": "", "type": "base64", "data": ""}, `.
-const INLINE_ENTRY_OVERHEAD: u64 = 48;
-/// A generous estimate of one `s3_url` entry without its file name (a presigned URL is ~600 B).
-const URL_ENTRY_ESTIMATE: u64 = 1200;
-/// The rest of a result: `{"output": {"images": [], "errors": […]}}` with some room for warnings.
+/// A generous estimate of a presigned URL without its key (~600 B in practice).
+const URL_ESTIMATE: u64 = 1200;
+/// The rest of a result (`{"output": {"images": [], …}}`, the platform's fields) with room to
+/// spare; the texts and `errors` are counted on top.
 const RESULT_OVERHEAD: u64 = 4096;
+/// Connection bound for a bucket's endpoint (also bounds the SSRF guard's lookup).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound for one request to a bucket.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How to allow a job's private endpoint anyway.
+const ALLOW_HINT: &str = "(set ALLOW_PRIVATE_S3_ENDPOINTS=true to allow it)";
 
 /// When output files are uploaded (`OUTPUT_UPLOAD`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +105,12 @@ pub struct StorageSettings {
     pub prefix: String,
     /// `BUCKET_URL_EXPIRY_S`: how long presigned GET URLs work.
     pub url_expiry: Duration,
-    /// `MAX_INLINE_OUTPUT_BYTES`: the largest result (JSON bytes) returned inline.
-    pub max_inline_bytes: u64,
+    /// `MAX_INLINE_OUTPUT_BYTES`: the largest result (JSON bytes) returned inline; `None`: no
+    /// limit (`comfy-worker run`, which prints to stdout, unless the variable is set).
+    pub max_inline_bytes: Option<u64>,
+    /// `ALLOW_PRIVATE_S3_ENDPOINTS=true`: a job's `s3Config.endpointUrl` may be a loopback,
+    /// private or link-local address (the SSRF guard's address checks are off for it).
+    pub allow_private_endpoints: bool,
     /// Files above this many bytes are uploaded in parts.
     pub multipart_threshold: usize,
     /// Part size of multipart uploads.
@@ -105,7 +124,8 @@ impl Default for StorageSettings {
             mode: UploadMode::Auto,
             prefix: String::new(),
             url_expiry: MAX_URL_EXPIRY,
-            max_inline_bytes: DEFAULT_MAX_INLINE_OUTPUT_BYTES,
+            max_inline_bytes: Some(DEFAULT_MAX_INLINE_OUTPUT_BYTES),
+            allow_private_endpoints: false,
             multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             part_size: DEFAULT_PART_SIZE,
         }
@@ -113,8 +133,8 @@ impl Default for StorageSettings {
 }
 
 impl StorageSettings {
-    /// Reads the `BUCKET_*`, `OUTPUT_UPLOAD` and `MAX_INLINE_OUTPUT_BYTES` variables through
-    /// `lookup`; an endpoint that names no bucket, or one without keys, is refused here so a
+    /// Reads the `BUCKET_*`, `OUTPUT_UPLOAD`, `MAX_INLINE_OUTPUT_BYTES` and
+    /// `ALLOW_PRIVATE_S3_ENDPOINTS` variables through `lookup`; an endpoint that names no bucket, or one without keys, is refused here so a
     /// misconfigured worker fails at start rather than on the first large output.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| {
@@ -151,11 +171,25 @@ impl StorageSettings {
         };
         let max_inline_bytes = match get("MAX_INLINE_OUTPUT_BYTES") {
             None => d.max_inline_bytes,
-            Some(v) => v.parse::<u64>().map_err(|_| ConfigError {
+            Some(v) => Some(v.parse::<u64>().map_err(|_| ConfigError {
                 name: "MAX_INLINE_OUTPUT_BYTES",
                 value: v,
                 expected: "a number of bytes",
-            })?,
+            })?),
+        };
+        let allow_private_endpoints = match get("ALLOW_PRIVATE_S3_ENDPOINTS") {
+            None => d.allow_private_endpoints,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(ConfigError {
+                        name: "ALLOW_PRIVATE_S3_ENDPOINTS",
+                        value: v,
+                        expected: "true or false",
+                    })
+                }
+            },
         };
         let bucket = match get("BUCKET_ENDPOINT_URL") {
             None => None,
@@ -196,8 +230,15 @@ impl StorageSettings {
                 .unwrap_or_default(),
             url_expiry,
             max_inline_bytes,
+            allow_private_endpoints,
             ..d
         })
+    }
+
+    /// Whether `MAX_INLINE_OUTPUT_BYTES` is set (not empty) in `lookup`: `comfy-worker run`
+    /// applies the inline limit only then.
+    pub fn inline_limit_is_set(lookup: &dyn Fn(&str) -> Option<String>) -> bool {
+        lookup("MAX_INLINE_OUTPUT_BYTES").is_some_and(|v| !v.trim().is_empty())
     }
 }
 
@@ -431,65 +472,7 @@ fn parse_s3_config(value: &Value) -> Result<BucketSettings, String> {
     })
 }
 
-/// One output file, fetched and ready to be placed.
-#[derive(Debug, Clone)]
-pub struct CollectedFile {
-    /// The file name ComfyUI gave it (the entry's `filename`).
-    pub filename: String,
-    /// Its MIME type (sent as the object's `Content-Type`).
-    pub content_type: String,
-    /// Its bytes.
-    pub bytes: Bytes,
-}
-
-impl CollectedFile {
-    /// A file whose content type follows from its extension.
-    pub fn new(filename: impl Into<String>, bytes: Bytes) -> CollectedFile {
-        let filename = filename.into();
-        CollectedFile {
-            content_type: content_type_for(&filename).to_owned(),
-            filename,
-            bytes,
-        }
-    }
-}
-
-/// The MIME type of a ComfyUI output file, from its extension.
-pub fn content_type_for(filename: &str) -> &'static str {
-    let ext = filename
-        .rsplit_once('.')
-        .map(|(_, e)| e.to_ascii_lowercase())
-        .unwrap_or_default();
-    match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "bmp" => "image/bmp",
-        "tif" | "tiff" => "image/tiff",
-        "avif" => "image/avif",
-        "exr" => "image/x-exr",
-        "mp4" | "m4v" => "video/mp4",
-        "webm" => "video/webm",
-        "mov" => "video/quicktime",
-        "mkv" => "video/x-matroska",
-        "avi" => "video/x-msvideo",
-        "wav" => "audio/wav",
-        "mp3" => "audio/mpeg",
-        "flac" => "audio/flac",
-        "ogg" | "opus" => "audio/ogg",
-        "m4a" => "audio/mp4",
-        "txt" => "text/plain; charset=utf-8",
-        "json" => "application/json",
-        "glb" => "model/gltf-binary",
-        "gltf" => "model/gltf+json",
-        "obj" => "model/obj",
-        "svg" => "image/svg+xml",
-        _ => "application/octet-stream",
-    }
-}
-
-/// A bucket a job writes to, with its client.
+/// A bucket a job writes to and reads from, with its client.
 #[derive(Debug)]
 struct Target {
     store: AmazonS3,
@@ -497,10 +480,45 @@ struct Target {
     secret: Secret,
 }
 
+/// object_store's HTTP client for a job's own endpoint: built by the SSRF guard (its resolver
+/// refuses private addresses at every connection, no proxy, no redirects).
+#[derive(Debug)]
+struct GuardedConnector {
+    guard: Guard,
+}
+
+impl HttpConnector for GuardedConnector {
+    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let builder = reqwest::Client::builder()
+            .user_agent(concat!("comfy-worker/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT);
+        let client = self
+            .guard
+            .client(builder, "S3 endpoint host")
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(client))
+    }
+}
+
 impl Target {
-    fn build(bucket: &BucketSettings, names: Names) -> Result<Target, String> {
+    /// A client for `bucket`; `guard` (a job's `s3Config`) makes every connection go through
+    /// the SSRF guard.
+    fn build(
+        bucket: &BucketSettings,
+        names: Names,
+        guard: Option<Guard>,
+    ) -> Result<Target, String> {
         let location = locate(bucket, names)?;
-        let store = AmazonS3Builder::new()
+        let mut builder = AmazonS3Builder::new();
+        if let Some(guard) = guard {
+            builder = builder.with_http_connector(GuardedConnector { guard });
+        }
+        let store = builder
             .with_endpoint(&location.endpoint)
             .with_bucket_name(&location.bucket)
             .with_virtual_hosted_style_request(location.virtual_hosted)
@@ -510,8 +528,8 @@ impl Target {
             .with_client_options(
                 ClientOptions::new()
                     .with_allow_http(true)
-                    .with_connect_timeout(Duration::from_secs(10))
-                    .with_timeout(Duration::from_secs(300)),
+                    .with_connect_timeout(CONNECT_TIMEOUT)
+                    .with_timeout(REQUEST_TIMEOUT),
             )
             .with_retry(RetryConfig {
                 backoff: BackoffConfig::default(),
@@ -550,7 +568,7 @@ impl Storage {
     /// The storage for `settings` (builds the env bucket's client; nothing is contacted).
     pub fn new(settings: StorageSettings) -> Storage {
         let env_target = settings.bucket.as_ref().map(|b| {
-            let target = Target::build(b, ENV_NAMES).map(Arc::new);
+            let target = Target::build(b, ENV_NAMES, None).map(Arc::new);
             match &target {
                 Ok(t) => info!(
                     bucket = %t.location.bucket,
@@ -577,15 +595,35 @@ impl Storage {
         &self.settings
     }
 
-    /// The placement for one job: the job's `s3Config` (see [`job_s3_config`]) replaces the env
-    /// bucket. An invalid `s3Config` is an error message for the job's output.
-    pub fn for_job(&self, job_id: &str, s3_config: Option<&Value>) -> Result<JobStorage, String> {
+    /// The bucket of one job: the job's `s3Config` (see [`job_s3_config`]) replaces the env
+    /// bucket. Its endpoint must pass the SSRF guard (unless `ALLOW_PRIVATE_S3_ENDPOINTS`), and
+    /// the guard stays on its connections. An invalid or refused `s3Config` is an error message
+    /// for the job's output.
+    pub async fn for_job(
+        &self,
+        job_id: &str,
+        s3_config: Option<&Value>,
+    ) -> Result<JobStorage, String> {
         let target = match s3_config {
             Some(value) => {
                 let bucket = parse_s3_config(value)?;
-                let target = Target::build(&bucket, JOB_NAMES)
+                locate(&bucket, JOB_NAMES).map_err(|e| format!("Invalid s3Config: {e}"))?;
+                let guard = Guard::new(self.settings.allow_private_endpoints, CONNECT_TIMEOUT);
+                guard
+                    .check(&bucket.endpoint_url)
+                    .await
+                    .map_err(|e| match e {
+                        UrlError::Refused(why) => format!(
+                            "Invalid s3Config: {} refused: {why} {ALLOW_HINT}",
+                            JOB_NAMES.endpoint
+                        ),
+                        UrlError::Invalid(why) => {
+                            format!("Invalid s3Config: {}: {why}", JOB_NAMES.endpoint)
+                        }
+                    })?;
+                let target = Target::build(&bucket, JOB_NAMES, Some(guard))
                     .map_err(|e| format!("Invalid s3Config: {e}"))?;
-                info!(bucket = %target.location.bucket, endpoint = %target.location.endpoint, "outputs go to the job's s3Config bucket");
+                info!(bucket = %target.location.bucket, endpoint = %target.location.endpoint, "the job uses its s3Config bucket");
                 Some(Ok(Arc::new(target)))
             }
             None => self.env_target.clone(),
@@ -598,8 +636,8 @@ impl Storage {
     }
 }
 
-/// One job's output placement.
-#[derive(Debug)]
+/// One job's bucket, if any: output placement and `s3://` inputs; cheap to clone.
+#[derive(Debug, Clone)]
 pub struct JobStorage {
     settings: Arc<StorageSettings>,
     job_id: String,
@@ -628,43 +666,43 @@ impl JobStorage {
     }
 
     /// Turns files into output entries, one per file in order: base64 entries, `s3_url` entries
-    /// for uploaded files, or an error line for a file whose upload failed. `Err` is the job's
-    /// error when the output cannot be returned at all (over the inline limit with nothing to
-    /// upload to).
+    /// for uploaded files (same `content_type`, `format`, `frame_rate`), or an error line for a
+    /// file whose upload failed. `reserved` is what the rest of the result takes (texts,
+    /// `errors`), in JSON bytes. `Err` is the job's error when the result cannot be returned at
+    /// all: over the inline limit with nothing to upload to, or uploads turned off.
     pub async fn place(
         &self,
         files: Vec<CollectedFile>,
-    ) -> Result<Vec<Result<OutputImage, String>>, String> {
+        reserved: u64,
+    ) -> Result<Vec<Result<FileEntry, String>>, String> {
         let s = &self.settings;
-        let inline_size = |f: &CollectedFile| {
-            base64_len(f.bytes.len()) + f.filename.len() as u64 + INLINE_ENTRY_OVERHEAD
-        };
-        let url_size = |f: &CollectedFile| URL_ENTRY_ESTIMATE + 2 * f.filename.len() as u64;
-        let all_inline: u64 = RESULT_OVERHEAD + files.iter().map(inline_size).sum::<u64>();
+        let all_inline: u64 =
+            RESULT_OVERHEAD + reserved + files.iter().map(inline_size).sum::<u64>();
         let mode = if self.target.is_some() {
             s.mode
         } else {
             UploadMode::Never
         };
+        let over_limit = |total: u64| s.max_inline_bytes.is_some_and(|limit| total > limit);
         let mut upload = vec![false; files.len()];
         match mode {
             UploadMode::Always => upload.iter_mut().for_each(|u| *u = true),
             UploadMode::Never => {
-                if all_inline > s.max_inline_bytes {
+                if over_limit(all_inline) {
                     let fix = if self.target.is_some() {
                         "OUTPUT_UPLOAD=never keeps every output inline; set OUTPUT_UPLOAD=auto to upload large outputs to the configured bucket"
                     } else {
                         "set BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config) to return large outputs as URLs"
                     };
+                    let limit = s.max_inline_bytes.unwrap_or_default();
                     warn!(
                         bytes = all_inline,
-                        limit = s.max_inline_bytes,
-                        "the output is too large to return inline"
+                        limit, "the output is too large to return inline"
                     );
                     return Err(format!(
                         "The job output is {} MB as base64, over the {} MB the platform accepts in a result (MAX_INLINE_OUTPUT_BYTES); {fix}",
                         mb(all_inline),
-                        mb(s.max_inline_bytes)
+                        mb(limit)
                     ));
                 }
             }
@@ -673,11 +711,11 @@ impl JobStorage {
                 order.sort_by_key(|&i| std::cmp::Reverse(files[i].bytes.len()));
                 let mut total = all_inline;
                 for i in order {
-                    if total <= s.max_inline_bytes {
+                    if !over_limit(total) {
                         break;
                     }
                     upload[i] = true;
-                    total = total - inline_size(&files[i]) + url_size(&files[i]);
+                    total = total - inline_size(&files[i]) + self.url_size(&files[i]);
                 }
             }
         }
@@ -687,7 +725,7 @@ impl JobStorage {
                 files = files.len(),
                 uploads,
                 inline_bytes = all_inline,
-                limit = s.max_inline_bytes,
+                limit = ?s.max_inline_bytes,
                 mode = ?mode,
                 "uploading outputs to the bucket"
             );
@@ -695,14 +733,9 @@ impl JobStorage {
         let entries = futures_util::stream::iter(files.into_iter().zip(upload))
             .map(|(file, up)| async move {
                 if up {
-                    self.upload(&file).await
+                    self.upload(file).await
                 } else {
-                    Ok(OutputImage {
-                        data: codec::encode(&file.bytes),
-                        filename: file.filename,
-                        kind: "base64".into(),
-                        content_type: None,
-                    })
+                    Ok(base64_entry(file))
                 }
             })
             .buffered(UPLOAD_CONCURRENCY)
@@ -711,18 +744,27 @@ impl JobStorage {
         Ok(entries)
     }
 
+    /// A generous estimate of a file's `s3_url` entry in the result.
+    fn url_size(&self, file: &CollectedFile) -> u64 {
+        let key = self.settings.prefix.len()
+            + self.job_id.len()
+            + file.subfolder.len()
+            + file.filename.len();
+        entry_size_without_data(file) + URL_ESTIMATE + 2 * key as u64
+    }
+
     /// Uploads one file and returns its `s3_url` entry, or worker-comfyui's error line.
-    async fn upload(&self, file: &CollectedFile) -> Result<OutputImage, String> {
+    async fn upload(&self, file: CollectedFile) -> Result<FileEntry, String> {
         let fail = |e: String| format!("Error uploading {} to S3: {e}", file.filename);
         let target = match &self.target {
             Some(Ok(t)) => t,
             Some(Err(e)) => return Err(fail(e.clone())),
             None => return Err(fail("no bucket is configured".into())),
         };
-        let key = self.key(&target.location, &file.filename);
+        let key = self.key(&target.location, &file.subfolder, &file.filename);
         let started = std::time::Instant::now();
         let result = async {
-            self.put(target, &key, file).await?;
+            self.put(target, &key, &file).await?;
             target
                 .store
                 .signed_url(Method::GET, &key, self.settings.url_expiry)
@@ -737,43 +779,37 @@ impl JobStorage {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "output uploaded"
                 );
-                Ok(OutputImage {
-                    filename: file.filename.clone(),
+                Ok(FileEntry {
+                    filename: file.filename,
                     kind: "s3_url".into(),
                     data: url.to_string(),
-                    content_type: Some(file.content_type.clone()),
+                    content_type: file.content_type,
+                    format: file.format,
+                    frame_rate: file.frame_rate,
                 })
             }
             Err(e) => {
-                let mut message = scrub(&error_text(&e), &target.secret);
-                if [
-                    "SignatureDoesNotMatch",
-                    "InvalidAccessKeyId",
-                    "AuthorizationHeaderMalformed",
-                ]
-                .iter()
-                .any(|code| message.contains(code))
-                {
-                    message.push_str(" (check the bucket's access key id, secret and region)");
-                }
+                let message = describe_error(&e, &target.secret);
                 warn!(key = %key, error = %message, "output upload failed");
                 Err(fail(message))
             }
         }
     }
 
-    /// `{path prefix}/{BUCKET_PREFIX}/{job_id}/{filename}`.
-    fn key(&self, location: &BucketLocation, filename: &str) -> ObjectPath {
+    /// `{path prefix}/{BUCKET_PREFIX}/{job_id}/{subfolder}/{filename}`, empty, `.` and `..`
+    /// segments dropped.
+    fn key(&self, location: &BucketLocation, subfolder: &str, filename: &str) -> ObjectPath {
         let parts = [
             location.path_prefix.as_str(),
             self.settings.prefix.as_str(),
             self.job_id.as_str(),
+            subfolder,
             filename,
         ];
         let key = parts
             .iter()
             .flat_map(|p| p.split('/'))
-            .filter(|p| !p.is_empty())
+            .filter(|p| !matches!(*p, "" | "." | ".."))
             .collect::<Vec<_>>()
             .join("/");
         ObjectPath::from(key)
@@ -829,6 +865,102 @@ impl JobStorage {
         }
         done
     }
+
+    /// The bytes of `s3://bucket/key`, an input file: read from the job's bucket (its
+    /// `s3Config`, else the worker's) when `bucket` is that bucket, refused when the object is
+    /// larger than `max_bytes` (`INPUT_URL_MAX_BYTES`, by its size before reading and by
+    /// counting while reading). The key is the object's full key (no prefix is added). The
+    /// error is a phrase for `Error downloading {name} from s3://…: {e}`.
+    pub async fn read(&self, bucket: &str, key: &str, max_bytes: u64) -> Result<Bytes, String> {
+        let target = match &self.target {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => return Err(format!("the bucket cannot be used: {e}")),
+            None => {
+                return Err(
+                    "no bucket is configured: s3:// inputs are read from the worker's bucket (BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY) or the job's s3Config".into(),
+                )
+            }
+        };
+        if bucket != target.location.bucket {
+            return Err(format!(
+                "the bucket {bucket:?} is not the configured one ({:?}); s3:// inputs are read from the job's bucket only",
+                target.location.bucket
+            ));
+        }
+        let path = ObjectPath::parse(key).map_err(|e| format!("invalid object key: {e}"))?;
+        if path.as_ref().is_empty() {
+            return Err("the URL names no object key".into());
+        }
+        let started = std::time::Instant::now();
+        let result = target
+            .store
+            .get_opts(&path, GetOptions::default())
+            .await
+            .map_err(|e| match e {
+                object_store::Error::NotFound { .. } => "no such object in the bucket".to_owned(),
+                e => describe_error(&e, &target.secret),
+            })?;
+        let size = result.meta.size;
+        if size > max_bytes {
+            return Err(format!(
+                "the object is {size} bytes, larger than INPUT_URL_MAX_BYTES ({max_bytes} bytes)"
+            ));
+        }
+        let too_large =
+            || format!("the object is larger than INPUT_URL_MAX_BYTES ({max_bytes} bytes)");
+        // Reserved up front only up to 8 MiB: the announced size is a claim, not bytes.
+        let mut buf = BytesMut::with_capacity(size.min(8 * 1024 * 1024) as usize);
+        let mut stream = result.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| describe_error(&e, &target.secret))?;
+            if (buf.len() + chunk.len()) as u64 > max_bytes {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        debug!(
+            key = %path,
+            bytes = buf.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "input read from the bucket"
+        );
+        Ok(buf.freeze())
+    }
+}
+
+/// A file's entry in the result without its `data`, in JSON bytes (with the separator).
+fn entry_size_without_data(file: &CollectedFile) -> u64 {
+    let entry = FileEntry {
+        filename: file.filename.clone(),
+        kind: "base64".into(),
+        data: String::new(),
+        content_type: file.content_type.clone(),
+        format: file.format.clone(),
+        frame_rate: file.frame_rate.clone(),
+    };
+    serde_json::to_vec(&entry).map_or(256, |v| v.len() as u64) + 2
+}
+
+/// A file's base64 entry in the result, in JSON bytes.
+fn inline_size(file: &CollectedFile) -> u64 {
+    entry_size_without_data(file) + base64_len(file.bytes.len())
+}
+
+/// An object_store error for a message: scrubbed of the secret, with a hint when the server
+/// refused the credentials.
+fn describe_error(e: &object_store::Error, secret: &Secret) -> String {
+    let mut message = scrub(&error_text(e), secret);
+    if [
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AuthorizationHeaderMalformed",
+    ]
+    .iter()
+    .any(|code| message.contains(code))
+    {
+        message.push_str(" (check the bucket's access key id, secret and region)");
+    }
+    message
 }
 
 /// An object_store error as one line: its message and its sources, without repeats.
@@ -849,6 +981,7 @@ fn error_text(e: &object_store::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::OutputKind;
     use std::collections::HashMap;
 
     fn bucket(endpoint: &str, name: Option<&str>, region: Option<&str>) -> BucketSettings {
@@ -991,7 +1124,7 @@ mod tests {
         assert!(s.bucket.is_none());
         assert_eq!(s.mode, UploadMode::Auto);
         assert_eq!(s.url_expiry, Duration::from_secs(604_800));
-        assert_eq!(s.max_inline_bytes, 15 * 1024 * 1024);
+        assert_eq!(s.max_inline_bytes, Some(15 * 1024 * 1024));
         let s = settings(&[
             (
                 "BUCKET_ENDPOINT_URL",
@@ -1008,7 +1141,7 @@ mod tests {
         assert_eq!(s.prefix, "comfy/out");
         assert_eq!(s.mode, UploadMode::Always);
         assert_eq!(s.url_expiry, Duration::from_secs(3600));
-        assert_eq!(s.max_inline_bytes, 1000);
+        assert_eq!(s.max_inline_bytes, Some(1000));
         assert!(!format!("{s:?}").contains("shh-very-secret"));
 
         let err = settings(&[("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9000")]).unwrap_err();
@@ -1070,68 +1203,96 @@ mod tests {
     }
 
     #[test]
-    fn sizes_and_types() {
+    fn sizes_and_scrubbing() {
         assert_eq!(base64_len(0), 0);
         assert_eq!(base64_len(1), 4);
         assert_eq!(base64_len(3), 4);
         assert_eq!(base64_len(4), 8);
         assert_eq!(mb(15 * 1024 * 1024), "15");
         assert_eq!(mb(44_145_050), "42.1");
-        assert_eq!(content_type_for("ComfyUI_00001_.PNG"), "image/png");
-        assert_eq!(content_type_for("clip.mp4"), "video/mp4");
-        assert_eq!(content_type_for("noext"), "application/octet-stream");
         assert_eq!(
             scrub("failed: very-secret leaked", &Secret::new("very-secret")),
             "failed: [redacted] leaked"
         );
+        // The inline estimate is the entry's exact JSON size (plus a separator).
+        let mut file = CollectedFile::new(OutputKind::Videos, "v.mp4", Bytes::from(vec![1u8; 30]));
+        file.format = Some("video/h264-mp4".into());
+        file.frame_rate = Some(8.into());
+        let json = serde_json::to_vec(&base64_entry(file.clone())).unwrap();
+        assert_eq!(inline_size(&file), json.len() as u64 + 2);
     }
 
     fn files(sizes: &[usize]) -> Vec<CollectedFile> {
         sizes
             .iter()
             .enumerate()
-            .map(|(i, n)| CollectedFile::new(format!("f{i}.png"), Bytes::from(vec![7u8; *n])))
+            .map(|(i, n)| {
+                CollectedFile::new(
+                    OutputKind::Images,
+                    format!("f{i}.png"),
+                    Bytes::from(vec![7u8; *n]),
+                )
+            })
             .collect()
     }
 
     #[tokio::test]
     async fn without_a_bucket_small_outputs_are_base64_and_large_ones_an_error() {
         let storage = Storage::new(StorageSettings {
-            max_inline_bytes: 100_000,
+            max_inline_bytes: Some(100_000),
             ..StorageSettings::default()
         });
-        let job = storage.for_job("job-1", None).unwrap();
+        let job = storage.for_job("job-1", None).await.unwrap();
         assert!(!job.has_bucket());
-        let placed = job.place(files(&[300, 600])).await.unwrap();
+        let placed = job.place(files(&[300, 600]), 0).await.unwrap();
         let first = placed[0].as_ref().unwrap();
         assert_eq!(
             (first.kind.as_str(), first.filename.as_str()),
             ("base64", "f0.png")
         );
-        assert_eq!(first.content_type, None);
-        assert_eq!(codec::decode_input(&first.data).unwrap(), vec![7u8; 300]);
-        let err = job.place(files(&[60_000, 40_000])).await.unwrap_err();
+        assert_eq!(first.content_type, "image/png");
+        assert_eq!(
+            crate::job::codec::decode_input(&first.data).unwrap(),
+            vec![7u8; 300]
+        );
+        let err = job.place(files(&[60_000, 40_000]), 0).await.unwrap_err();
         assert!(
             err.starts_with("The job output is 0.1 MB as base64, over the 0.1 MB"),
             "{err}"
         );
         assert!(err.contains("BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config)"), "{err}");
+        // What the rest of the result takes counts too.
+        assert!(job.place(files(&[30_000]), 0).await.is_ok());
+        assert!(job.place(files(&[30_000]), 80_000).await.is_err());
+        // Without a limit (comfy-worker run), anything goes inline.
+        let unlimited = Storage::new(StorageSettings {
+            max_inline_bytes: None,
+            ..StorageSettings::default()
+        })
+        .for_job("job-1", None)
+        .await
+        .unwrap();
+        let placed = unlimited.place(files(&[200_000]), 0).await.unwrap();
+        assert_eq!(placed[0].as_ref().unwrap().kind, "base64");
     }
 
     #[tokio::test]
     async fn an_unreachable_bucket_gives_error_entries_not_a_failure() {
         let storage = Storage::new(StorageSettings {
-            max_inline_bytes: 10_000,
+            max_inline_bytes: Some(10_000),
+            allow_private_endpoints: true,
             ..StorageSettings::default()
         });
         // Port 9 (discard) on loopback: refused at once; retries are bounded.
         let cfg = serde_json::json!({"accessId": "a", "accessSecret": "job-secret-123", "endpointUrl": "http://127.0.0.1:9/b"});
-        let job = storage.for_job("job-2", Some(&cfg)).unwrap();
+        let job = storage.for_job("job-2", Some(&cfg)).await.unwrap();
         assert!(job.has_bucket());
-        let placed =
-            tokio::time::timeout(Duration::from_secs(120), job.place(files(&[20_000, 100])))
-                .await
-                .expect("bounded");
+        let placed = tokio::time::timeout(
+            Duration::from_secs(120),
+            job.place(files(&[20_000, 100]), 0),
+        )
+        .await
+        .expect("bounded");
         let placed = placed.unwrap();
         let err = placed[0].as_ref().unwrap_err();
         assert!(err.starts_with("Error uploading f0.png to S3: "), "{err}");
@@ -1139,11 +1300,149 @@ mod tests {
         assert_eq!(placed[1].as_ref().unwrap().kind, "base64");
         let bad = storage
             .for_job("job-3", Some(&serde_json::json!({"accessId": "a", "accessSecret": "s", "endpointUrl": "http://127.0.0.1:9"})))
+            .await
             .unwrap_err();
         assert!(
             bad.starts_with("Invalid s3Config: s3Config.endpointUrl names no bucket"),
             "{bad}"
         );
         assert!(bad.contains("s3Config.bucketName"), "{bad}");
+    }
+
+    #[tokio::test]
+    async fn a_jobs_private_endpoint_is_refused_unless_allowed() {
+        let storage = Storage::new(StorageSettings::default());
+        let cfg = |endpoint: &str| serde_json::json!({"accessId": "a", "accessSecret": "job-secret-123", "endpointUrl": endpoint, "bucketName": "b"});
+        // Refused before any connection: IP literals and local names need no lookup.
+        for (endpoint, why) in [
+            ("http://127.0.0.1:9000", "127.0.0.1 is a loopback address"),
+            (
+                "http://169.254.169.254",
+                "169.254.169.254 is a link-local address (the cloud metadata service)",
+            ),
+            ("https://10.1.2.3/b", "10.1.2.3 is a private address"),
+            ("http://[::1]:9000", "::1 is a loopback address"),
+            ("http://localhost:9000", "localhost is a local host name"),
+            (
+                "http://minio.internal:9000",
+                "minio.internal is a private-use name",
+            ),
+        ] {
+            let err = storage
+                .for_job("job", Some(&cfg(endpoint)))
+                .await
+                .unwrap_err();
+            assert!(
+                err.starts_with(&format!(
+                    "Invalid s3Config: s3Config.endpointUrl refused: {why}"
+                )),
+                "{endpoint}: {err}"
+            );
+            assert!(
+                err.ends_with("(set ALLOW_PRIVATE_S3_ENDPOINTS=true to allow it)"),
+                "{err}"
+            );
+            assert!(!err.contains("job-secret-123"));
+        }
+        let allowed = Storage::new(StorageSettings {
+            allow_private_endpoints: true,
+            ..StorageSettings::default()
+        });
+        for endpoint in ["http://127.0.0.1:9000", "http://localhost:9000"] {
+            assert!(allowed
+                .for_job("job", Some(&cfg(endpoint)))
+                .await
+                .unwrap()
+                .has_bucket());
+        }
+        // The operator's bucket is trusted: a loopback BUCKET_ENDPOINT_URL is not checked.
+        let env = Storage::new(StorageSettings {
+            bucket: Some(bucket("http://127.0.0.1:9000", Some("b"), None)),
+            ..StorageSettings::default()
+        });
+        assert!(env.for_job("job", None).await.unwrap().has_bucket());
+        let settings = settings(&[("ALLOW_PRIVATE_S3_ENDPOINTS", "true")]).unwrap();
+        assert!(settings.allow_private_endpoints);
+        assert_eq!(
+            settings_err("ALLOW_PRIVATE_S3_ENDPOINTS", "maybe"),
+            "ALLOW_PRIVATE_S3_ENDPOINTS"
+        );
+    }
+
+    fn settings_err(name: &str, value: &str) -> &'static str {
+        settings(&[(name, value)]).unwrap_err().name
+    }
+
+    #[tokio::test]
+    async fn a_jobs_client_connects_only_where_the_guard_allows() {
+        // A name that passed the check and now resolves to loopback (DNS rebinding): the
+        // guarded resolver of the job's client refuses the connection.
+        let guard = Guard::new(false, CONNECT_TIMEOUT)
+            .with_fixed_lookup(&[("bucket.example.test", &["127.0.0.1"])]);
+        let target = Target::build(
+            &bucket("http://bucket.example.test:9", Some("b"), None),
+            JOB_NAMES,
+            Some(guard),
+        )
+        .unwrap();
+        let job = JobStorage {
+            settings: Arc::new(StorageSettings::default()),
+            job_id: "job".into(),
+            target: Some(Ok(Arc::new(target))),
+        };
+        let err = tokio::time::timeout(Duration::from_secs(120), job.read("b", "in/a.png", 100))
+            .await
+            .expect("bounded")
+            .unwrap_err();
+        assert!(
+            err.contains("S3 endpoint host refused: bucket.example.test resolves to 127.0.0.1, a loopback address"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn s3_inputs_need_the_jobs_bucket() {
+        let none = Storage::new(StorageSettings::default())
+            .for_job("job", None)
+            .await
+            .unwrap();
+        let err = none.read("b", "in/a.png", 100).await.unwrap_err();
+        assert!(err.starts_with("no bucket is configured"), "{err}");
+        let env = Storage::new(StorageSettings {
+            bucket: Some(bucket("http://127.0.0.1:9", Some("b"), None)),
+            ..StorageSettings::default()
+        })
+        .for_job("job", None)
+        .await
+        .unwrap();
+        let err = env.read("other", "in/a.png", 100).await.unwrap_err();
+        assert_eq!(
+            err,
+            "the bucket \"other\" is not the configured one (\"b\"); s3:// inputs are read from the job's bucket only"
+        );
+        let err = env.read("b", "in/../a.png", 100).await.unwrap_err();
+        assert!(err.starts_with("invalid object key"), "{err}");
+    }
+
+    #[test]
+    fn keys_take_the_prefix_job_and_subfolder() {
+        let storage = Storage::new(StorageSettings {
+            prefix: "runs".into(),
+            ..StorageSettings::default()
+        });
+        let job = JobStorage {
+            settings: storage.settings.clone(),
+            job_id: "job-1".into(),
+            target: None,
+        };
+        let location = locate(&bucket("http://h/b/base", None, None), ENV_NAMES).unwrap();
+        assert_eq!(
+            job.key(&location, "", "a.png").as_ref(),
+            "base/runs/job-1/a.png"
+        );
+        assert_eq!(
+            job.key(&location, "clips/../x", "v.mp4").as_ref(),
+            "base/runs/job-1/clips/x/v.mp4"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The node catalogue: the real server's recorded `GET /object_info` (498 classes), extended with a few
-//! model file names so realistic SDXL/Flux jobs validate, plus typed accessors for the parts validation and
-//! execution need (input specs in `input_order`, return types, `output_node`, hidden inputs).
+//! model file names so realistic SDXL/Flux jobs validate and with one popular third-party class
+//! (VideoHelperSuite's `VHS_VideoCombine`, see [`VHS_VIDEO_COMBINE`]), plus typed accessors for the parts
+//! validation and execution need (input specs in `input_order`, return types, `output_node`, hidden inputs).
 
 use serde_json::{Map, Value};
 
@@ -12,6 +13,40 @@ pub(crate) const CHECKPOINTS: [&str; 2] =
     ["flux1-dev-fp8.safetensors", "sd_xl_base_1.0.safetensors"];
 /// VAE names offered in every `vae_name` combo, before the recorded entries (`pixel_space`).
 pub(crate) const VAES: [&str; 2] = ["sdxl-vae-fp16-fix.safetensors", "sdxl_vae.safetensors"];
+/// VideoHelperSuite's `Video Combine` (Kosinkadink/ComfyUI-VideoHelperSuite `videohelpersuite/nodes.py`
+/// `VideoCombine.INPUT_TYPES`), as its `/object_info` entry reads with the usual formats installed. It is
+/// a custom node, so the recording does not have it; it is here because it is how most video workflows
+/// save (`ui.gifs`). Format-specific widgets (`pix_fmt`, `crf`, ...) are extra inputs ComfyUI ignores.
+pub(crate) const VHS_VIDEO_COMBINE: &str = r#"{
+  "input": {
+    "required": {
+      "images": ["IMAGE"],
+      "frame_rate": ["FLOAT", {"default": 8, "min": 1, "step": 1}],
+      "loop_count": ["INT", {"default": 0, "min": 0, "max": 100, "step": 1}],
+      "filename_prefix": ["STRING", {"default": "AnimateDiff"}],
+      "format": [["image/gif", "image/webp", "video/ffmpeg-gif", "video/h264-mp4", "video/h265-mp4", "video/webm"], {}],
+      "pingpong": ["BOOLEAN", {"default": false}],
+      "save_output": ["BOOLEAN", {"default": true}]
+    },
+    "optional": {"audio": ["AUDIO"], "meta_batch": ["VHS_BatchManager"], "vae": ["VAE"]},
+    "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}
+  },
+  "input_order": {
+    "required": ["images", "frame_rate", "loop_count", "filename_prefix", "format", "pingpong", "save_output"],
+    "optional": ["audio", "meta_batch", "vae"],
+    "hidden": ["prompt", "extra_pnginfo", "unique_id"]
+  },
+  "output": ["VHS_FILENAMES"],
+  "output_is_list": [false],
+  "output_name": ["Filenames"],
+  "name": "VHS_VideoCombine",
+  "display_name": "Video Combine 🎥🅥🅗🅢",
+  "description": "",
+  "python_module": "custom_nodes.ComfyUI-VideoHelperSuite",
+  "category": "Video Helper Suite 🎥🅥🅗🅢",
+  "output_node": true
+}"#;
+
 /// Classes whose `image` combo lists the top-level files of the input folder.
 const INPUT_IMAGE_LOADERS: [&str; 2] = ["LoadImage", "LoadImageMask"];
 
@@ -24,6 +59,10 @@ impl Catalog {
     /// Parse the embedded object_info and add the simulated model files.
     pub(crate) fn load() -> Result<Catalog, serde_json::Error> {
         let mut classes: Map<String, Value> = serde_json::from_str(OBJECT_INFO)?;
+        classes.insert(
+            "VHS_VideoCombine".to_owned(),
+            serde_json::from_str(VHS_VIDEO_COMBINE)?,
+        );
         for info in classes.values_mut() {
             for category in ["required", "optional"] {
                 let Some(inputs) = info

@@ -134,8 +134,17 @@ impl Executor {
             false,
         );
 
+        // Cached nodes do not run, but their outputs feed the nodes that do (`get_input_data`
+        // reads the output cache).
+        let results = cached
+            .iter()
+            .filter_map(|id| {
+                let entry = self.cache.get(signatures.get(id)?)?;
+                Some((id.clone(), entry.outputs.clone()))
+            })
+            .collect();
         let mut state = RunState {
-            results: HashMap::new(),
+            results,
             executed: Vec::new(),
             ui_outputs: Map::new(),
             meta: Map::new(),

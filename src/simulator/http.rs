@@ -38,7 +38,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/history/{prompt_id}", get(get_history_entry))
         .route("/view", get(view))
         .route("/upload/image", post(upload_image))
-        .route("/upload/mask", post(upload_image))
+        .route("/upload/mask", post(upload_mask))
         .route("/object_info", get(object_info))
         .route("/object_info/{node_class}", get(object_info_class))
         .route("/system_stats", get(system_stats))
@@ -423,22 +423,33 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-/// `POST /upload/image` (and, simplified, `/upload/mask`): `image_upload` in server.py.
-async fn upload_image(State(shared): State<Arc<Shared>>, mut multipart: Multipart) -> Response {
-    let mut image: Option<(Option<String>, Bytes)> = None;
+/// `POST /upload/image`: `image_upload` in server.py.
+async fn upload_image(State(shared): State<Arc<Shared>>, multipart: Multipart) -> Response {
+    upload(&shared, multipart, "/upload/image").await
+}
+
+/// `POST /upload/mask`, simplified: stored like `/upload/image` (the original's pixels are not
+/// merged), its `original_ref` recorded.
+async fn upload_mask(State(shared): State<Arc<Shared>>, multipart: Multipart) -> Response {
+    upload(&shared, multipart, "/upload/mask").await
+}
+
+async fn upload(shared: &Shared, mut multipart: Multipart, endpoint: &'static str) -> Response {
+    let mut image: Option<(Option<String>, Option<String>, Bytes)> = None;
     let mut fields: Vec<(String, String)> = Vec::new();
     loop {
         match multipart.next_field().await {
             Ok(Some(field)) => {
                 let name = field.name().unwrap_or_default().to_owned();
                 let file_name = field.file_name().map(str::to_owned);
+                let content_type = field.content_type().map(str::to_owned);
                 let data = match field.bytes().await {
                     Ok(data) => data,
                     Err(error) => return error.status().into_response(),
                 };
                 if name == "image" {
                     if image.is_none() {
-                        image = Some((file_name, data));
+                        image = Some((file_name, content_type, data));
                     }
                 } else {
                     fields.push((name, String::from_utf8_lossy(&data).into_owned()));
@@ -458,7 +469,7 @@ async fn upload_image(State(shared): State<Arc<Shared>>, mut multipart: Multipar
     let Some(folder) = Folder::from_type(&upload_type) else {
         return server_error();
     };
-    let Some((Some(mut filename), data)) = image else {
+    let Some((Some(mut filename), content_type, data)) = image else {
         return StatusCode::BAD_REQUEST.into_response();
     };
     if filename.is_empty() {
@@ -501,6 +512,15 @@ async fn upload_image(State(shared): State<Arc<Shared>>, mut multipart: Multipar
     if !duplicate {
         store.files.put(folder, &rel_file, data);
     }
+    drop(store);
+    lock(&shared.log).uploads.push(super::UploadMark {
+        endpoint,
+        name: filename.clone(),
+        subfolder: subfolder.clone(),
+        folder_type: upload_type.clone(),
+        content_type,
+        original_ref: field("original_ref").map(str::to_owned),
+    });
     ok_json(&json!({"name": filename, "subfolder": subfolder, "type": upload_type}))
 }
 

@@ -15,6 +15,7 @@
 //! * `store`: files, queue and history.
 //! * `catalog`: the recorded `object_info` with model names added.
 //! * `image`: PNG/JPEG bytes and tensor text.
+//! * `media`: VIDEO/AUDIO values and the container bytes the video, audio and latent save nodes write.
 //! * `pyfmt`: Python-style JSON and `str()`/`repr()` text.
 
 mod catalog;
@@ -22,6 +23,7 @@ mod exec;
 mod graph;
 mod http;
 mod image;
+mod media;
 mod nodes;
 mod pyfmt;
 mod store;
@@ -183,6 +185,11 @@ impl Simulator {
         let _ = rx.wait_for(|count| *count >= n).await;
     }
 
+    /// Every upload stored so far, in order.
+    pub fn uploads(&self) -> Vec<UploadMark> {
+        lock(&self.shared.log).uploads.clone()
+    }
+
     /// Bytes of a file in the simulated input folder (after `/upload/image`), e.g. `input_file("", "test.png")`.
     pub fn input_file(&self, subfolder: &str, name: &str) -> Option<Vec<u8>> {
         let abs = store::path::join(&store::path::join(&Folder::Input.root(), subfolder), name);
@@ -191,6 +198,12 @@ impl Simulator {
             .files
             .get(Folder::Input, &rel)
             .map(|b| b.to_vec())
+    }
+
+    /// The images `SaveImageWebsocket` nodes sent as binary frames so far, as `(node id, PNG bytes)`,
+    /// in order (one per image; they are never stored as files).
+    pub fn websocket_images(&self) -> Vec<(String, Vec<u8>)> {
+        lock(&self.shared.log).websocket_images.clone()
     }
 
     /// The clientIds of the WebSocket connections accepted so far, one per connection.
@@ -271,6 +284,25 @@ pub(crate) struct Log {
     pub(crate) ws_client_ids: Vec<String>,
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
+    pub(crate) uploads: Vec<UploadMark>,
+    pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
+}
+
+/// One upload the simulator stored (`/upload/image` or `/upload/mask`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UploadMark {
+    /// `/upload/image` or `/upload/mask` (also when reached under `/api`).
+    pub endpoint: &'static str,
+    /// The name it was stored under.
+    pub name: String,
+    /// The `subfolder` field.
+    pub subfolder: String,
+    /// The `type` field (`input` when absent).
+    pub folder_type: String,
+    /// The file part's `Content-Type`.
+    pub content_type: Option<String>,
+    /// The `original_ref` field (masks).
+    pub original_ref: Option<String>,
 }
 
 /// When the simulator sent a sampler step's `progress` message (for latency benchmarks).

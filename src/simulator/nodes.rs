@@ -1,15 +1,20 @@
 //! What the simulated node classes do. Images travel through the graph as [`ImageInfo`] (size, batch,
-//! fill) rather than pixels; a handful of classes have real behaviour (EmptyImage, the latent makers,
-//! ImageScale/ImageScaleBy/ImageInvert, LoadImage, GetImageSize, PreviewAny, SaveImage, PreviewImage,
-//! SaveImageWebsocket, RaiseError, the primitives), every node with an INT `steps` input runs a sampler-like
-//! progress loop, and everything else passes its first image through (or makes a 512×512 one).
+//! fill) rather than pixels, videos and sounds as [`VideoInfo`] / [`AudioInfo`]; a handful of classes
+//! have real behaviour (EmptyImage, the latent makers, ImageScale/ImageScaleBy/ImageInvert, LoadImage,
+//! GetImageSize, PreviewAny, SaveImage, PreviewImage, SaveImageWebsocket, RaiseError, the primitives, and
+//! for the other output kinds CreateVideo, GetVideoComponents, EmptyAudio, EmptyLatentAudio,
+//! VAEDecodeAudio, SaveVideo, SaveWEBM, SaveAnimatedWEBP/PNG, SaveAudio/MP3/Opus, PreviewAudio,
+//! SaveLatent and VideoHelperSuite's VHS_VideoCombine), every node with an INT `steps` input runs a
+//! sampler-like progress loop, and everything else passes its first image (video, audio) through, or
+//! makes a 512×512 one.
 
 use serde_json::{json, Map, Value};
 
 use super::catalog::NodeClass;
 use super::exec::{Failure, Preview, PromptRun};
 use super::image::{self, ImageInfo};
-use super::store::{path, Files, Folder};
+use super::media::{self, AudioInfo, VideoInfo};
+use super::store::{path, Files, Folder, Store};
 use super::ws::TEXT;
 use super::{lock, pyfmt};
 
@@ -18,6 +23,10 @@ use super::{lock, pyfmt};
 pub(crate) enum OutValue {
     /// IMAGE, LATENT or MASK.
     Image(ImageInfo),
+    /// VIDEO.
+    Video(VideoInfo),
+    /// AUDIO.
+    Audio(AudioInfo),
     /// INT, FLOAT, STRING, BOOLEAN, or a literal input value.
     Json(Value),
     /// Anything the simulator does not model (MODEL, CLIP, CONDITIONING, ...), by type name.
@@ -33,6 +42,10 @@ impl OutValue {
             ) => v.clone(),
             OutValue::Json(other) => Value::String(pyfmt::py_str(other)),
             OutValue::Image(info) => Value::String(info.python_str()),
+            OutValue::Video(_) => Value::String(
+                "<comfy_api.latest._input_impl.video_types.VideoFromComponents object>".into(),
+            ),
+            OutValue::Audio(audio) => Value::String(audio.python_str()),
             OutValue::Opaque(kind) => Value::String(format!("<{kind} object>")),
         }
     }
@@ -199,12 +212,186 @@ pub(crate) async fn run(
             let total = u64::from(images.batch);
             for step in 0..total {
                 run.report_progress(node.id, step, total, Some(&preview))?;
+                lock(&run.shared.log)
+                    .websocket_images
+                    .push((node.id.to_owned(), preview.bytes.clone()));
             }
             NodeOutput {
                 outputs: Vec::new(),
                 ui: None,
             }
         }
+        "CreateVideo" => NodeOutput {
+            outputs: vec![OutValue::Video(VideoInfo {
+                frames: passthrough(),
+                fps: node.float("fps").unwrap_or(30.0),
+                audio: node.first_audio(),
+            })],
+            ui: None,
+        },
+        "GetVideoComponents" => {
+            let video = node.first_video().unwrap_or_else(|| default_video(None));
+            NodeOutput {
+                outputs: vec![
+                    OutValue::Image(video.frames),
+                    video
+                        .audio
+                        .map_or(OutValue::Json(Value::Null), OutValue::Audio),
+                    OutValue::Json(json!(video.fps)),
+                ],
+                ui: None,
+            }
+        }
+        "EmptyAudio" => {
+            let sample_rate = node.int("sample_rate").unwrap_or(44_100).clamp(1, 768_000) as u32;
+            let duration = node.float("duration").unwrap_or(60.0).clamp(0.0, 86_400.0);
+            NodeOutput {
+                outputs: vec![OutValue::Audio(AudioInfo {
+                    batch: 1,
+                    channels: node.int("channels").unwrap_or(2).clamp(1, 2) as u32,
+                    samples: (duration * f64::from(sample_rate)).round() as u64,
+                    sample_rate,
+                })],
+                ui: None,
+            }
+        }
+        "EmptyLatentAudio" => {
+            // `length = round((seconds * 44100 / 2048) / 2) * 2`, the latent being [batch, 64, length].
+            let seconds = node.float("seconds").unwrap_or(47.6);
+            let length = ((seconds * 44_100.0 / 2048.0 / 2.0).round_ties_even() * 2.0) as i64;
+            let latent = ImageInfo::gradient(clamp_dim(length), 1, node.dim("batch_size"));
+            node.outputs(Some(latent), None)
+        }
+        "VAEDecodeAudio" => {
+            let latent = passthrough();
+            NodeOutput {
+                outputs: vec![OutValue::Audio(AudioInfo {
+                    batch: latent.batch,
+                    channels: 2,
+                    samples: u64::from(latent.width) * 2048,
+                    sample_rate: 44_100,
+                })],
+                ui: None,
+            }
+        }
+        "SaveVideo" => {
+            let video = node.first_video().unwrap_or_else(|| default_video(None));
+            let prefix = node
+                .string("filename_prefix")
+                .unwrap_or_else(|| "video/ComfyUI".into());
+            let dir = SaveDir::new(
+                Folder::Output,
+                &prefix,
+                video.frames.width,
+                video.frames.height,
+            )?;
+            let bytes = media::mp4(&video, &pyfmt::to_json(node.prompt));
+            let mut store = lock(&run.shared.store);
+            let counter = dir.counter(&store);
+            let entry = dir.put(
+                &mut store,
+                &format!("{}_{counter:05}_.mp4", dir.filename),
+                bytes,
+            );
+            animated_ui(vec![entry], true)
+        }
+        "SaveWEBM" => {
+            let frames = passthrough();
+            let prefix = node
+                .string("filename_prefix")
+                .unwrap_or_else(|| "ComfyUI".into());
+            let dir = SaveDir::new(Folder::Output, &prefix, frames.width, frames.height)?;
+            let fps = node.float("fps").unwrap_or(24.0);
+            let bytes = media::webm(&frames, fps, &pyfmt::to_json(node.prompt));
+            let mut store = lock(&run.shared.store);
+            let counter = dir.counter(&store);
+            let entry = dir.put(
+                &mut store,
+                &format!("{}_{counter:05}_.webm", dir.filename),
+                bytes,
+            );
+            animated_ui(vec![entry], true)
+        }
+        "SaveAnimatedWEBP" | "SaveAnimatedPNG" => {
+            let frames = passthrough();
+            let prefix = node
+                .string("filename_prefix")
+                .unwrap_or_else(|| "ComfyUI".into());
+            let dir = SaveDir::new(Folder::Output, &prefix, frames.width, frames.height)?;
+            let fps = node.float("fps").unwrap_or(6.0);
+            let (bytes, ext, animated) = if node.class_type == "SaveAnimatedWEBP" {
+                (
+                    media::animated_webp(&frames, fps, 0),
+                    "webp",
+                    frames.batch != 1,
+                )
+            } else {
+                let first = ImageInfo {
+                    batch: 1,
+                    ..frames.clone()
+                };
+                (encode(&first, Vec::new()).await?, "png", true)
+            };
+            let mut store = lock(&run.shared.store);
+            let counter = dir.counter(&store);
+            let entry = dir.put(
+                &mut store,
+                &format!("{}_{counter:05}_.{ext}", dir.filename),
+                bytes,
+            );
+            animated_ui(vec![entry], animated)
+        }
+        "SaveAudio" | "SaveAudioMP3" | "SaveAudioOpus" | "PreviewAudio" => {
+            let audio = node.first_audio().unwrap_or_else(default_audio);
+            let (folder, prefix) = if node.class_type == "PreviewAudio" {
+                let suffix = object
+                    .temp_suffix
+                    .get_or_insert_with(random_temp_suffix)
+                    .clone();
+                (Folder::Temp, format!("ComfyUI{suffix}"))
+            } else {
+                let prefix = node
+                    .string("filename_prefix")
+                    .unwrap_or_else(|| "audio/ComfyUI".into());
+                (Folder::Output, prefix)
+            };
+            let dir = SaveDir::new(folder, &prefix, 0, 0)?;
+            let (ext, encode): (&str, AudioEncoder) = match node.class_type {
+                "SaveAudioMP3" => ("mp3", media::mp3),
+                "SaveAudioOpus" => ("opus", media::opus),
+                _ => ("flac", media::flac),
+            };
+            let mut store = lock(&run.shared.store);
+            let first = dir.counter(&store);
+            let results = (0..audio.batch.max(1))
+                .zip(first..)
+                .map(|(batch_number, counter)| {
+                    let stem = dir
+                        .filename
+                        .replace("%batch_num%", &batch_number.to_string());
+                    let name = format!("{stem}_{counter:05}_.{ext}");
+                    dir.put(&mut store, &name, encode(&audio, batch_number))
+                })
+                .collect();
+            ui_with("audio", results)
+        }
+        "SaveLatent" => {
+            let samples = passthrough();
+            let prefix = node
+                .string("filename_prefix")
+                .unwrap_or_else(|| "latents/ComfyUI".into());
+            let dir = SaveDir::new(Folder::Output, &prefix, 0, 0)?;
+            let bytes = media::latent(&samples, &pyfmt::to_json(node.prompt));
+            let mut store = lock(&run.shared.store);
+            let counter = dir.counter(&store);
+            let entry = dir.put(
+                &mut store,
+                &format!("{}_{counter:05}_.latent", dir.filename),
+                bytes,
+            );
+            ui_with("latents", vec![entry])
+        }
+        "VHS_VideoCombine" => video_combine(run, node, &passthrough()).await?,
         "RaiseError" => {
             return Err(Failure::Error {
                 exception_type: "RuntimeError".into(),
@@ -240,6 +427,47 @@ pub(crate) async fn run(
 
 fn default_image() -> ImageInfo {
     ImageInfo::gradient(512, 512, 1)
+}
+
+/// A second of silence, for AUDIO outputs of nodes the simulator does not model (LoadAudio, ...).
+fn default_audio() -> AudioInfo {
+    AudioInfo {
+        batch: 1,
+        channels: 2,
+        samples: 44_100,
+        sample_rate: 44_100,
+    }
+}
+
+/// A one-frame 24 fps video of `frames` (or a 512×512 image).
+fn default_video(frames: Option<ImageInfo>) -> VideoInfo {
+    VideoInfo {
+        frames: frames.unwrap_or_else(default_image),
+        fps: 24.0,
+        audio: None,
+    }
+}
+
+/// Makes the file of one batch item of a sound.
+type AudioEncoder = fn(&AudioInfo, u32) -> Vec<u8>;
+
+/// `{key: entries}` as a node's `ui`.
+fn ui_with(key: &str, entries: Vec<Value>) -> NodeOutput {
+    let mut ui = Map::new();
+    ui.insert(key.into(), Value::Array(entries));
+    NodeOutput {
+        outputs: Vec::new(),
+        ui: Some(ui),
+    }
+}
+
+/// `ui.PreviewVideo` / SaveAnimatedWEBP's ui: the files under `images`, and `animated: [flag]`.
+fn animated_ui(entries: Vec<Value>, animated: bool) -> NodeOutput {
+    let mut out = ui_with("images", entries);
+    if let Some(ui) = out.ui.as_mut() {
+        ui.insert("animated".into(), json!([animated]));
+    }
+    out
 }
 
 /// Python's `round()` to a pixel count of at least 1.
@@ -309,7 +537,33 @@ impl NodeCtx<'_> {
             })
     }
 
-    /// Fill every declared output: images (as latent or pixels by type), primitives, opaque objects.
+    /// The first VIDEO input that holds a video.
+    fn first_video(&self) -> Option<VideoInfo> {
+        self.class
+            .inputs()
+            .into_iter()
+            .filter(|def| def.kind_str() == Some("VIDEO"))
+            .find_map(|def| match self.value(def.name) {
+                Some(OutValue::Video(info)) => Some(info.clone()),
+                _ => None,
+            })
+    }
+
+    /// The first AUDIO input that holds a sound, else the audio of the first video input.
+    fn first_audio(&self) -> Option<AudioInfo> {
+        self.class
+            .inputs()
+            .into_iter()
+            .filter(|def| def.kind_str() == Some("AUDIO"))
+            .find_map(|def| match self.value(def.name) {
+                Some(OutValue::Audio(info)) => Some(info.clone()),
+                _ => None,
+            })
+            .or_else(|| self.first_video().and_then(|v| v.audio))
+    }
+
+    /// Fill every declared output: images (as latent or pixels by type), videos and sounds passed
+    /// through from the inputs, primitives, opaque objects.
     fn outputs(&self, image: Option<ImageInfo>, primitive: Option<Value>) -> NodeOutput {
         let outputs = self
             .class
@@ -321,6 +575,13 @@ impl NodeCtx<'_> {
                         latent: t == "LATENT",
                         ..info.clone()
                     })
+                }
+                (Some("VIDEO"), _, _) => OutValue::Video(
+                    self.first_video()
+                        .unwrap_or_else(|| default_video(image.clone())),
+                ),
+                (Some("AUDIO"), _, _) => {
+                    OutValue::Audio(self.first_audio().unwrap_or_else(default_audio))
                 }
                 (Some("INT" | "FLOAT" | "STRING" | "BOOLEAN"), _, Some(v)) => {
                     OutValue::Json(v.clone())
@@ -364,6 +625,91 @@ fn random_temp_suffix() -> String {
     format!("_temp_{letters}")
 }
 
+/// `folder_paths.get_save_image_path` up to the counter: where files for a prefix go.
+struct SaveDir {
+    folder: Folder,
+    /// Directory relative to the folder.
+    rel_folder: String,
+    /// The `subfolder` reported in the ui.
+    subfolder: String,
+    /// The file name stem (the prefix's base name).
+    filename: String,
+    /// The prefix after `%…%` substitution.
+    prefix: String,
+}
+
+impl SaveDir {
+    /// Resolves `prefix` under `folder`; a prefix leaving the folder fails like the real server.
+    fn new(folder: Folder, prefix: &str, width: u32, height: u32) -> Result<SaveDir, Failure> {
+        let output_dir = folder.root();
+        let prefix = if prefix.contains('%') {
+            compute_vars(prefix, width, height)
+        } else {
+            prefix.to_owned()
+        };
+        let normalized = path::normpath(&prefix);
+        let subfolder = path::dirname(&normalized);
+        let filename = path::basename(&normalized).to_owned();
+        let full_output_folder = path::normpath(&path::join(&output_dir, &subfolder));
+        let Some(rel_folder) = folder.relative(&full_output_folder) else {
+            let message = format!(
+                "**** ERROR: Saving image outside the output folder is not allowed.\n full_output_folder: {full_output_folder}\n         output_dir: {output_dir}\n         commonpath: {}",
+                path::commonpath(&output_dir, &full_output_folder)
+            );
+            let mut frames = frame(
+                "/comfyui/nodes.py",
+                1590,
+                "save_images",
+                "full_output_folder, filename, counter, subfolder, filename_prefix = folder_paths.get_save_image_path(filename_prefix, self.output_dir, images[0].shape[1], images[0].shape[0])",
+                Some((72, 106)),
+            );
+            frames.extend(frame(
+                "/comfyui/folder_paths.py",
+                397,
+                "get_save_image_path",
+                "raise Exception(err)",
+                None,
+            ));
+            return Err(Failure::Error {
+                exception_type: "Exception".into(),
+                message,
+                traceback: traceback(frames),
+            });
+        };
+        Ok(SaveDir {
+            folder,
+            rel_folder,
+            subfolder,
+            filename,
+            prefix,
+        })
+    }
+
+    /// The first free counter (`get_save_image_path`'s).
+    fn counter(&self, store: &Store) -> u64 {
+        next_counter(
+            &store.files.list_dir(self.folder, &self.rel_folder),
+            &self.prefix,
+            &self.filename,
+        )
+    }
+
+    /// Stores a file in the directory and returns its ui entry `{filename, subfolder, type}`.
+    fn put(&self, store: &mut Store, name: &str, bytes: impl Into<bytes::Bytes>) -> Value {
+        store.files.put(
+            self.folder,
+            &path::join(&self.rel_folder, name),
+            bytes.into(),
+        );
+        json!({"filename": name, "subfolder": self.subfolder, "type": self.folder.as_str()})
+    }
+
+    /// The absolute (virtual) path of a file in the directory.
+    fn full_path(&self, name: &str) -> String {
+        path::join(&path::join(&self.folder.root(), &self.rel_folder), name)
+    }
+}
+
 /// `SaveImage.save_images`: `folder_paths.get_save_image_path`, then one PNG per batch image.
 async fn save_images(
     run: &PromptRun,
@@ -372,42 +718,7 @@ async fn save_images(
     folder: Folder,
     prefix: &str,
 ) -> Result<NodeOutput, Failure> {
-    let output_dir = folder.root();
-    let prefix = if prefix.contains('%') {
-        compute_vars(prefix, images.width, images.height)
-    } else {
-        prefix.to_owned()
-    };
-    let normalized = path::normpath(&prefix);
-    let subfolder = path::dirname(&normalized);
-    let filename = path::basename(&normalized).to_owned();
-    let full_output_folder = path::normpath(&path::join(&output_dir, &subfolder));
-    let Some(rel_folder) = folder.relative(&full_output_folder) else {
-        let message = format!(
-            "**** ERROR: Saving image outside the output folder is not allowed.\n full_output_folder: {full_output_folder}\n         output_dir: {output_dir}\n         commonpath: {}",
-            path::commonpath(&output_dir, &full_output_folder)
-        );
-        let mut frames = frame(
-            "/comfyui/nodes.py",
-            1590,
-            "save_images",
-            "full_output_folder, filename, counter, subfolder, filename_prefix = folder_paths.get_save_image_path(filename_prefix, self.output_dir, images[0].shape[1], images[0].shape[0])",
-            Some((72, 106)),
-        );
-        frames.extend(frame(
-            "/comfyui/folder_paths.py",
-            397,
-            "get_save_image_path",
-            "raise Exception(err)",
-            None,
-        ));
-        return Err(Failure::Error {
-            exception_type: "Exception".into(),
-            message,
-            traceback: traceback(frames),
-        });
-    };
-
+    let dir = SaveDir::new(folder, prefix, images.width, images.height)?;
     let mut texts = vec![("prompt".to_owned(), pyfmt::to_json(node.prompt))];
     if let Some(Value::Object(extra)) = node.extra_data.get("extra_pnginfo") {
         texts.extend(extra.iter().map(|(k, v)| (k.clone(), pyfmt::to_json(v))));
@@ -422,28 +733,126 @@ async fn save_images(
     let png: bytes::Bytes = encode(&frame_info, texts).await?.into();
 
     let mut store = lock(&run.shared.store);
-    let first = next_counter(
-        &store.files.list_dir(folder, &rel_folder),
-        &prefix,
-        &filename,
-    );
+    let first = dir.counter(&store);
     let mut results = Vec::new();
     for (batch_number, counter) in (0..images.batch).zip(first..) {
         let name = format!(
             "{}_{counter:05}_.png",
-            filename.replace("%batch_num%", &batch_number.to_string())
+            dir.filename
+                .replace("%batch_num%", &batch_number.to_string())
         );
-        store
-            .files
-            .put(folder, &path::join(&rel_folder, &name), png.clone());
-        results.push(json!({"filename": name, "subfolder": subfolder, "type": folder.as_str()}));
+        results.push(dir.put(&mut store, &name, png.clone()));
     }
-    let mut ui = Map::new();
-    ui.insert("images".into(), Value::Array(results));
-    Ok(NodeOutput {
-        outputs: Vec::new(),
-        ui: Some(ui),
-    })
+    Ok(ui_with("images", results))
+}
+
+/// VideoHelperSuite's `VideoCombine.combine_video`: a first-frame PNG (`<name>_<counter>.png`, named
+/// in `workflow`), then the animation or video (`<name>_<counter>.<ext>`, or `…-audio.<ext>` when an
+/// audio input is muxed into a video format), in `output` or, with `save_output` off, `temp`. The
+/// counter follows VHS's own rule (highest `<name>_<digits>…` in the folder, plus one). Progress goes
+/// 1..=frames, as its `ProgressBar(num_frames).update(1)`.
+async fn video_combine(
+    run: &mut PromptRun,
+    node: &NodeCtx<'_>,
+    images: &ImageInfo,
+) -> Result<NodeOutput, Failure> {
+    let frames = u64::from(images.batch.max(1));
+    for done in 1..=frames {
+        run.report_progress(node.id, done, frames, None)?;
+    }
+    let save_output = node.json("save_output").is_none_or(pyfmt::truthy);
+    let folder = if save_output {
+        Folder::Output
+    } else {
+        Folder::Temp
+    };
+    let prefix = node
+        .string("filename_prefix")
+        .unwrap_or_else(|| "AnimateDiff".into());
+    let dir = SaveDir::new(folder, &prefix, 0, 0)?;
+    let format = node.string("format").unwrap_or_else(|| "image/gif".into());
+    let fps = node.float("frame_rate").unwrap_or(8.0);
+    let loops = node.int("loop_count").unwrap_or(0).clamp(0, 65_535) as u16;
+    let pingpong = node.flag("pingpong");
+    let played = ImageInfo {
+        batch: if pingpong && images.batch > 2 {
+            images.batch * 2 - 2
+        } else {
+            images.batch
+        },
+        ..images.clone()
+    };
+    let first_frame = ImageInfo {
+        batch: 1,
+        ..images.clone()
+    };
+    let metadata = pyfmt::to_json(node.prompt);
+    let png = encode(&first_frame, vec![("prompt".to_owned(), metadata.clone())]).await?;
+    let video = VideoInfo {
+        frames: played.clone(),
+        fps,
+        audio: None,
+    };
+    let (ext, bytes) = match format.as_str() {
+        "image/gif" | "video/ffmpeg-gif" => ("gif", media::gif(&played, loops)),
+        "image/webp" => ("webp", media::animated_webp(&played, fps, loops)),
+        "video/webm" => ("webm", media::webm(&played, fps, &metadata)),
+        _ => ("mp4", media::mp4(&video, &metadata)),
+    };
+    let audio = node.first_audio().filter(|_| format.starts_with("video/"));
+
+    let mut store = lock(&run.shared.store);
+    let counter = vhs_counter(
+        &store.files.list_dir(dir.folder, &dir.rel_folder),
+        &dir.filename,
+    );
+    let workflow = format!("{}_{counter:05}.png", dir.filename);
+    dir.put(&mut store, &workflow, png);
+    let mut file = format!("{}_{counter:05}.{ext}", dir.filename);
+    dir.put(&mut store, &file, bytes);
+    if let Some(audio) = audio {
+        file = format!("{}_{counter:05}-audio.{ext}", dir.filename);
+        let with_audio = VideoInfo {
+            audio: Some(audio),
+            ..video
+        };
+        dir.put(&mut store, &file, media::mp4(&with_audio, &metadata));
+    }
+    let frame_rate = node.json("frame_rate").cloned().unwrap_or(json!(8));
+    let preview = json!({
+        "filename": file,
+        "subfolder": dir.subfolder,
+        "type": folder.as_str(),
+        "format": format,
+        "frame_rate": frame_rate,
+        "workflow": workflow,
+        "fullpath": dir.full_path(&file),
+    });
+    let mut out = ui_with("gifs", vec![preview]);
+    out.outputs = vec![OutValue::Opaque("VHS_FILENAMES".into())];
+    Ok(out)
+}
+
+/// VHS's counter: one more than the highest `N` of the files matching `<filename>_(\d+)\D*\..+`.
+fn vhs_counter(existing: &[String], filename: &str) -> u64 {
+    let prefix = format!("{}_", filename.to_lowercase());
+    existing
+        .iter()
+        .filter_map(|name| {
+            let lower = name.to_lowercase();
+            let rest = lower.strip_prefix(&prefix)?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            let tail = &rest[digits.len()..];
+            let before_digit = tail
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(tail.len());
+            let dot = tail.find('.')?;
+            (!digits.is_empty() && dot < before_digit && dot + 1 < tail.len())
+                .then(|| digits.parse::<u64>().ok())
+                .flatten()
+        })
+        .max()
+        .map_or(1, |m| m + 1)
 }
 
 /// Encode a PNG off the async threads.
@@ -579,6 +988,20 @@ mod unit {
         ];
         assert_eq!(next_counter(&files, "probe/wf1", "wf1"), 8);
         assert_eq!(next_counter(&files, "other", "other"), 1);
+    }
+
+    #[test]
+    fn vhs_counter_follows_its_regex() {
+        let files = vec![
+            "AnimateDiff_00001.png".to_owned(),
+            "AnimateDiff_00001.mp4".to_owned(),
+            "AnimateDiff_00004-audio.mp4".to_owned(),
+            "AnimateDiff_00009".to_owned(),
+            "Other_00020.gif".to_owned(),
+        ];
+        assert_eq!(vhs_counter(&files, "AnimateDiff"), 5);
+        assert_eq!(vhs_counter(&files, "animatediff"), 5);
+        assert_eq!(vhs_counter(&files, "New"), 1);
     }
 
     #[test]

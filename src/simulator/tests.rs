@@ -1412,3 +1412,162 @@ async fn deep_graphs_neither_overflow_nor_hang() {
         122
     );
 }
+
+#[tokio::test]
+async fn video_audio_and_latent_nodes_save_files_like_comfyui() {
+    let sim = start().await;
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 3, "color": 3368601}},
+        "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 12}},
+        "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "video/clip", "format": "auto", "codec": "auto"}},
+        "4": {"class_type": "SaveWEBM", "inputs": {"images": ["1", 0], "filename_prefix": "webm", "codec": "vp9", "fps": 24, "crf": 32}},
+        "5": {"class_type": "SaveAnimatedWEBP", "inputs": {"images": ["1", 0], "filename_prefix": "anim", "fps": 6, "lossless": true, "quality": 80, "method": "default"}},
+        "6": {"class_type": "EmptyAudio", "inputs": {"duration": 1.5, "sample_rate": 22050, "channels": 1}},
+        "7": {"class_type": "SaveAudio", "inputs": {"audio": ["6", 0], "filename_prefix": "audio/tone"}},
+        "8": {"class_type": "PreviewAudio", "inputs": {"audio": ["6", 0]}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "latents/l"}},
+        "11": {"class_type": "VHS_VideoCombine", "inputs": {"images": ["1", 0], "frame_rate": 8, "loop_count": 0,
+               "filename_prefix": "vhs/combined", "format": "video/h264-mp4", "pingpong": false, "save_output": true,
+               "audio": ["6", 0], "pix_fmt": "yuv420p", "crf": 19}},
+        "12": {"class_type": "VHS_VideoCombine", "inputs": {"images": ["1", 0], "frame_rate": 2.5, "loop_count": 1,
+               "filename_prefix": "preview", "format": "image/gif", "pingpong": true, "save_output": false}},
+        "13": {"class_type": "SaveImageWebsocket", "inputs": {"images": ["1", 0]}},
+    });
+    let mut ws = Ws::connect(&sim, "m").await;
+    ws.next().await;
+    let prompt_id = queue_prompt(&sim, &prompt, Some("m")).await;
+    let frames = ws.until_done(&prompt_id).await;
+    let entry = history_entry(&sim, &prompt_id).await;
+    assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+    // Validation made the FLOAT input a float, as ComfyUI does for VHS's `frame_rate`.
+    let outputs = &entry["outputs"];
+    assert_eq!(
+        outputs["3"],
+        json!({"images": [{"filename": "clip_00001_.mp4", "subfolder": "video", "type": "output"}], "animated": [true]})
+    );
+    assert_eq!(
+        outputs["4"],
+        json!({"images": [{"filename": "webm_00001_.webm", "subfolder": "", "type": "output"}], "animated": [true]})
+    );
+    assert_eq!(
+        outputs["5"],
+        json!({"images": [{"filename": "anim_00001_.webp", "subfolder": "", "type": "output"}], "animated": [true]})
+    );
+    assert_eq!(
+        outputs["7"],
+        json!({"audio": [{"filename": "tone_00001_.flac", "subfolder": "audio", "type": "output"}]})
+    );
+    let preview = outputs["8"]["audio"][0]["filename"].as_str().unwrap();
+    assert!(
+        preview.starts_with("ComfyUI_temp_") && preview.ends_with("_00001_.flac"),
+        "{preview}"
+    );
+    assert_eq!(outputs["8"]["audio"][0]["type"], "temp");
+    assert_eq!(
+        outputs["10"],
+        json!({"latents": [{"filename": "l_00001_.latent", "subfolder": "latents", "type": "output"}]})
+    );
+    assert_eq!(
+        outputs["11"],
+        json!({"gifs": [{"filename": "combined_00001-audio.mp4", "subfolder": "vhs", "type": "output",
+            "format": "video/h264-mp4", "frame_rate": 8.0, "workflow": "combined_00001.png",
+            "fullpath": "/comfyui/output/vhs/combined_00001-audio.mp4"}]})
+    );
+    assert_eq!(
+        outputs["12"],
+        json!({"gifs": [{"filename": "preview_00001.gif", "subfolder": "", "type": "temp",
+            "format": "image/gif", "frame_rate": 2.5, "workflow": "preview_00001.png",
+            "fullpath": "/comfyui/temp/preview_00001.gif"}]})
+    );
+    assert!(outputs.get("13").is_none(), "SaveImageWebsocket has no ui");
+
+    // The files are there, with their headers and content types.
+    for (query, content_type, magic) in [
+        (
+            "filename=clip_00001_.mp4&subfolder=video",
+            "video/mp4",
+            &b"ftyp"[..],
+        ),
+        (
+            "filename=webm_00001_.webm",
+            "video/webm",
+            &[0x1A, 0x45, 0xDF, 0xA3][..],
+        ),
+        ("filename=anim_00001_.webp", "image/webp", &b"RIFF"[..]),
+        (
+            "filename=tone_00001_.flac&subfolder=audio",
+            "audio/flac",
+            &b"fLaC"[..],
+        ),
+        (
+            "filename=combined_00001-audio.mp4&subfolder=vhs",
+            "video/mp4",
+            &b"ftyp"[..],
+        ),
+        (
+            "filename=combined_00001.mp4&subfolder=vhs",
+            "video/mp4",
+            &b"ftyp"[..],
+        ),
+        (
+            "filename=combined_00001.png&subfolder=vhs",
+            "image/png",
+            &[0x89, b'P'][..],
+        ),
+        (
+            "filename=preview_00001.gif&type=temp",
+            "image/gif",
+            &b"GIF89a"[..],
+        ),
+    ] {
+        let response = view(&sim, query).await;
+        assert_eq!(response.status().as_u16(), 200, "{query}");
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            content_type,
+            "{query}"
+        );
+        let bytes = response.bytes().await.unwrap();
+        let at = if magic == b"ftyp" { 4 } else { 0 };
+        assert_eq!(&bytes[at..at + magic.len()], magic, "{query}");
+    }
+
+    // VHS reports progress per frame; SaveImageWebsocket sends one PNG per image, 0..N-1.
+    let progress = |node: &str| -> Vec<(u64, u64)> {
+        frames
+            .iter()
+            .filter_map(Got::text)
+            .filter(|t| t["type"] == "progress" && t["data"]["node"] == node)
+            .map(|t| {
+                (
+                    t["data"]["value"].as_u64().unwrap(),
+                    t["data"]["max"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(progress("11"), [(1, 3), (2, 3), (3, 3)]);
+    assert_eq!(progress("13"), [(0, 3), (1, 3), (2, 3)]);
+    let sent = sim.websocket_images();
+    assert_eq!(sent.len(), 3);
+    assert!(sent
+        .iter()
+        .all(|(node, png)| node == "13" && png_size(png) == (64, 48)));
+
+    // A second run (with another colour, so nothing is cached) counts on, like the real nodes.
+    let mut prompt = prompt;
+    prompt["1"]["inputs"]["color"] = json!(0);
+    let prompt_id = queue_prompt(&sim, &prompt, Some("m")).await;
+    ws.until_done(&prompt_id).await;
+    let entry = history_entry(&sim, &prompt_id).await;
+    assert_eq!(
+        entry["outputs"]["3"]["images"][0]["filename"],
+        "clip_00002_.mp4"
+    );
+    assert_eq!(
+        entry["outputs"]["11"]["gifs"][0]["filename"],
+        "combined_00002-audio.mp4"
+    );
+    ws.close().await;
+}

@@ -32,6 +32,9 @@ fn run_in(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .env_remove("RUNPOD_WEBHOOK_GET_JOB")
         .env_remove("COMFY_HOST")
+        .env_remove("BUCKET_ENDPOINT_URL")
+        .env_remove("OUTPUT_UPLOAD")
+        .env_remove("MAX_INLINE_OUTPUT_BYTES")
         .env("RUST_LOG", "comfy_worker=warn")
         .output()
         .expect("run comfy-worker")
@@ -142,4 +145,37 @@ fn an_error_output_exits_1() {
         .as_str()
         .unwrap()
         .contains("test_input.json not found"));
+}
+
+/// `run` prints to stdout, which has no result limit: the inline limit (the platform's) applies
+/// only when MAX_INLINE_OUTPUT_BYTES is set (that it is off otherwise is a unit test of
+/// `settings_for_run`).
+#[test]
+fn run_applies_the_inline_limit_only_when_set() {
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "test_input.json",
+            "--simulate",
+            "-q",
+            "--sim-step-ms",
+            "1",
+        ])
+        .current_dir(repo())
+        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
+        .env_remove("COMFY_HOST")
+        .env_remove("BUCKET_ENDPOINT_URL")
+        .env_remove("OUTPUT_UPLOAD")
+        .env("MAX_INLINE_OUTPUT_BYTES", "1000")
+        .env("RUST_LOG", "comfy_worker=warn")
+        .output()
+        .expect("run comfy-worker");
+    assert_eq!(out.status.code(), Some(1));
+    let error = stdout_json(&out)["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.starts_with("The job output is ")
+            && error.contains("MAX_INLINE_OUTPUT_BYTES")
+            && error.contains("(or send s3Config)"),
+        "{error}"
+    );
 }

@@ -1,14 +1,18 @@
-//! S3 outputs against a real S3-compatible server: `s3s-fs` (installed by `scripts/test` into
-//! `target/test-deps/bin`), which stores objects as files and verifies every request's SigV4
-//! signature, in headers and in presigned query strings. Each test starts its own server on a
-//! free loopback port with a temporary directory.
+//! S3 outputs and `s3://` inputs against a real S3-compatible server: `s3s-fs` (installed by
+//! `scripts/test` into `target/test-deps/bin`), which stores objects as files and verifies every
+//! request's SigV4 signature, in headers and in presigned query strings. Each test starts its own
+//! server on a free loopback port with a temporary directory.
 //!
 //! Covered: `auto` uploads the largest outputs and keeps small ones inline, the presigned URL
-//! serves the bytes ComfyUI stored (and stops working when tampered with), `always`, multipart
-//! uploads, a wrong secret as an `errors` entry, a job's `s3Config` replacing the env bucket
-//! (serverless top level, local endpoint top level, inside `input`), and an over-limit output
-//! without a bucket failing fast with the explanation; the serverless cases run the real binary
-//! against the fake platform.
+//! serves the bytes ComfyUI stored (and stops working when tampered with), `always` for every
+//! file kind (videos with `format`/`frame_rate`, audio, other keys; text stays inline),
+//! multipart uploads, a wrong secret as an `errors` entry, a job's `s3Config` replacing the env
+//! bucket (serverless top level, local endpoint top level, inside `input`), the SSRF guard on a
+//! job's endpoint (refused on loopback unless `ALLOW_PRIVATE_S3_ENDPOINTS`; the test server is on
+//! loopback, so every `s3Config` test opts in), `s3://` inputs from the env bucket and from a
+//! job's `s3Config` (and their errors: no bucket, another bucket, no such key, too large), and an
+//! over-limit output without a bucket failing fast with the explanation; the serverless cases run
+//! the real binary against the fake platform.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -17,18 +21,22 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use comfy_worker::api::{self, ServeOptions};
-use comfy_worker::job::storage::{BucketSettings, CollectedFile};
-use comfy_worker::job::{Engine, JobOutput, Storage, StorageSettings, UploadMode};
+use comfy_worker::config::Secret;
+use comfy_worker::job::input::InputPolicy;
+use comfy_worker::job::storage::BucketSettings;
+use comfy_worker::job::{
+    CollectedFile, Engine, JobOutput, OutputKind, Storage, StorageSettings, UploadMode,
+};
 use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
+use object_store::aws::AmazonS3Builder;
+use object_store::{ObjectStoreExt, PutPayload};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use comfy_worker::config::Secret;
-
 use crate::fake_platform::{FakePlatform, PlatformOptions};
 use crate::harness::{self, png_size, LIMIT};
-use crate::worker_process::{final_of, job_input, WorkerProcess};
+use crate::worker_process::{final_of, job_input, simulator, WorkerProcess};
 
 const ACCESS: &str = "comfy-test-access";
 const SECRET: &str = "comfy-test-secret-4f9b2c71";
@@ -155,6 +163,39 @@ impl S3Server {
         }
     }
 
+    /// A job's `s3Config` for this server's `bucket`.
+    fn s3_config(&self, access: &str, secret: &str, bucket: &str) -> Value {
+        json!({
+            "accessId": access,
+            "accessSecret": secret,
+            "bucketName": bucket,
+            "endpointUrl": self.endpoint(),
+        })
+    }
+
+    /// Stores an object through the S3 API (signed requests, as a client would).
+    async fn put(&self, access: &str, secret: &str, bucket: &str, key: &str, bytes: Vec<u8>) {
+        let store = AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_access_key_id(access)
+            .with_secret_access_key(secret)
+            .with_allow_http(true)
+            .build()
+            .unwrap();
+        tokio::time::timeout(
+            LIMIT,
+            store.put(
+                &object_store::path::Path::from(key),
+                PutPayload::from(bytes),
+            ),
+        )
+        .await
+        .expect("put in time")
+        .expect("put");
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("s3s.log")).unwrap_or_default()
     }
@@ -189,9 +230,22 @@ async fn noise_simulator() -> Simulator {
 const SMALL_LIMIT: u64 = 600_000;
 
 fn engine(sim: &Simulator, storage: StorageSettings) -> Engine {
+    engine_with_inputs(sim, storage, InputPolicy::default())
+}
+
+fn engine_with_inputs(sim: &Simulator, storage: StorageSettings, inputs: InputPolicy) -> Engine {
     let mut settings = harness::settings(&sim.host());
     settings.storage = storage;
+    settings.inputs = inputs;
     Engine::new(settings).unwrap()
+}
+
+/// Storage settings whose jobs may use a loopback `s3Config` endpoint (the test server's).
+fn private_ok() -> StorageSettings {
+    StorageSettings {
+        allow_private_endpoints: true,
+        ..StorageSettings::default()
+    }
 }
 
 fn http() -> reqwest::Client {
@@ -281,7 +335,7 @@ async fn auto_uploads_the_largest_output_and_keeps_the_small_one_inline() {
         &sim,
         StorageSettings {
             bucket: Some(s3.bucket(SECRET)),
-            max_inline_bytes: SMALL_LIMIT,
+            max_inline_bytes: Some(SMALL_LIMIT),
             prefix: "runs".into(),
             ..StorageSettings::default()
         },
@@ -298,10 +352,7 @@ async fn auto_uploads_the_largest_output_and_keeps_the_small_one_inline() {
         .starts_with("anchors_ok_full"));
     check_uploaded(&sim, &s3, &uploaded[0], "runs/test-job/").await;
     assert_eq!(png_size(inline[0]["data"].as_str().unwrap()), (256, 256));
-    assert!(
-        inline[0].get("content_type").is_none(),
-        "base64 entries keep worker-comfyui's shape"
-    );
+    assert_eq!(inline[0]["content_type"], "image/png");
 
     // An output that fits stays inline entirely and nothing is uploaded.
     let roomy = engine_with_limit(&sim, &s3, 10_000_000);
@@ -316,7 +367,7 @@ fn engine_with_limit(sim: &Simulator, s3: &S3Server, limit: u64) -> Engine {
         sim,
         StorageSettings {
             bucket: Some(s3.bucket(SECRET)),
-            max_inline_bytes: limit,
+            max_inline_bytes: Some(limit),
             ..StorageSettings::default()
         },
     )
@@ -373,22 +424,26 @@ async fn large_files_go_up_in_parts() {
         })
         .collect();
     let files = vec![
-        CollectedFile::new("clip.mp4", Bytes::from(big.clone())),
-        CollectedFile::new("still.webp", Bytes::from_static(b"RIFF....WEBP")),
+        CollectedFile::new(OutputKind::Videos, "clip.mp4", Bytes::from(big.clone())),
+        CollectedFile::new(
+            OutputKind::Images,
+            "still.webp",
+            Bytes::from_static(b"RIFF....WEBP"),
+        ),
     ];
-    let job = storage.for_job("job-mp", None).unwrap();
-    let placed = tokio::time::timeout(LIMIT, job.place(files))
+    let job = storage.for_job("job-mp", None).await.unwrap();
+    let placed = tokio::time::timeout(LIMIT, job.place(files, 0))
         .await
         .expect("upload in time")
         .unwrap();
     let video = placed[0].as_ref().expect("uploaded");
     assert_eq!(video.kind, "s3_url");
-    assert_eq!(video.content_type.as_deref(), Some("video/mp4"));
+    assert_eq!(video.content_type, "video/mp4");
     let (status, body) = get(&video.data).await;
     assert_eq!(status, 200);
     assert!(body[..] == big[..], "multipart object reassembled");
     let still = placed[1].as_ref().expect("uploaded");
-    assert_eq!(still.content_type.as_deref(), Some("image/webp"));
+    assert_eq!(still.content_type, "image/webp");
     assert_eq!(
         get(&still.data).await.1,
         Bytes::from_static(b"RIFF....WEBP")
@@ -406,7 +461,7 @@ async fn a_wrong_secret_is_an_errors_entry_and_small_outputs_still_return() {
         &sim,
         StorageSettings {
             bucket: Some(s3.bucket(wrong)),
-            max_inline_bytes: SMALL_LIMIT,
+            max_inline_bytes: Some(SMALL_LIMIT),
             ..StorageSettings::default()
         },
     );
@@ -449,7 +504,7 @@ async fn a_jobs_s3_config_in_input_replaces_the_env_bucket() {
         StorageSettings {
             bucket: Some(env_s3.bucket(SECRET)),
             mode: UploadMode::Always,
-            ..StorageSettings::default()
+            ..private_ok()
         },
     );
     let mut input = job_input(5, 2);
@@ -490,7 +545,7 @@ async fn without_a_bucket_an_over_limit_output_fails_with_the_fix() {
     let engine = engine(
         &sim,
         StorageSettings {
-            max_inline_bytes: SMALL_LIMIT,
+            max_inline_bytes: Some(SMALL_LIMIT),
             ..StorageSettings::default()
         },
     );
@@ -537,8 +592,8 @@ async fn local_endpoint_takes_s3_config_on_the_job() {
     let (base, shutdown) = local_endpoint(
         &sim,
         StorageSettings {
-            max_inline_bytes: SMALL_LIMIT,
-            ..StorageSettings::default()
+            max_inline_bytes: Some(SMALL_LIMIT),
+            ..private_ok()
         },
     )
     .await;
@@ -607,6 +662,7 @@ async fn serverless_job_s3_config_overrides_the_env() {
     let platform = FakePlatform::start(PlatformOptions::default()).await;
     let mut env: Vec<(&str, String)> = env_s3.env(SECRET);
     env.push(("OUTPUT_UPLOAD", "always".into()));
+    env.push(("ALLOW_PRIVATE_S3_ENDPOINTS", "true".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let worker = WorkerProcess::start(&platform, &sim, &env);
     platform.push_raw_job(json!({
@@ -657,4 +713,370 @@ async fn serverless_over_limit_without_a_bucket_fails_fast_with_the_fix() {
         status["executionTime"].as_u64().unwrap() < 10_000,
         "the job ended quickly: {status}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every file kind, the SSRF guard on a job's endpoint, s3:// inputs.
+
+/// One workflow with a video (VideoHelperSuite, with `format` and `frame_rate`), audio, a latent
+/// (another key), an image and a text.
+fn every_kind_workflow() -> Value {
+    json!({"workflow": {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 2, "color": 3368601}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "kinds"}},
+        "3": {"class_type": "VHS_VideoCombine", "inputs": {"images": ["1", 0], "frame_rate": 12.5, "loop_count": 0,
+              "filename_prefix": "clips/kinds", "format": "video/h264-mp4", "pingpong": false, "save_output": true}},
+        "4": {"class_type": "EmptyAudio", "inputs": {"duration": 0.25, "sample_rate": 8000, "channels": 1}},
+        "5": {"class_type": "SaveAudio", "inputs": {"audio": ["4", 0], "filename_prefix": "audio/kinds"}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "latents/kinds"}},
+        "8": {"class_type": "PrimitiveString", "inputs": {"value": "a caption"}},
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["8", 0]}},
+    }})
+}
+
+/// `(subfolder, filename)` of every file ComfyUI (the simulator) lists for the last prompt.
+async fn history_files(sim: &Simulator) -> Vec<(String, String)> {
+    let prompt = sim.prompts().last().cloned().expect("a prompt");
+    let id = prompt["prompt_id"].as_str().unwrap();
+    let (status, body) = get(&format!("http://{}/history/{id}", sim.host())).await;
+    assert_eq!(status, 200);
+    let history: Value = serde_json::from_slice(&body).unwrap();
+    let mut out = Vec::new();
+    for ui in history[id]["outputs"].as_object().unwrap().values() {
+        for items in ui.as_object().unwrap().values() {
+            for item in items.as_array().into_iter().flatten() {
+                if let Some(name) = item.get("filename").and_then(Value::as_str) {
+                    out.push((
+                        item["subfolder"].as_str().unwrap_or("").to_owned(),
+                        name.to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_file_kind_can_be_uploaded() {
+    harness::init_logs();
+    let s3 = S3Server::start(ACCESS, SECRET, &[BUCKET]);
+    let sim = simulator(1).await;
+    let engine = engine(
+        &sim,
+        StorageSettings {
+            bucket: Some(s3.bucket(SECRET)),
+            mode: UploadMode::Always,
+            ..StorageSettings::default()
+        },
+    );
+    let (out, _) = harness::run_job(&engine, every_kind_workflow()).await;
+    let out = out.to_json();
+    assert!(out.get("errors").is_none(), "{out}");
+    let keys: Vec<&str> = out
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        ["images", "videos", "audio", "text", "latents"],
+        "{out}"
+    );
+    assert_eq!(out["text"], json!(["a caption"]), "text stays inline");
+    let subfolders: std::collections::HashMap<String, String> = history_files(&sim)
+        .await
+        .into_iter()
+        .map(|(sub, name)| (name, sub))
+        .collect();
+    let mut uploaded = 0;
+    for (kind, content_type) in [
+        ("images", "image/png"),
+        ("videos", "video/mp4"),
+        ("audio", "audio/flac"),
+        ("latents", "application/octet-stream"),
+    ] {
+        let entries = out[kind].as_array().unwrap();
+        assert!(!entries.is_empty(), "{kind}");
+        for entry in entries {
+            assert_eq!(entry["type"], "s3_url", "{entry}");
+            assert_eq!(entry["content_type"], content_type, "{entry}");
+            let filename = entry["filename"].as_str().unwrap();
+            let subfolder = &subfolders[filename];
+            let url = url::Url::parse(entry["data"].as_str().unwrap()).unwrap();
+            let key = if subfolder.is_empty() {
+                format!("test-job/{filename}")
+            } else {
+                format!("test-job/{subfolder}/{filename}")
+            };
+            assert_eq!(url.path(), format!("/{BUCKET}/{key}"));
+            let view = format!(
+                "http://{}/view?filename={filename}&subfolder={subfolder}&type=output",
+                sim.host()
+            );
+            let (status, expected) = get(&view).await;
+            assert_eq!(status, 200, "/view {filename}");
+            let (status, body) = get(url.as_str()).await;
+            assert_eq!(status, 200);
+            assert!(
+                body == expected,
+                "{kind} {filename}: the URL serves ComfyUI's bytes"
+            );
+            uploaded += 1;
+        }
+    }
+    let video = &out["videos"][0];
+    assert_eq!(video["format"], "video/h264-mp4");
+    assert_eq!(video["frame_rate"], 12.5);
+    assert_eq!(s3.keys(BUCKET).len(), uploaded);
+}
+
+/// An 8×8 RGBA PNG.
+fn png_bytes(shade: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, 8, 8);
+        encoder.set_color(png::ColorType::Rgba);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[shade; 8 * 8 * 4]).unwrap();
+    }
+    out
+}
+
+/// A job running the plain workflow with these input items.
+fn with_inputs(items: Value) -> Value {
+    json!({"workflow": harness::workflow("ok"), "images": items})
+}
+
+fn details(out: &JobOutput) -> Vec<String> {
+    match out {
+        JobOutput::Failed {
+            details: Some(d), ..
+        } => d.clone(),
+        other => panic!("expected a failure with details: {}", other.to_json()),
+    }
+}
+
+#[tokio::test]
+async fn s3_inputs_are_read_from_the_env_bucket() {
+    harness::init_logs();
+    let s3 = S3Server::start(ACCESS, SECRET, &[BUCKET]);
+    s3.put(ACCESS, SECRET, BUCKET, "inputs/photo.png", png_bytes(40))
+        .await;
+    s3.put(ACCESS, SECRET, BUCKET, "inputs/noext", png_bytes(80))
+        .await;
+    let sim = simulator(1).await;
+    let reader = engine(
+        &sim,
+        StorageSettings {
+            bucket: Some(s3.bucket(SECRET)),
+            ..StorageSettings::default()
+        },
+    );
+    let items = json!([
+        {"name": "photo.png", "image": format!("s3://{BUCKET}/inputs/photo.png")},
+        // Without a name: the key's last segment, with the extension of the file's type.
+        {"image": format!("s3://{BUCKET}/inputs/noext")},
+    ]);
+    let (out, _) = harness::run_job(&reader, with_inputs(items)).await;
+    assert!(!out.is_error(), "{}", out.to_json());
+    assert_eq!(sim.input_file("", "photo.png"), Some(png_bytes(40)));
+    assert_eq!(sim.input_file("", "noext.png"), Some(png_bytes(80)));
+    let uploads = sim.uploads();
+    assert_eq!(uploads[0].content_type.as_deref(), Some("image/png"));
+
+    // Another bucket, a missing key: the job fails before anything reaches ComfyUI, naming each.
+    let sim = simulator(1).await;
+    let limited = engine_with_inputs(
+        &sim,
+        StorageSettings {
+            bucket: Some(s3.bucket(SECRET)),
+            ..StorageSettings::default()
+        },
+        InputPolicy {
+            max_bytes: 50,
+            ..InputPolicy::default()
+        },
+    );
+    let items = json!([
+        {"name": "a.png", "image": "s3://someone-elses/inputs/photo.png"},
+        {"name": "b.png", "image": format!("s3://{BUCKET}/inputs/missing.png")},
+        {"name": "c.png", "image": format!("s3://{BUCKET}/inputs/photo.png")},
+    ]);
+    let (out, _) = harness::run_job(&limited, with_inputs(items)).await;
+    assert_eq!(
+        out.error_message(),
+        Some("Failed to upload one or more input images")
+    );
+    let size = png_bytes(40).len();
+    assert_eq!(
+        details(&out),
+        [
+            "Error downloading a.png from s3://someone-elses/inputs/photo.png: the bucket \"someone-elses\" is not the configured one (\"outputs\"); s3:// inputs are read from the job's bucket only".to_owned(),
+            "Error downloading b.png from s3://outputs/inputs/missing.png: no such object in the bucket".to_owned(),
+            format!("Error downloading c.png from s3://outputs/inputs/photo.png: the object is {size} bytes, larger than INPUT_URL_MAX_BYTES (50 bytes)"),
+        ]
+    );
+    assert!(sim.uploads().is_empty() && sim.prompts().is_empty());
+
+    // Without any bucket, the error says what to configure.
+    let no_bucket = engine(&sim, StorageSettings::default());
+    let items = json!([{"name": "a.png", "image": format!("s3://{BUCKET}/inputs/photo.png")}]);
+    let (out, _) = harness::run_job(&no_bucket, with_inputs(items)).await;
+    let problem = &details(&out)[0];
+    assert!(
+        problem.contains(": no bucket is configured: s3:// inputs are read from the worker's bucket (BUCKET_ENDPOINT_URL"),
+        "{problem}"
+    );
+}
+
+#[tokio::test]
+async fn s3_inputs_and_outputs_use_the_jobs_s3_config() {
+    harness::init_logs();
+    let env_s3 = S3Server::start(ACCESS, SECRET, &[BUCKET]);
+    let job_s3 = S3Server::start("job-access", "job-secret-77f1", &["job-bucket"]);
+    job_s3
+        .put(
+            "job-access",
+            "job-secret-77f1",
+            "job-bucket",
+            "in/photo.png",
+            png_bytes(120),
+        )
+        .await;
+    // The same key in the env bucket holds other bytes: the job's bucket must win.
+    env_s3
+        .put(ACCESS, SECRET, BUCKET, "in/photo.png", png_bytes(1))
+        .await;
+    let sim = simulator(1).await;
+    let engine = engine(
+        &sim,
+        StorageSettings {
+            bucket: Some(env_s3.bucket(SECRET)),
+            mode: UploadMode::Always,
+            ..private_ok()
+        },
+    );
+    let mut input =
+        with_inputs(json!([{"name": "photo.png", "image": "s3://job-bucket/in/photo.png"}]));
+    input["s3Config"] = job_s3.s3_config("job-access", "job-secret-77f1", "job-bucket");
+    let (out, _) = harness::run_job(&engine, input).await;
+    let out = out.to_json();
+    assert_eq!(sim.input_file("", "photo.png"), Some(png_bytes(120)));
+    let (uploaded, inline) = entries(&out);
+    assert_eq!((uploaded.len(), inline.len()), (2, 0), "{out}");
+    assert_eq!(
+        job_s3.keys("job-bucket").len(),
+        3,
+        "the input and two outputs"
+    );
+    assert_eq!(
+        env_s3.keys(BUCKET),
+        ["in/photo.png"],
+        "the env bucket is not used"
+    );
+
+    // The env bucket is not readable through another name while s3Config is set.
+    let mut input =
+        with_inputs(json!([{"name": "x.png", "image": format!("s3://{BUCKET}/in/photo.png")}]));
+    input["s3Config"] = job_s3.s3_config("job-access", "job-secret-77f1", "job-bucket");
+    let (out, _) = harness::run_job(&engine, input).await;
+    assert!(
+        details(&out)[0].ends_with("the bucket \"outputs\" is not the configured one (\"job-bucket\"); s3:// inputs are read from the job's bucket only"),
+        "{}",
+        out.to_json()
+    );
+}
+
+#[tokio::test]
+async fn a_jobs_loopback_endpoint_is_refused_without_the_opt_in() {
+    harness::init_logs();
+    let s3 = S3Server::start("job-access", "job-secret-3c2d", &["job-bucket"]);
+    s3.put(
+        "job-access",
+        "job-secret-3c2d",
+        "job-bucket",
+        "in/photo.png",
+        png_bytes(9),
+    )
+    .await;
+    let sim = simulator(1).await;
+    let engine = engine(&sim, StorageSettings::default());
+    let expected = "Invalid s3Config: s3Config.endpointUrl refused: 127.0.0.1 is a loopback address (set ALLOW_PRIVATE_S3_ENDPOINTS=true to allow it)";
+    for items in [
+        json!([]),
+        json!([{"name": "p.png", "image": "s3://job-bucket/in/photo.png"}]),
+    ] {
+        let mut input = with_inputs(items);
+        input["s3Config"] = s3.s3_config("job-access", "job-secret-3c2d", "job-bucket");
+        let (out, _) = harness::run_job(&engine, input).await;
+        assert_eq!(out.to_json(), json!({"error": expected}));
+    }
+    // Named hosts are checked too (`localhost` without resolving it).
+    let mut input = with_inputs(json!([]));
+    input["s3Config"] = s3.s3_config("job-access", "job-secret-3c2d", "job-bucket");
+    input["s3Config"]["endpointUrl"] = json!(format!("http://localhost:{}", s3.port));
+    let (out, _) = harness::run_job(&engine, input).await;
+    assert!(
+        out.error_message()
+            .unwrap()
+            .contains("refused: localhost is a local host name"),
+        "{}",
+        out.to_json()
+    );
+    assert!(sim.prompts().is_empty() && sim.uploads().is_empty());
+    assert_eq!(
+        s3.keys("job-bucket"),
+        ["in/photo.png"],
+        "nothing was written"
+    );
+
+    // The same job with the opt-in runs, reading its input from that endpoint.
+    let open = engine_with_inputs(&sim, private_ok(), InputPolicy::default());
+    let mut input =
+        with_inputs(json!([{"name": "p.png", "image": "s3://job-bucket/in/photo.png"}]));
+    input["s3Config"] = s3.s3_config("job-access", "job-secret-3c2d", "job-bucket");
+    let (out, _) = harness::run_job(&open, input).await;
+    assert!(!out.is_error(), "{}", out.to_json());
+    assert_eq!(sim.input_file("", "p.png"), Some(png_bytes(9)));
+}
+
+/// The real binary: a job's loopback `s3Config` fails the job unless the worker opts in; the env
+/// bucket, also on loopback, is trusted and serves an `s3://` input.
+#[tokio::test]
+async fn serverless_checks_the_jobs_endpoint_not_the_env_bucket() {
+    let s3 = S3Server::start(ACCESS, SECRET, &[BUCKET]);
+    s3.put(ACCESS, SECRET, BUCKET, "in/photo.png", png_bytes(33))
+        .await;
+    let sim = simulator(1).await;
+    let platform = FakePlatform::start(PlatformOptions::default()).await;
+    let env: Vec<(&str, String)> = s3.env(SECRET);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let worker = WorkerProcess::start(&platform, &sim, &env);
+    platform.push_raw_job(json!({
+        "id": "refused",
+        "input": job_input(12, 2),
+        "s3Config": s3.s3_config(ACCESS, SECRET, BUCKET),
+    }));
+    let body = final_of(&platform, "refused").await;
+    assert_eq!(platform.status("refused")["status"], "FAILED", "{body}");
+    assert_eq!(
+        body["error"],
+        "Invalid s3Config: s3Config.endpointUrl refused: 127.0.0.1 is a loopback address (set ALLOW_PRIVATE_S3_ENDPOINTS=true to allow it)"
+    );
+    platform.push_job(
+        "env-input",
+        with_inputs(json!([{"name": "in.png", "image": format!("s3://{BUCKET}/in/photo.png")}])),
+    );
+    let body = final_of(&platform, "env-input").await;
+    assert_eq!(
+        platform.status("env-input")["status"],
+        "COMPLETED",
+        "{body}"
+    );
+    assert_eq!(sim.input_file("", "in.png"), Some(png_bytes(33)));
+    assert!(!worker.log().contains(SECRET), "the secret was logged");
 }

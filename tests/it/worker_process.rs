@@ -52,6 +52,11 @@ impl WorkerProcess {
             .env_remove("BUCKET_PREFIX")
             .env_remove("OUTPUT_UPLOAD")
             .env_remove("MAX_INLINE_OUTPUT_BYTES")
+            .env_remove("ALLOW_PRIVATE_S3_ENDPOINTS")
+            .env_remove("BUCKET_ACCESS_KEY_ID")
+            .env_remove("BUCKET_SECRET_ACCESS_KEY")
+            .env_remove("BUCKET_REGION")
+            .env_remove("BUCKET_URL_EXPIRY_S")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in extra {
