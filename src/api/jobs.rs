@@ -867,7 +867,7 @@ async fn run_job(inner: &Inner, job: Started) {
         ),
         Some(Deadline::Shutdown) | None => {
             // The serverless mode's mapping: `error` when set, the rest as `output`.
-            let body = result_body(&output.to_json(), false);
+            let body = result_body(output.into_json(), false);
             let error = body.get("error").cloned();
             let status = if error.is_some() {
                 JobStatus::Failed

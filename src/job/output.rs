@@ -259,6 +259,11 @@ impl JobOutput {
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
+
+    /// As JSON, freeing the output's own buffers at once (they can hold megabytes of base64).
+    pub fn into_json(self) -> Value {
+        self.to_json()
+    }
 }
 
 /// Per-job output options, `input.output`:

@@ -65,11 +65,11 @@ fn retryable(status: Option<StatusCode>) -> bool {
 
 /// The job-done body for an output, exactly as the SDK derives it from a handler's return value
 /// (`output`, then `error`, then `stopPod`).
-pub fn result_body(output: &Value, stop_pod: bool) -> Value {
+pub fn result_body(output: Value, stop_pod: bool) -> Value {
     let mut body = Map::new();
     match output {
-        Value::Object(obj) => {
-            let mut rest = obj.clone();
+        Value::Object(mut rest) => {
+            // Taken by value: outputs hold megabytes of base64, never copied here.
             let error = rest.remove("error");
             let error = error.filter(truthy);
             // The SDK drops an empty `output`.
@@ -81,7 +81,7 @@ pub fn result_body(output: &Value, stop_pod: bool) -> Value {
             }
         }
         other => {
-            body.insert("output".into(), other.clone());
+            body.insert("output".into(), other);
         }
     }
     if stop_pod {
@@ -238,7 +238,7 @@ impl PlatformClient {
         }
     }
 
-    fn job_done(&self, job_id: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+    fn job_done(&self, job_id: &str, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
         self.http
             .post(self.settings.result_url(job_id))
             // The SDK's headers, byte for byte: a form content type although the body is JSON.
@@ -273,6 +273,8 @@ impl PlatformClient {
             Ok(b) => b,
             Err(e) => return Delivery::Lost(format!("cannot serialise the result: {e}")),
         };
+        // `Bytes`: a retry re-sends the same buffer instead of copying it.
+        let bytes = bytes::Bytes::from(bytes);
         match self.post_with_retries(job_id, bytes.clone()).await {
             Err((Some(StatusCode::BAD_REQUEST), why)) if bytes.len() > 1 << 20 => {
                 let mb = bytes.len() as f64 / 1_048_576.0;
@@ -287,7 +289,7 @@ impl PlatformClient {
                     fallback["stopPod"] = Value::Bool(true);
                 }
                 let bytes = serde_json::to_vec(&fallback).unwrap_or_default();
-                match self.post_with_retries(job_id, bytes).await {
+                match self.post_with_retries(job_id, bytes.into()).await {
                     Ok(()) => Delivery::Delivered,
                     Err((_, e)) => {
                         Delivery::Lost(format!("{why}; the short error was refused too: {e}"))
@@ -302,7 +304,7 @@ impl PlatformClient {
     async fn post_with_retries(
         &self,
         job_id: &str,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
     ) -> Result<(), (Option<StatusCode>, String)> {
         let attempts = self.settings.result_attempts.max(1);
         let mut delay = self.settings.result_retry_delay;
@@ -398,29 +400,29 @@ mod tests {
     #[test]
     fn result_body_follows_the_sdk_table() {
         assert_eq!(
-            result_body(&json!({"images": []}), false),
+            result_body(json!({"images": []}), false),
             json!({"output": {"images": []}})
         );
-        assert_eq!(result_body(&json!({}), false), json!({}));
+        assert_eq!(result_body(json!({}), false), json!({}));
         assert_eq!(
-            result_body(&json!({"error": "e"}), false),
+            result_body(json!({"error": "e"}), false),
             json!({"error": "e"})
         );
         assert_eq!(
-            result_body(&json!({"error": "e", "details": ["d"]}), false),
+            result_body(json!({"error": "e", "details": ["d"]}), false),
             json!({"output": {"details": ["d"]}, "error": "e"})
         );
         assert_eq!(
-            result_body(&json!({"error": "", "a": 1}), false),
+            result_body(json!({"error": "", "a": 1}), false),
             json!({"output": {"a": 1}})
         );
-        assert_eq!(result_body(&json!({"error": null}), false), json!({}));
-        assert_eq!(result_body(&json!([1]), false), json!({"output": [1]}));
+        assert_eq!(result_body(json!({"error": null}), false), json!({}));
+        assert_eq!(result_body(json!([1]), false), json!({"output": [1]}));
         assert_eq!(
-            result_body(&json!({"images": []}), true),
+            result_body(json!({"images": []}), true),
             json!({"output": {"images": []}, "stopPod": true})
         );
-        let keys: Vec<String> = result_body(&json!({"details": [], "error": "x"}), true)
+        let keys: Vec<String> = result_body(json!({"details": [], "error": "x"}), true)
             .as_object()
             .unwrap()
             .keys()

@@ -322,7 +322,7 @@ impl Worker {
                     .to_json(),
                 )
             }
-            Some(CancelReason::Shutdown) | None => Some(output.to_json()),
+            Some(CancelReason::Shutdown) | None => Some(output.into_json()),
         };
         // Before the relay drains, so the webhook's final event is on its way at once.
         webhook.end(output.as_ref());
@@ -342,10 +342,12 @@ impl Worker {
             info!("Finished. (stopped by the platform; nothing posted)");
             return JobEnd::Stopped;
         };
-        let body = result_body(&output, settings.refresh_worker);
+        let failed = output.get("error").is_some();
+        let body = result_body(output, settings.refresh_worker);
         let delivery = self.client.post_result(&job.id, &body).await;
+        drop(body);
         match &delivery {
-            Delivery::Delivered => info!(failed = output.get("error").is_some(), "Finished."),
+            Delivery::Delivered => info!(failed, "Finished."),
             Delivery::Lost(e) => error!(error = %e, "Failed to return job results."),
         }
         JobEnd::Posted(delivery)
