@@ -649,9 +649,12 @@ fn base64_len(n: usize) -> u64 {
     (n as u64).div_ceil(3) * 4
 }
 
-/// Bytes as MB (MiB, as the platform counts), one decimal unless whole.
+/// Bytes as MB (MiB, as the platform counts), one decimal unless whole, three below 0.05.
 fn mb(bytes: u64) -> String {
     let tenths = (bytes as f64 / 1_048_576.0 * 10.0).round() as u64;
+    if tenths == 0 && bytes > 0 {
+        return format!("{:.3}", bytes as f64 / 1_048_576.0);
+    }
     if tenths % 10 == 0 {
         format!("{}", tenths / 10)
     } else {
@@ -1210,6 +1213,8 @@ mod tests {
         assert_eq!(base64_len(4), 8);
         assert_eq!(mb(15 * 1024 * 1024), "15");
         assert_eq!(mb(44_145_050), "42.1");
+        assert_eq!(mb(1000), "0.001");
+        assert_eq!(mb(0), "0");
         assert_eq!(
             scrub("failed: very-secret leaked", &Secret::new("very-secret")),
             "failed: [redacted] leaked"
