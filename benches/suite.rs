@@ -67,7 +67,8 @@ impl Worker {
 
     /// `VmHWM` / `VmRSS` of the process, in bytes.
     fn memory(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with(field))
@@ -127,12 +128,13 @@ async fn floors() -> Floors {
     }
     let big = vec![7u8; 8 << 20];
     let big_for_server = big.clone();
-    let app = Router::new()
-        .route("/echo", post(|| async { "" }))
-        .route("/big", get(move || {
+    let app = Router::new().route("/echo", post(|| async { "" })).route(
+        "/big",
+        get(move || {
             let b = big_for_server.clone();
             async move { b }
-        }));
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -146,7 +148,14 @@ async fn floors() -> Floors {
     let body = vec![b'x'; 1024];
     for i in 0..220 {
         let t = Instant::now();
-        http.post(format!("http://{addr}/echo")).body(body.clone()).send().await.unwrap().bytes().await.unwrap();
+        http.post(format!("http://{addr}/echo"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         if i >= 20 {
             rtt.push(ms(t.elapsed()));
         }
@@ -154,7 +163,15 @@ async fn floors() -> Floors {
     let mut download = Vec::new();
     for _ in 0..8 {
         let t = Instant::now();
-        let n = http.get(format!("http://{addr}/big")).send().await.unwrap().bytes().await.unwrap().len();
+        let n = http
+            .get(format!("http://{addr}/big"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .len();
         download.push(n as f64 / ms(t.elapsed()));
     }
     let mut b64 = Vec::new();
@@ -192,7 +209,10 @@ async fn cold_start() -> f64 {
 }
 
 /// Runs `jobs` through one worker; returns the platform and the simulator for inspection.
-async fn run_jobs(sim: Simulator, jobs: Vec<(String, Value)>) -> (Simulator, FakePlatform, u64, u64) {
+async fn run_jobs(
+    sim: Simulator,
+    jobs: Vec<(String, Value)>,
+) -> (Simulator, FakePlatform, u64, u64) {
     let platform = FakePlatform::start(PlatformOptions::default()).await;
     let worker = Worker::start(&platform, &sim);
     platform.wait_takes(1).await;
@@ -212,8 +232,18 @@ fn completion_overheads(sim: &Simulator, platform: &FakePlatform, ids: &[String]
     let mut out = Vec::new();
     for id in ids {
         let posts = platform.posts(id);
-        let Some(fin) = posts.iter().find(|p| p.kind == PostKind::Final && p.accepted) else { continue };
-        let Some(prompt) = posts.iter().find_map(|p| p.body["output"]["prompt_id"].as_str().map(str::to_owned)) else { continue };
+        let Some(fin) = posts
+            .iter()
+            .find(|p| p.kind == PostKind::Final && p.accepted)
+        else {
+            continue;
+        };
+        let Some(prompt) = posts
+            .iter()
+            .find_map(|p| p.body["output"]["prompt_id"].as_str().map(str::to_owned))
+        else {
+            continue;
+        };
         if let Some(at) = done.get(&prompt) {
             out.push(ms(fin.at.saturating_duration_since(*at)));
         }
@@ -231,7 +261,9 @@ async fn main() {
     let cold = cold_start().await;
 
     // Relay latency: 8 jobs × 50 steps, 20 ms per step.
-    let jobs: Vec<(String, Value)> = (0..8).map(|j| (format!("steps-{j}"), workflow(j + 1, 50, 64, 1))).collect();
+    let jobs: Vec<(String, Value)> = (0..8)
+        .map(|j| (format!("steps-{j}"), workflow(j + 1, 50, 64, 1)))
+        .collect();
     let ids: Vec<String> = jobs.iter().map(|j| j.0.clone()).collect();
     let (sim, platform, _, _) = run_jobs(simulator(20, false).await, jobs).await;
     let mut relay = Vec::new();
@@ -252,20 +284,28 @@ async fn main() {
     let small = completion_overheads(&sim, &platform, &ids);
 
     // 4 × ~2 MB outputs (700 × 700 noise PNGs).
-    let jobs: Vec<(String, Value)> = (0..8).map(|j| (format!("big-{j}"), workflow(j + 100, 1, 700, 4))).collect();
+    let jobs: Vec<(String, Value)> = (0..8)
+        .map(|j| (format!("big-{j}"), workflow(j + 100, 1, 700, 4)))
+        .collect();
     let ids: Vec<String> = jobs.iter().map(|j| j.0.clone()).collect();
     let (sim, platform, idle, peak) = run_jobs(simulator(1, true).await, jobs).await;
     let big = completion_overheads(&sim, &platform, &ids);
     let final_body = platform.wait_final(&ids[0]).await;
     let raw: usize = final_body["output"]["images"]
         .as_array()
-        .map(|a| a.iter().map(|i| i["data"].as_str().unwrap_or("").len() * 3 / 4).sum())
+        .map(|a| {
+            a.iter()
+                .map(|i| i["data"].as_str().unwrap_or("").len() * 3 / 4)
+                .sum()
+        })
         .unwrap_or(0);
     let b64 = raw * 4 / 3;
 
     // Jobs per second: 200 instant jobs.
     let n = 200;
-    let jobs: Vec<(String, Value)> = (0..n).map(|j| (format!("fast-{j}"), workflow(j + 1000, 0, 8, 1))).collect();
+    let jobs: Vec<(String, Value)> = (0..n)
+        .map(|j| (format!("fast-{j}"), workflow(j + 1000, 0, 8, 1)))
+        .collect();
     let t = Instant::now();
     let (_sim, _platform, _, _) = run_jobs(simulator(0, false).await, jobs).await;
     let rate = n as f64 / t.elapsed().as_secs_f64();
@@ -284,24 +324,53 @@ async fn main() {
         f.memcpy_bytes_per_ms / 1000.0,
         f.spawn
     );
-    println!("| {:<58} | {:>16} | {:>16} | {:>8} |", "figure", "measured", "floor", "ratio");
+    println!(
+        "| {:<58} | {:>16} | {:>16} | {:>8} |",
+        "figure", "measured", "floor", "ratio"
+    );
     println!("|{:-<60}|{:-<18}|{:-<18}|{:-<10}|", "", "", "", "");
-    line("cold start: spawn → first job-take request", format!("{cold:.1} ms"), format!("{:.2} ms", f.spawn), cold / f.spawn);
+    line(
+        "cold start: spawn → first job-take request",
+        format!("{cold:.1} ms"),
+        format!("{:.2} ms", f.spawn),
+        cold / f.spawn,
+    );
     let (rm, rp) = (median(relay.clone()), p99(relay));
-    line(&format!("relay latency median ({relayed}/400 steps relayed)"), format!("{rm:.2} ms"), format!("{:.3} ms", f.rtt), rm / f.rtt);
-    line("relay latency p99", format!("{rp:.2} ms"), format!("{:.3} ms", f.rtt), rp / f.rtt);
+    line(
+        &format!("relay latency median ({relayed}/400 steps relayed)"),
+        format!("{rm:.2} ms"),
+        format!("{:.3} ms", f.rtt),
+        rm / f.rtt,
+    );
+    line(
+        "relay latency p99",
+        format!("{rp:.2} ms"),
+        format!("{:.3} ms", f.rtt),
+        rp / f.rtt,
+    );
     let sm = median(small);
-    line("completion overhead, small output (median)", format!("{sm:.1} ms"), format!("{:.2} ms", 3.0 * f.rtt), sm / (3.0 * f.rtt));
+    line(
+        "completion overhead, small output (median)",
+        format!("{sm:.1} ms"),
+        format!("{:.2} ms", 3.0 * f.rtt),
+        sm / (3.0 * f.rtt),
+    );
     let bm = median(big);
     line(
-        &format!("completion overhead, 4 PNGs = {:.1} MB (median)", raw as f64 / 1e6),
+        &format!(
+            "completion overhead, 4 PNGs = {:.1} MB (median)",
+            raw as f64 / 1e6
+        ),
         format!("{bm:.1} ms"),
         format!("{big_floor:.1} ms"),
         bm / big_floor,
     );
     let grown = peak.saturating_sub(idle) as f64;
     line(
-        &format!("peak RSS above idle ({:.1} MB idle), 4-PNG jobs", idle as f64 / 1e6),
+        &format!(
+            "peak RSS above idle ({:.1} MB idle), 4-PNG jobs",
+            idle as f64 / 1e6
+        ),
         format!("{:.1} MB", grown / 1e6),
         format!("{:.1} MB", (raw + b64) as f64 / 1e6),
         grown / (raw + b64) as f64,
