@@ -4,6 +4,7 @@ mod cdp;
 mod cli;
 mod fake_platform;
 mod fake_platform_selftest;
+mod faults;
 mod harness;
 mod inputs;
 mod job_flow;
