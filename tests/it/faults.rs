@@ -292,6 +292,52 @@ async fn comfyui_killed_mid_job_fails_in_bounded_time_and_the_next_job_runs_afte
     );
 }
 
+/// How long a job may take to fail once ComfyUI froze (the process stopped, its sockets open):
+/// the socket's silence, then a failed `/history` poll (each bounded by `COMFY_HTTP_TIMEOUT_S`)
+/// per reconnect attempt plus one, a poll interval apart, plus the same allowance.
+fn frozen_bound(s: &Settings) -> Duration {
+    s.ws_silence_timeout
+        + (s.ws_reconnect_attempts + 1) * (s.history_poll_interval + s.http_timeout)
+        + Duration::from_secs(2)
+}
+
+#[tokio::test]
+async fn a_frozen_comfyui_fails_the_job_in_bounded_time() {
+    let port = free_port();
+    let host = format!("127.0.0.1:{port}");
+    let comfy = ComfyProcess::start(port, 20).await;
+    let settings = Settings {
+        ws_reconnect_attempts: 2,
+        ws_silence_timeout: Duration::from_millis(300),
+        history_poll_interval: Duration::from_millis(50),
+        http_timeout: Duration::from_millis(500),
+        ..harness::settings(&host)
+    };
+    let bound = frozen_bound(&settings);
+    let engine = Engine::new(settings).unwrap();
+    let mut job = spawn_job(&engine, stepped_input(0x0F0F0F, 500));
+    job.until(|s| s.kind == ProgressKind::Progress).await;
+    // SIGSTOP: the process and its sockets stay, nothing answers (a hung ComfyUI).
+    let stopped = Command::new("kill")
+        .args(["-STOP", &comfy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let frozen = Instant::now();
+    let output = tokio::time::timeout(bound, job.output)
+        .await
+        .unwrap_or_else(|_| panic!("the job did not end within {bound:?} after ComfyUI froze"))
+        .unwrap();
+    let err = error_text(&output);
+    assert!(err.contains("ComfyUI stopped responding"), "{err}");
+    eprintln!(
+        "ComfyUI frozen mid-job: the job failed after {} ms (bound from the settings: {} ms): {err}",
+        frozen.elapsed().as_millis(),
+        bound.as_millis()
+    );
+    comfy.kill();
+}
+
 #[tokio::test]
 async fn a_dead_pid_in_the_pid_file_fails_the_job_at_once() {
     let port = free_port();
