@@ -284,6 +284,8 @@ impl ComfyClient {
         };
         let entry = match entry {
             Some(e) => Some(e),
+            // Cancelled before it ran (taken off the queue): no history entry will ever come.
+            None if cancelled && !watch.started => None,
             None => watch.fetch_history_after_end().await?,
         };
         let mut warnings = Vec::new();

@@ -450,8 +450,12 @@ async fn a_job_cancelled_while_queued_behind_another_prompt_leaves_the_queue() {
         .until(|s| s.kind == ProgressKind::Queued && s.queue_position == Some(1))
         .await;
     assert_eq!(sim.queue_remaining(), 2);
+    let cancelled = Instant::now();
     waiting.cancel.cancel();
     let (output, _) = waiting.finish().await;
+    // At the next poll: a prompt taken off the queue has no history entry to wait for.
+    let bound = harness::settings("").history_poll_interval + Duration::from_millis(1500);
+    assert!(cancelled.elapsed() < bound, "{:?}", cancelled.elapsed());
     assert!(
         error_text(&output).starts_with("Job cancelled"),
         "{}",
@@ -486,8 +490,8 @@ struct FaultCounts {
 async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
     const JOBS: usize = 1000;
     /// The worker's `RUNPOD_RESULT_TIMEOUT_S`, and a delay beyond it.
-    const RESULT_TIMEOUT: &str = "0.15";
-    const BEYOND_TIMEOUT: Duration = Duration::from_millis(300);
+    const RESULT_TIMEOUT: &str = "0.3";
+    const BEYOND_TIMEOUT: Duration = Duration::from_millis(500);
     let mut rng = Rng(SEED ^ 0x1000);
     let mut counts = FaultCounts::default();
     let mut faults = Vec::new();
@@ -508,8 +512,8 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
             }
         }
         match rng.below(20) {
-            0..=7 => faults.push(Fault::Delay(Duration::ZERO)),
-            8..=14 => {
+            0..=9 => faults.push(Fault::Delay(Duration::ZERO)),
+            10..=16 => {
                 counts.slow_answers += 1;
                 faults.push(Fault::Delay(Duration::from_millis(20 + rng.below(60))));
             }
