@@ -602,7 +602,7 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
     }
     let elapsed = started.elapsed();
 
-    let mut progress_posts = 0;
+    let (mut progress_posts, mut late_progress) = (0, 0);
     for (id, expected) in &with_result {
         let posts = platform.posts(id);
         let finals: Vec<_> = posts
@@ -613,6 +613,12 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
         progress_posts += posts
             .iter()
             .filter(|p| p.kind == PostKind::Progress)
+            .count();
+        // Counted from the first result attempt, failed ones included.
+        let first_final = posts.iter().find(|p| p.kind == PostKind::Final).unwrap().at;
+        late_progress += posts
+            .iter()
+            .filter(|p| p.kind == PostKind::Progress && p.at >= first_final)
             .count();
         let body = &finals[0].body;
         match expected {
@@ -633,6 +639,7 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
         .await
         .unwrap();
     assert!(worker.running(), "the worker process exited");
+    assert_eq!(late_progress, 0, "progress posts after a result");
     assert_clean(&platform);
     let pings = platform.pings().len();
     assert!(pings > 0, "the heartbeat kept going");
@@ -640,7 +647,8 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
         "platform faults: {JOBS} jobs + {} wrong-shaped jobs, {} results delivered exactly \
          once, {planned_faults} result-post fault slots ({} HTTP errors, {} connection resets, \
          {} slow answers, {} answers beyond the timeout), {} garbage job-take replies, \
-         {progress_posts} progress posts (none after a result), {pings} slow pings; {:.1} s \
+         {progress_posts} progress posts ({late_progress} after a result), {pings} slow pings; \
+         {:.1} s \
          ({:.1} ms per job)",
         counts.wrong_shapes,
         with_result.len(),
