@@ -200,6 +200,9 @@ struct Watch<'a> {
     cancel_requested: bool,
     cancel_deadline: Option<Instant>,
     last_socket_error: String,
+    /// `/history` polls in a row that got no answer (a timeout or no connection), with no event
+    /// for our prompt in between.
+    unanswered_polls: u32,
 }
 
 impl ComfyClient {
@@ -268,6 +271,7 @@ impl ComfyClient {
             cancel_requested: false,
             cancel_deadline: None,
             last_socket_error: String::new(),
+            unanswered_polls: 0,
         };
         let end = watch.run(cancel, on_event).await;
         if let Some(socket) = watch.socket.take() {
@@ -280,6 +284,8 @@ impl ComfyClient {
         };
         let entry = match entry {
             Some(e) => Some(e),
+            // Cancelled before it ran (taken off the queue): no history entry will ever come.
+            None if cancelled && !watch.started => None,
             None => watch.fetch_history_after_end().await?,
         };
         let mut warnings = Vec::new();
@@ -421,6 +427,7 @@ impl Watch<'_> {
         }
         // Activity for our prompt: the socket works, no need to poll soon.
         self.next_poll = Instant::now() + self.opts.silence_timeout;
+        self.unanswered_polls = 0;
         debug!(prompt_id = %self.prompt_id, event = ev.kind(), "comfy event");
         match ev {
             WsEvent::ExecutionStart(_) => {
@@ -574,7 +581,11 @@ impl Watch<'_> {
     }
 
     async fn poll_history(&mut self) -> Result<Option<End>, ComfyError> {
-        match self.client.history(&self.prompt_id).await {
+        let polled = self.client.history(&self.prompt_id).await;
+        if polled.is_ok() {
+            self.unanswered_polls = 0;
+        }
+        match polled {
             Ok(Some(entry)) => {
                 debug!(prompt_id = %self.prompt_id, "prompt finished (seen in /history)");
                 return Ok(Some(if self.cancel_requested {
@@ -600,6 +611,18 @@ impl Watch<'_> {
                         "the WebSocket closed and {} reconnect attempt(s) failed (last error: {}), and /history does not answer: {e}",
                         self.reconnects, self.last_socket_error
                     )));
+                }
+                // A socket that stays open but silent while /history gets no answer is a frozen
+                // ComfyUI (a hung process keeps its connections): as many tries as reconnects.
+                // (A closed socket is the reconnects' business, above.)
+                if self.socket.is_some() && matches!(e, ComfyError::Unreachable { .. }) {
+                    self.unanswered_polls += 1;
+                    if self.unanswered_polls > self.opts.reconnect_attempts {
+                        return Err(ComfyError::Stopped(format!(
+                            "no event for the prompt on the WebSocket, and /history did not answer {} times in a row: {e}",
+                            self.unanswered_polls
+                        )));
+                    }
                 }
                 warn!(prompt_id = %self.prompt_id, error = %e, "polling /history failed");
             }

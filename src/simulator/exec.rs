@@ -179,6 +179,7 @@ impl Executor {
             store.queue.task_done(&item.prompt_id, entry);
             shared.announce_queue(&store);
         }
+        shared.reached(super::DropPoint::BeforeCompletion);
         run.to_client_only(
             "executing",
             json!({"node": null, "prompt_id": item.prompt_id}),
@@ -891,6 +892,9 @@ impl PromptRun {
     ) -> Result<(), Failure> {
         tokio::time::sleep(self.shared.config.step_delay).await;
         self.report_progress(id, step, steps, preview)?;
+        if let Ok(step) = u32::try_from(step) {
+            self.shared.reached(super::DropPoint::AfterStep(step));
+        }
         let pause = &self.shared.control.pause;
         let breakpoint = u32::try_from(step).ok().map(Pause::Armed);
         let stopped = pause.send_if_modified(|p| {

@@ -126,6 +126,7 @@ async fn get_prompt(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    shared.reached(super::DropPoint::BeforeQueue);
     let Some(request) = parse_json(&body) else {
         return server_error();
     };
@@ -300,6 +301,7 @@ async fn post_free(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
 }
 
 async fn get_history(State(shared): State<Arc<Shared>>, RawQuery(query): RawQuery) -> Response {
+    shared.reached(super::DropPoint::OnHistory);
     let pairs = query_pairs(query.as_deref());
     let parse = |key: &str| query_get(&pairs, key).map(|v| v.trim().parse::<i64>());
     let max_items = match parse("max_items") {
@@ -320,6 +322,7 @@ async fn get_history_entry(
     State(shared): State<Arc<Shared>>,
     Path(prompt_id): Path<String>,
 ) -> Response {
+    shared.reached(super::DropPoint::OnHistory);
     let store = lock(&shared.store);
     let mut out = Map::new();
     if let Some(entry) = store.queue.history_entry(&prompt_id) {

@@ -135,6 +135,28 @@ impl Simulator {
         self.shared.hub.drop_all();
     }
 
+    /// Arm a one-shot breakpoint that drops every WebSocket (as [`Simulator::drop_websockets`]) when the
+    /// simulator reaches `point`, for fault-injection tests that need a drop at an exact moment without
+    /// sleeping. Several points may be armed at once; each fires once, then is disarmed.
+    pub fn drop_websockets_at(&self, point: DropPoint) {
+        lock(&self.shared.control.drops).push(point);
+    }
+
+    /// The drop points armed with [`Simulator::drop_websockets_at`] that have not fired yet.
+    pub fn armed_drops(&self) -> Vec<DropPoint> {
+        lock(&self.shared.control.drops).clone()
+    }
+
+    /// How many armed drop points have fired so far.
+    pub fn drops_fired(&self) -> usize {
+        lock(&self.shared.log).drops_fired
+    }
+
+    /// Prompts queued or running now (`exec_info.queue_remaining`); 0 when ComfyUI is idle.
+    pub fn queue_remaining(&self) -> usize {
+        lock(&self.shared.store).queue.remaining()
+    }
+
     /// While true, sockets stay open but receive nothing (the known zombie-socket bug); HTTP keeps working.
     /// Messages sent meanwhile are lost, not delayed.
     pub fn set_websockets_silent(&self, silent: bool) {
@@ -260,6 +282,22 @@ pub(crate) struct Control {
     pub(crate) current: Mutex<Current>,
     /// `POST /interrupt` requests fully handled so far (for [`Simulator::interrupt_handled`]).
     pub(crate) interrupts_handled: watch::Sender<usize>,
+    /// Armed [`DropPoint`]s, each fired once.
+    pub(crate) drops: Mutex<Vec<DropPoint>>,
+}
+
+/// Where [`Simulator::drop_websockets_at`] drops every WebSocket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropPoint {
+    /// When a `POST /prompt` arrives, before it is validated and queued (the client's socket is
+    /// already open).
+    BeforeQueue,
+    /// Right after sampler step `k` was sent, for the next prompt that reaches it.
+    AfterStep(u32),
+    /// Right before a prompt's terminal `executing{node: null}`, its history entry already stored.
+    BeforeCompletion,
+    /// When `/history` or `/history/{prompt_id}` is requested, before it is answered.
+    OnHistory,
 }
 
 /// The breakpoint of [`Simulator::pause_after_step`].
@@ -286,6 +324,7 @@ pub(crate) struct Log {
     pub(crate) completions: Vec<(String, std::time::Instant)>,
     pub(crate) uploads: Vec<UploadMark>,
     pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
+    pub(crate) drops_fired: usize,
 }
 
 /// One upload the simulator stored (`/upload/image` or `/upload/mask`).
@@ -332,6 +371,7 @@ impl Shared {
                 pause: watch::Sender::new(Pause::Off),
                 current: Mutex::new(Current::default()),
                 interrupts_handled: watch::Sender::new(0),
+                drops: Mutex::new(Vec::new()),
             },
             log: Mutex::new(Log::default()),
             shutdown: CancellationToken::new(),
@@ -350,6 +390,25 @@ impl Shared {
         let info = json!({"exec_info": {"queue_remaining": store.queue.remaining()}});
         self.hub
             .send_json("status", json!({ "status": info }), None);
+    }
+
+    /// Drops every WebSocket if `point` is armed (and disarms it).
+    pub(crate) fn reached(&self, point: DropPoint) {
+        let fired = {
+            let mut drops = lock(&self.control.drops);
+            match drops.iter().position(|p| *p == point) {
+                Some(i) => {
+                    drops.remove(i);
+                    true
+                }
+                None => false,
+            }
+        };
+        if fired {
+            tracing::debug!(?point, "dropping every WebSocket (armed drop point)");
+            lock(&self.log).drops_fired += 1;
+            self.hub.drop_all();
+        }
     }
 
     pub(crate) fn interrupted(&self) -> bool {

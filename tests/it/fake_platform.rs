@@ -74,6 +74,9 @@ pub struct PlatformOptions {
     pub result_faults: Vec<Fault>,
     /// A final body larger than this is answered 400 "Bad Request", like job-done does at 20 MB.
     pub max_result_bytes: usize,
+    /// How long each ping waits before it is answered (a slow heartbeat endpoint); the ping is
+    /// recorded when it arrives.
+    pub ping_delay: Duration,
 }
 
 impl Default for PlatformOptions {
@@ -83,6 +86,7 @@ impl Default for PlatformOptions {
             progress_delay: Duration::ZERO,
             result_faults: Vec::new(),
             max_result_bytes: 20 * 1024 * 1024,
+            ping_delay: Duration::ZERO,
         }
     }
 }
@@ -162,6 +166,7 @@ impl FakePlatform {
             long_poll: opts.long_poll,
             progress_delay: opts.progress_delay,
             max_result_bytes: opts.max_result_bytes,
+            ping_delay: opts.ping_delay,
             state: Mutex::new(PlatformState {
                 faults: opts.result_faults.into(),
                 ..PlatformState::default()
@@ -239,7 +244,23 @@ impl FakePlatform {
             for id in job_ids_in(&body) {
                 st.jobs.insert(id, JobRecord::queued(now));
             }
-            st.queue.push_back(body);
+            st.queue.push_back(Reply::Json(body));
+        }
+        self.shared.bump();
+    }
+
+    /// Queues `body` byte for byte as a job-take reply (`Content-Type: application/json`), for
+    /// replies a `Value` cannot hold: invalid JSON, invalid UTF-8, nesting too deep to build.
+    /// `ids` become known jobs, as [`FakePlatform::push_raw_job`]'s ids do.
+    pub fn push_raw_bytes(&self, body: Vec<u8>, ids: &[&str]) {
+        let now = Instant::now();
+        {
+            let mut st = self.shared.lock();
+            for id in ids {
+                st.jobs.insert(id.to_string(), JobRecord::queued(now));
+            }
+            let ids = ids.iter().map(|id| id.to_string()).collect();
+            st.queue.push_back(Reply::Raw { body, ids });
         }
         self.shared.bump();
     }
@@ -404,6 +425,7 @@ struct Shared {
     long_poll: Duration,
     progress_delay: Duration,
     max_result_bytes: usize,
+    ping_delay: Duration,
     state: Mutex<PlatformState>,
     /// Bumped after every state change; waiters subscribe before they look.
     changed: watch::Sender<u64>,
@@ -415,7 +437,7 @@ struct Shared {
 #[derive(Default)]
 struct PlatformState {
     /// Job-take reply bodies, oldest first.
-    queue: VecDeque<Value>,
+    queue: VecDeque<Reply>,
     jobs: HashMap<String, JobRecord>,
     faults: VecDeque<Fault>,
     pending_stops: Vec<String>,
@@ -429,6 +451,12 @@ struct PlatformState {
     stop_requests: usize,
     stop_polls: Vec<StopPoll>,
     violations: Vec<String>,
+}
+
+/// A queued job-take reply.
+enum Reply {
+    Json(Value),
+    Raw { body: Vec<u8>, ids: Vec<String> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -575,7 +603,11 @@ async fn handle(
         }
         ["ping", worker] if is_get => {
             worker_checks(&sh, &ctx, worker, req.headers(), &query);
-            ping(&sh, &ctx, &query)
+            let answer = ping(&sh, &ctx, &query);
+            if !sh.ping_delay.is_zero() {
+                tokio::time::sleep(sh.ping_delay).await;
+            }
+            answer
         }
         [route @ ("job-done" | "job-stream"), worker, job_id] if is_post => {
             worker_checks(&sh, &ctx, worker, req.headers(), &query);
@@ -685,8 +717,17 @@ async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
     let _held = HeldTake(&sh);
     let deadline = tokio::time::Instant::now() + sh.long_poll;
     loop {
-        if let Some(body) = take_next(&sh) {
-            return json_response(StatusCode::OK, &body);
+        match take_next(&sh) {
+            Some(Reply::Json(body)) => return json_response(StatusCode::OK, &body),
+            Some(Reply::Raw { body, .. }) => {
+                return (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+                    .into_response()
+            }
+            None => {}
         }
         tokio::select! {
             _ = changed.changed() => {}
@@ -707,12 +748,16 @@ impl Drop for HeldTake<'_> {
 }
 
 /// Pops the next queued reply and marks the jobs in it `IN_PROGRESS`.
-fn take_next(sh: &Shared) -> Option<Value> {
+fn take_next(sh: &Shared) -> Option<Reply> {
     let body = {
         let mut st = sh.lock();
         let body = st.queue.pop_front()?;
         let now = Instant::now();
-        for id in job_ids_in(&body) {
+        let ids = match &body {
+            Reply::Json(body) => job_ids_in(body),
+            Reply::Raw { ids, .. } => ids.clone(),
+        };
+        for id in ids {
             if let Some(job) = st.jobs.get_mut(&id) {
                 if job.status == JobStatus::InQueue {
                     job.status = JobStatus::InProgress;

@@ -2,8 +2,10 @@
 
 mod cdp;
 mod cli;
+mod corpus;
 mod fake_platform;
 mod fake_platform_selftest;
+mod faults;
 mod harness;
 mod inputs;
 mod job_flow;

@@ -74,6 +74,13 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// True while the process has not exited.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Waits for the process to exit on its own.
     pub async fn exited(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -24,6 +24,9 @@ pub struct PlatformJob {
     /// `s3Config` (`{accessId, accessSecret, bucketName, endpointUrl}`): the platform's per-job
     /// bucket, passed to the engine as it is (it holds a secret: never logged).
     pub s3_config: Option<Value>,
+    /// Why the job cannot be run although its id could be read (its JSON is nested too deeply or
+    /// holds invalid strings): the job is answered with this error instead of being lost.
+    pub unreadable: Option<String>,
 }
 
 /// What one job-take poll gave.
@@ -55,12 +58,18 @@ pub struct PlatformClient {
     settings: RunPodSettings,
 }
 
-/// Errors a post may be retried after: connection problems, timeouts, 5xx and 429.
+/// Errors a post may be retried after: connection problems, 5xx and 429.
 fn retryable(status: Option<StatusCode>) -> bool {
     match status {
         None => true,
         Some(s) => s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS,
     }
+}
+
+/// The platform received the whole request and did not answer in time: sending it again could
+/// deliver the result twice (a platform that is slow, not down, applies the first one too).
+fn unanswered(e: &reqwest::Error) -> bool {
+    e.is_timeout() && !e.is_connect()
 }
 
 /// The job-done body for an output, exactly as the SDK derives it from a handler's return value
@@ -104,8 +113,10 @@ fn truthy(v: &Value) -> bool {
 
 /// Parses a job-take reply body.
 pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("job-take reply is not JSON: {e}"))?;
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return unreadable_jobs(body, &e),
+    };
     let items = match value {
         Value::Array(items) => items,
         Value::Object(_) => vec![value],
@@ -134,8 +145,61 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
             input,
             progress_webhook,
             s3_config,
+            unreadable: None,
         });
     }
+    Ok(jobs)
+}
+
+/// A job-take reply that is not a JSON value serde_json can read: nested deeper than its
+/// recursion limit (128 levels, which keeps a hostile job from overflowing the stack), or with
+/// invalid UTF-8 or a lone surrogate in a string. If the reply still has the shape of a job (or
+/// a batch) whose `id` can be read, skipping everything else without recursion, each such job is
+/// answered with an error rather than lost (in a batch, all of them: which one is bad is not
+/// known); otherwise the reply is refused as a whole.
+fn unreadable_jobs(body: &[u8], error: &serde_json::Error) -> Result<Vec<PlatformJob>, String> {
+    #[derive(serde::Deserialize)]
+    struct Shallow {
+        #[serde(default)]
+        id: Option<Value>,
+    }
+    let not_json = || format!("job-take reply is not JSON: {error}");
+    if error.classify() != serde_json::error::Category::Syntax {
+        return Err(not_json());
+    }
+    // serde_json skips the fields not named here without recursion (`ignore_value`).
+    let items = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice::<Shallow>(body).map(|one| vec![one]),
+        Some(b'[') => serde_json::from_slice::<Vec<Shallow>>(body),
+        _ => return Err(not_json()),
+    };
+    let Ok(items) = items else {
+        return Err(not_json());
+    };
+    let why = if error.to_string().starts_with("recursion limit exceeded") {
+        format!("The job's JSON is nested more than 128 levels deep, so it was not run ({error})")
+    } else {
+        format!("The job's JSON cannot be read, so it was not run ({error})")
+    };
+    let jobs: Vec<PlatformJob> = items
+        .into_iter()
+        .filter_map(|item| match item.id {
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+        .map(|id| PlatformJob {
+            id,
+            input: None,
+            progress_webhook: None,
+            s3_config: None,
+            unreadable: Some(why.clone()),
+        })
+        .collect();
+    if jobs.is_empty() {
+        return Err(not_json());
+    }
+    warn!(jobs = jobs.len(), error = %error, "job-take reply cannot be read; answering its jobs with an error");
     Ok(jobs)
 }
 
@@ -234,7 +298,12 @@ impl PlatformClient {
         match parse_jobs(&body) {
             Ok(jobs) if jobs.is_empty() => Take::NoJob,
             Ok(jobs) => Take::Jobs(jobs),
-            Err(e) => Take::Failed(e),
+            // The platform answered, with nothing usable: poll again (after the loop's floor for
+            // quick answers), as the SDK does, rather than back off as for an outage.
+            Err(e) => {
+                warn!(error = %e, "job-take reply ignored");
+                Take::NoJob
+            }
         }
     }
 
@@ -266,8 +335,10 @@ impl PlatformClient {
         }
     }
 
-    /// Posts a final result, retrying connection errors, timeouts and 5xx with backoff. A 400 for
-    /// a body over 1 MiB (the platform's size limit) is replaced by a short error so the job ends.
+    /// Posts a final result, retrying connection errors, 5xx and 429 with backoff. A post the
+    /// platform received but did not answer within `RUNPOD_RESULT_TIMEOUT_S` is not sent again, so
+    /// a result is never delivered twice. A 400 for a body over 1 MiB (the platform's size limit)
+    /// is replaced by a short error so the job ends.
     pub async fn post_result(&self, job_id: &str, body: &Value) -> Delivery {
         let bytes = match serde_json::to_vec(body) {
             Ok(b) => b,
@@ -308,11 +379,12 @@ impl PlatformClient {
     ) -> Result<(), (Option<StatusCode>, String)> {
         let attempts = self.settings.result_attempts.max(1);
         let mut delay = self.settings.result_retry_delay;
+        let timeout = self.settings.result_timeout;
         let mut last = (None, String::new());
         for attempt in 1..=attempts {
             let sent = self
                 .job_done(job_id, bytes.clone())
-                .timeout(Duration::from_secs(120))
+                .timeout(timeout)
                 .send()
                 .await;
             last = match sent {
@@ -321,6 +393,12 @@ impl PlatformClient {
                     let status = resp.status();
                     let text = resp.text().await.unwrap_or_default();
                     (Some(status), format!("HTTP {status}: {}", short(&text)))
+                }
+                Err(e) if unanswered(&e) => {
+                    return Err((None, format!(
+                        "no answer within {} s (RUNPOD_RESULT_TIMEOUT_S); the platform may have the result, so it is not sent again",
+                        timeout.as_secs_f64()
+                    )))
                 }
                 Err(e) => (None, error_chain(&e)),
             };
@@ -441,6 +519,7 @@ mod tests {
                 input: Some(json!({"x": 1})),
                 progress_webhook: None,
                 s3_config: None,
+                unreadable: None,
             }]
         );
         let batch =
@@ -452,6 +531,44 @@ mod tests {
         assert_eq!(batch[1].input, None);
         assert!(parse_jobs(b"garbage").is_err());
         assert!(parse_jobs(b"42").is_err());
+    }
+
+    #[test]
+    fn unreadable_jobs_keep_their_id() {
+        let deep = format!(
+            r#"{{"id": "deep", "input": {{"x": {}1{}}}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let jobs = parse_jobs(deep.as_bytes()).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!((jobs[0].id.as_str(), &jobs[0].input), ("deep", &None));
+        let why = jobs[0].unreadable.as_deref().unwrap();
+        assert!(why.contains("nested more than 128 levels"), "{why}");
+
+        let batch = br#"[{"id": "a", "input": {"s": "\udc80"}}, {"id": 7}, {"input": 1}]"#;
+        let jobs = parse_jobs(batch).unwrap();
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, ["a", "7"]);
+        assert!(jobs[0]
+            .unreadable
+            .as_deref()
+            .unwrap()
+            .contains("cannot be read"));
+
+        let mut raw = br#"{"id": "u", "input": {"image": ""#.to_vec();
+        raw.extend_from_slice(&[0xff, 0xfe]);
+        raw.extend_from_slice(br#""}}"#);
+        assert_eq!(parse_jobs(&raw).unwrap()[0].id, "u");
+
+        for garbage in [
+            &b"{not json"[..],
+            b"[[[[",
+            br#"{"input": "\udc80"}"#,
+            br#""\udc80""#,
+        ] {
+            assert!(parse_jobs(garbage).is_err(), "{garbage:?}");
+        }
     }
 
     #[test]

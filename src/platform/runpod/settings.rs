@@ -32,6 +32,8 @@ pub struct RunPodSettings {
     pub result_retry_delay: Duration,
     /// `RUNPOD_RESULT_ATTEMPTS`: result post attempts in all.
     pub result_attempts: u32,
+    /// `RUNPOD_RESULT_TIMEOUT_S` (120): how long one result post may wait for the platform's answer.
+    pub result_timeout: Duration,
     /// `RUNPOD_PROGRESS=false` turns the progress relay off.
     pub relay_progress: bool,
     /// Client-side bound of one job-take or job-stop long poll (90 s, like the SDK).
@@ -95,6 +97,19 @@ impl RunPodSettings {
                     expected: "a whole number of at least 1",
                 })?,
         };
+        let result_timeout = match get("RUNPOD_RESULT_TIMEOUT_S") {
+            None => Duration::from_secs(120),
+            Some(v) => match v.parse::<f64>() {
+                Ok(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s.min(86_400.0)),
+                _ => {
+                    return Err(ConfigError {
+                        name: "RUNPOD_RESULT_TIMEOUT_S",
+                        value: v,
+                        expected: "a number of seconds above 0",
+                    })
+                }
+            },
+        };
         let worker_id_env = get("RUNPOD_POD_ID");
         Ok(Some(RunPodSettings {
             get_job_url,
@@ -109,6 +124,7 @@ impl RunPodSettings {
             job_timeout,
             result_retry_delay: Duration::from_millis(ms("RUNPOD_RESULT_RETRY_DELAY_MS", 1000)?),
             result_attempts: attempts,
+            result_timeout,
             relay_progress: get("RUNPOD_PROGRESS").is_none_or(|v| truthy(&v)),
             long_poll_timeout: Duration::from_secs(90),
         }))
@@ -254,6 +270,7 @@ mod tests {
         );
         assert!(s.refresh_worker);
         assert_eq!(s.job_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(s.result_timeout, Duration::from_secs(120));
     }
 
     #[test]

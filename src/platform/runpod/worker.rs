@@ -224,8 +224,19 @@ impl Worker {
     }
 
     async fn run_job_inner(&self, job: &PlatformJob, shutdown: &CancellationToken) -> JobEnd {
-        info!("Started.");
         let settings = self.client.settings();
+        if let Some(why) = &job.unreadable {
+            // Its id is all that could be read: answer it at once rather than leave it hanging.
+            warn!(error = %why, "the job cannot be read; answering it with an error");
+            let output = JobOutput::error(why.clone()).into_json();
+            let body = result_body(output, settings.refresh_worker);
+            let delivery = self.client.post_result(&job.id, &body).await;
+            if let Delivery::Lost(e) = &delivery {
+                error!(error = %e, "Failed to return job results.");
+            }
+            return JobEnd::Posted(delivery);
+        }
+        info!("Started.");
         let cancel = CancellationToken::new();
         let reason = Arc::new(Mutex::new(None));
         lock(&self.state).running.insert(
