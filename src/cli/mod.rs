@@ -49,6 +49,9 @@ struct SdkServeArgs {
     /// Port for --rp_serve_api [default: 8000].
     #[arg(long = "rp_api_port", value_name = "PORT", requires = "rp_serve_api")]
     rp_api_port: Option<u16>,
+    /// With --rp_serve_api: listen beyond loopback without an API key (as `serve --insecure`).
+    #[arg(long, requires = "rp_serve_api")]
+    insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +111,7 @@ struct SimArgs {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    crate::telemetry::install_panic_hook();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,6 +140,7 @@ pub fn main() -> ExitCode {
                 let mut args = ServeArgs::sdk_defaults(
                     cli.sdk_serve.rp_api_host,
                     cli.sdk_serve.rp_api_port,
+                    cli.sdk_serve.insecure,
                 );
                 args.simulate = cli.run.simulate;
                 args.sim_step_ms = cli.run.sim_step_ms;

@@ -20,7 +20,7 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
         }
     };
     let engine = match Engine::new(settings) {
-        Ok(e) => e,
+        Ok(e) => e.with_test_hooks_from_env(),
         Err(e) => {
             error!(error = %e, "invalid ComfyUI configuration");
             return ExitCode::FAILURE;

@@ -224,8 +224,17 @@ impl Worker {
     }
 
     async fn run_job_inner(&self, job: &PlatformJob, shutdown: &CancellationToken) -> JobEnd {
-        info!("Started.");
         let settings = self.client.settings();
+        if shutdown.is_cancelled() {
+            // The rest of a batch taken before SIGTERM: answered at once, so no job is left
+            // waiting for a worker that is going away.
+            info!("not started: the worker is shutting down");
+            let output = JobOutput::error(NOT_STARTED).to_json();
+            JobWebhook::start(&self.webhooks, job).end(Some(&output));
+            return self.post_result(job, &output).await;
+        }
+        info!("Started.");
+        let shutdown_grace = settings.shutdown_grace;
         let cancel = CancellationToken::new();
         let reason = Arc::new(Mutex::new(None));
         lock(&self.state).running.insert(
@@ -255,7 +264,7 @@ impl Worker {
                 if why == CancelReason::Shutdown {
                     // Give the job time to finish on its own before interrupting it.
                     tokio::select! {
-                        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+                        _ = tokio::time::sleep(shutdown_grace) => {}
                         _ = cancel.cancelled() => return,
                     }
                 }
@@ -297,7 +306,10 @@ impl Worker {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             error!(panic = %what, "the job panicked");
-            JobOutput::error(format!("Internal error in comfy-worker: {what}"))
+            JobOutput::error(format!(
+            "Internal error in comfy-worker: {}",
+            crate::telemetry::scrub(&what)
+        ))
         });
         watchdog.abort();
         lock(&self.state).running.remove(&job.id);
@@ -314,7 +326,14 @@ impl Worker {
                     .to_json(),
                 )
             }
-            Some(CancelReason::Shutdown) | None => Some(output.to_json()),
+            Some(CancelReason::Shutdown) => {
+                warn!(
+                    grace_s = shutdown_grace.as_secs_f64(),
+                    "the job did not finish within the shutdown grace; it was interrupted"
+                );
+                Some(JobOutput::error(shutdown_message(shutdown_grace)).to_json())
+            }
+            None => Some(output.to_json()),
         };
         // Before the relay drains, so the webhook's final event is on its way at once.
         webhook.end(output.as_ref());
@@ -334,7 +353,13 @@ impl Worker {
             info!("Finished. (stopped by the platform; nothing posted)");
             return JobEnd::Stopped;
         };
-        let body = result_body(&output, settings.refresh_worker);
+        self.post_result(job, &output).await
+    }
+
+    /// Posts a job's result (with the platform's retries) and logs how it went.
+    async fn post_result(&self, job: &PlatformJob, output: &Value) -> JobEnd {
+        let settings = self.client.settings();
+        let body = result_body(output, settings.refresh_worker);
         let delivery = self.client.post_result(&job.id, &body).await;
         match &delivery {
             Delivery::Delivered => info!(failed = output.get("error").is_some(), "Finished."),
@@ -470,8 +495,17 @@ fn humane_seconds(secs: f64) -> String {
     }
 }
 
-/// How long a job in progress may take to finish once SIGTERM arrived, before it is interrupted.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// The result of a job taken in a batch but not started before SIGTERM.
+pub(crate) const NOT_STARTED: &str =
+    "Worker shutting down: the job was not started; submit it again";
+
+/// The error of a job interrupted because it outlived the shutdown grace (both front ends).
+pub fn shutdown_message(grace: Duration) -> String {
+    format!(
+        "Worker shutting down: the job did not finish within the {} s shutdown grace (SHUTDOWN_GRACE_S), so its ComfyUI prompt was interrupted",
+        humane_seconds(grace.as_secs_f64())
+    )
+}
 
 /// The job's deadline: `JOB_TIMEOUT_S`, or the input's `timeout_s` when shorter (or when no
 /// worker-wide timeout is set).
