@@ -314,11 +314,15 @@ pub fn check_subfolder(subfolder: &str) -> Result<String, String> {
             "Invalid subfolder {:?}: {why}; use a relative folder such as \"uploads/job-1\"",
             truncate_chars(subfolder, 80)
         )),
+        // Trimmed again: `a /` must give what `a` gives (and what `a` normalises to), so
+        // normalising twice changes nothing.
         None => Ok(s
             .split('/')
             .filter(|seg| !seg.is_empty() && *seg != ".")
             .collect::<Vec<_>>()
-            .join("/")),
+            .join("/")
+            .trim()
+            .to_owned()),
     }
 }
 

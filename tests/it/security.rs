@@ -148,8 +148,9 @@ async fn worker_mode_never_shows_a_secret() {
         platform.push_job(id, input.clone());
     }
     // A job without an id is logged and skipped: it must be logged without its key.
-    platform.push_raw_job(json!({"input": {"workflow": harness::workflow("ok"),
-                                           "comfy_org_api_key": COMFY_ORG_JOB_NO_ID}}));
+    // (The key first: the log line shows the start of the job.)
+    platform.push_raw_job(json!({"input": {"comfy_org_api_key": COMFY_ORG_JOB_NO_ID,
+                                           "workflow": harness::workflow("ok")}}));
     platform.push_job("after", job_input(0x0a0b0c, 2));
     for (id, _) in &jobs {
         let body = final_of(&platform, id).await;

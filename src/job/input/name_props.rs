@@ -109,7 +109,7 @@ fn accepted_names_and_subfolders_are_plain_relative_paths() {
                 .collect();
             if let Ok(normal) = check_subfolder(&sub) {
                 subs_ok += 1;
-                // Normalising is idempotent and loses nothing that matters.
+                // Normalising is idempotent.
                 assert_eq!(check_subfolder(&normal).as_deref(), Ok(normal.as_str()));
                 if !normal.is_empty() {
                     assert_plain_relative(&normal, &format!("seed {seed}: subfolder {sub:?}"));
