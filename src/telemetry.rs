@@ -414,7 +414,11 @@ mod tests {
         assert_eq!(scrub(text), "key=[redacted] other=[redacted]");
         let copy = long.clone();
         drop(long);
-        assert_eq!(scrub("zz-live-secret-77"), "[redacted]", "the clone keeps it");
+        assert_eq!(
+            scrub("zz-live-secret-77"),
+            "[redacted]",
+            "the clone keeps it"
+        );
         drop((copy, short));
         assert_eq!(scrub(text), text, "forgotten once no Secret holds it");
         let tiny = crate::config::Secret::new("k");
@@ -438,7 +442,14 @@ mod tests {
         ] {
             assert!(is_secret_name(name), "{name}");
         }
-        for name in ["COMFY_HOST", "images", "workflow", "accessId", "name", "keys"] {
+        for name in [
+            "COMFY_HOST",
+            "images",
+            "workflow",
+            "accessId",
+            "name",
+            "keys",
+        ] {
             assert!(!is_secret_name(name), "{name}");
         }
         let job = serde_json::json!({"input": {"workflow": {"1": {"inputs": {"api_key": "node-secret-1"}}},

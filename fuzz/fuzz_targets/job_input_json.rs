@@ -16,14 +16,24 @@ fn check_accepted(value: &Value) {
     if let Ok(input) = parse_input(Some(value)) {
         for file in &input.files {
             assert!(check_image_name(&file.name).is_ok(), "{:?}", file.name);
-            assert_eq!(check_subfolder(&file.subfolder).as_deref(), Ok(file.subfolder.as_str()));
+            assert_eq!(
+                check_subfolder(&file.subfolder).as_deref(),
+                Ok(file.subfolder.as_str())
+            );
             let path = if file.subfolder.is_empty() {
                 file.name.clone()
             } else {
                 format!("{}/{}", file.subfolder, file.name)
             };
-            assert!(!path.starts_with('/') && !path.contains('\\') && !path.contains('\0'), "{path:?}");
-            assert!(path.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."), "{path:?}");
+            assert!(
+                !path.starts_with('/') && !path.contains('\\') && !path.contains('\0'),
+                "{path:?}"
+            );
+            assert!(
+                path.split('/')
+                    .all(|seg| !seg.is_empty() && seg != "." && seg != ".."),
+                "{path:?}"
+            );
             if let Some(r) = &file.original_ref {
                 assert!(check_image_name(&r.filename).is_ok(), "{:?}", r.filename);
             }

@@ -11,8 +11,8 @@ use tracing::{error, warn};
 
 use crate::api::{self, ServeOptions};
 use crate::config::{Secret, Settings};
-use crate::platform::runpod::settings::shutdown_grace_from;
 use crate::job::Engine;
+use crate::platform::runpod::settings::shutdown_grace_from;
 use crate::simulator::{SimConfig, Simulator};
 use crate::webhook::{WebhookPolicy, Webhooks};
 

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::error::ComfyError;
-use crate::config::Secret;
 use super::messages::ExecutionError;
+use crate::config::Secret;
 
 /// How long HTTP calls may take.
 #[derive(Debug, Clone)]
@@ -1182,7 +1182,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.host(), "10.0.0.2:8188");
         assert_eq!(c.ws_url("x"), "ws://10.0.0.2:8188/ws?clientId=x");
-        assert_eq!(c.url("/prompt"), "http://comfy:pw-host-secret@10.0.0.2:8188/prompt");
+        assert_eq!(
+            c.url("/prompt"),
+            "http://comfy:pw-host-secret@10.0.0.2:8188/prompt"
+        );
         assert!(!format!("{c:?}").contains("pw-host-secret"));
         let e = ComfyClient::new("ftp://u:pw-host-secret@x", ClientOptions::default())
             .unwrap_err()

@@ -260,7 +260,10 @@ pub fn check_image_name(name: &str) -> Result<(), String> {
         } else {
             "it contains '..'"
         })
-    } else if n.trim_matches(|c: char| c == '.' || c.is_whitespace()).is_empty() {
+    } else if n
+        .trim_matches(|c: char| c == '.' || c.is_whitespace())
+        .is_empty()
+    {
         Some("it is only dots and spaces")
     } else if n.contains(':') {
         Some("it contains ':' (a drive or stream separator on Windows)")
@@ -303,7 +306,11 @@ pub fn check_subfolder(subfolder: &str) -> Result<String, String> {
     } else if s.len() > 255 {
         Some("it is longer than 255 bytes")
     } else if s.split('/').any(|seg| {
-        seg != "." && !seg.is_empty() && seg.trim_matches(|c: char| c == '.' || c.is_whitespace()).is_empty()
+        seg != "."
+            && !seg.is_empty()
+            && seg
+                .trim_matches(|c: char| c == '.' || c.is_whitespace())
+                .is_empty()
     }) {
         Some("a folder name is only dots and spaces")
     } else {
@@ -1214,6 +1221,26 @@ mod tests {
             assert!(err.contains(why), "{raw:?}: {err}");
         }
         assert!(check_subfolder(&"a/".repeat(200)).is_err());
+    }
+
+    /// Found by the `job_input_json` fuzz target (fuzz/regressions/job_input_json/): a folder
+    /// with trailing spaces before a `/` normalised to a form that normalised differently again.
+    #[test]
+    fn fuzz_regression_subfolder_normalisation_is_idempotent() {
+        for raw in ["KSampler% /", "a /", "a / ", "x/y  /", " a/b /"] {
+            let once = check_subfolder(raw).unwrap();
+            assert_eq!(
+                check_subfolder(&once).as_deref(),
+                Ok(once.as_str()),
+                "{raw:?}"
+            );
+        }
+        assert_eq!(check_subfolder("KSampler% /").as_deref(), Ok("KSampler%"));
+        let wf: Value = serde_json::from_str(WF).unwrap();
+        let input = json!({"workflow": wf,
+            "images": [{"name": "x.png", "image": "aGk=", "subfolder": "KSampler% /"}]});
+        let files = parse_input(Some(&input)).unwrap().files;
+        assert_eq!(files[0].subfolder, "KSampler%");
     }
 
     fn files_of(input: Value) -> Vec<InputFile> {

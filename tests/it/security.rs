@@ -48,7 +48,11 @@ fn assert_no_secret(secrets: &[String], captured: &[(String, String)]) {
     for (place, text) in captured {
         for secret in secrets {
             if let Some(at) = text.find(secret.as_str()) {
-                let from = text[..at].char_indices().rev().nth(120).map_or(0, |(i, _)| i);
+                let from = text[..at]
+                    .char_indices()
+                    .rev()
+                    .nth(120)
+                    .map_or(0, |(i, _)| i);
                 let to = (at + secret.len() + 80).min(text.len());
                 let to = (to..=text.len())
                     .find(|i| text.is_char_boundary(*i))
@@ -61,7 +65,7 @@ fn assert_no_secret(secrets: &[String], captured: &[(String, String)]) {
 }
 
 /// The environment both modes run with: secrets in every variable that can hold one.
-fn secret_env<'a>(comfy_host: &'a str) -> Vec<(&'a str, &'a str)> {
+fn secret_env(comfy_host: &str) -> Vec<(&str, &str)> {
     vec![
         ("RUST_LOG", "comfy_worker=trace"),
         ("COMFY_HOST", comfy_host),
@@ -166,7 +170,10 @@ async fn worker_mode_never_shows_a_secret() {
         }
     }
     let after = final_of(&platform, "after").await;
-    assert!(after["output"]["images"].is_array(), "the worker kept serving: {after}");
+    assert!(
+        after["output"]["images"].is_array(),
+        "the worker kept serving: {after}"
+    );
     // The key reached ComfyUI (where it is needed) and nowhere else.
     let prompts = sim.prompts();
     assert!(prompts
@@ -175,10 +182,18 @@ async fn worker_mode_never_shows_a_secret() {
     worker.terminate();
     assert_eq!(worker.exited().await.code(), Some(0));
 
-    assert!(worker.log().contains("missing field(s)"), "{}", worker.log());
+    assert!(
+        worker.log().contains("missing field(s)"),
+        "{}",
+        worker.log()
+    );
     captured.push(("worker stderr".to_owned(), worker.log()));
     captured.push(("worker stdout".to_owned(), worker.stdout()));
-    for (id, _) in jobs.iter().map(|(id, v)| (*id, v)).chain([("after", &Value::Null)]) {
+    for (id, _) in jobs
+        .iter()
+        .map(|(id, v)| (*id, v))
+        .chain([("after", &Value::Null)])
+    {
         for post in platform.posts(id) {
             captured.push((format!("post for {id}"), post.body.to_string()));
         }
@@ -208,7 +223,11 @@ async fn serve_mode_never_shows_a_secret() {
     let mut captured = Vec::new();
 
     // Bad or missing keys.
-    for header in [None, Some("Bearer wrong-key"), Some("servekey-SECRET-93de41f")] {
+    for header in [
+        None,
+        Some("Bearer wrong-key"),
+        Some("servekey-SECRET-93de41f"),
+    ] {
         let mut req = http.get(format!("{base}/health"));
         if let Some(h) = header {
             req = req.header("Authorization", h);
@@ -275,7 +294,11 @@ async fn serve_mode_never_shows_a_secret() {
         }
         captured.push((format!("/runsync of {name}"), text));
     }
-    let (_, health) = call(http.get(format!("{base}/health")).header("Authorization", &auth)).await;
+    let (_, health) = call(
+        http.get(format!("{base}/health"))
+            .header("Authorization", &auth),
+    )
+    .await;
     captured.push(("/health".to_owned(), health));
 
     serve.terminate();
@@ -306,7 +329,10 @@ async fn a_panic_fails_the_job_interrupts_its_prompt_and_the_worker_goes_on() {
         .await
         .expect("the panicked job's prompt was not interrupted");
     let prompt_id = sim.prompts()[0]["prompt_id"].clone();
-    assert_eq!(sim.interrupts()[0].as_ref().unwrap()["prompt_id"], prompt_id);
+    assert_eq!(
+        sim.interrupts()[0].as_ref().unwrap()["prompt_id"],
+        prompt_id
+    );
     platform.push_job("next", job_input(0x111111, 2));
     let next = final_of(&platform, "next").await;
     assert_eq!(next["output"]["images"].as_array().map(Vec::len), Some(2));
@@ -360,7 +386,13 @@ async fn serve_refuses_a_public_address_without_a_key_unless_insecure() {
     assert!(!log.contains("local endpoint on"), "{log}");
     // The SDK's spelling is held to the same rule.
     let out = std::process::Command::new(crate::cli::bin())
-        .args(["--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", "0"])
+        .args([
+            "--rp_serve_api",
+            "--rp_api_host",
+            "0.0.0.0",
+            "--rp_api_port",
+            "0",
+        ])
         .env_remove("SERVE_API_KEY")
         .env_remove("RUNPOD_WEBHOOK_GET_JOB")
         .output()
@@ -369,8 +401,14 @@ async fn serve_refuses_a_public_address_without_a_key_unless_insecure() {
 
     // With a key, or with --insecure, it serves (and only loopback is ever contacted here).
     for (args, env) in [
-        (vec!["--host", "0.0.0.0", "--simulate"], vec![("SERVE_API_KEY", SERVE_KEY)]),
-        (vec!["--host", "0.0.0.0", "--simulate", "--insecure"], vec![]),
+        (
+            vec!["--host", "0.0.0.0", "--simulate"],
+            vec![("SERVE_API_KEY", SERVE_KEY)],
+        ),
+        (
+            vec!["--host", "0.0.0.0", "--simulate", "--insecure"],
+            vec![],
+        ),
     ] {
         let mut serve = ServeProcess::start(&args, &env).await;
         let port = serve.base().rsplit(':').next().unwrap().to_owned();

@@ -53,7 +53,11 @@ async fn sigterm_lets_the_running_job_finish_posts_it_once_and_exits_0() {
     );
     let status = worker.exited().await;
     assert_eq!(status.code(), Some(0), "{}", worker.log());
-    assert_eq!(accepted_finals(&platform, "running"), 1, "the result landed once");
+    assert_eq!(
+        accepted_finals(&platform, "running"),
+        1,
+        "the result landed once"
+    );
     assert_eq!(platform.status("running")["status"], "COMPLETED");
     assert_eq!(
         platform.status("waiting")["status"],
@@ -94,7 +98,10 @@ async fn a_job_that_outlives_the_grace_is_interrupted_and_fails_and_the_worker_e
     assert_eq!(status.code(), Some(0), "{}", worker.log());
     assert_eq!(accepted_finals(&platform, "slow"), 1);
     let prompt_id = sim.prompts()[0]["prompt_id"].clone();
-    assert_eq!(sim.interrupts()[0].as_ref().unwrap()["prompt_id"], prompt_id);
+    assert_eq!(
+        sim.interrupts()[0].as_ref().unwrap()["prompt_id"],
+        prompt_id
+    );
     assert_clean(&platform);
 }
 
@@ -120,7 +127,11 @@ async fn the_rest_of_a_batch_is_answered_not_started_on_sigterm() {
         json!({"error": "Worker shutting down: the job was not started; submit it again"})
     );
     assert_eq!(worker.exited().await.code(), Some(0), "{}", worker.log());
-    assert_eq!(sim.prompts().len(), 1, "the second job never reached ComfyUI");
+    assert_eq!(
+        sim.prompts().len(),
+        1,
+        "the second job never reached ComfyUI"
+    );
     assert_eq!(accepted_finals(&platform, "first"), 1);
     assert_eq!(accepted_finals(&platform, "second"), 1);
     assert_clean(&platform);
@@ -181,7 +192,11 @@ impl Receiver {
     }
 
     fn count_for(&self, id: &str) -> usize {
-        self.bodies.borrow().iter().filter(|b| b["id"] == id).count()
+        self.bodies
+            .borrow()
+            .iter()
+            .filter(|b| b["id"] == id)
+            .count()
     }
 }
 
@@ -199,7 +214,10 @@ async fn submit(serve: &ServeProcess, input: Value, webhook: &str) -> String {
         .json()
         .await
         .unwrap();
-    reply["id"].as_str().unwrap_or_else(|| panic!("{reply}")).to_owned()
+    reply["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"))
+        .to_owned()
 }
 
 #[tokio::test]
@@ -209,7 +227,10 @@ async fn serve_finishes_the_running_job_on_sigterm_and_exits_0() {
     let hooks = Receiver::start().await;
     let mut serve = ServeProcess::start(
         &["--comfy-host", &sim.host()],
-        &[("SHUTDOWN_GRACE_S", "30"), ("ALLOW_PRIVATE_WEBHOOKS", "true")],
+        &[
+            ("SHUTDOWN_GRACE_S", "30"),
+            ("ALLOW_PRIVATE_WEBHOOKS", "true"),
+        ],
     )
     .await;
     let running = submit(&serve, job_input(0x360000, 6), &hooks.url).await;
@@ -241,7 +262,10 @@ async fn serve_fails_a_job_that_outlives_the_grace_and_exits_0() {
     let hooks = Receiver::start().await;
     let mut serve = ServeProcess::start(
         &["--comfy-host", &sim.host()],
-        &[("SHUTDOWN_GRACE_S", "0.2"), ("ALLOW_PRIVATE_WEBHOOKS", "true")],
+        &[
+            ("SHUTDOWN_GRACE_S", "0.2"),
+            ("ALLOW_PRIVATE_WEBHOOKS", "true"),
+        ],
     )
     .await;
     let id = submit(&serve, job_input(0x380000, 50), &hooks.url).await;

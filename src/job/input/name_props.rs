@@ -34,11 +34,73 @@ impl Rng {
 
 /// Pieces of names: traversal, encodings, separators, look-alikes, drive letters, controls.
 const PIECES: &[&str] = &[
-    "..", ".", "...", "/", "\\", "//", "./", "../", "..\\", "%2e", "%2e%2e", "%2f", "%5c", "%252e",
-    "%c0%ae", "%00", "\u{0}", "\n", "\r", "\t", "\u{7f}", "\u{85}", "\u{202e}", "\u{200b}", "．",
-    "．．", "／", "＼", "‥", "…", "․", "﹒", "∕", "⁄", "⧸", "∖", "﹨", "：", "C:", "c:\\", "\\\\?\\",
-    "\\\\server\\share", ":", "::$DATA", "/etc/passwd", "/", "~", "$HOME", "con", "NUL", "a", "b",
-    "photo", ".png", "image.png", "é", "日本", "🙂", " ", "  ", "-", "_", "=", "%", "?", "*", "x",
+    "..",
+    ".",
+    "...",
+    "/",
+    "\\",
+    "//",
+    "./",
+    "../",
+    "..\\",
+    "%2e",
+    "%2e%2e",
+    "%2f",
+    "%5c",
+    "%252e",
+    "%c0%ae",
+    "%00",
+    "\u{0}",
+    "\n",
+    "\r",
+    "\t",
+    "\u{7f}",
+    "\u{85}",
+    "\u{202e}",
+    "\u{200b}",
+    "．",
+    "．．",
+    "／",
+    "＼",
+    "‥",
+    "…",
+    "․",
+    "﹒",
+    "∕",
+    "⁄",
+    "⧸",
+    "∖",
+    "﹨",
+    "：",
+    "C:",
+    "c:\\",
+    "\\\\?\\",
+    "\\\\server\\share",
+    ":",
+    "::$DATA",
+    "/etc/passwd",
+    "/",
+    "~",
+    "$HOME",
+    "con",
+    "NUL",
+    "a",
+    "b",
+    "photo",
+    ".png",
+    "image.png",
+    "é",
+    "日本",
+    "🙂",
+    " ",
+    "  ",
+    "-",
+    "_",
+    "=",
+    "%",
+    "?",
+    "*",
+    "x",
 ];
 
 fn gen_name(rng: &mut Rng) -> String {
@@ -120,8 +182,14 @@ fn accepted_names_and_subfolders_are_plain_relative_paths() {
             }
         }
         // The generator must also produce valid names, or the test proves nothing.
-        assert!(names_ok > 500, "seed {seed}: only {names_ok} names accepted");
-        assert!(subs_ok > 100, "seed {seed}: only {subs_ok} subfolders accepted");
+        assert!(
+            names_ok > 500,
+            "seed {seed}: only {names_ok} names accepted"
+        );
+        assert!(
+            subs_ok > 100,
+            "seed {seed}: only {subs_ok} subfolders accepted"
+        );
     }
 }
 
@@ -152,16 +220,7 @@ fn known_escapes_are_refused() {
         assert!(check_image_name(name).is_err(), "{name:?} was accepted");
     }
     for sub in [
-        "/abs",
-        "..",
-        "a/..",
-        "a/../b",
-        "a\\b",
-        "C:/x",
-        "．．/x",
-        "a／..",
-        "x/‥/y",
-        "a/ . /b",
+        "/abs", "..", "a/..", "a/../b", "a\\b", "C:/x", "．．/x", "a／..", "x/‥/y", "a/ . /b",
         "a\u{0}b",
     ] {
         assert!(check_subfolder(sub).is_err(), "{sub:?} was accepted");

@@ -307,9 +307,9 @@ impl Worker {
                 .unwrap_or_else(|| "unknown panic".into());
             error!(panic = %what, "the job panicked");
             JobOutput::error(format!(
-            "Internal error in comfy-worker: {}",
-            crate::telemetry::scrub(&what)
-        ))
+                "Internal error in comfy-worker: {}",
+                crate::telemetry::scrub(&what)
+            ))
         });
         watchdog.abort();
         lock(&self.state).running.remove(&job.id);
