@@ -80,9 +80,9 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
-            info!("shutdown requested: finishing the running job, accepting no new requests");
             // Long-lived replies (event streams, `/runsync`) end now, so the server can drain.
             endpoint.close();
+            info!("shutdown requested: finishing the running job, accepting no new requests");
         }
     };
     info!(%addr, auth = endpoint.options().api_key.is_some(), "local endpoint listening");

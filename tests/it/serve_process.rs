@@ -60,8 +60,13 @@ impl ServeProcess {
         let found = async {
             loop {
                 let log = p.log();
-                if let Some(rest) = log.split("local endpoint on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                // Only a whole line: the file may be read while the line is being written.
+                if let Some((line, _)) = log
+                    .split("local endpoint on http://")
+                    .nth(1)
+                    .and_then(|rest| rest.split_once('\n'))
+                {
+                    let addr = line.split_whitespace().next().unwrap_or_default();
                     return addr.parse::<SocketAddr>().expect("an address");
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
