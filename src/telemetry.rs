@@ -38,13 +38,28 @@ fn registry() -> &'static RwLock<HashMap<String, usize>> {
     REGISTRY.get_or_init(|| RwLock::new(HashMap::new()))
 }
 
+/// The forms a secret can take in a log line: as it is, and escaped inside a JSON string (the
+/// JSON log format escapes `"`, `\\` and control characters).
+fn secret_forms(value: &str) -> Vec<String> {
+    let mut forms = vec![value.to_owned()];
+    if let Ok(json) = serde_json::to_string(value) {
+        let escaped = &json[1..json.len() - 1];
+        if escaped != value {
+            forms.push(escaped.to_owned());
+        }
+    }
+    forms
+}
+
 /// Adds a secret value to what [`scrub`] removes (until [`forget_secret`] is called as often).
 pub(crate) fn remember_secret(value: &str) {
     if value.len() < MIN_SECRET_LEN {
         return;
     }
     let mut map = registry().write().unwrap_or_else(|p| p.into_inner());
-    *map.entry(value.to_owned()).or_insert(0) += 1;
+    for form in secret_forms(value) {
+        *map.entry(form).or_insert(0) += 1;
+    }
 }
 
 /// Undoes one [`remember_secret`].
@@ -53,10 +68,12 @@ pub(crate) fn forget_secret(value: &str) {
         return;
     }
     let mut map = registry().write().unwrap_or_else(|p| p.into_inner());
-    if let Some(n) = map.get_mut(value) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(value);
+    for form in secret_forms(value) {
+        if let Some(n) = map.get_mut(&form) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&form);
+            }
         }
     }
 }
@@ -421,6 +438,13 @@ mod tests {
         );
         drop((copy, short));
         assert_eq!(scrub(text), text, "forgotten once no Secret holds it");
+        let quoted = crate::config::Secret::new("zz\"quoted\\secret");
+        assert_eq!(
+            scrub(r#"{"k":"zz\"quoted\\secret"}"#),
+            r#"{"k":"[redacted]"}"#,
+            "the JSON-escaped form too"
+        );
+        drop(quoted);
         let tiny = crate::config::Secret::new("k");
         assert_eq!(scrub("a key"), "a key", "too short to scrub");
         drop(tiny);

@@ -871,12 +871,13 @@ async fn run_job(inner: &Inner, job: Started) {
                 humane_seconds(d.as_secs_f64())
             ))),
         ),
-        Some(Deadline::Shutdown) => (
+        // Unless it completed just as the grace ran out: then its output stands.
+        Some(Deadline::Shutdown) if output.is_error() => (
             JobStatus::Failed,
             None,
             Some(json!(crate::platform::runpod::shutdown_message(grace))),
         ),
-        None => {
+        Some(Deadline::Shutdown) | None => {
             // The serverless mode's mapping: `error` when set, the rest as `output`.
             let body = result_body(&output.to_json(), false);
             let error = body.get("error").cloned();

@@ -326,14 +326,15 @@ impl Worker {
                     .to_json(),
                 )
             }
-            Some(CancelReason::Shutdown) => {
+            // Unless it completed just as the grace ran out: then its output stands.
+            Some(CancelReason::Shutdown) if output.is_error() => {
                 warn!(
                     grace_s = shutdown_grace.as_secs_f64(),
                     "the job did not finish within the shutdown grace; it was interrupted"
                 );
                 Some(JobOutput::error(shutdown_message(shutdown_grace)).to_json())
             }
-            None => Some(output.to_json()),
+            Some(CancelReason::Shutdown) | None => Some(output.to_json()),
         };
         // Before the relay drains, so the webhook's final event is on its way at once.
         webhook.end(output.as_ref());
