@@ -34,6 +34,7 @@ impl ServeProcess {
             .env_remove("RUNPOD_ENDPOINT_ID")
             .env_remove("SERVE_API_KEY")
             .env_remove("SHUTDOWN_GRACE_S")
+            .env_remove("COMFY_WORKER_TEST_PANIC_NODE")
             .env("COMFY_PID_FILE", dir.path().join("no.pid"))
             .env("COMFY_API_AVAILABLE_INTERVAL_MS", "10")
             .env("RUST_LOG", "comfy_worker=debug")

@@ -51,6 +51,8 @@ impl WorkerProcess {
             .env_remove("ALLOW_PRIVATE_WEBHOOKS")
             .env_remove("WEBHOOK_ATTEMPTS")
             .env_remove("WEBHOOK_RETRY_DELAY_MS")
+            .env_remove("SHUTDOWN_GRACE_S")
+            .env_remove("COMFY_WORKER_TEST_PANIC_NODE")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());
