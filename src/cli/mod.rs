@@ -246,6 +246,26 @@ mod tests {
     }
 
     #[test]
+    fn serve_flags_insecure_and_no_key_in_debug() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--insecure",
+            "--api-key",
+            "debug-hidden-key",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("debug-hidden-key"), "{shown}");
+        assert!(matches!(cli.command, Some(Command::Serve(ref a)) if a.insecure));
+        let cli = Cli::try_parse_from(["comfy-worker", "--rp_serve_api", "--insecure"]).unwrap();
+        assert!(cli.sdk_serve.insecure);
+        assert!(Cli::try_parse_from(["comfy-worker", "--insecure"]).is_err());
+    }
+
+    #[test]
     fn parses_serve_and_the_sdk_flags() {
         let cli = Cli::try_parse_from([
             "comfy-worker",

@@ -295,4 +295,22 @@ mod tests {
         let err = RunPodSettings::from_lookup(|k| map.get(k).map(|v| v.to_string())).unwrap_err();
         assert_eq!(err.name, "RUNPOD_PING_INTERVAL");
     }
+
+    #[test]
+    fn shutdown_grace() {
+        let grace = |v: Option<&str>| shutdown_grace_from(|_| v.map(str::to_owned));
+        assert_eq!(grace(None), Ok(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(grace(Some(" ")), Ok(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(grace(Some("0.2")), Ok(Duration::from_millis(200)));
+        assert_eq!(grace(Some("0")), Ok(Duration::ZERO));
+        for bad in ["-1", "soon", "inf", "1e9"] {
+            assert_eq!(grace(Some(bad)).unwrap_err().name, "SHUTDOWN_GRACE_S");
+        }
+        let s = settings(&[
+            ("RUNPOD_WEBHOOK_GET_JOB", "http://h/x"),
+            ("SHUTDOWN_GRACE_S", "3"),
+        ])
+        .unwrap();
+        assert_eq!(s.shutdown_grace, Duration::from_secs(3));
+    }
 }
