@@ -13,7 +13,8 @@
 #   COMFY_PID_FILE       where ComfyUI's PID is written            (/tmp/comfyui.pid)
 #   COMFY_WORKER_BIN     the worker binary                         (comfy-worker on PATH)
 #   SERVE_API_LOCALLY    "true": the local endpoint (`comfy-worker serve`) on 0.0.0.0:$SERVE_API_PORT
-#                        instead of the job loop, and ComfyUI also listens on all interfaces (--listen)
+#                        instead of the job loop, and ComfyUI also listens on all interfaces (--listen);
+#                        without SERVE_API_KEY it runs with --insecure and logs a warning
 #   SERVE_API_PORT       port of the local endpoint                (8000)
 # Arguments are passed to comfy-worker unchanged.
 set -euo pipefail
@@ -61,7 +62,15 @@ echo "$!" > "$COMFY_PID_FILE"
 log "ComfyUI pid $(cat "$COMFY_PID_FILE") written to $COMFY_PID_FILE"
 
 if [ "$SERVE_API_LOCALLY" = "true" ]; then
+    # Inside the container the endpoint must listen on all interfaces to be reachable through a
+    # published port. `serve` refuses that without an API key unless told --insecure: set
+    # SERVE_API_KEY to protect it; without one, anyone who reaches the port can run jobs.
+    serve_flags=()
+    if [ -z "${SERVE_API_KEY:-}" ]; then
+        log "WARNING: SERVE_API_KEY is not set: the local endpoint on 0.0.0.0:$SERVE_API_PORT accepts jobs from anyone who reaches the port (serve --insecure); set SERVE_API_KEY to require a key"
+        serve_flags=(--insecure)
+    fi
     log "serving the local endpoint on 0.0.0.0:$SERVE_API_PORT"
-    exec "$COMFY_WORKER_BIN" serve --host 0.0.0.0 --port "$SERVE_API_PORT" "$@"
+    exec "$COMFY_WORKER_BIN" serve --host 0.0.0.0 --port "$SERVE_API_PORT" "${serve_flags[@]}" "$@"
 fi
 exec "$COMFY_WORKER_BIN" "$@"

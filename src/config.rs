@@ -9,19 +9,35 @@ use std::time::Duration;
 use crate::job::input::InputPolicy;
 use crate::job::storage::StorageSettings;
 
-/// A value that must never appear in logs or error messages.
-#[derive(Clone, PartialEq, Eq)]
+/// A value that must never appear in logs or error messages. `Debug` hides it, and while any
+/// `Secret` holding a value is alive, [`crate::telemetry::scrub`] removes that value from every
+/// log line (and the job output's error messages), wherever it came from.
+#[derive(PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
     /// Wraps a secret.
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
+        let value = value.into();
+        crate::telemetry::remember_secret(&value);
+        Secret(value)
     }
 
     /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl Clone for Secret {
+    fn clone(&self) -> Secret {
+        Secret::new(self.0.clone())
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        crate::telemetry::forget_secret(&self.0);
     }
 }
 

@@ -166,6 +166,31 @@ pub struct Webhooks {
 /// How to ask for a refused target anyway.
 const ALLOW_HINT: &str = "(set ALLOW_PRIVATE_WEBHOOKS=true to allow it)";
 
+/// A webhook URL for messages: as given, unless it carries credentials (`user:pw@`), a query
+/// (`?token=…`) or a fragment, which are dropped (see [`crate::net::display_url`]).
+fn shown_url(url: &str) -> String {
+    match url::Url::parse(url.trim()) {
+        Ok(u)
+            if !u.username().is_empty()
+                || u.password().is_some()
+                || u.query().is_some()
+                || u.fragment().is_some() =>
+        {
+            crate::net::display_url(url)
+        }
+        Ok(_) => url.to_owned(),
+        // Unparsable: without anything up to an `@` or after a `?` or `#`, cut short.
+        Err(_) => {
+            let (prefix, rest) = match url.rsplit_once('@') {
+                Some((_, rest)) => ("…@", rest),
+                None => ("", url),
+            };
+            let rest = rest.split(['?', '#']).next().unwrap_or("");
+            format!("{prefix}{}", rest.chars().take(200).collect::<String>())
+        }
+    }
+}
+
 impl Webhooks {
     /// Webhooks delivered under `policy`.
     pub fn new(policy: WebhookPolicy) -> Webhooks {
@@ -202,11 +227,11 @@ impl Webhooks {
     /// The lookup is bounded by the per-request timeout.
     pub async fn validate(&self, url: &str) -> Result<WebhookUrl, WebhookError> {
         let invalid = |reason: String| WebhookError::Invalid {
-            url: url.to_owned(),
+            url: shown_url(url),
             reason,
         };
         let refused = |reason: String| WebhookError::Refused {
-            url: url.to_owned(),
+            url: shown_url(url),
             reason: format!("{reason} {ALLOW_HINT}"),
         };
         match self.guard.check(url).await {
@@ -220,8 +245,18 @@ impl Webhooks {
     /// non-2xx answers up to `attempts` times, `retry_delay` apart. Returns at once; the outcome
     /// is logged (without the body).
     pub fn send_final(&self, url: WebhookUrl, body: Value) {
+        tokio::spawn(self.final_delivery(url, body).in_current_span());
+    }
+
+    /// What [`Webhooks::send_final`] runs, for a caller that tracks the delivery itself (the
+    /// local endpoint waits for it, bounded, before exiting).
+    pub fn final_delivery(
+        &self,
+        url: WebhookUrl,
+        body: Value,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let hooks = self.clone();
-        let deliver = async move {
+        async move {
             let host = url.host();
             match hooks.post_retrying(&url, &body).await {
                 Ok(attempt) => info!(host = %host, attempt, "webhook delivered"),
@@ -232,8 +267,7 @@ impl Webhooks {
                     "webhook not delivered"
                 ),
             }
-        };
-        tokio::spawn(deliver.in_current_span());
+        }
     }
 
     /// A progress webhook for the job `task_id`: events are queued and delivered in order, one
@@ -550,6 +584,21 @@ mod tests {
         })
     }
 
+    #[tokio::test]
+    async fn refusals_never_show_credentials_or_the_query() {
+        let webhooks = Webhooks::new(WebhookPolicy::default());
+        for url in [
+            "http://user:hook-pw-secret@example.com/h",
+            "https://127.0.0.1/h?token=hook-pw-secret",
+            "ftp://user:hook-pw-secret@example.com/",
+            "http://127.0.0.1/h#hook-pw-secret",
+            "not a url hook-pw-secret@x",
+        ] {
+            let e = webhooks.validate(url).await.unwrap_err().to_string();
+            assert!(!e.contains("hook-pw-secret"), "{e}");
+        }
+    }
+
     async fn refused(url: &str) -> String {
         hooks(false).validate(url).await.unwrap_err().to_string()
     }
@@ -588,7 +637,7 @@ mod tests {
         );
         assert_eq!(
             refused("https://user:pw@example.com/").await,
-            r#"invalid webhook URL "https://user:pw@example.com/": credentials in the URL are not allowed"#
+            r#"invalid webhook URL "https://example.com/": credentials in the URL are not allowed"#
         );
         assert_eq!(
             refused("not a url").await,

@@ -38,7 +38,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        let message = crate::telemetry::scrub(&self.message);
+        let mut response = (self.status, Json(json!({ "error": message }))).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{error, info, Instrument};
 
 use super::error::ApiError;
 use super::ServeOptions;
@@ -29,8 +29,8 @@ use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};
 /// What `/status` reports as `workerId`: there is one worker, this process.
 const WORKER_ID: &str = "local";
 
-/// How long the running job may take to finish once shutdown began, before it is interrupted.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// The error of a job still queued when the endpoint shut down.
+const NOT_STARTED: &str = "The endpoint shut down before the job started; submit it again";
 
 /// Events buffered per job for `/events` subscribers; one that falls further behind skips.
 pub(crate) const EVENT_BUFFER: usize = 256;
@@ -198,7 +198,7 @@ pub(crate) struct Counts {
 /// The local endpoint's jobs and their runner; cheap to clone.
 ///
 /// [`LocalEndpoint::new`] starts the runner task; [`LocalEndpoint::close`] stops it taking jobs
-/// (the running one gets 20 s to finish, then it is interrupted).
+/// (the running one gets the shutdown grace to finish, then it is interrupted).
 #[derive(Clone)]
 pub struct LocalEndpoint {
     inner: Arc<Inner>,
@@ -326,7 +326,9 @@ struct Ending {
 impl Ending {
     fn deliver(self, inner: &Inner) {
         if let Some(url) = self.webhook {
-            inner.webhooks.send_final(url, (*self.body).clone());
+            // Tracked, so a shutdown waits (bounded) for the final call to go out.
+            let delivery = inner.webhooks.final_delivery(url, (*self.body).clone());
+            inner.hooks.spawn(delivery.in_current_span());
         }
         if let Some(hook) = self.hook {
             if self.status == JobStatus::Completed {
@@ -463,7 +465,7 @@ enum Deadline {
     Policy(Duration),
     /// `input.timeout_s`: the job fails with the serverless mode's message.
     Input(Duration),
-    /// Shutdown grace over: the job ends with what the engine returns.
+    /// Shutdown grace over: the job fails with "worker shutting down".
     Shutdown,
 }
 
@@ -494,7 +496,7 @@ impl LocalEndpoint {
         &self.inner.engine
     }
 
-    /// Stops taking jobs and ends event streams and `/runsync` waits; the running job gets 20 s
+    /// Stops taking jobs and ends event streams and `/runsync` waits; the running job gets the grace
     /// to finish before it is interrupted. New submissions are refused with 503.
     pub fn close(&self) {
         self.inner.closing.cancel();
@@ -778,8 +780,22 @@ async fn runner(inner: Arc<Inner>) {
             },
         }
     }
-    let left = lock(&inner.state).queue.len();
-    info!(queued_jobs_dropped = left, "job runner stopped");
+    // Jobs still queued end now, failed, so their webhooks and event streams hear of it.
+    let endings: Vec<Ending> = {
+        let mut state = lock(&inner.state);
+        let ids: Vec<String> = state.queue.drain(..).collect();
+        let now = Instant::now();
+        ids.iter()
+            .filter_map(|id| {
+                state.finalize(id, JobStatus::Failed, None, Some(json!(NOT_STARTED)), now)
+            })
+            .collect()
+    };
+    let left = endings.len();
+    for ending in endings {
+        ending.deliver(&inner);
+    }
+    info!(queued_jobs_failed = left, "job runner stopped");
 }
 
 /// Runs one job to its end and records the outcome (unless it was cancelled meanwhile).
@@ -793,6 +809,7 @@ async fn run_job(inner: &Inner, job: Started) {
         input_timeout,
     } = job;
     let fired: Arc<Mutex<Option<Deadline>>> = Arc::default();
+    let grace = inner.options.shutdown_grace;
     let watchdog = {
         let cancel = cancel.clone();
         let closing = inner.closing.clone();
@@ -807,7 +824,7 @@ async fn run_job(inner: &Inner, job: Started) {
             let why = tokio::select! {
                 _ = after(execution_timeout) => Deadline::Policy(execution_timeout.unwrap_or_default()),
                 _ = after(input_timeout) => Deadline::Input(input_timeout.unwrap_or_default()),
-                _ = async { closing.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Deadline::Shutdown,
+                _ = async { closing.cancelled().await; tokio::time::sleep(grace).await } => Deadline::Shutdown,
                 _ = cancel.cancelled() => return,
             };
             fired
@@ -845,7 +862,10 @@ async fn run_job(inner: &Inner, job: Started) {
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
         error!(job_id = %id, panic = %what, "the job panicked");
-        JobOutput::error(format!("Internal error in comfy-worker: {what}"))
+        JobOutput::error(format!(
+            "Internal error in comfy-worker: {}",
+            crate::telemetry::scrub(&what)
+        ))
     });
     let fired = *fired.lock().unwrap_or_else(|p| p.into_inner());
     let (status, output, error) = match fired {
@@ -864,6 +884,12 @@ async fn run_job(inner: &Inner, job: Started) {
                 "Job timed out after {} s (input.timeout_s); the ComfyUI prompt was interrupted",
                 humane_seconds(d.as_secs_f64())
             ))),
+        ),
+        // Unless it completed just as the grace ran out: then its output stands.
+        Some(Deadline::Shutdown) if output.is_error() => (
+            JobStatus::Failed,
+            None,
+            Some(json!(crate::platform::runpod::shutdown_message(grace))),
         ),
         Some(Deadline::Shutdown) | None => {
             // The serverless mode's mapping: `error` when set, the rest as `output`.

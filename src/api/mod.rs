@@ -42,6 +42,9 @@ pub struct ServeOptions {
     pub max_runsync_bytes: usize,
     /// How long `/runsync` waits without `?wait=` (the cloud's 90 s).
     pub runsync_default_wait: Duration,
+    /// After shutdown began, how long the running job may take to finish before it is
+    /// interrupted and failed (`SHUTDOWN_GRACE_S`, 20 s).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeOptions {
@@ -53,13 +56,15 @@ impl Default for ServeOptions {
             max_run_bytes: 10 * 1000 * 1000,
             max_runsync_bytes: 20 * 1000 * 1000,
             runsync_default_wait: Duration::from_secs(90),
+            shutdown_grace: crate::platform::runpod::settings::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
 
 /// Serves the local endpoint on `listener` until `shutdown` is cancelled; then it stops accepting,
-/// ends event streams and `/runsync` waits, and lets the running job finish (for at most 20 s,
-/// then it is interrupted). Queued jobs are dropped.
+/// ends event streams and `/runsync` waits, and lets the running job finish (for at most
+/// [`ServeOptions::shutdown_grace`]; then it is interrupted and fails). Queued jobs fail as not
+/// started (their webhooks are told).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Engine,
@@ -75,9 +80,9 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         async move {
             shutdown.cancelled().await;
-            info!("shutdown requested: finishing the running job, accepting no new requests");
             // Long-lived replies (event streams, `/runsync`) end now, so the server can drain.
             endpoint.close();
+            info!("shutdown requested: finishing the running job, accepting no new requests");
         }
     };
     info!(%addr, auth = endpoint.options().api_key.is_some(), "local endpoint listening");
@@ -86,7 +91,9 @@ pub async fn serve(
         .await;
     // Also when the server failed: the runner must not outlive it.
     endpoint.close();
-    if tokio::time::timeout(Duration::from_secs(60), endpoint.stopped())
+    // The grace, the interrupt's confirmation (at most 15 s) and the webhooks' hand-over.
+    let bound = endpoint.options().shutdown_grace + Duration::from_secs(40);
+    if tokio::time::timeout(bound, endpoint.stopped())
         .await
         .is_err()
     {

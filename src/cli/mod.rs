@@ -49,6 +49,9 @@ struct SdkServeArgs {
     /// Port for --rp_serve_api [default: 8000].
     #[arg(long = "rp_api_port", value_name = "PORT", requires = "rp_serve_api")]
     rp_api_port: Option<u16>,
+    /// With --rp_serve_api: listen beyond loopback without an API key (as `serve --insecure`).
+    #[arg(long, requires = "rp_serve_api")]
+    insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +111,7 @@ struct SimArgs {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    crate::telemetry::install_panic_hook();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,6 +140,7 @@ pub fn main() -> ExitCode {
                 let mut args = ServeArgs::sdk_defaults(
                     cli.sdk_serve.rp_api_host,
                     cli.sdk_serve.rp_api_port,
+                    cli.sdk_serve.insecure,
                 );
                 args.simulate = cli.run.simulate;
                 args.sim_step_ms = cli.run.sim_step_ms;
@@ -238,6 +243,26 @@ mod tests {
         assert!(
             Cli::try_parse_from(["comfy-worker", "run", "--quiet", "--json-progress"]).is_err()
         );
+    }
+
+    #[test]
+    fn serve_flags_insecure_and_no_key_in_debug() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--insecure",
+            "--api-key",
+            "debug-hidden-key",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("debug-hidden-key"), "{shown}");
+        assert!(matches!(cli.command, Some(Command::Serve(ref a)) if a.insecure));
+        let cli = Cli::try_parse_from(["comfy-worker", "--rp_serve_api", "--insecure"]).unwrap();
+        assert!(cli.sdk_serve.insecure);
+        assert!(Cli::try_parse_from(["comfy-worker", "--insecure"]).is_err());
     }
 
     #[test]

@@ -12,13 +12,15 @@ use tracing::{error, warn};
 use crate::api::{self, ServeOptions};
 use crate::config::{Secret, Settings};
 use crate::job::Engine;
+use crate::platform::runpod::settings::shutdown_grace_from;
 use crate::simulator::{SimConfig, Simulator};
 use crate::webhook::{WebhookPolicy, Webhooks};
 
 /// Options of `serve`.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on (a name or an IP); anything but loopback should have an API key.
+    /// Address to listen on (a name or an IP); anything but loopback needs an API key (or
+    /// --insecure).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port to listen on (0 picks a free one).
@@ -47,6 +49,26 @@ pub struct ServeArgs {
     /// ComfyUI address (overrides COMFY_HOST).
     #[arg(long, value_name = "HOST:PORT")]
     pub comfy_host: Option<String>,
+    /// Listen beyond loopback without an API key (anyone who reaches the port can run jobs).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// Hand-written so the API key never reaches a log or a panic message.
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("job_ttl_s", &self.job_ttl_s)
+            .field("max_jobs", &self.max_jobs)
+            .field("simulate", &self.simulate)
+            .field("sim_step_ms", &self.sim_step_ms)
+            .field("comfy_host", &self.comfy_host)
+            .field("insecure", &self.insecure)
+            .finish()
+    }
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -58,7 +80,11 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 
 impl ServeArgs {
     /// What `--rp_serve_api` runs: these defaults, the SDK flags' address, `SERVE_API_KEY`.
-    pub(crate) fn sdk_defaults(host: Option<String>, port: Option<u16>) -> ServeArgs {
+    pub(crate) fn sdk_defaults(
+        host: Option<String>,
+        port: Option<u16>,
+        insecure: bool,
+    ) -> ServeArgs {
         ServeArgs {
             host: host.unwrap_or_else(|| "127.0.0.1".into()),
             port: port.unwrap_or(8000),
@@ -68,10 +94,11 @@ impl ServeArgs {
             simulate: false,
             sim_step_ms: 50,
             comfy_host: None,
+            insecure,
         }
     }
 
-    fn options(&self) -> ServeOptions {
+    fn options(&self, shutdown_grace: Duration) -> ServeOptions {
         ServeOptions {
             api_key: self
                 .api_key
@@ -81,6 +108,7 @@ impl ServeArgs {
                 .map(Secret::new),
             job_ttl: Duration::from_secs(self.job_ttl_s),
             max_jobs: self.max_jobs,
+            shutdown_grace,
             ..ServeOptions::default()
         }
     }
@@ -91,6 +119,9 @@ fn fail(message: String) -> ExitCode {
     eprintln!("comfy-worker serve: {message}");
     ExitCode::FAILURE
 }
+
+/// Exit code of a refused command line (as clap uses for usage errors).
+const USAGE: u8 = 2;
 
 /// Serves until Ctrl+C / SIGTERM; the running job is given time to finish.
 pub(crate) async fn run(args: ServeArgs) -> ExitCode {
@@ -106,6 +137,30 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e.to_string()),
     };
+    let grace = match shutdown_grace_from(|k| std::env::var(k).ok()) {
+        Ok(g) => g,
+        Err(e) => return fail(e.to_string()),
+    };
+    let options = args.options(grace);
+    let listener = match tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}:{}: {e}", args.host, args.port)),
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return fail(format!("cannot read the listening address: {e}")),
+    };
+    if !addr.ip().is_loopback() && options.api_key.is_none() {
+        if !args.insecure {
+            let message = format!(
+                "refusing to listen on {addr} without an API key: anyone who can reach that address could run jobs on this machine. Set --api-key or SERVE_API_KEY, listen on 127.0.0.1, or pass --insecure to accept the risk (e.g. in a container whose port is not published)"
+            );
+            error!("{message}");
+            eprintln!("comfy-worker serve: {message}");
+            return ExitCode::from(USAGE);
+        }
+        warn!(%addr, "--insecure: listening beyond loopback without an API key; anyone who reaches this port can run jobs");
+    }
     let simulator = if args.simulate {
         let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
             Ok(l) => l,
@@ -128,21 +183,9 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         None
     };
     let engine = match Engine::new(settings) {
-        Ok(e) => e,
+        Ok(e) => e.with_test_hooks_from_env(),
         Err(e) => return fail(e.to_string()),
     };
-    let listener = match tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await {
-        Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}:{}: {e}", args.host, args.port)),
-    };
-    let options = args.options();
-    let addr = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => return fail(format!("cannot read the listening address: {e}")),
-    };
-    if !addr.ip().is_loopback() && options.api_key.is_none() {
-        warn!(%addr, "listening beyond loopback without an API key: anyone who reaches this port can run jobs (set --api-key or SERVE_API_KEY)");
-    }
     eprintln!(
         "comfy-worker: local endpoint on http://{addr} (ComfyUI at {}; Ctrl+C to stop)",
         engine.comfy().host()

@@ -20,7 +20,7 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
         }
     };
     let engine = match Engine::new(settings) {
-        Ok(e) => e,
+        Ok(e) => e.with_test_hooks_from_env(),
         Err(e) => {
             error!(error = %e, "invalid ComfyUI configuration");
             return ExitCode::FAILURE;
@@ -44,8 +44,8 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
         super::shutdown_signal().await;
-        info!("shutdown requested: finishing the job in progress, taking no new ones");
         on_signal.cancel();
+        info!("shutdown requested: finishing the job in progress, taking no new ones");
     });
     Worker::new(engine, client, webhooks).run(shutdown).await;
     ExitCode::SUCCESS

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use super::error::ComfyError;
 use super::messages::ExecutionError;
+use crate::config::Secret;
 
 /// How long HTTP calls may take.
 #[derive(Debug, Clone)]
@@ -32,16 +33,29 @@ impl Default for ClientOptions {
 }
 
 /// A client for one ComfyUI server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ComfyClient {
     http: reqwest::Client,
-    /// `http://host:port` without a trailing slash.
+    /// `http://host:port` without a trailing slash (with `user:password@` when `COMFY_HOST` has
+    /// them: reqwest turns them into basic auth and keeps them out of its error messages).
     base: String,
-    /// `ws://host:port`.
+    /// `ws://host:port` (never with credentials).
     ws_base: String,
-    /// `host:port` for messages.
+    /// `host:port` for messages (never with credentials).
     host: String,
     options: ClientOptions,
+    /// The `user:password` of `COMFY_HOST`, kept so logs scrub it.
+    _credentials: Option<Secret>,
+}
+
+/// Hand-written: `base` may carry credentials.
+impl std::fmt::Debug for ComfyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComfyClient")
+            .field("host", &self.host)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Body of `POST /prompt`.
@@ -340,7 +354,10 @@ pub struct HistoryEntry {
 }
 
 impl HistoryEntry {
-    fn parse(entry: &Value) -> HistoryEntry {
+    /// Reads one entry of a `/history` reply (the value under the prompt id). Never panics:
+    /// whatever does not have the documented shape is skipped or reported in the node's
+    /// `problems`.
+    pub fn parse(entry: &Value) -> HistoryEntry {
         let status = entry.get("status");
         let status_str = status
             .and_then(|s| s.get("status_str"))
@@ -690,9 +707,31 @@ impl ComfyClient {
         if authority.is_empty() || !(scheme == "http" || scheme == "https") {
             return Err(ComfyError::Protocol {
                 what: "COMFY_HOST".into(),
-                detail: format!("'{host}' is not host:port or an http(s) URL"),
+                detail: format!(
+                    "'{}' is not host:port or an http(s) URL",
+                    match host.rsplit_once('@') {
+                        Some((_, rest)) => format!("…@{rest}"),
+                        None => host.to_owned(),
+                    }
+                ),
             });
         }
+        // `user:password@host:port/prefix`: the credentials stay out of every shown form.
+        let (hostport, path) = match authority.find('/') {
+            Some(i) => authority.split_at(i),
+            None => (authority.as_str(), ""),
+        };
+        let (credentials, hostport) = match hostport.rsplit_once('@') {
+            Some((userinfo, rest)) => (Some(Secret::new(userinfo)), rest),
+            None => (None, hostport),
+        };
+        if hostport.is_empty() {
+            return Err(ComfyError::Protocol {
+                what: "COMFY_HOST".into(),
+                detail: "no host after the credentials".into(),
+            });
+        }
+        let shown = format!("{hostport}{path}");
         let ws_scheme = if scheme == "https" { "wss" } else { "ws" };
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -705,9 +744,10 @@ impl ComfyClient {
         Ok(ComfyClient {
             http,
             base: format!("{scheme}://{authority}"),
-            ws_base: format!("{ws_scheme}://{authority}"),
-            host: authority,
+            ws_base: format!("{ws_scheme}://{shown}"),
+            host: shown,
             options,
+            _credentials: credentials,
         })
     }
 
@@ -1135,5 +1175,21 @@ mod tests {
         let c = ComfyClient::new("https://comfy.example/", ClientOptions::default()).unwrap();
         assert_eq!(c.ws_url("x"), "wss://comfy.example/ws?clientId=x");
         assert!(ComfyClient::new("ftp://x", ClientOptions::default()).is_err());
+        let c = ComfyClient::new(
+            "http://comfy:pw-host-secret@10.0.0.2:8188",
+            ClientOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(c.host(), "10.0.0.2:8188");
+        assert_eq!(c.ws_url("x"), "ws://10.0.0.2:8188/ws?clientId=x");
+        assert_eq!(
+            c.url("/prompt"),
+            "http://comfy:pw-host-secret@10.0.0.2:8188/prompt"
+        );
+        assert!(!format!("{c:?}").contains("pw-host-secret"));
+        let e = ComfyClient::new("ftp://u:pw-host-secret@x", ClientOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("pw-host-secret"), "{e}");
     }
 }

@@ -203,6 +203,30 @@ struct Watch<'a> {
     /// `/history` polls in a row that got no answer (a timeout or no connection), with no event
     /// for our prompt in between.
     unanswered_polls: u32,
+    /// True once the watch loop returned; dropped before that, the prompt is interrupted.
+    settled: bool,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Dropped mid-prompt (unwinding from a panic, or the caller's future was dropped): take
+        // the prompt off the queue and interrupt it, on a task of its own since drop cannot wait.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let client = self.client.clone();
+        let prompt_id = self.prompt_id.clone();
+        warn!(prompt_id = %prompt_id, "the job stopped following its prompt; interrupting it in ComfyUI");
+        runtime.spawn(async move {
+            let _ = client.delete_from_queue(&[&prompt_id]).await;
+            if let Err(e) = client.interrupt(Some(&prompt_id)).await {
+                warn!(prompt_id = %prompt_id, error = %e, "could not interrupt the abandoned prompt");
+            }
+        });
+    }
 }
 
 impl ComfyClient {
@@ -252,8 +276,10 @@ impl ComfyClient {
             warn!(ours = %prompt_id, theirs = %queued.prompt_id, "ComfyUI replaced the prompt id");
         }
         info!(prompt_id = %queued.prompt_id, client_id = %client_id, "prompt queued");
-        on_event(self.queued_event(&queued.prompt_id, None).await);
         let now = Instant::now();
+        // From here on the prompt is ComfyUI's: if this future is dropped before the watch has
+        // settled (a panic in `on_event`, a front end giving up), the watch's drop guard
+        // interrupts it, so no orphaned prompt keeps the GPU busy.
         let mut watch = Watch {
             client: self,
             opts,
@@ -272,8 +298,11 @@ impl ComfyClient {
             cancel_deadline: None,
             last_socket_error: String::new(),
             unanswered_polls: 0,
+            settled: false,
         };
+        on_event(self.queued_event(&watch.prompt_id, None).await);
         let end = watch.run(cancel, on_event).await;
+        watch.settled = true;
         if let Some(socket) = watch.socket.take() {
             socket.close().await;
         }
@@ -310,7 +339,7 @@ impl ComfyClient {
             }
         };
         Ok(PromptResult {
-            prompt_id: watch.prompt_id,
+            prompt_id: std::mem::take(&mut watch.prompt_id),
             outcome,
             outputs,
             dropped_outputs: queued.node_errors,

@@ -205,14 +205,70 @@ fn shape_error(key: &str) -> JobOutput {
 #[cfg(test)]
 const IMAGES_SHAPE: &str = "'images' must be a list of objects with 'name' and 'image' keys";
 
+/// Folds characters that look like `.`, `/`, `\` or `:` (fullwidth forms, dot leaders, division
+/// and fraction slashes, ...) into the ASCII character they imitate, so the name checks see what
+/// a normalising file system, a Windows "best fit" code page or a person would. `‥` and `…`
+/// become two and three dots.
+fn fold_lookalikes(s: &str) -> std::borrow::Cow<'_, str> {
+    let lookalike = |c: char| {
+        matches!(
+            c,
+            '\u{FF0E}' | '\u{2024}' | '\u{FE52}' | '\u{2025}' | '\u{2026}' // dots
+                | '\u{FF0F}' | '\u{2215}' | '\u{2044}' | '\u{29F8}' | '\u{1735}' // slashes
+                | '\u{FF3C}' | '\u{2216}' | '\u{FE68}' | '\u{29F9}' | '\u{29F5}' // backslashes
+                | '\u{FF1A}' | '\u{A789}' | '\u{2236}' | '\u{FE55}' // colons
+        )
+    };
+    if !s.chars().any(lookalike) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\u{FF0E}' | '\u{2024}' | '\u{FE52}' => out.push('.'),
+            '\u{2025}' => out.push_str(".."),
+            '\u{2026}' => out.push_str("..."),
+            '\u{FF0F}' | '\u{2215}' | '\u{2044}' | '\u{29F8}' | '\u{1735}' => out.push('/'),
+            '\u{FF3C}' | '\u{2216}' | '\u{FE68}' | '\u{29F9}' | '\u{29F5}' => out.push('\\'),
+            '\u{FF1A}' | '\u{A789}' | '\u{2236}' | '\u{FE55}' => out.push(':'),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Checks a file name for ComfyUI's input folder; returns why it is refused.
+///
+/// An accepted name is one plain path segment on every platform ComfyUI runs on: not empty,
+/// not `.` or `..` and without `..` anywhere, not only dots and spaces (Windows trims trailing
+/// dots and spaces), no `/`, `\` or `:` (a drive or stream on Windows), no control characters
+/// (NUL included), at most 255 bytes, and none of that through look-alike characters (`．．`,
+/// `／`, `＼`, `‥`).
 pub fn check_image_name(name: &str) -> Result<(), String> {
+    let folded = fold_lookalikes(name);
+    let lookalike = matches!(folded, std::borrow::Cow::Owned(_));
+    let n: &str = &folded;
     let why = if name.trim().is_empty() {
         Some("it is empty")
-    } else if name.contains('/') || name.contains('\\') {
-        Some("it contains a path separator ('/' or '\\')")
-    } else if name == "." || name.contains("..") {
-        Some("it contains '..'")
+    } else if n.contains('/') || n.contains('\\') {
+        Some(if lookalike {
+            "it contains a character that looks like a path separator"
+        } else {
+            "it contains a path separator ('/' or '\\')"
+        })
+    } else if n == "." || n.contains("..") {
+        Some(if lookalike {
+            "it contains characters that look like '..'"
+        } else {
+            "it contains '..'"
+        })
+    } else if n
+        .trim_matches(|c: char| c == '.' || c.is_whitespace())
+        .is_empty()
+    {
+        Some("it is only dots and spaces")
+    } else if n.contains(':') {
+        Some("it contains ':' (a drive or stream separator on Windows)")
     } else if name.chars().any(char::is_control) {
         Some("it contains control characters")
     } else if name.len() > 255 {
@@ -229,20 +285,36 @@ pub fn check_image_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Checks a `subfolder`: relative, no `..`, no `\`, no control characters. Returns it normalised
-/// (empty and `.` segments dropped, so `a//b/` is `a/b`), or why it is refused.
+/// Checks a `subfolder`: relative, no `..`, no `\`, no `:`, no control characters, no look-alikes
+/// of those, each folder a valid name. Returns it normalised (empty and `.` segments dropped, so
+/// `a//b/` is `a/b`), or why it is refused.
 pub fn check_subfolder(subfolder: &str) -> Result<String, String> {
     let s = subfolder.trim();
+    let folded = fold_lookalikes(s);
+    let lookalike = matches!(folded, std::borrow::Cow::Owned(_));
+    let f: &str = &folded;
     let why = if s.starts_with('/') {
         Some("it starts with '/' (it must be relative)")
     } else if s.contains('\\') {
         Some("it contains '\\' (separate folders with '/')")
     } else if s.contains("..") {
         Some("it contains '..'")
+    } else if lookalike && (f.contains('/') || f.contains('\\') || f.contains("..")) {
+        Some("it contains characters that look like '/', '\\' or '..'")
+    } else if f.contains(':') {
+        Some("it contains ':' (a drive or stream separator on Windows)")
     } else if s.chars().any(char::is_control) {
         Some("it contains control characters")
     } else if s.len() > 255 {
         Some("it is longer than 255 bytes")
+    } else if s.split('/').any(|seg| {
+        seg != "."
+            && !seg.is_empty()
+            && seg
+                .trim_matches(|c: char| c == '.' || c.is_whitespace())
+                .is_empty()
+    }) {
+        Some("a folder name is only dots and spaces")
     } else {
         None
     };
@@ -251,11 +323,15 @@ pub fn check_subfolder(subfolder: &str) -> Result<String, String> {
             "Invalid subfolder {:?}: {why}; use a relative folder such as \"uploads/job-1\"",
             truncate_chars(subfolder, 80)
         )),
+        // Trimmed again: `a /` must give what `a` gives (and what `a` normalises to), so
+        // normalising twice changes nothing.
         None => Ok(s
             .split('/')
             .filter(|seg| !seg.is_empty() && *seg != ".")
             .collect::<Vec<_>>()
-            .join("/")),
+            .join("/")
+            .trim()
+            .to_owned()),
     }
 }
 
@@ -990,6 +1066,9 @@ impl Fetcher {
 }
 
 #[cfg(test)]
+mod name_props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -1168,6 +1247,26 @@ mod tests {
             assert!(err.contains(why), "{raw:?}: {err}");
         }
         assert!(check_subfolder(&"a/".repeat(200)).is_err());
+    }
+
+    /// Found by the `job_input_json` fuzz target (fuzz/regressions/job_input_json/): a folder
+    /// with trailing spaces before a `/` normalised to a form that normalised differently again.
+    #[test]
+    fn fuzz_regression_subfolder_normalisation_is_idempotent() {
+        for raw in ["KSampler% /", "a /", "a / ", "x/y  /", " a/b /"] {
+            let once = check_subfolder(raw).unwrap();
+            assert_eq!(
+                check_subfolder(&once).as_deref(),
+                Ok(once.as_str()),
+                "{raw:?}"
+            );
+        }
+        assert_eq!(check_subfolder("KSampler% /").as_deref(), Ok("KSampler%"));
+        let wf: Value = serde_json::from_str(WF).unwrap();
+        let input = json!({"workflow": wf,
+            "images": [{"name": "x.png", "image": "aGk=", "subfolder": "KSampler% /"}]});
+        let files = parse_input(Some(&input)).unwrap().files;
+        assert_eq!(files[0].subfolder, "KSampler%");
     }
 
     fn files_of(input: Value) -> Vec<InputFile> {

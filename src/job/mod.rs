@@ -18,9 +18,10 @@ use tracing::{info, warn, Instrument};
 
 use crate::comfy::api::Upload;
 use crate::comfy::{
-    ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptResult, WatchOptions,
+    ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptEvent, PromptResult,
+    WatchOptions,
 };
-use crate::config::Settings;
+use crate::config::{Secret, Settings};
 use crate::progress::{ProgressSender, ProgressTracker};
 
 pub use collect::{CollectedFile, WebSocketImages};
@@ -30,6 +31,9 @@ pub use output::{
 };
 pub use storage::{JobStorage, Storage, StorageSettings, UploadMode};
 
+/// The test hook that makes a job panic (see [`Engine::with_test_hooks_from_env`]).
+pub const TEST_PANIC_ENV: &str = "COMFY_WORKER_TEST_PANIC_NODE";
+
 /// Runs jobs against one ComfyUI.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -37,6 +41,8 @@ pub struct Engine {
     settings: Settings,
     inputs: input::Fetcher,
     storage: Storage,
+    /// Test hook: panic when a node of this class starts (never set in production).
+    panic_on_class: Option<String>,
 }
 
 /// What a job carries beside `input` that the engine uses.
@@ -64,7 +70,28 @@ impl Engine {
             settings,
             inputs,
             storage,
+            panic_on_class: None,
         })
+    }
+
+    /// **Test hook**, for proving that a panic inside a job fails that job only: when
+    /// `COMFY_WORKER_TEST_PANIC_NODE` names a node class, a job panics as soon as a node of that
+    /// class starts executing in ComfyUI (so mid-prompt, with the prompt queued and running).
+    /// Unset, as in production, this does nothing. Nothing a job sends can arm it; only the
+    /// process environment can. The front ends (`worker`, `serve`) call this at start.
+    #[doc(hidden)]
+    pub fn with_test_hooks_from_env(mut self) -> Engine {
+        self.panic_on_class = std::env::var(TEST_PANIC_ENV)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty());
+        if let Some(class) = &self.panic_on_class {
+            warn!(
+                class = %class,
+                "test hook {TEST_PANIC_ENV} is set: a job panics when a node of this class starts"
+            );
+        }
+        self
     }
 
     /// The ComfyUI client.
@@ -158,9 +185,19 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> JobOutput {
         let span = tracing::info_span!("job", job_id = %job_id);
-        self.run_inner(job_id, input, job, progress, cancel)
+        // The job's own secrets (`comfy_org_api_key`, `s3Config.accessSecret`, ...) are scrubbed
+        // from logs while it runs, and from its error messages.
+        let _secrets: Vec<Secret> = input
+            .into_iter()
+            .chain(job.s3_config.as_ref())
+            .flat_map(crate::telemetry::secret_values)
+            .map(Secret::new)
+            .collect();
+        let output = self
+            .run_inner(job_id, input, job, progress, cancel)
             .instrument(span)
-            .await
+            .await;
+        scrub_messages(output)
     }
 
     async fn run_inner(
@@ -248,6 +285,13 @@ impl Engine {
                 &self.watch_options(),
                 cancel,
                 &mut |event| {
+                    if let (Some(class), PromptEvent::Executing { node }) =
+                        (&self.panic_on_class, &event)
+                    {
+                        if input.workflow.class_type(node) == Some(class.as_str()) {
+                            panic!("test hook {TEST_PANIC_ENV}: node {node} ({class}) started");
+                        }
+                    }
                     ws_images.observe(&event);
                     if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
                         progress.send(snapshot);
@@ -382,6 +426,41 @@ impl Engine {
             }
         }
         JobOutput::from_outputs(outputs, errors)
+    }
+}
+
+/// A job output with every live secret removed from its error and warning messages (files and
+/// texts are the workflow's own results and are left alone).
+fn scrub_messages(output: JobOutput) -> JobOutput {
+    use crate::telemetry::scrub;
+    let clean = |list: Vec<String>| -> Vec<String> {
+        list.into_iter().map(|m| scrub(&m).into_owned()).collect()
+    };
+    match output {
+        JobOutput::Failed { error, details } => JobOutput::Failed {
+            error: scrub(&error).into_owned(),
+            details: details.map(clean),
+        },
+        JobOutput::Images {
+            images,
+            more,
+            errors,
+        } => JobOutput::Images {
+            images,
+            more,
+            errors: clean(errors),
+        },
+        JobOutput::NoImages {
+            status,
+            images,
+            more,
+            errors,
+        } => JobOutput::NoImages {
+            status,
+            images,
+            more,
+            errors: clean(errors),
+        },
     }
 }
 

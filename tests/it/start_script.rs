@@ -159,4 +159,10 @@ async fn serve_api_locally_starts_the_local_endpoint() {
         .unwrap();
     assert_eq!(reply["status"], "COMPLETED", "{reply}");
     assert_eq!(reply["output"]["images"].as_array().map(Vec::len), Some(1));
+    // Without SERVE_API_KEY the endpoint on 0.0.0.0 runs with --insecure, and says so.
+    let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default();
+    assert!(
+        log.contains("WARNING: SERVE_API_KEY is not set"),
+        "no warning in the log:\n{log}"
+    );
 }

@@ -12,10 +12,13 @@ use crate::cli::bin;
 use crate::fake_platform::FakePlatform;
 use crate::harness::{self, LIMIT};
 
-/// The worker process; killed when dropped. Its stderr goes to a file kept for inspection.
+/// The worker process; killed when dropped. Its stderr and stdout go to files kept for
+/// inspection.
 pub struct WorkerProcess {
     child: Option<Child>,
     log: PathBuf,
+    out: PathBuf,
+    pid: u32,
     _dir: tempfile::TempDir,
 }
 
@@ -29,6 +32,7 @@ impl WorkerProcess {
     ) -> WorkerProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
+        let out = dir.path().join("worker.out");
         let mut cmd = Command::new(bin());
         cmd.arg("worker")
             .current_dir(dir.path())
@@ -57,15 +61,47 @@ impl WorkerProcess {
             .env_remove("BUCKET_SECRET_ACCESS_KEY")
             .env_remove("BUCKET_REGION")
             .env_remove("BUCKET_URL_EXPIRY_S")
-            .stdout(Stdio::null())
+            .env_remove("SHUTDOWN_GRACE_S")
+            .env_remove("COMFY_WORKER_TEST_PANIC_NODE")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in extra {
             cmd.env(k, v);
         }
+        let child = cmd.spawn().expect("start the worker");
         WorkerProcess {
-            child: Some(cmd.spawn().expect("start the worker")),
+            pid: child.id(),
+            child: Some(child),
             log,
+            out,
             _dir: dir,
+        }
+    }
+
+    /// What the worker wrote on stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM, as the platform does to stop a worker.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.pid);
+    }
+
+    /// Waits (within [`LIMIT`]) until the log contains `text`.
+    pub async fn wait_log(&self, text: &str) {
+        let found = async {
+            while !self.log().contains(text) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(LIMIT, found).await.is_err() {
+            panic!("the worker never logged {text:?}:\n{}", self.log());
         }
     }
 

@@ -133,7 +133,9 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             _ => {
-                warn!(job = %short(&item.to_string()), "Job has missing field(s): id or input. Skipped");
+                // The job may carry secrets (`comfy_org_api_key`, ...): logged redacted.
+                let shown = crate::telemetry::redact_json(&item).to_string();
+                warn!(job = %short(&shown), "Job has missing field(s): id or input. Skipped");
                 continue;
             }
         };

@@ -10,4 +10,4 @@ mod worker;
 pub use client::{result_body, Delivery, PlatformClient, PlatformJob, Take};
 pub use relay::{Relay, RelayStats};
 pub use settings::RunPodSettings;
-pub use worker::{JobEnd, Worker};
+pub use worker::{shutdown_message, JobEnd, Worker};

@@ -38,6 +38,33 @@ pub struct RunPodSettings {
     pub relay_progress: bool,
     /// Client-side bound of one job-take or job-stop long poll (90 s, like the SDK).
     pub long_poll_timeout: Duration,
+    /// `SHUTDOWN_GRACE_S`: after SIGTERM, how long the job in progress may take to finish before
+    /// it is interrupted and failed (20 s).
+    pub shutdown_grace: Duration,
+}
+
+/// The default of `SHUTDOWN_GRACE_S`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Reads `SHUTDOWN_GRACE_S` (seconds, fractions allowed; default 20 s), shared by the job loop
+/// and the local endpoint.
+pub fn shutdown_grace_from(
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Duration, ConfigError> {
+    match lookup("SHUTDOWN_GRACE_S").map(|v| v.trim().to_owned()) {
+        None => Ok(DEFAULT_SHUTDOWN_GRACE),
+        Some(v) if v.is_empty() => Ok(DEFAULT_SHUTDOWN_GRACE),
+        Some(v) => match v.parse::<f64>() {
+            Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => {
+                Ok(Duration::from_secs_f64(s))
+            }
+            _ => Err(ConfigError {
+                name: "SHUTDOWN_GRACE_S",
+                value: v,
+                expected: "a number of seconds from 0 to 86400",
+            }),
+        },
+    }
 }
 
 fn truthy(v: &str) -> bool {
@@ -111,6 +138,7 @@ impl RunPodSettings {
             },
         };
         let worker_id_env = get("RUNPOD_POD_ID");
+        let shutdown_grace = shutdown_grace_from(&lookup)?;
         Ok(Some(RunPodSettings {
             get_job_url,
             post_output_url: get("RUNPOD_WEBHOOK_POST_OUTPUT")
@@ -127,6 +155,7 @@ impl RunPodSettings {
             result_timeout,
             relay_progress: get("RUNPOD_PROGRESS").is_none_or(|v| truthy(&v)),
             long_poll_timeout: Duration::from_secs(90),
+            shutdown_grace,
         }))
     }
 
@@ -282,5 +311,23 @@ mod tests {
         .into();
         let err = RunPodSettings::from_lookup(|k| map.get(k).map(|v| v.to_string())).unwrap_err();
         assert_eq!(err.name, "RUNPOD_PING_INTERVAL");
+    }
+
+    #[test]
+    fn shutdown_grace() {
+        let grace = |v: Option<&str>| shutdown_grace_from(|_| v.map(str::to_owned));
+        assert_eq!(grace(None), Ok(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(grace(Some(" ")), Ok(DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(grace(Some("0.2")), Ok(Duration::from_millis(200)));
+        assert_eq!(grace(Some("0")), Ok(Duration::ZERO));
+        for bad in ["-1", "soon", "inf", "1e9"] {
+            assert_eq!(grace(Some(bad)).unwrap_err().name, "SHUTDOWN_GRACE_S");
+        }
+        let s = settings(&[
+            ("RUNPOD_WEBHOOK_GET_JOB", "http://h/x"),
+            ("SHUTDOWN_GRACE_S", "3"),
+        ])
+        .unwrap();
+        assert_eq!(s.shutdown_grace, Duration::from_secs(3));
     }
 }

@@ -229,14 +229,18 @@ impl Worker {
             // Its id is all that could be read: answer it at once rather than leave it hanging.
             warn!(error = %why, "the job cannot be read; answering it with an error");
             let output = JobOutput::error(why.clone()).into_json();
-            let body = result_body(output, settings.refresh_worker);
-            let delivery = self.client.post_result(&job.id, &body).await;
-            if let Delivery::Lost(e) = &delivery {
-                error!(error = %e, "Failed to return job results.");
-            }
-            return JobEnd::Posted(delivery);
+            return self.post_result(job, output).await;
+        }
+        if shutdown.is_cancelled() {
+            // The rest of a batch taken before SIGTERM: answered at once, so no job is left
+            // waiting for a worker that is going away.
+            info!("not started: the worker is shutting down");
+            let output = JobOutput::error(NOT_STARTED).into_json();
+            JobWebhook::start(&self.webhooks, job).end(Some(&output));
+            return self.post_result(job, output).await;
         }
         info!("Started.");
+        let shutdown_grace = settings.shutdown_grace;
         let cancel = CancellationToken::new();
         let reason = Arc::new(Mutex::new(None));
         lock(&self.state).running.insert(
@@ -266,7 +270,7 @@ impl Worker {
                 if why == CancelReason::Shutdown {
                     // Give the job time to finish on its own before interrupting it.
                     tokio::select! {
-                        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+                        _ = tokio::time::sleep(shutdown_grace) => {}
                         _ = cancel.cancelled() => return,
                     }
                 }
@@ -316,7 +320,10 @@ impl Worker {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             error!(panic = %what, "the job panicked");
-            JobOutput::error(format!("Internal error in comfy-worker: {what}"))
+            JobOutput::error(format!(
+                "Internal error in comfy-worker: {}",
+                crate::telemetry::scrub(&what)
+            ))
         });
         watchdog.abort();
         lock(&self.state).running.remove(&job.id);
@@ -332,6 +339,14 @@ impl Worker {
                     ))
                     .to_json(),
                 )
+            }
+            // Unless it completed just as the grace ran out: then its output stands.
+            Some(CancelReason::Shutdown) if output.is_error() => {
+                warn!(
+                    grace_s = shutdown_grace.as_secs_f64(),
+                    "the job did not finish within the shutdown grace; it was interrupted"
+                );
+                Some(JobOutput::error(shutdown_message(shutdown_grace)).into_json())
             }
             Some(CancelReason::Shutdown) | None => Some(output.into_json()),
         };
@@ -353,6 +368,13 @@ impl Worker {
             info!("Finished. (stopped by the platform; nothing posted)");
             return JobEnd::Stopped;
         };
+        self.post_result(job, output).await
+    }
+
+    /// Posts a job's result (with the platform's retries) and logs how it went. Takes the output
+    /// by value: it holds megabytes of base64, never copied.
+    async fn post_result(&self, job: &PlatformJob, output: Value) -> JobEnd {
+        let settings = self.client.settings();
         let failed = output.get("error").is_some();
         let body = result_body(output, settings.refresh_worker);
         let delivery = self.client.post_result(&job.id, &body).await;
@@ -491,8 +513,17 @@ fn humane_seconds(secs: f64) -> String {
     }
 }
 
-/// How long a job in progress may take to finish once SIGTERM arrived, before it is interrupted.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// The result of a job taken in a batch but not started before SIGTERM.
+pub(crate) const NOT_STARTED: &str =
+    "Worker shutting down: the job was not started; submit it again";
+
+/// The error of a job interrupted because it outlived the shutdown grace (both front ends).
+pub fn shutdown_message(grace: Duration) -> String {
+    format!(
+        "Worker shutting down: the job did not finish within the {} s shutdown grace (SHUTDOWN_GRACE_S), so its ComfyUI prompt was interrupted",
+        humane_seconds(grace.as_secs_f64())
+    )
+}
 
 /// The job's deadline: `JOB_TIMEOUT_S`, or the input's `timeout_s` when shorter (or when no
 /// worker-wide timeout is set).
