@@ -1,6 +1,7 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
-//! `simulate-comfyui`, and the default mode.
+//! `lambda` (AWS Lambda's Runtime API), `simulate-comfyui`, and the default mode.
 
+mod lambda;
 mod run;
 mod serve;
 mod view;
@@ -28,8 +29,9 @@ use crate::simulator::{self, SimConfig};
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Without a subcommand: the RunPod job loop when RUNPOD_WEBHOOK_GET_JOB is set, otherwise
-    /// run ./test_input.json (or --test_input) once, like the RunPod SDK.
+    /// Without a subcommand: the RunPod job loop when RUNPOD_WEBHOOK_GET_JOB is set, the Lambda
+    /// loop when AWS_LAMBDA_RUNTIME_API is set and no RUNPOD_* variable is, otherwise run
+    /// ./test_input.json (or --test_input) once, like the RunPod SDK.
     #[command(flatten)]
     run: RunArgs,
     /// The RunPod SDK's spellings for the local API server.
@@ -63,6 +65,9 @@ enum Command {
     /// Serve a local endpoint that behaves like a RunPod cloud endpoint (/run, /runsync, /status,
     /// /stream, /cancel, /health, live progress on /events/{id}).
     Serve(ServeArgs),
+    /// Take invocations from AWS Lambda's Runtime API (needs AWS_LAMBDA_RUNTIME_API and the
+    /// function variables Lambda sets; LAMBDA_RESPONSE_MODE=buffered|streaming).
+    Lambda,
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
@@ -135,6 +140,7 @@ pub fn main() -> ExitCode {
                 Err(code) => code,
             },
             Some(Command::Serve(args)) => serve::run(args).await,
+            Some(Command::Lambda) => lambda::run().await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
             None if cli.sdk_serve.rp_serve_api => {
                 let mut args = ServeArgs::sdk_defaults(
@@ -151,6 +157,7 @@ pub fn main() -> ExitCode {
             // `--test_input` always means a local run.
             None if cli.run.test_input.is_none() => match runpod_settings() {
                 Ok(Some(settings)) => worker::run(settings).await,
+                Ok(None) if lambda::selected_by_env() => lambda::run().await,
                 Ok(None) => run::run(cli.run).await,
                 Err(code) => code,
             },
