@@ -132,12 +132,15 @@ impl Finished {
     }
 }
 
-/// Lambda's error response: the job's `error`, its `details` (if any) on the lines below.
+/// Lambda's error response: the job's `error`, followed by each of its `details` that the
+/// message does not already show (validation errors list them in the message), one per line.
 fn diagnostic(error_type: &str, message: &str, details: Option<&[String]>) -> Diagnostic {
     let mut error_message = message.to_owned();
     for d in details.unwrap_or_default() {
-        error_message.push('\n');
-        error_message.push_str(d);
+        if !message.contains(d.as_str()) {
+            error_message.push('\n');
+            error_message.push_str(d);
+        }
     }
     Diagnostic {
         error_type: error_type.to_owned(),
@@ -252,6 +255,7 @@ impl LambdaWorker {
                 return Err(diagnostic(error_type::INVALID_INPUT, &message, None));
             }
         };
+        let span = tracing::info_span!("invocation", job_id = %context.request_id);
         let (sender, mut snapshots) = progress::channel();
         let cancel = CancellationToken::new();
         let run = async {
@@ -272,7 +276,10 @@ impl LambdaWorker {
                 log_snapshot(&s);
             }
         };
-        let (finished, ()) = tokio::join!(run, log);
+        let (finished, ()) = async { tokio::join!(run, log) }
+            .instrument(span.clone())
+            .await;
+        let _entered = span.enter();
         let finished = self.check_size(finished, 0);
         report(&finished);
         match finished.error {
@@ -322,8 +329,9 @@ impl LambdaWorker {
         }
         let (tx, body) = Body::channel();
         let worker = self.clone();
+        let span = tracing::info_span!("invocation", job_id = %id);
         tokio::spawn(
-            async move { worker.stream_job(&id, job, deadline, tx).await }.in_current_span(),
+            async move { worker.stream_job(&id, job, deadline, tx).await }.instrument(span),
         );
         Ok(ndjson(body))
     }
@@ -652,6 +660,12 @@ mod tests {
         );
         let e = f.error.unwrap();
         assert_eq!(e.error_message, "Workflow validation failed\nNode 1: x");
+        let shown = diagnostic(
+            "ComfyUIError",
+            "Failed:\n• Node 1: x",
+            Some(&["Node 1: x".into(), "y".into()]),
+        );
+        assert_eq!(shown.error_message, "Failed:\n• Node 1: x\ny");
         assert_eq!(f.output["details"], json!(["Node 1: x"]));
         let line = output_line(&Finished {
             output: json!({"images": []}),
