@@ -71,7 +71,14 @@ async fn init_error(message: &str) {
     let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
         return;
     };
-    let url = format!("http://{}/2018-06-01/runtime/init/error", api.trim());
+    // `host:port` from Lambda; emulators may give a URL (`http://host:port/prefix`).
+    let api = api.trim().trim_end_matches('/');
+    let base = if api.starts_with("http://") || api.starts_with("https://") {
+        api.to_owned()
+    } else {
+        format!("http://{api}")
+    };
+    let url = format!("{base}/2018-06-01/runtime/init/error");
     let body = serde_json::json!({
         "errorType": "InvalidConfiguration",
         "errorMessage": crate::telemetry::scrub(message),

@@ -313,10 +313,11 @@ struct LambdaProcess {
 }
 
 impl LambdaProcess {
-    /// Starts `comfy-worker` with `args` against `runtime` and the simulator at `comfy_host`.
+    /// Starts `comfy-worker` with `args` against the Runtime API in `runtime_env` and the
+    /// simulator at `comfy_host`.
     fn start(
         args: &[&str],
-        runtime: &FakeRuntime,
+        runtime_env: &[(&'static str, String)],
         comfy_host: &str,
         extra: &[(&str, &str)],
     ) -> LambdaProcess {
@@ -325,7 +326,7 @@ impl LambdaProcess {
         let mut cmd = Command::new(bin());
         cmd.args(args)
             .current_dir(dir.path())
-            .envs(runtime.env())
+            .envs(runtime_env.iter().cloned())
             .env("COMFY_HOST", comfy_host)
             .env("COMFY_PID_FILE", dir.path().join("no.pid"))
             .env("COMFY_API_AVAILABLE_INTERVAL_MS", "10")
@@ -411,7 +412,7 @@ async fn buffered_jobs_return_their_output_selected_without_a_subcommand() {
     // No subcommand: AWS_LAMBDA_RUNTIME_API without RUNPOD_* variables selects Lambda mode.
     let worker = LambdaProcess::start(
         &[],
-        &runtime,
+        &runtime.env(),
         &sim.host(),
         &[("AWS_LAMBDA_LOG_FORMAT", "JSON")],
     );
@@ -460,7 +461,7 @@ async fn buffered_jobs_return_their_output_selected_without_a_subcommand() {
 async fn bad_jobs_get_lambda_error_responses_and_the_runtime_keeps_serving() {
     let sim = simulator(5).await;
     let runtime = FakeRuntime::start().await;
-    let _worker = LambdaProcess::start(&["lambda"], &runtime, &sim.host(), &[]);
+    let _worker = LambdaProcess::start(&["lambda"], &runtime.env(), &sim.host(), &[]);
     runtime.invoke("no-workflow", json!({"input": {"images": []}}), MINUTE);
     let mut bad_node = job_input(0x111111, 2);
     bad_node["workflow"]["2"]["inputs"]["steps"] = json!("many");
@@ -507,7 +508,7 @@ async fn streamed_jobs_yield_ordered_progress_lines_then_the_output() {
     let runtime = FakeRuntime::start().await;
     let _worker = LambdaProcess::start(
         &["lambda"],
-        &runtime,
+        &runtime.env(),
         &sim.host(),
         &[("LAMBDA_RESPONSE_MODE", "streaming")],
     );
@@ -600,7 +601,7 @@ async fn the_deadline_interrupts_the_prompt_and_returns_a_timeout_error() {
     let runtime = FakeRuntime::start().await;
     let _worker = LambdaProcess::start(
         &["lambda"],
-        &runtime,
+        &runtime.env(),
         &sim.host(),
         &[("LAMBDA_DEADLINE_MARGIN_S", "3")],
     );
@@ -644,7 +645,7 @@ async fn missing_function_variables_are_an_init_error() {
     let runtime = FakeRuntime::start().await;
     let mut worker = LambdaProcess::start(
         &["lambda"],
-        &runtime,
+        &runtime.env(),
         "127.0.0.1:9",
         &[("AWS_LAMBDA_FUNCTION_VERSION", "")],
     );
@@ -659,4 +660,123 @@ async fn missing_function_variables_are_an_init_error() {
         "{body}"
     );
     assert!(!worker.exited().await.success());
+}
+
+/// `cargo-lambda`, installed by `scripts/test` (from PyPI) into `target/test-deps/venv`.
+fn cargo_lambda() -> PathBuf {
+    let path = std::env::var_os("COMFY_WORKER_TEST_CARGO_LAMBDA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-deps/venv/bin/cargo-lambda")
+        });
+    assert!(
+        path.exists(),
+        "no cargo-lambda at {}: run the suite with scripts/test, which installs it",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cargo lambda invoke` against `cargo lambda watch` (its Runtime API emulator, with the
+/// function started here rather than built by `watch`, so the test builds nothing).
+#[tokio::test]
+async fn cargo_lambda_invoke_against_cargo_lambda_watch() {
+    let tool = cargo_lambda();
+    let sim = simulator(5).await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let watch_log = dir.path().join("watch.log");
+    let _watch = Killed(
+        Command::new(&tool)
+            .args([
+                "lambda",
+                "watch",
+                "--only-lambda-apis",
+                "-A",
+                "127.0.0.1",
+                "-P",
+            ])
+            .arg(port.to_string())
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&watch_log).unwrap())
+            .spawn()
+            .expect("start cargo lambda watch"),
+    );
+    let up = async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(LIMIT, up).await.is_err() {
+        panic!(
+            "cargo lambda watch never listened:\n{}",
+            std::fs::read_to_string(&watch_log).unwrap_or_default()
+        );
+    }
+    let env = vec![
+        (
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{port}/.rt/comfy-worker"),
+        ),
+        ("AWS_LAMBDA_FUNCTION_NAME", "comfy-worker".to_owned()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "4096".to_owned()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "1".to_owned()),
+    ];
+    let _worker = LambdaProcess::start(&["lambda"], &env, &sim.host(), &[]);
+    let invoke = |payload: Value| {
+        let file = dir.path().join("event.json");
+        std::fs::write(&file, payload.to_string()).unwrap();
+        let tool = tool.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(tool)
+                    .args(["lambda", "invoke", "-A", "127.0.0.1", "-P"])
+                    .arg(port.to_string())
+                    .arg("comfy-worker")
+                    .arg("--data-file")
+                    .arg(&file)
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("run cargo lambda invoke")
+            });
+            tokio::time::timeout(LIMIT, out)
+                .await
+                .expect("cargo lambda invoke finished")
+                .unwrap()
+        }
+    };
+    let out = invoke(json!({ "input": job_input(0x505050, 3) })).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let output: Value = serde_json::from_str(stdout.trim()).expect("the output JSON");
+    assert_two_pngs(&output);
+
+    let out = invoke(json!({"input": {"images": []}})).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("InvalidInput"), "{stderr}");
+    assert!(stderr.contains("Missing 'workflow' parameter"), "{stderr}");
 }

@@ -196,7 +196,7 @@ pub struct LambdaWorker {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Limit {
     /// The invocation's deadline less the margin.
-    Deadline { left: Duration },
+    Deadline { left: Duration, margin: Duration },
     /// The input's `timeout_s`.
     TimeoutS,
 }
@@ -263,7 +263,7 @@ impl LambdaWorker {
                 .invoke(
                     &context.request_id,
                     &job,
-                    Some(context.deadline()),
+                    deadline_of(context.deadline),
                     &sender,
                     &cancel,
                 )
@@ -302,7 +302,7 @@ impl LambdaWorker {
                 return Err(diagnostic(error_type::INVALID_INPUT, &message, None));
             }
         };
-        let deadline = Some(context.deadline());
+        let deadline = deadline_of(context.deadline);
         let id = context.request_id;
         if !input_is_valid(job.input.as_ref()) {
             // The engine refuses it at once, with its own (secret-scrubbed) message.
@@ -452,7 +452,11 @@ impl LambdaWorker {
                     cancel.cancel();
                     // Two thirds of the margin to wind down; then the job is dropped (its
                     // prompt watcher interrupts the prompt) so the response still goes out.
-                    let wind_down = (self.settings.deadline_margin * 2 / 3).max(Duration::from_millis(100));
+                    let margin = match why {
+                        Limit::Deadline { margin, .. } => margin,
+                        Limit::TimeoutS => self.settings.deadline_margin,
+                    };
+                    let wind_down = (margin * 2 / 3).max(Duration::from_millis(100));
                     let out = tokio::time::timeout(wind_down, &mut run).await.ok();
                     (out, Some((budget, why)))
                 }
@@ -481,11 +485,11 @@ impl LambdaWorker {
             // Unless it completed just as time ran out: then its output stands.
             if output.is_error() {
                 let message = match why {
-                    Limit::Deadline { left } => format!(
-                        "Invocation timed out: the Lambda deadline was {} s away, so the ComfyUI prompt was interrupted after {} s, {} s before it (LAMBDA_DEADLINE_MARGIN_S)",
+                    Limit::Deadline { left, margin } => format!(
+                        "Invocation timed out: the Lambda deadline was {} s away, so the ComfyUI prompt was interrupted after {} s, {} s before it (LAMBDA_DEADLINE_MARGIN_S; raise the function's timeout)",
                         seconds(left),
                         seconds(budget),
-                        seconds(self.settings.deadline_margin)
+                        seconds(margin)
                     ),
                     Limit::TimeoutS => format!(
                         "Job timed out after {} s (input.timeout_s); the ComfyUI prompt was interrupted",
@@ -516,20 +520,19 @@ impl LambdaWorker {
     }
 
     /// How long the job may run: until the margin before the deadline, or the input's
-    /// `timeout_s` when shorter.
+    /// `timeout_s` when shorter. The margin is at most a quarter of the time left, so a short
+    /// function timeout (Lambda's default is 3 s) still leaves the job most of it.
     fn limit(
         &self,
         deadline: Option<SystemTime>,
         input: Option<&Value>,
     ) -> Option<(Duration, Limit)> {
-        let by_deadline = deadline.filter(|d| *d > SystemTime::UNIX_EPOCH).map(|d| {
+        let by_deadline = deadline.map(|d| {
             let left = d
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            (
-                left.saturating_sub(self.settings.deadline_margin),
-                Limit::Deadline { left },
-            )
+            let margin = self.settings.deadline_margin.min(left / 4);
+            (left - margin, Limit::Deadline { left, margin })
         });
         let requested = input
             .and_then(|i| i.get("timeout_s"))
@@ -545,6 +548,20 @@ impl LambdaWorker {
             (Some(d), Some(r)) => Some(if r.0 < d.0 { r } else { d }),
             (d, r) => d.or(r),
         }
+    }
+}
+
+/// Values of `Lambda-Runtime-Deadline-Ms` below this are durations, not instants (2001-09-09).
+const EPOCH_MS_FLOOR: u64 = 1_000_000_000_000;
+
+/// The invocation's deadline from `Lambda-Runtime-Deadline-Ms`: Unix time in milliseconds, as
+/// the Runtime API specifies. `cargo lambda watch` sends the function's timeout instead
+/// (`600000`), so a value too small to be a date is read as milliseconds from now; 0 is none.
+fn deadline_of(ms: u64) -> Option<SystemTime> {
+    match ms {
+        0 => None,
+        ms if ms < EPOCH_MS_FLOOR => Some(SystemTime::now() + Duration::from_millis(ms)),
+        ms => Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
     }
 }
 
@@ -672,6 +689,42 @@ mod tests {
             error: None,
         });
         assert_eq!(&line[..], b"{\"output\":{\"images\":[]}}\n");
+    }
+
+    #[test]
+    fn deadlines_and_margins() {
+        assert_eq!(deadline_of(0), None);
+        let epoch = 1_795_000_000_000;
+        assert_eq!(
+            deadline_of(epoch),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(epoch))
+        );
+        let relative = deadline_of(600_000).unwrap();
+        let left = relative.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(590) && left <= Duration::from_secs(600));
+
+        let settings = LambdaSettings {
+            runtime_api: String::new(),
+            response_mode: ResponseMode::Buffered,
+            deadline_margin: Duration::from_secs(3),
+        };
+        let worker = LambdaWorker::new(
+            Engine::new(crate::config::Settings::default()).unwrap(),
+            settings,
+        );
+        let in_s = |s: u64| Some(SystemTime::now() + Duration::from_secs(s));
+        let (budget, why) = worker.limit(in_s(60), None).unwrap();
+        assert!(budget <= Duration::from_secs(57) && budget > Duration::from_secs(55));
+        assert!(matches!(why, Limit::Deadline { margin, .. } if margin == Duration::from_secs(3)));
+        // Lambda's default 3 s timeout: a quarter of it as the margin, not all of it.
+        let (budget, why) = worker.limit(in_s(4), None).unwrap();
+        assert!(budget > Duration::from_secs(2), "{budget:?}");
+        assert!(matches!(why, Limit::Deadline { margin, .. } if margin < Duration::from_secs(1)));
+        let (budget, why) = worker
+            .limit(in_s(60), Some(&json!({"timeout_s": 5})))
+            .unwrap();
+        assert_eq!((budget, why), (Duration::from_secs(5), Limit::TimeoutS));
+        assert_eq!(worker.limit(None, None), None);
     }
 
     #[test]
