@@ -16,6 +16,10 @@
 #                        instead of the job loop, and ComfyUI also listens on all interfaces (--listen);
 #                        without SERVE_API_KEY it runs with --insecure and logs a warning
 #   SERVE_API_PORT       port of the local endpoint                (8000)
+#   START_COMFYUI        "auto" (default), "true" or "false": whether to start ComfyUI here. auto
+#                        starts it except in AWS Lambda mode (AWS_LAMBDA_RUNTIME_API set and no
+#                        RUNPOD_* variable), where the worker talks to the ComfyUI at COMFY_HOST
+#                        (Lambda has no GPU and a read-only file system)
 # Arguments are passed to comfy-worker unchanged.
 set -euo pipefail
 
@@ -27,6 +31,7 @@ set -euo pipefail
 : "${COMFY_WORKER_BIN:=comfy-worker}"
 : "${SERVE_API_LOCALLY:=false}"
 : "${SERVE_API_PORT:=8000}"
+: "${START_COMFYUI:=auto}"
 export COMFY_PID_FILE
 
 log() { echo "comfy-worker start: $*" >&2; }
@@ -41,6 +46,23 @@ fi
 # Keep ComfyUI-Manager from reaching the network at start, when it is installed.
 if command -v comfy-manager-set-mode >/dev/null 2>&1; then
     comfy-manager-set-mode offline >/dev/null 2>&1 || log "could not set ComfyUI-Manager network mode"
+fi
+
+if [ "$START_COMFYUI" = "auto" ]; then
+    START_COMFYUI=true
+    # The same test as the worker's own mode selection.
+    runpod_vars=false
+    for name in $(compgen -e); do
+        case "$name" in RUNPOD_*) [ -n "${!name}" ] && runpod_vars=true ;; esac
+    done
+    if [ -n "${AWS_LAMBDA_RUNTIME_API:-}" ] && [ "$runpod_vars" = "false" ]; then
+        START_COMFYUI=false
+    fi
+fi
+
+if [ "$START_COMFYUI" != "true" ]; then
+    log "not starting ComfyUI (START_COMFYUI=false, or AWS Lambda mode): using COMFY_HOST=${COMFY_HOST:-127.0.0.1:8188}"
+    exec "$COMFY_WORKER_BIN" "$@"
 fi
 
 if [ -n "${COMFYUI_START_CMD:-}" ]; then

@@ -780,3 +780,51 @@ async fn cargo_lambda_invoke_against_cargo_lambda_watch() {
     assert!(stderr.contains("InvalidInput"), "{stderr}");
     assert!(stderr.contains("Missing 'workflow' parameter"), "{stderr}");
 }
+
+/// `docker/start.sh` in Lambda mode: ComfyUI is not started in the function (it is reached at
+/// COMFY_HOST), and the worker it execs serves the Runtime API without a subcommand.
+#[tokio::test]
+async fn the_start_script_skips_comfyui_in_lambda_mode() {
+    let sim = simulator(5).await;
+    let runtime = FakeRuntime::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("comfyui-started");
+    let log = dir.path().join("start.log");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/start.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(script)
+        .current_dir(dir.path())
+        .envs(runtime.env())
+        .env("COMFYUI_START_CMD", format!("touch {}", marker.display()))
+        .env("COMFY_WORKER_BIN", bin())
+        .env("COMFY_PID_FILE", dir.path().join("comfyui.pid"))
+        .env("COMFY_HOST", sim.host())
+        .env("COMFY_API_AVAILABLE_INTERVAL_MS", "10")
+        .env("RUST_LOG", "comfy_worker=info");
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("RUNPOD_") || name == "START_COMFYUI" || name == "SERVE_API_LOCALLY" {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    let _script = Killed(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("run start.sh"),
+    );
+    runtime.invoke(
+        "via-script",
+        json!({ "input": job_input(0x606060, 2) }),
+        MINUTE,
+    );
+    match runtime.answer("via-script").await {
+        Answer::Buffered(output) => assert_two_pngs(&output),
+        other => panic!("{other:?}"),
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("not starting ComfyUI"), "{text}");
+    assert!(!marker.exists(), "start.sh started ComfyUI: {text}");
+    assert!(!dir.path().join("comfyui.pid").exists());
+}
