@@ -576,6 +576,29 @@ async fn streamed_jobs_yield_ordered_progress_lines_then_the_output() {
         "the early lines are the first lines"
     );
 
+    // A job that fails once running ends its stream with the error line.
+    runtime.invoke(
+        "stream-fail",
+        json!({"input": {"workflow": crate::harness::workflow("runtime_error")}}),
+        MINUTE,
+    );
+    let lines = match runtime.answer("stream-fail").await {
+        Answer::Streamed { lines, .. } => lines,
+        other => panic!("{other:?}"),
+    };
+    let last: Value = serde_json::from_str(lines.last().expect("lines")).unwrap();
+    assert_eq!(last["errorType"], "ComfyUIError", "{last}");
+    let message = last["errorMessage"].as_str().unwrap();
+    assert!(
+        message.contains("Node Type: SaveImage, Node ID: 3"),
+        "{message}"
+    );
+    assert_eq!(last["output"]["error"].as_str(), Some(message), "{last}");
+    assert!(lines.len() >= 2, "{lines:?}");
+    for line in &lines[..lines.len() - 1] {
+        assert!(line.starts_with("{\"progress\":"), "{line}");
+    }
+
     // A job the engine refuses is an error response, not a stream.
     runtime.invoke("stream-bad", json!({"input": {"workflow": 7}}), MINUTE);
     match runtime.answer("stream-bad").await {
@@ -827,4 +850,51 @@ async fn the_start_script_skips_comfyui_in_lambda_mode() {
     assert!(text.contains("not starting ComfyUI"), "{text}");
     assert!(!marker.exists(), "start.sh started ComfyUI: {text}");
     assert!(!dir.path().join("comfyui.pid").exists());
+}
+
+#[tokio::test]
+async fn a_panicking_job_and_an_oversize_output_are_error_responses() {
+    let sim = simulator(5).await;
+    let runtime = FakeRuntime::start().await;
+    // The test hook panics the job when a SlowSteps node starts; 2000 bytes hold no PNG pair.
+    let _worker = LambdaProcess::start(
+        &["lambda"],
+        &runtime.env(),
+        &sim.host(),
+        &[
+            ("COMFY_WORKER_TEST_PANIC_NODE", "SlowSteps"),
+            ("MAX_INLINE_OUTPUT_BYTES", "2000"),
+        ],
+    );
+    runtime.invoke("panics", json!({ "input": job_input(0x707070, 2) }), MINUTE);
+    let mut big = crate::harness::workflow("ok");
+    big["2"] = json!({"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}});
+    runtime.invoke("too-big", json!({"input": {"workflow": big}}), MINUTE);
+    match runtime.answer("panics").await {
+        Answer::Error { body, .. } => {
+            assert_eq!(body["errorType"], "InternalError", "{body}");
+            assert!(
+                body["errorMessage"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Internal error in comfy-worker: "),
+                "{body}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match runtime.answer("too-big").await {
+        Answer::Error { body, .. } => {
+            assert_eq!(body["errorType"], "OutputTooLarge", "{body}");
+            let message = body["errorMessage"].as_str().unwrap();
+            assert!(message.starts_with("The job output is "), "{message}");
+            assert!(message.contains("BUCKET_ENDPOINT_URL"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        runtime.violations().is_empty(),
+        "{:?}",
+        runtime.violations()
+    );
 }

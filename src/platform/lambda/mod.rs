@@ -728,6 +728,45 @@ mod tests {
     }
 
     #[test]
+    fn responses_over_the_limit_fail_with_output_too_large() {
+        let worker = |mode, user_limit: Option<u64>| {
+            let mut settings = crate::config::Settings::default();
+            settings.storage.max_inline_bytes = user_limit;
+            LambdaWorker::new(
+                Engine::new(settings).unwrap(),
+                LambdaSettings {
+                    runtime_api: String::new(),
+                    response_mode: mode,
+                    deadline_margin: Duration::from_secs(3),
+                },
+            )
+        };
+        let output = |bytes: usize| Finished {
+            output: json!({"images": [{"data": "A".repeat(bytes)}]}),
+            error: None,
+        };
+        let b = worker(ResponseMode::Buffered, Some(1000));
+        assert!(b.check_size(output(5 << 20), 0).error.is_none());
+        let refused = b.check_size(output(7 << 20), 0);
+        let e = refused.error.unwrap();
+        assert_eq!(e.error_type, "OutputTooLarge");
+        assert!(
+            e.error_message.starts_with(
+                "The job output is 7.0 MB, over the 6.0 MB a buffered Lambda response"
+            ),
+            "{}",
+            e.error_message
+        );
+        assert_eq!(refused.output["error"], json!(e.error_message));
+        // A raised limit (a raised quota) is trusted; streamed progress counts against 20 MB.
+        let raised = worker(ResponseMode::Buffered, Some(10 << 20));
+        assert!(raised.check_size(output(7 << 20), 0).error.is_none());
+        let s = worker(ResponseMode::Streaming, Some(1000));
+        assert!(s.check_size(output(19 << 20), 0).error.is_none());
+        assert!(s.check_size(output(19 << 20), 2 << 20).error.is_some());
+    }
+
+    #[test]
     fn sizes_and_seconds() {
         let v = json!({"a": "xyz", "b": [1, 2]});
         assert_eq!(json_len(&v), v.to_string().len() as u64);
