@@ -18,6 +18,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /build
 # The build context is filtered by .dockerignore (no target/, .git/ or tests/).
+# Default features: the binary includes Lambda mode (`lambda`), so the image also runs on AWS Lambda.
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \

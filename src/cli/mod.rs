@@ -244,6 +244,8 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let cli = Cli::try_parse_from(["comfy-worker", "lambda"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Lambda)));
         let cli =
             Cli::try_parse_from(["comfy-worker", "simulate-comfyui", "--port", "9000"]).unwrap();
         assert!(matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.port == 9000));
