@@ -536,6 +536,9 @@ pub struct SystemInfo {
     /// PyTorch version.
     #[serde(default)]
     pub pytorch_version: Option<String>,
+    /// Python version (`sys.version`, with its build line).
+    #[serde(default)]
+    pub python_version: Option<String>,
 }
 
 /// `system_stats.devices[]`.
