@@ -377,7 +377,10 @@ mod tests {
             ("/data/in".into(), "/data/out".into(), "/data/tmp".into())
         );
         let memory = from(&[("FREE_MEMORY_AFTER_JOB", "memory")]).unwrap();
-        assert_eq!(memory.housekeeping.free_memory_after_job, FreeMemory::Memory);
+        assert_eq!(
+            memory.housekeeping.free_memory_after_job,
+            FreeMemory::Memory
+        );
         let off = from(&[("FREE_MEMORY_AFTER_JOB", "off"), ("WARMUP_WORKFLOW", "  ")]).unwrap();
         assert_eq!(off.housekeeping.free_memory_after_job, FreeMemory::Off);
         assert_eq!(off.housekeeping.warmup_workflow, None);

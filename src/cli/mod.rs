@@ -259,8 +259,8 @@ mod tests {
         assert!(
             Cli::try_parse_from(["comfy-worker", "run", "--quiet", "--json-progress"]).is_err()
         );
-        let cli = Cli::try_parse_from(["comfy-worker", "health", "--comfy", "h:1", "--json"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["comfy-worker", "health", "--comfy", "h:1", "--json"]).unwrap();
         assert!(
             matches!(cli.command, Some(Command::Health(ref h)) if h.json && h.comfy.as_deref() == Some("h:1"))
         );

@@ -126,11 +126,7 @@ fn delete_one(root: &Path, subfolder: &str, filename: &str) -> Fate {
         Err(e) => return Fate::Failed(e.to_string()),
     };
     if !dir.starts_with(&root) {
-        return Fate::Refused(format!(
-            "{} is outside {}",
-            dir.display(),
-            root.display()
-        ));
+        return Fate::Refused(format!("{} is outside {}", dir.display(), root.display()));
     }
     let path: PathBuf = dir.join(name);
     match std::fs::symlink_metadata(&path) {
@@ -231,8 +227,7 @@ mod tests {
         touch(&d.base.join("input/dir/inner.png"));
         #[cfg(unix)]
         {
-            std::os::unix::fs::symlink(d.base.join("outside"), d.base.join("output/link"))
-                .unwrap();
+            std::os::unix::fs::symlink(d.base.join("outside"), d.base.join("output/link")).unwrap();
             std::os::unix::fs::symlink(
                 d.base.join("outside/secret.txt"),
                 d.base.join("output/alias.txt"),
@@ -244,7 +239,11 @@ mod tests {
             file("output", "../outside", "secret.txt"),
             file("output", "", "../outside/secret.txt"),
             file("output", "/", "secret.txt"),
-            file("output", &d.base.join("outside").display().to_string(), "secret.txt"),
+            file(
+                "output",
+                &d.base.join("outside").display().to_string(),
+                "secret.txt",
+            ),
             file("output", "", ".."),
             file("output", "", ""),
             file("output", "./", "x.png"),

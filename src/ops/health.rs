@@ -179,6 +179,9 @@ mod tests {
         };
         assert_eq!(down.to_json()["reachable"], false);
         assert_eq!(down.to_json()["error"], "connection refused");
-        assert_eq!(down.lines(), vec!["ComfyUI at h:1: unreachable (connection refused)"]);
+        assert_eq!(
+            down.lines(),
+            vec!["ComfyUI at h:1: unreachable (connection refused)"]
+        );
     }
 }

@@ -75,7 +75,9 @@ pub fn load(path: &Path) -> Result<Value, String> {
 /// The job input a warm-up file stands for.
 fn input_of(value: Value) -> Result<Value, String> {
     let Value::Object(mut map) = value else {
-        return Err("expected a JSON object (a test input, a job input or an API-format workflow)".into());
+        return Err(
+            "expected a JSON object (a test input, a job input or an API-format workflow)".into(),
+        );
     };
     if let Some(input) = map.remove("input") {
         return match input {
@@ -136,7 +138,9 @@ async fn run_inner(
     let input = load(path)?;
     let (sender, mut snapshots) = crate::progress::channel();
     let run = async {
-        let output = engine.run(WARMUP_JOB_ID, Some(&input), &sender, cancel).await;
+        let output = engine
+            .run(WARMUP_JOB_ID, Some(&input), &sender, cancel)
+            .await;
         drop(sender);
         output
     };
@@ -153,17 +157,32 @@ async fn run_inner(
     let (output, ()) = tokio::join!(run, log);
     match output.error_message() {
         Some(message) => {
-            let details = match &output {
-                crate::job::JobOutput::Failed {
-                    details: Some(d), ..
-                } if !d.is_empty() => format!(" ({})", d.join("; ")),
-                _ => String::new(),
-            };
-            Err(format!("{message}{details}"))
+            let mut text = one_line(message);
+            if let crate::job::JobOutput::Failed {
+                details: Some(details),
+                ..
+            } = &output
+            {
+                for detail in details.iter().map(|d| one_line(d)) {
+                    if !text.contains(&detail) {
+                        text = format!("{text}; {detail}");
+                    }
+                }
+            }
+            Err(text)
         }
         // The outputs (base64 perhaps) are dropped here, unlogged.
         None => Ok(output.files().len()),
     }
+}
+
+/// A multi-line message on one line (one log line per event).
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -200,6 +219,14 @@ mod tests {
         let file = dir.path().join("bad.json");
         std::fs::write(&file, "{nope").unwrap();
         assert!(load(&file).unwrap_err().contains("is not JSON"));
+    }
+
+    #[test]
+    fn messages_fit_one_line() {
+        assert_eq!(
+            one_line("Workflow validation failed:\n• Node 1: bad\n\n"),
+            "Workflow validation failed: • Node 1: bad"
+        );
     }
 
     #[test]

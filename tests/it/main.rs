@@ -9,6 +9,7 @@ mod faults;
 mod harness;
 mod inputs;
 mod job_flow;
+mod ops;
 mod outputs;
 mod page;
 mod replay;
