@@ -89,10 +89,11 @@ pub enum FreeMemory {
     /// `off` (the default): no `/free`.
     #[default]
     Off,
-    /// `memory`: `{"unload_models": false, "free_memory": true}`: ComfyUI empties its caches and
-    /// frees what it can; models stay loaded.
+    /// `memory`: `{"free_memory": true}`: ComfyUI resets its output cache and frees memory
+    /// (ComfyUI 0.3.x unloads the models then too: its worker defaults `unload_models` to
+    /// `free_memory`).
     Memory,
-    /// `models`: `{"unload_models": true, "free_memory": true}`: also unloads every model.
+    /// `models`: `{"unload_models": true, "free_memory": true}`: unloads every model as well.
     Models,
 }
 
