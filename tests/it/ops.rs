@@ -499,3 +499,78 @@ async fn serve_shows_a_failed_warm_up_and_refuses_jobs() {
     );
     assert_eq!(sim.prompts().len(), 1, "no job reached ComfyUI");
 }
+
+#[tokio::test]
+async fn serve_queues_jobs_while_warming_up() {
+    let sim = simulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let warmup = write_json(
+        dir.path(),
+        "warmup.json",
+        &json!({"input": job_input(0x111111, 3)}),
+    );
+    // The warm-up's prompt stops at its first step until resumed.
+    sim.pause_after_step(1);
+    let serve = ServeProcess::start(
+        &["--comfy-host", &sim.host()],
+        &[("WARMUP_WORKFLOW", warmup.to_str().unwrap())],
+    )
+    .await;
+    tokio::time::timeout(LIMIT, sim.paused())
+        .await
+        .expect("the warm-up reached ComfyUI");
+    let (code, health) = get(&format!("{}/health", serve.base())).await;
+    assert_eq!(code, 503, "{health}");
+    assert_eq!(health["status"], "warming_up");
+    assert_eq!(health["warmup"], json!({"state": "running"}));
+    assert_eq!(
+        health["comfyui"]["queue"],
+        json!({"running": 1, "pending": 0})
+    );
+
+    let http = reqwest::Client::new();
+    let queued: Value = http
+        .post(format!("{}/run", serve.base()))
+        .json(&json!({"input": job_input(0x222222, 1)}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(queued["status"], "IN_QUEUE", "{queued}");
+    let id = queued["id"].as_str().unwrap();
+    let (_, status) = get(&format!("{}/status/{id}", serve.base())).await;
+    assert_eq!(
+        status["status"], "IN_QUEUE",
+        "the job waits for the warm-up"
+    );
+    assert_eq!(sim.prompts().len(), 1);
+
+    sim.resume();
+    // Runs after the queued job (one at a time, in order), so both are done when it returns.
+    let body: Value = http
+        .post(format!("{}/runsync?wait=20000", serve.base()))
+        .json(&json!({"input": job_input(0x333333, 1)}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["status"], "COMPLETED", "{body}");
+    let (_, status) = get(&format!("{}/status/{id}", serve.base())).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    let colours: Vec<Value> = sim
+        .prompts()
+        .iter()
+        .map(|p| p["prompt"]["1"]["inputs"]["color"].clone())
+        .collect();
+    assert_eq!(
+        colours,
+        vec![json!(0x111111), json!(0x222222), json!(0x333333)]
+    );
+    let (code, health) = get(&format!("{}/health", serve.base())).await;
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["jobs"]["completed"], 2);
+}
