@@ -93,6 +93,7 @@ async fn simulator(step_ms: u64, noise: bool) -> Simulator {
         SimConfig {
             step_delay: Duration::from_millis(step_ms),
             noise_images: noise,
+            ..SimConfig::default()
         },
     )
     .await

@@ -11,6 +11,9 @@
 #   COMFYUI_EXTRA_ARGS   extra ComfyUI flags, e.g. "--preview-method auto"
 #   COMFY_LOG_LEVEL      ComfyUI --verbose level                   (INFO)
 #   COMFY_PID_FILE       where ComfyUI's PID is written            (/tmp/comfyui.pid)
+#   COMFY_INPUT_DIR, COMFY_OUTPUT_DIR, COMFY_TEMP_DIR
+#                        ComfyUI's folders, for CLEANUP_FILES     ($COMFYUI_DIR/input, /output, /temp);
+#                        set them when COMFYUI_EXTRA_ARGS moves a folder (--output-directory ...)
 #   COMFY_WORKER_BIN     the worker binary                         (comfy-worker on PATH)
 #   SERVE_API_LOCALLY    "true": the local endpoint (`comfy-worker serve`) on 0.0.0.0:$SERVE_API_PORT
 #                        instead of the job loop, and ComfyUI also listens on all interfaces (--listen);
@@ -28,11 +31,14 @@ set -euo pipefail
 : "${COMFYUI_EXTRA_ARGS:=}"
 : "${COMFY_LOG_LEVEL:=INFO}"
 : "${COMFY_PID_FILE:=/tmp/comfyui.pid}"
+: "${COMFY_INPUT_DIR:=$COMFYUI_DIR/input}"
+: "${COMFY_OUTPUT_DIR:=$COMFYUI_DIR/output}"
+: "${COMFY_TEMP_DIR:=$COMFYUI_DIR/temp}"
 : "${COMFY_WORKER_BIN:=comfy-worker}"
 : "${SERVE_API_LOCALLY:=false}"
 : "${SERVE_API_PORT:=8000}"
 : "${START_COMFYUI:=auto}"
-export COMFY_PID_FILE
+export COMFY_PID_FILE COMFY_INPUT_DIR COMFY_OUTPUT_DIR COMFY_TEMP_DIR
 
 log() { echo "comfy-worker start: $*" >&2; }
 

@@ -78,6 +78,65 @@ pub struct Settings {
     /// Where outputs go and where `s3://` inputs come from: `BUCKET_*`, `OUTPUT_UPLOAD`,
     /// `MAX_INLINE_OUTPUT_BYTES`, `ALLOW_PRIVATE_S3_ENDPOINTS` (see `job::storage`).
     pub storage: StorageSettings,
+    /// Warm-up and housekeeping: `WARMUP_WORKFLOW`, `FREE_MEMORY_AFTER_JOB`, `CLEANUP_FILES`,
+    /// `COMFY_INPUT_DIR`, `COMFY_OUTPUT_DIR`, `COMFY_TEMP_DIR` (see [`crate::housekeeping`]).
+    pub housekeeping: Housekeeping,
+}
+
+/// `FREE_MEMORY_AFTER_JOB`: what `POST /free` asks of ComfyUI after each job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FreeMemory {
+    /// `off` (the default): no `/free`.
+    #[default]
+    Off,
+    /// `memory`: `{"free_memory": true}`: ComfyUI resets its output cache and frees memory
+    /// (ComfyUI 0.3.x unloads the models then too: its worker defaults `unload_models` to
+    /// `free_memory`).
+    Memory,
+    /// `models`: `{"unload_models": true, "free_memory": true}`: unloads every model as well.
+    Models,
+}
+
+impl FreeMemory {
+    /// The setting's value as written in the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FreeMemory::Off => "off",
+            FreeMemory::Memory => "memory",
+            FreeMemory::Models => "models",
+        }
+    }
+}
+
+/// Warm-up and housekeeping settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Housekeeping {
+    /// `WARMUP_WORKFLOW`: a test-input file (`{"input": {...}}`) or a bare API-format workflow,
+    /// run once before the first job.
+    pub warmup_workflow: Option<PathBuf>,
+    /// `FREE_MEMORY_AFTER_JOB`: `off` (default), `memory` or `models`.
+    pub free_memory_after_job: FreeMemory,
+    /// `CLEANUP_FILES`: delete a job's uploaded inputs and its output files from ComfyUI's folders.
+    pub cleanup_files: bool,
+    /// `COMFY_INPUT_DIR` (`/comfyui/input`): ComfyUI's input folder, as the worker sees it.
+    pub input_dir: PathBuf,
+    /// `COMFY_OUTPUT_DIR` (`/comfyui/output`): ComfyUI's output folder.
+    pub output_dir: PathBuf,
+    /// `COMFY_TEMP_DIR` (`/comfyui/temp`): ComfyUI's temp folder (previews).
+    pub temp_dir: PathBuf,
+}
+
+impl Default for Housekeeping {
+    fn default() -> Self {
+        Housekeeping {
+            warmup_workflow: None,
+            free_memory_after_job: FreeMemory::Off,
+            cleanup_files: false,
+            input_dir: PathBuf::from("/comfyui/input"),
+            output_dir: PathBuf::from("/comfyui/output"),
+            temp_dir: PathBuf::from("/comfyui/temp"),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -96,6 +155,7 @@ impl Default for Settings {
             comfy_org_api_key: None,
             inputs: InputPolicy::default(),
             storage: StorageSettings::default(),
+            housekeeping: Housekeeping::default(),
         }
     }
 }
@@ -146,6 +206,52 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
             .map(Duration::from_secs_f64)
     }
 
+    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError {
+                    name,
+                    value: v,
+                    expected: "true or false",
+                }),
+            },
+        }
+    }
+
+    fn path(&self, name: &str, default: PathBuf) -> PathBuf {
+        self.get(name).map(PathBuf::from).unwrap_or(default)
+    }
+
+    fn housekeeping(&self) -> Result<Housekeeping, ConfigError> {
+        let d = Housekeeping::default();
+        let free_memory_after_job = match self.get("FREE_MEMORY_AFTER_JOB") {
+            None => d.free_memory_after_job,
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "off" | "false" | "0" | "no" | "none" => FreeMemory::Off,
+                "memory" => FreeMemory::Memory,
+                "models" => FreeMemory::Models,
+                _ => {
+                    return Err(ConfigError {
+                        name: "FREE_MEMORY_AFTER_JOB",
+                        value: v,
+                        expected: "models, memory or off",
+                    })
+                }
+            },
+        };
+        Ok(Housekeeping {
+            warmup_workflow: self.get("WARMUP_WORKFLOW").map(PathBuf::from),
+            free_memory_after_job,
+            cleanup_files: self.flag("CLEANUP_FILES", d.cleanup_files)?,
+            input_dir: self.path("COMFY_INPUT_DIR", d.input_dir),
+            output_dir: self.path("COMFY_OUTPUT_DIR", d.output_dir),
+            temp_dir: self.path("COMFY_TEMP_DIR", d.temp_dir),
+        })
+    }
+
     fn count(&self, name: &'static str, default: u32) -> Result<u32, ConfigError> {
         match self.get(name) {
             None => Ok(default),
@@ -191,6 +297,7 @@ impl Settings {
             http_timeout: r.secs("COMFY_HTTP_TIMEOUT_S", d.http_timeout)?,
             view_timeout: r.secs("COMFY_VIEW_TIMEOUT_S", d.view_timeout)?,
             comfy_org_api_key: r.get("COMFY_ORG_API_KEY").map(Secret::new),
+            housekeeping: r.housekeeping()?,
             inputs,
             storage,
         })
@@ -243,5 +350,50 @@ mod tests {
         let err = from(&[("WEBSOCKET_RECONNECT_ATTEMPTS", "many")]).unwrap_err();
         assert_eq!(err.name, "WEBSOCKET_RECONNECT_ATTEMPTS");
         assert!(err.to_string().contains("'many'"));
+    }
+
+    #[test]
+    fn housekeeping_defaults_and_values() {
+        let h = from(&[]).unwrap().housekeeping;
+        assert_eq!(h, Housekeeping::default());
+        assert_eq!(h.free_memory_after_job, FreeMemory::Off);
+        assert!(!h.cleanup_files && h.warmup_workflow.is_none());
+        assert_eq!(h.input_dir, PathBuf::from("/comfyui/input"));
+        assert_eq!(h.output_dir, PathBuf::from("/comfyui/output"));
+        let h = from(&[
+            ("WARMUP_WORKFLOW", " /warmup.json "),
+            ("FREE_MEMORY_AFTER_JOB", "Models"),
+            ("CLEANUP_FILES", "true"),
+            ("COMFY_INPUT_DIR", "/data/in"),
+            ("COMFY_OUTPUT_DIR", "/data/out"),
+            ("COMFY_TEMP_DIR", "/data/tmp"),
+        ])
+        .unwrap()
+        .housekeeping;
+        assert_eq!(h.warmup_workflow, Some(PathBuf::from("/warmup.json")));
+        assert_eq!(h.free_memory_after_job, FreeMemory::Models);
+        assert!(h.cleanup_files);
+        assert_eq!(
+            (h.input_dir, h.output_dir, h.temp_dir),
+            ("/data/in".into(), "/data/out".into(), "/data/tmp".into())
+        );
+        let memory = from(&[("FREE_MEMORY_AFTER_JOB", "memory")]).unwrap();
+        assert_eq!(
+            memory.housekeeping.free_memory_after_job,
+            FreeMemory::Memory
+        );
+        let off = from(&[("FREE_MEMORY_AFTER_JOB", "off"), ("WARMUP_WORKFLOW", "  ")]).unwrap();
+        assert_eq!(off.housekeeping.free_memory_after_job, FreeMemory::Off);
+        assert_eq!(off.housekeeping.warmup_workflow, None);
+    }
+
+    #[test]
+    fn housekeeping_names_bad_values() {
+        let err = from(&[("FREE_MEMORY_AFTER_JOB", "everything")]).unwrap_err();
+        assert_eq!(err.name, "FREE_MEMORY_AFTER_JOB");
+        assert!(err.to_string().contains("models, memory or off"), "{err}");
+        let err = from(&[("CLEANUP_FILES", "sometimes")]).unwrap_err();
+        assert_eq!(err.name, "CLEANUP_FILES");
+        assert!(err.to_string().contains("'sometimes'"), "{err}");
     }
 }

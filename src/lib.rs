@@ -19,6 +19,7 @@ pub mod comfy;
 pub mod config;
 pub mod job;
 pub mod net;
+pub mod ops;
 pub mod platform;
 pub mod progress;
 pub mod simulator;

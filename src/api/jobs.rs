@@ -22,6 +22,7 @@ use tracing::{error, info, Instrument};
 use super::error::ApiError;
 use super::ServeOptions;
 use crate::job::{Engine, JobOptions, JobOutput};
+use crate::ops::warmup::WarmupState;
 use crate::platform::runpod::result_body;
 use crate::progress::{self, ProgressSnapshot};
 use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};
@@ -225,6 +226,9 @@ struct Inner {
     stopped: CancellationToken,
     /// Progress-webhook deliveries still finishing, awaited (bounded) at shutdown.
     hooks: TaskTracker,
+    /// `WARMUP_WORKFLOW`'s progress: the runner takes no job until it is done, and none at all
+    /// when it failed.
+    warmup: watch::Sender<WarmupState>,
 }
 
 #[derive(Default)]
@@ -481,6 +485,7 @@ impl LocalEndpoint {
             closing: CancellationToken::new(),
             stopped: CancellationToken::new(),
             hooks: TaskTracker::new(),
+            warmup: watch::Sender::new(WarmupState::Off),
         });
         tokio::spawn(runner(inner.clone()));
         LocalEndpoint { inner }
@@ -509,6 +514,11 @@ impl LocalEndpoint {
         self.inner.stopped.cancelled().await;
         self.inner.hooks.close();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.inner.hooks.wait()).await;
+    }
+
+    /// Where the warm-up is (`Off` without `WARMUP_WORKFLOW`).
+    pub fn warmup(&self) -> WarmupState {
+        self.inner.warmup.borrow().clone()
     }
 
     /// Cancelled once [`LocalEndpoint::close`] was called.
@@ -551,6 +561,12 @@ impl LocalEndpoint {
             return Err(ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 "the endpoint is shutting down",
+            ));
+        }
+        if let WarmupState::Failed(why) = &*self.inner.warmup.borrow() {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("the worker is unhealthy and takes no jobs: {why}"),
             ));
         }
         let id = format!("{}-l1", uuid::Uuid::new_v4());
@@ -735,6 +751,7 @@ impl LocalEndpoint {
                 closing: CancellationToken::new(),
                 stopped: CancellationToken::new(),
                 hooks: TaskTracker::new(),
+                warmup: watch::Sender::new(WarmupState::Off),
             }),
         }
     }
@@ -767,13 +784,26 @@ impl LocalEndpoint {
 /// Takes queued jobs in order and runs them, one at a time, until the endpoint closes.
 async fn runner(inner: Arc<Inner>) {
     let _stopped = inner.stopped.clone().drop_guard();
+    let healthy = warm_up(&inner).await;
     loop {
         if inner.closing.is_cancelled() {
             break;
         }
+        if !healthy {
+            // Unhealthy: jobs queued during the warm-up fail with its error, new ones are refused.
+            fail_queued(&inner, &inner.warmup.borrow().clone());
+            tokio::select! {
+                _ = inner.closing.cancelled() => break,
+                _ = inner.wake.notified() => continue,
+            }
+        }
         let next = lock(&inner.state).start_next(Instant::now());
         match next {
-            Some(job) => run_job(&inner, job).await,
+            Some(job) => {
+                run_job(&inner, job).await;
+                // After the job's end is published, before the next one starts.
+                crate::ops::after_job(&inner.engine).await;
+            }
             None => tokio::select! {
                 _ = inner.closing.cancelled() => break,
                 _ = inner.wake.notified() => {}
@@ -796,6 +826,40 @@ async fn runner(inner: Arc<Inner>) {
         ending.deliver(&inner);
     }
     info!(queued_jobs_failed = left, "job runner stopped");
+}
+
+/// Runs `WARMUP_WORKFLOW` when set (jobs submitted meanwhile wait in the queue); false when it
+/// failed (or shutdown interrupted it).
+async fn warm_up(inner: &Inner) -> bool {
+    let Some(path) = inner.engine.settings().housekeeping.warmup_workflow.clone() else {
+        return true;
+    };
+    inner.warmup.send_replace(WarmupState::Running);
+    let state = match crate::ops::warmup::run(&inner.engine, &path, &inner.closing).await {
+        Ok(done) => WarmupState::Done(done),
+        Err(why) => WarmupState::Failed(why),
+    };
+    let healthy = state.ready();
+    inner.warmup.send_replace(state);
+    healthy
+}
+
+/// Fails every queued job with the warm-up's error.
+fn fail_queued(inner: &Inner, state: &WarmupState) {
+    let WarmupState::Failed(why) = state else {
+        return;
+    };
+    let endings: Vec<Ending> = {
+        let mut state = lock(&inner.state);
+        let ids: Vec<String> = state.queue.drain(..).collect();
+        let now = Instant::now();
+        ids.iter()
+            .filter_map(|id| state.finalize(id, JobStatus::Failed, None, Some(json!(why)), now))
+            .collect()
+    };
+    for ending in endings {
+        ending.deliver(inner);
+    }
 }
 
 /// Runs one job to its end and records the outcome (unless it was cancelled meanwhile).

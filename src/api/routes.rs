@@ -24,6 +24,7 @@ use tracing::debug;
 
 use super::error::ApiError;
 use super::jobs::{body_is_final, JobEvent, LocalEndpoint, Submission};
+use crate::ops::warmup::WarmupState;
 
 /// The page served at `GET /`.
 const PAGE: &str = include_str!("page.html");
@@ -215,19 +216,20 @@ async fn purge_queue(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
     Json(json!({ "removed": removed, "status": "completed" }))
 }
 
-async fn health(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
+/// The cloud's `/health` body plus `comfyui` (system stats and queue) and `warmup`. 503 while
+/// the warm-up runs or after it failed (the worker takes no jobs then), 200 otherwise.
+async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     let counts = endpoint.counts();
-    let comfy = endpoint.engine().comfy();
-    let probe = tokio::time::timeout(HEALTH_PROBE, comfy.system_stats()).await;
-    let mut comfyui = json!({ "reachable": false, "host": comfy.host() });
-    if let Ok(Ok(stats)) = probe {
-        comfyui["reachable"] = json!(true);
-        if let Some(version) = stats.system.comfyui_version {
-            comfyui["version"] = json!(version);
-        }
-    }
+    let comfyui = crate::ops::health::probe(endpoint.engine().comfy(), HEALTH_PROBE).await;
+    let warmup = endpoint.warmup();
     let busy = u8::from(counts.worker_busy);
-    Json(json!({
+    let (code, status) = match &warmup {
+        WarmupState::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
+        WarmupState::Running => (StatusCode::SERVICE_UNAVAILABLE, "warming_up"),
+        WarmupState::Off | WarmupState::Done(_) => (StatusCode::OK, "healthy"),
+    };
+    let mut body = json!({
+        "status": status,
         "jobs": {
             "completed": counts.completed,
             "failed": counts.failed,
@@ -236,8 +238,13 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
             "retried": 0,
         },
         "workers": { "idle": 1 - busy, "running": busy },
-        "comfyui": comfyui,
-    }))
+        "comfyui": comfyui.to_json(),
+        "warmup": warmup.to_json(),
+    });
+    if let WarmupState::Failed(why) = &warmup {
+        body["error"] = json!(why);
+    }
+    (code, Json(body)).into_response()
 }
 
 async fn events(

@@ -55,6 +55,15 @@ pub(crate) async fn run() -> ExitCode {
         info!("shutdown requested");
         on_signal.cancel();
     });
+    // WARMUP_WORKFLOW runs in the init phase; a failure is an init error, as in the other modes.
+    if let Some(path) = engine.settings().housekeeping.warmup_workflow.clone() {
+        if let Err(why) = crate::ops::warmup::run(&engine, &path, &shutdown).await {
+            if !shutdown.is_cancelled() {
+                init_error(&why).await;
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match LambdaWorker::new(engine, lambda).run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

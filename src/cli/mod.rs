@@ -1,6 +1,7 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
 //! `lambda` (AWS Lambda's Runtime API), `simulate-comfyui`, and the default mode.
 
+mod health;
 mod lambda;
 mod run;
 mod serve;
@@ -68,6 +69,8 @@ enum Command {
     /// Take invocations from AWS Lambda's Runtime API (needs AWS_LAMBDA_RUNTIME_API and the
     /// function variables Lambda sets; LAMBDA_RESPONSE_MODE=buffered|streaming).
     Lambda,
+    /// Check ComfyUI: version, devices and VRAM, queue length (exit 0 when reachable, 1 when not).
+    Health(health::HealthArgs),
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
@@ -112,6 +115,15 @@ struct SimArgs {
     /// Time per sampler step, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     step_ms: u64,
+    /// Also write uploaded inputs into this directory, as ComfyUI's input folder.
+    #[arg(long, value_name = "DIR")]
+    input_dir: Option<PathBuf>,
+    /// Also write output files into this directory, as ComfyUI's output folder.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Also write temp files (previews) into this directory.
+    #[arg(long, value_name = "DIR")]
+    temp_dir: Option<PathBuf>,
 }
 
 /// Entry point of the binary.
@@ -141,6 +153,7 @@ pub fn main() -> ExitCode {
             },
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Lambda) => lambda::run().await,
+            Some(Command::Health(args)) => health::run(args).await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
             None if cli.sdk_serve.rp_serve_api => {
                 let mut args = ServeArgs::sdk_defaults(
@@ -186,6 +199,9 @@ async fn simulate(args: SimArgs) -> ExitCode {
     let addr = SocketAddr::new(args.host, args.port);
     let config = SimConfig {
         step_delay: Duration::from_millis(args.step_ms),
+        input_dir: args.input_dir,
+        output_dir: args.output_dir,
+        temp_dir: args.temp_dir,
         ..SimConfig::default()
     };
     eprintln!("comfy-worker: simulated ComfyUI on http://{addr} (Ctrl+C to stop)");
@@ -251,6 +267,11 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.port == 9000));
         assert!(
             Cli::try_parse_from(["comfy-worker", "run", "--quiet", "--json-progress"]).is_err()
+        );
+        let cli =
+            Cli::try_parse_from(["comfy-worker", "health", "--comfy", "h:1", "--json"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Health(ref h)) if h.json && h.comfy.as_deref() == Some("h:1"))
         );
     }
 

@@ -47,6 +47,9 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
         on_signal.cancel();
         info!("shutdown requested: finishing the job in progress, taking no new ones");
     });
-    Worker::new(engine, client, webhooks).run(shutdown).await;
-    ExitCode::SUCCESS
+    match Worker::new(engine, client, webhooks).run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        // The warm-up failed: exit non-zero so the platform replaces the worker.
+        Err(_) => ExitCode::FAILURE,
+    }
 }

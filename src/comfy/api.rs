@@ -536,6 +536,9 @@ pub struct SystemInfo {
     /// PyTorch version.
     #[serde(default)]
     pub pytorch_version: Option<String>,
+    /// Python version (`sys.version`, with its build line).
+    #[serde(default)]
+    pub python_version: Option<String>,
 }
 
 /// `system_stats.devices[]`.
@@ -1028,14 +1031,20 @@ impl ComfyClient {
         .await
     }
 
-    /// `POST /free`.
+    /// `POST /free` with the flags that are set (`{"unload_models": true, "free_memory": true}`,
+    /// `{"free_memory": true}`, ...). ComfyUI applies them after the running prompt; a missing
+    /// flag reads as false, but its prompt worker defaults `unload_models` to `free_memory`, so
+    /// `free_memory` alone unloads the models too, and it also resets the output cache.
     pub async fn free(&self, unload_models: bool, free_memory: bool) -> Result<(), ComfyError> {
-        self.post_json(
-            "POST /free",
-            "/free",
-            &serde_json::json!({"unload_models": unload_models, "free_memory": free_memory}),
-        )
-        .await
+        let mut body = serde_json::Map::new();
+        if unload_models {
+            body.insert("unload_models".into(), Value::Bool(true));
+        }
+        if free_memory {
+            body.insert("free_memory".into(), Value::Bool(true));
+        }
+        self.post_json("POST /free", "/free", &Value::Object(body))
+            .await
     }
 }
 

@@ -16,12 +16,13 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::comfy::api::Upload;
+use crate::comfy::api::{FileRef, Upload};
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptEvent, PromptResult,
     WatchOptions,
 };
 use crate::config::{Secret, Settings};
+use crate::ops::cleanup::JobFiles;
 use crate::progress::{ProgressSender, ProgressTracker};
 
 pub use collect::{CollectedFile, WebSocketImages};
@@ -193,11 +194,38 @@ impl Engine {
             .flat_map(crate::telemetry::secret_values)
             .map(Secret::new)
             .collect();
+        let mut files = JobFiles::default();
         let output = self
-            .run_inner(job_id, input, job, progress, cancel)
-            .instrument(span)
+            .run_inner(job_id, input, job, progress, cancel, &mut files)
+            .instrument(span.clone())
             .await;
+        if self.settings.housekeeping.cleanup_files {
+            self.clean_up(files).instrument(span).await;
+        }
         scrub_messages(output)
+    }
+
+    /// `CLEANUP_FILES`: deletes what the job left in ComfyUI's folders (its outputs are already
+    /// collected and delivered by now) and logs the counts.
+    async fn clean_up(&self, files: JobFiles) {
+        if files.is_empty() {
+            return;
+        }
+        let dirs = self.settings.housekeeping.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            crate::ops::cleanup::delete_job_files(&dirs, &files)
+        })
+        .await;
+        match done {
+            Ok(report) => info!(
+                deleted = report.deleted,
+                missing = report.missing,
+                refused = report.refused,
+                failed = report.failed,
+                "job files cleaned up"
+            ),
+            Err(e) => warn!(error = %e, "the clean-up task failed"),
+        }
     }
 
     async fn run_inner(
@@ -207,6 +235,7 @@ impl Engine {
         job: &JobOptions,
         progress: &ProgressSender,
         cancel: &CancellationToken,
+        files: &mut JobFiles,
     ) -> JobOutput {
         let started = Instant::now();
         let parsed = input::parse_input(raw_input)
@@ -254,7 +283,7 @@ impl Engine {
                 return out;
             }
         };
-        if let Err(out) = self.upload_files(&uploads).await {
+        if let Err(out) = self.upload_files(&uploads, &mut files.inputs).await {
             return out;
         }
         let mut extra = ExtraData::new();
@@ -322,6 +351,12 @@ impl Engine {
         if matches!(result.outcome, Outcome::Success) && !result.cancelled {
             progress.send(tracker.finished(Instant::now()));
         }
+        files.outputs.extend(
+            result
+                .outputs
+                .iter()
+                .flat_map(|node| node.files.iter().map(|f| f.file.clone())),
+        );
         let output = self.collect(result, ws_images, &options, &storage).await;
         info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -333,14 +368,34 @@ impl Engine {
 
     /// Uploads the input files in order (a mask after the image it refers to, when listed so):
     /// masks to `/upload/mask`, everything else to `/upload/image`.
-    async fn upload_files(&self, uploads: &[Upload]) -> Result<(), JobOutput> {
+    /// Each file ComfyUI stored is added to `stored`, under the name ComfyUI gave it.
+    async fn upload_files(
+        &self,
+        uploads: &[Upload],
+        stored_files: &mut Vec<FileRef>,
+    ) -> Result<(), JobOutput> {
         let mut problems = Vec::new();
         for upload in uploads {
             match self.comfy.upload(upload).await {
-                Ok(stored) if stored.name != upload.name => {
-                    warn!(requested = %upload.name, stored = %stored.name, "ComfyUI stored the input under another name");
+                Ok(stored) => {
+                    if stored.name != upload.name {
+                        warn!(requested = %upload.name, stored = %stored.name, "ComfyUI stored the input under another name");
+                    }
+                    stored_files.push(FileRef {
+                        filename: stored.name,
+                        // ComfyUI echoes both; fall back to what was asked for if it did not.
+                        subfolder: if stored.subfolder.is_empty() {
+                            upload.subfolder.clone()
+                        } else {
+                            stored.subfolder
+                        },
+                        folder_type: if stored.folder_type.is_empty() {
+                            upload.folder_type.clone()
+                        } else {
+                            stored.folder_type
+                        },
+                    });
                 }
-                Ok(_) => {}
                 Err(e) => problems.push(format!("Error uploading {}: {e}", upload.name)),
             }
         }

@@ -293,6 +293,10 @@ async fn post_free(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let Some(Value::Object(request)) = parse_json(&body) else {
         return server_error();
     };
+    lock(&shared.log).frees.push(super::FreeMark {
+        body: Value::Object(request.clone()),
+        at: std::time::Instant::now(),
+    });
     if request.get("free_memory").is_some_and(truthy) {
         shared.control.free_memory.store(true, Ordering::SeqCst);
         shared.control.wake.notify_one();

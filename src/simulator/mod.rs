@@ -34,6 +34,7 @@ mod tests;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -56,6 +57,13 @@ pub struct SimConfig {
     pub step_delay: Duration,
     /// Save images with pseudo-random pixels, so PNG sizes are realistic (benchmarks); default off.
     pub noise_images: bool,
+    /// When set, uploaded inputs are also written to this directory (`<dir>/<subfolder>/<name>`),
+    /// as ComfyUI's input folder holds them. Files stay served from memory.
+    pub input_dir: Option<PathBuf>,
+    /// When set, output files are also written here (`<dir>/<subfolder>/<name>`).
+    pub output_dir: Option<PathBuf>,
+    /// When set, temp files (previews) are also written here.
+    pub temp_dir: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -63,6 +71,9 @@ impl Default for SimConfig {
         SimConfig {
             step_delay: Duration::from_millis(50),
             noise_images: false,
+            input_dir: None,
+            output_dir: None,
+            temp_dir: None,
         }
     }
 }
@@ -81,6 +92,20 @@ impl Simulator {
         let addr = listener.local_addr()?;
         let catalog = Catalog::load().map_err(std::io::Error::other)?;
         let shared = Arc::new(Shared::new(config, catalog));
+        {
+            let config = &shared.config;
+            let mut store = lock(&shared.store);
+            for (folder, dir) in [
+                (Folder::Input, &config.input_dir),
+                (Folder::Output, &config.output_dir),
+                (Folder::Temp, &config.temp_dir),
+            ] {
+                if let Some(dir) = dir {
+                    std::fs::create_dir_all(dir)?;
+                    store.files.mirror_to_disk(folder, dir.clone());
+                }
+            }
+        }
         // Like a fresh ComfyUI checkout, the input folder holds `example.png`.
         let example = image::encode_png(&image::ImageInfo::gradient(64, 64, 1), &[])
             .map_err(std::io::Error::other)?;
@@ -184,6 +209,11 @@ impl Simulator {
     /// Every `POST /prompt` body received (parsed JSON), in order.
     pub fn prompts(&self) -> Vec<Value> {
         lock(&self.shared.log).prompts.clone()
+    }
+
+    /// Every `POST /free` request with a JSON object body, in order.
+    pub fn frees(&self) -> Vec<FreeMark> {
+        lock(&self.shared.log).frees.clone()
     }
 
     /// Every `POST /interrupt` body received (`None` when empty/non-JSON), in order.
@@ -325,6 +355,16 @@ pub(crate) struct Log {
     pub(crate) uploads: Vec<UploadMark>,
     pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
     pub(crate) drops_fired: usize,
+    pub(crate) frees: Vec<FreeMark>,
+}
+
+/// One `POST /free` the simulator accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FreeMark {
+    /// The JSON body (`{"unload_models": bool, "free_memory": bool}`).
+    pub body: Value,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// One upload the simulator stored (`/upload/image` or `/upload/mask`).

@@ -65,6 +65,9 @@ pub(crate) struct Files {
     files: BTreeMap<(Folder, String), Bytes>,
     /// Directories created explicitly (uploads with a `subfolder`); parents of files exist implicitly.
     dirs: BTreeSet<(Folder, String)>,
+    /// Real directories that mirror folders: every stored file is also written there, as
+    /// ComfyUI writes it (`SimConfig::input_dir` and friends).
+    disk: BTreeMap<Folder, std::path::PathBuf>,
 }
 
 impl Files {
@@ -73,7 +76,22 @@ impl Files {
     }
 
     pub(crate) fn put(&mut self, folder: Folder, rel: &str, data: Bytes) {
+        if let Some(root) = self.disk.get(&folder) {
+            let file = root.join(rel);
+            let written = file
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&file, &data));
+            if let Err(error) = written {
+                tracing::warn!(file = %file.display(), %error, "simulator: cannot write the file to disk");
+            }
+        }
         self.files.insert((folder, rel.to_owned()), data);
+    }
+
+    /// Also write `folder`'s files below `dir` from now on.
+    pub(crate) fn mirror_to_disk(&mut self, folder: Folder, dir: std::path::PathBuf) {
+        self.disk.insert(folder, dir);
     }
 
     /// `os.path.exists`: a file or a directory.

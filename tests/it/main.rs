@@ -10,6 +10,7 @@ mod harness;
 mod inputs;
 mod job_flow;
 mod lambda;
+mod ops;
 mod outputs;
 mod page;
 mod replay;

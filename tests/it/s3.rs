@@ -220,6 +220,7 @@ async fn noise_simulator() -> Simulator {
         SimConfig {
             step_delay: Duration::from_millis(5),
             noise_images: true,
+            ..SimConfig::default()
         },
     )
     .await

@@ -336,6 +336,7 @@ async fn an_oversize_result_refused_by_the_platform_becomes_a_short_error() {
         SimConfig {
             step_delay: Duration::from_millis(1),
             noise_images: true,
+            ..SimConfig::default()
         },
     )
     .await

@@ -63,6 +63,12 @@ impl WorkerProcess {
             .env_remove("BUCKET_URL_EXPIRY_S")
             .env_remove("SHUTDOWN_GRACE_S")
             .env_remove("COMFY_WORKER_TEST_PANIC_NODE")
+            .env_remove("WARMUP_WORKFLOW")
+            .env_remove("FREE_MEMORY_AFTER_JOB")
+            .env_remove("CLEANUP_FILES")
+            .env_remove("COMFY_INPUT_DIR")
+            .env_remove("COMFY_OUTPUT_DIR")
+            .env_remove("COMFY_TEMP_DIR")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap());

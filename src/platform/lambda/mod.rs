@@ -279,8 +279,12 @@ impl LambdaWorker {
         let (finished, ()) = async { tokio::join!(run, log) }
             .instrument(span.clone())
             .await;
-        let _entered = span.enter();
         let finished = self.check_size(finished, 0);
+        // FREE_MEMORY_AFTER_JOB: before the response, the only point the handler still runs.
+        crate::ops::after_job(&self.engine)
+            .instrument(span.clone())
+            .await;
+        let _entered = span.enter();
         report(&finished);
         match finished.error {
             Some(e) => Err(e),
@@ -387,6 +391,9 @@ impl LambdaWorker {
         if open && tx.send_data(output_line(&finished)).await.is_err() {
             error!("the response stream closed before the output line");
         }
+        // The response ends here; FREE_MEMORY_AFTER_JOB's /free follows it.
+        drop(tx);
+        crate::ops::after_job(&self.engine).await;
     }
 
     /// Fails a result that is over what the response can carry (after `progress_bytes` of

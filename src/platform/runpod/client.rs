@@ -427,6 +427,34 @@ impl PlatformClient {
         }
     }
 
+    /// The SDK's fitness-check failure report: one best-effort
+    /// `GET <ping URL>&status=unhealthy&check=<check>&reason=<at most 256 chars>` (2 s timeout),
+    /// sent when the heartbeat is configured.
+    pub async fn report_unhealthy(&self, check: &str, reason: &str) {
+        let Some(url) = self.settings.ping_url_for(&[]) else {
+            return;
+        };
+        let Ok(mut url) = reqwest::Url::parse(&url) else {
+            return;
+        };
+        let reason = crate::telemetry::scrub(reason);
+        let reason: String = reason.chars().take(256).collect();
+        url.query_pairs_mut()
+            .append_pair("status", "unhealthy")
+            .append_pair("check", check)
+            .append_pair("reason", &reason);
+        match self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            Ok(r) => debug!(status = %r.status(), "unhealthy report sent"),
+            Err(e) => warn!(error = %error_chain(&e), "unhealthy report failed"),
+        }
+    }
+
     /// One job-stop long poll: the ids to stop, or why not (and how long to wait before the next).
     pub async fn stopped_jobs(&self) -> Result<Vec<String>, (String, Duration)> {
         let Some(url) = self.settings.stop_url() else {

@@ -78,7 +78,12 @@ impl Worker {
 
     /// Runs until `shutdown` is cancelled (then the job in progress finishes and is posted) or,
     /// with `REFRESH_WORKER`, until the first job is done.
-    pub async fn run(&self, shutdown: CancellationToken) {
+    ///
+    /// With `WARMUP_WORKFLOW`, the warm-up runs first, before the heartbeat and the first
+    /// job-take (as the SDK's start-up checks do). If it fails, no job is taken: one
+    /// `status=unhealthy&check=warmup` ping is sent (the SDK's fitness-check report) and the
+    /// error is returned, for the process to exit non-zero so the platform replaces the worker.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), String> {
         let settings = self.client.settings().clone();
         info!(
             worker_id = %settings.worker_id,
@@ -87,6 +92,19 @@ impl Worker {
             stop_channel = settings.stop_url().is_some(),
             "RunPod worker started"
         );
+        if let Some(path) = &self.engine.settings().housekeeping.warmup_workflow {
+            let warmed = crate::ops::warmup::run(&self.engine, path, &shutdown).await;
+            if shutdown.is_cancelled() {
+                info!("RunPod worker stopped during the warm-up");
+                return Ok(());
+            }
+            if let Err(why) = warmed {
+                self.client.report_unhealthy("warmup", &why).await;
+                error!(error = %why, "the worker is unhealthy and takes no job; exiting");
+                return Err(why);
+            }
+            // No `/free` after it: the point is to keep what it loaded.
+        }
         let companions = CancellationToken::new();
         let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
         let stops = tokio::spawn(self.stop_channel(companions.clone()));
@@ -145,6 +163,7 @@ impl Worker {
         let _ = heartbeat.await;
         let _ = stops.await;
         info!("RunPod worker stopped");
+        Ok(())
     }
 
     fn heartbeat(
@@ -218,8 +237,17 @@ impl Worker {
     /// Runs one job and posts its result (unless the platform stopped it).
     pub async fn run_job(&self, job: PlatformJob, shutdown: &CancellationToken) -> JobEnd {
         let span = tracing::info_span!("job", job_id = %job.id);
-        let end = self.run_job_inner(&job, shutdown).instrument(span).await;
+        // Whether ComfyUI gets to run anything for it (else there is nothing to free).
+        let runs = job.unreadable.is_none() && !shutdown.is_cancelled();
+        let end = self
+            .run_job_inner(&job, shutdown)
+            .instrument(span.clone())
+            .await;
         lock(&self.state).held.remove(&job.id);
+        if runs {
+            // After the result post (no delay for the client), before the next job-take.
+            crate::ops::after_job(&self.engine).instrument(span).await;
+        }
         end
     }
 
