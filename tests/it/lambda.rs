@@ -345,6 +345,9 @@ impl LambdaProcess {
                         | "MAX_INLINE_OUTPUT_BYTES"
                         | "AWS_LAMBDA_LOG_FORMAT"
                         | "COMFY_WORKER_TEST_PANIC_NODE"
+                        | "WARMUP_WORKFLOW"
+                        | "FREE_MEMORY_AFTER_JOB"
+                        | "CLEANUP_FILES"
                 )
             {
                 cmd.env_remove(name.as_ref());
@@ -897,4 +900,28 @@ async fn a_panicking_job_and_an_oversize_output_are_error_responses() {
         "{:?}",
         runtime.violations()
     );
+}
+
+#[tokio::test]
+async fn a_failed_warm_up_is_an_init_error() {
+    let sim = simulator(5).await;
+    let runtime = FakeRuntime::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-warmup.json");
+    let mut worker = LambdaProcess::start(
+        &["lambda"],
+        &runtime.env(),
+        &sim.host(),
+        &[("WARMUP_WORKFLOW", missing.to_str().unwrap())],
+    );
+    let (header, body) = runtime.init_error().await;
+    assert_eq!(header, "Runtime.InitError");
+    assert_eq!(body["errorType"], "InvalidConfiguration", "{body}");
+    let message = body["errorMessage"].as_str().unwrap();
+    assert!(
+        message.starts_with("warm-up failed: cannot read WARMUP_WORKFLOW"),
+        "{message}"
+    );
+    assert!(!worker.exited().await.success());
+    assert!(sim.prompts().is_empty());
 }
