@@ -23,7 +23,7 @@ pub(crate) async fn run() -> ExitCode {
             error!(error = %e, "invalid Lambda configuration");
             if !matches!(&e, LambdaConfigError::Missing(m) if m.contains(&"AWS_LAMBDA_RUNTIME_API"))
             {
-                init_error(&e.to_string()).await;
+                init_error("InvalidConfiguration", &e.to_string()).await;
             }
             return ExitCode::FAILURE;
         }
@@ -32,7 +32,7 @@ pub(crate) async fn run() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "invalid configuration");
-            init_error(&e.to_string()).await;
+            init_error("InvalidConfiguration", &e.to_string()).await;
             return ExitCode::FAILURE;
         }
     };
@@ -44,7 +44,7 @@ pub(crate) async fn run() -> ExitCode {
         Ok(e) => e.with_test_hooks_from_env(),
         Err(e) => {
             error!(error = %e, "invalid ComfyUI configuration");
-            init_error(&e.to_string()).await;
+            init_error("InvalidConfiguration", &e.to_string()).await;
             return ExitCode::FAILURE;
         }
     };
@@ -59,7 +59,7 @@ pub(crate) async fn run() -> ExitCode {
     if let Some(path) = engine.settings().housekeeping.warmup_workflow.clone() {
         if let Err(why) = crate::ops::warmup::run(&engine, &path, &shutdown).await {
             if !shutdown.is_cancelled() {
-                init_error(&why).await;
+                init_error("WarmupFailed", &why).await;
                 return ExitCode::FAILURE;
             }
         }
@@ -73,10 +73,10 @@ pub(crate) async fn run() -> ExitCode {
     }
 }
 
-/// Reports a configuration error to the Runtime API's init-error endpoint, so the invoker sees
-/// why the function could not start (best effort; the process exits after it).
+/// Reports why the function cannot start (`InvalidConfiguration`, `WarmupFailed`) to the Runtime
+/// API's init-error endpoint, so the invoker sees it (best effort; the process exits after it).
 #[cfg(feature = "lambda")]
-async fn init_error(message: &str) {
+async fn init_error(error_type: &str, message: &str) {
     let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
         return;
     };
@@ -89,7 +89,7 @@ async fn init_error(message: &str) {
     };
     let url = format!("{base}/2018-06-01/runtime/init/error");
     let body = serde_json::json!({
-        "errorType": "InvalidConfiguration",
+        "errorType": error_type,
         "errorMessage": crate::telemetry::scrub(message),
     });
     let client = match reqwest::Client::builder()

@@ -917,7 +917,7 @@ async fn a_failed_warm_up_is_an_init_error() {
     );
     let (header, body) = runtime.init_error().await;
     assert_eq!(header, "Runtime.InitError");
-    assert_eq!(body["errorType"], "InvalidConfiguration", "{body}");
+    assert_eq!(body["errorType"], "WarmupFailed", "{body}");
     let message = body["errorMessage"].as_str().unwrap();
     assert!(
         message.starts_with("warm-up failed: cannot read WARMUP_WORKFLOW"),
