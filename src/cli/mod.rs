@@ -1,6 +1,7 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
-//! `simulate-comfyui`, and the default mode.
+//! `simulate-comfyui`, `convert` (UI-format workflow to API format), and the default mode.
 
+mod convert;
 mod run;
 mod serve;
 mod view;
@@ -66,6 +67,8 @@ enum Command {
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
+    /// Convert a workflow saved with the UI's plain "Save" to API format and print it.
+    Convert(convert::ConvertArgs),
 }
 
 /// Options of `run`.
@@ -136,6 +139,7 @@ pub fn main() -> ExitCode {
             },
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            Some(Command::Convert(args)) => convert::run(args).await,
             None if cli.sdk_serve.rp_serve_api => {
                 let mut args = ServeArgs::sdk_defaults(
                     cli.sdk_serve.rp_api_host,
