@@ -38,8 +38,30 @@ use super::workflow::json_type;
 const REROUTE: &str = "Reroute";
 /// The frontend's primitive node (virtual: its value is written into the widgets it feeds).
 const PRIMITIVE: &str = "PrimitiveNode";
-/// Frontend-only nodes that are never sent and carry nothing.
-const NOTES: [&str; 2] = ["Note", "MarkdownNote"];
+/// Frontend-only nodes that are never sent and carry nothing: the core notes and rgthree's
+/// virtual helpers (their bypass and mute toggles only change the saved modes).
+const NOTES: [&str; 8] = [
+    "Note",
+    "MarkdownNote",
+    "Label (rgthree)",
+    "Bookmark (rgthree)",
+    "Fast Groups Bypasser (rgthree)",
+    "Fast Groups Muter (rgthree)",
+    "Fast Bypasser (rgthree)",
+    "Fast Muter (rgthree)",
+];
+/// Virtual reroutes of custom node packs: links pass through like [`REROUTE`].
+const OTHER_REROUTES: [&str; 1] = ["Reroute (rgthree)"];
+/// KJNodes' `SetNode` (virtual: stores its input under the name in its first widget) and
+/// `GetNode` (virtual: its output is the input of the `SetNode` of the same name).
+const SET_NODE: &str = "SetNode";
+const GET_NODE: &str = "GetNode";
+/// Class-name prefixes of cg-use-everywhere, whose connections the frontend adds while queueing.
+const EVERYWHERE_PREFIXES: [&str; 3] = [
+    "Anything Everywhere",
+    "Prompts Everywhere",
+    "Seed Everywhere",
+];
 /// `LGraphEventMode.NEVER`: muted.
 const MODE_NEVER: i64 = 2;
 /// `LGraphEventMode.BYPASS`.
@@ -497,6 +519,12 @@ impl UiWorkflow {
             if is_virtual(&node.class) || node.mode == MODE_NEVER || node.mode == MODE_BYPASS {
                 continue;
             }
+            if EVERYWHERE_PREFIXES
+                .iter()
+                .any(|p| node.class.starts_with(p))
+            {
+                return Err(self.error(node, info, "broadcasts its inputs to other nodes while the ComfyUI frontend queues the workflow (cg-use-everywhere), which cannot be reproduced here: connect the inputs with links, or export the workflow with \"Save (API Format)\""));
+            }
             let Some(def) = info.class(&node.class) else {
                 return Err(ConvertError {
                     unknown_class: true,
@@ -835,6 +863,12 @@ impl UiWorkflow {
                 "is a subgraph or group node, and links through it cannot be converted",
             ));
         }
+        if node.class == GET_NODE {
+            let setter = self
+                .setter_for(node)
+                .map_err(|m| self.error(node, info, m))?;
+            return self.resolve_input(setter, slot, Some(ty), visited, info);
+        }
         if is_virtual(&node.class) {
             if node.inputs.get(slot).is_some() {
                 return self.resolve_input(idx, slot, Some(ty), visited, info);
@@ -842,6 +876,24 @@ impl UiWorkflow {
             return Ok(None);
         }
         Ok(Some((node.id.clone(), slot)))
+    }
+
+    /// The `SetNode` a `GetNode` reads: the first one whose name (first widget) is the same.
+    fn setter_for(&self, getter: &Node) -> Result<usize, String> {
+        let name_of = |n: &Node| {
+            n.widgets_values
+                .get(0)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let Some(name) = name_of(getter) else {
+            return Err("is a GetNode without a constant name".into());
+        };
+        self.nodes
+            .iter()
+            .position(|n| n.class == SET_NODE && name_of(n).as_deref() == Some(name.as_str()))
+            .ok_or_else(|| format!("is a GetNode for '{name}', but no SetNode sets '{name}'"))
     }
 
     /// `getBypassSlotIndex`: which input a bypassed node passes to output `slot`.
@@ -890,7 +942,12 @@ fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 fn is_virtual(class: &str) -> bool {
-    class == REROUTE || class == PRIMITIVE || NOTES.contains(&class)
+    class == REROUTE
+        || class == PRIMITIVE
+        || class == SET_NODE
+        || class == GET_NODE
+        || NOTES.contains(&class)
+        || OTHER_REROUTES.contains(&class)
 }
 
 /// `LiteGraph.isValidConnection`: equal types, a wildcard, or comma-separated lists that share

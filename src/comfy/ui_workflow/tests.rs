@@ -190,6 +190,41 @@ fn links_follow_reroutes_and_bypassed_nodes_by_type() {
 }
 
 #[test]
+fn kjnodes_get_nodes_read_their_set_node_and_rgthree_helpers_are_virtual() {
+    let graph = json!({
+        "nodes": [
+            {"id": 1, "type": "Src", "outputs": [{"type": "IMAGE", "links": [1]}, {"type": "MASK", "links": null}]},
+            {"id": 2, "type": "SetNode", "inputs": [{"name": "IMAGE", "type": "IMAGE", "link": 1}],
+             "outputs": [{"type": "IMAGE", "links": null}], "widgets_values": ["pic"]},
+            {"id": 3, "type": "GetNode", "outputs": [{"type": "IMAGE", "links": [2]}], "widgets_values": ["pic"]},
+            {"id": 4, "type": "Reroute (rgthree)", "inputs": [{"name": "", "type": "*", "link": 2}],
+             "outputs": [{"type": "IMAGE", "links": [3]}]},
+            {"id": 5, "type": "Label (rgthree)", "widgets_values": []},
+            {"id": 6, "type": "Sink", "inputs": [{"name": "images", "type": "IMAGE", "link": 3}],
+             "widgets_values": ["p"]}
+        ],
+        "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 3, 0, 4, 0, "IMAGE"], [3, 4, 0, 6, 0, "IMAGE"]]
+    });
+    let out = convert(graph.clone()).unwrap();
+    assert_eq!(out.keys().collect::<Vec<_>>(), ["1", "6"]);
+    assert_eq!(out["6"]["inputs"]["images"], json!(["1", 0]));
+    let mut orphan = graph;
+    orphan["nodes"][2]["widgets_values"] = json!(["other"]);
+    let err = convert(orphan).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Node 3 (GetNode): is a GetNode for 'other', but no SetNode sets 'other'"
+    );
+    let everywhere = json!({"nodes": [node(1, "Anything Everywhere3", json!([]))], "links": []});
+    let err = convert(everywhere).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Node 1 (Anything Everywhere3): broadcasts"),
+        "{err}"
+    );
+}
+
+#[test]
 fn loops_and_dangling_links_are_errors_naming_the_node() {
     let looped = json!({
         "nodes": [
