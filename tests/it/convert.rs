@@ -393,3 +393,91 @@ fn run_simulate_takes_a_ui_format_test_input() {
         "{names:?}"
     );
 }
+
+/// A seeded xorshift, for the mutation test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Replaces one value somewhere in `v` (picked by walking down at random) with an odd one.
+fn mutate(v: &mut Value, rng: &mut Rng) {
+    let odd = [
+        Value::Null,
+        json!(-1),
+        json!(1.5),
+        json!(""),
+        json!("*"),
+        json!([]),
+        json!({}),
+        json!([1, 2]),
+        json!(u64::MAX),
+        json!(true),
+    ];
+    let stop = rng.below(4) == 0;
+    match v {
+        Value::Array(list) if !list.is_empty() && !stop => {
+            let i = rng.below(list.len());
+            if rng.below(8) == 0 {
+                list.remove(i);
+            } else {
+                mutate(&mut list[i], rng);
+            }
+        }
+        Value::Object(map) if !map.is_empty() && !stop => {
+            let i = rng.below(map.len());
+            let key = map.keys().nth(i).unwrap().clone();
+            if rng.below(8) == 0 {
+                map.remove(&key);
+            } else {
+                mutate(map.get_mut(&key).unwrap(), rng);
+            }
+        }
+        _ => *v = odd[rng.below(odd.len())].clone(),
+    }
+}
+
+#[test]
+fn mutated_exports_never_panic_and_errors_stay_readable() {
+    let info = recorded_object_info();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut converted, mut refused) = (0, 0);
+    for name in cases() {
+        let original = ui(&name);
+        for _ in 0..300 {
+            let mut graph = original.clone();
+            for _ in 0..1 + rng.below(3) {
+                mutate(&mut graph, &mut rng);
+            }
+            let Some(map) = graph.as_object() else {
+                continue;
+            };
+            let result = UiWorkflow::from_map(map)
+                .and_then(|ui| ui.convert_with(&info, &ConvertOptions { seed: Some(1) }));
+            match result {
+                Ok(api) => {
+                    converted += 1;
+                    // Whatever converts is a workflow the engine takes.
+                    if !api.is_empty() {
+                        Workflow::from_value(Value::Object(api)).unwrap();
+                    }
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+    }
+    assert!(converted > 100 && refused > 100, "{converted} {refused}");
+}
