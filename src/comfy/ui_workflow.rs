@@ -526,6 +526,9 @@ impl UiWorkflow {
                 return Err(self.error(node, info, "broadcasts its inputs to other nodes while the ComfyUI frontend queues the workflow (cg-use-everywhere), which cannot be reproduced here: connect the inputs with links, or export the workflow with \"Save (API Format)\""));
             }
             let Some(def) = info.class(&node.class) else {
+                if uuid::Uuid::parse_str(&node.class).is_ok() {
+                    return Err(self.error(node, info, "is a subgraph instance (its type is a subgraph id) without a definition in the workflow; subgraphs cannot be converted here: unpack it in ComfyUI or export the workflow with \"Save (API Format)\""));
+                }
                 return Err(ConvertError {
                     unknown_class: true,
                     ..self.error(

@@ -319,6 +319,10 @@ fn structural_problems_are_clear_errors() {
             "Node 1 (workflow>mine): is a group node",
         ),
         (
+            json!({"nodes": [node(1, "a3f1c2d4-7b8e-4f60-9c1d-2e3f4a5b6c7d", json!([]))], "links": []}),
+            "Node 1 (a3f1c2d4-7b8e-4f60-9c1d-2e3f4a5b6c7d): is a subgraph instance",
+        ),
+        (
             json!({"nodes": [{"id": 1, "type": "PrimitiveNode", "outputs": [{"type": "INT", "links": [1]}], "widgets_values": []}], "links": []}),
             "Node 1 (PrimitiveNode): is connected but has no value",
         ),
