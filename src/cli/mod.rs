@@ -250,6 +250,39 @@ mod tests {
     }
 
     #[test]
+    fn convert_takes_a_file_and_one_source_of_object_info() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "convert",
+            "-",
+            "--object-info",
+            "info.json",
+            "--seed",
+            "4",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Convert(a)) => {
+                assert_eq!(a.file, PathBuf::from("-"));
+                assert_eq!(a.object_info, Some(PathBuf::from("info.json")));
+                assert_eq!((a.comfy, a.seed), (None, Some(4)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from([
+            "comfy-worker",
+            "convert",
+            "w.json",
+            "--comfy",
+            "h:1",
+            "--object-info",
+            "i.json"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["comfy-worker", "convert"]).is_err());
+    }
+
+    #[test]
     fn serve_flags_insecure_and_no_key_in_debug() {
         let cli = Cli::try_parse_from([
             "comfy-worker",
