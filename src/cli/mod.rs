@@ -1,6 +1,7 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
-//! `simulate-comfyui`, and the default mode.
+//! `simulate-comfyui`, `convert` (UI-format workflow to API format), and the default mode.
 
+mod convert;
 mod health;
 mod run;
 mod serve;
@@ -69,6 +70,8 @@ enum Command {
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
+    /// Convert a workflow saved with the UI's plain "Save" to API format and print it.
+    Convert(convert::ConvertArgs),
 }
 
 /// Options of `run`.
@@ -149,6 +152,7 @@ pub fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Health(args)) => health::run(args).await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            Some(Command::Convert(args)) => convert::run(args).await,
             None if cli.sdk_serve.rp_serve_api => {
                 let mut args = ServeArgs::sdk_defaults(
                     cli.sdk_serve.rp_api_host,
@@ -264,6 +268,39 @@ mod tests {
         assert!(
             matches!(cli.command, Some(Command::Health(ref h)) if h.json && h.comfy.as_deref() == Some("h:1"))
         );
+    }
+
+    #[test]
+    fn convert_takes_a_file_and_one_source_of_object_info() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "convert",
+            "-",
+            "--object-info",
+            "info.json",
+            "--seed",
+            "4",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Convert(a)) => {
+                assert_eq!(a.file, PathBuf::from("-"));
+                assert_eq!(a.object_info, Some(PathBuf::from("info.json")));
+                assert_eq!((a.comfy, a.seed), (None, Some(4)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from([
+            "comfy-worker",
+            "convert",
+            "w.json",
+            "--comfy",
+            "h:1",
+            "--object-info",
+            "i.json"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["comfy-worker", "convert"]).is_err());
     }
 
     #[test]

@@ -645,6 +645,22 @@ impl ObjectInfo {
     pub fn has_class(&self, class_type: &str) -> bool {
         self.classes.contains_key(class_type)
     }
+
+    /// A class's definition (`input`, `input_order`, `output`, `display_name`, ...), when it is
+    /// an object.
+    pub fn class(&self, class_type: &str) -> Option<&Map<String, Value>> {
+        self.classes.get(class_type)?.as_object()
+    }
+
+    /// Number of classes.
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Whether no class is known.
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
 }
 
 /// The media type a file name's extension stands for, if it is a known one.

@@ -4,12 +4,14 @@
 //! * [`messages`]: WebSocket text and binary frames.
 //! * [`ws`]: the socket itself.
 //! * [`run`]: following one prompt to its end (socket + `/history` fallback).
-//! * [`workflow`]: the API-format graph a job submits.
+//! * [`workflow`]: the API-format graph a job submits (or a UI-format one to convert).
+//! * [`ui_workflow`]: UI-format exports converted to the API format with `/object_info`.
 
 pub mod api;
 pub mod error;
 pub mod messages;
 pub mod run;
+pub mod ui_workflow;
 pub mod workflow;
 pub mod ws;
 
@@ -20,4 +22,5 @@ pub use api::{
 };
 pub use error::ComfyError;
 pub use run::{ExtraData, NodeState, PromptEvent, PromptResult, WatchOptions};
-pub use workflow::{Workflow, WorkflowError};
+pub use ui_workflow::{ConvertError, ConvertOptions, UiWorkflow};
+pub use workflow::{Workflow, WorkflowError, WorkflowInput};

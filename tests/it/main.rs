@@ -2,6 +2,7 @@
 
 mod cdp;
 mod cli;
+mod convert;
 mod corpus;
 mod fake_platform;
 mod fake_platform_selftest;
