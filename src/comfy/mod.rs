@@ -2,11 +2,13 @@
 //!
 //! * [`api`]: the HTTP endpoints, typed replies and errors.
 //! * [`messages`]: WebSocket text and binary frames.
+//! * [`describe`]: those frames as readable lines (`watch`, debug logs).
 //! * [`ws`]: the socket itself.
 //! * [`run`]: following one prompt to its end (socket + `/history` fallback).
 //! * [`workflow`]: the API-format graph a job submits.
 
 pub mod api;
+pub mod describe;
 pub mod error;
 pub mod messages;
 pub mod run;
