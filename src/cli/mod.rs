@@ -1,9 +1,10 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
-//! `simulate-comfyui`, and the default mode.
+//! `simulate-comfyui`, `watch` (ComfyUI's events, readable), and the default mode.
 
 mod run;
 mod serve;
 mod view;
+mod watch;
 mod worker;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use serve::ServeArgs;
+pub use watch::WatchArgs;
 
 use crate::simulator::{self, SimConfig};
 
@@ -66,6 +68,9 @@ enum Command {
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
+    /// Print ComfyUI's WebSocket events readably, one line each (broadcasts only, or a prompt of
+    /// your own with --submit).
+    Watch(WatchArgs),
 }
 
 /// Options of `run`.
@@ -136,6 +141,7 @@ pub fn main() -> ExitCode {
             },
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            Some(Command::Watch(args)) => watch::run(args).await,
             None if cli.sdk_serve.rp_serve_api => {
                 let mut args = ServeArgs::sdk_defaults(
                     cli.sdk_serve.rp_api_host,

@@ -6,7 +6,7 @@ pub mod codec;
 pub mod collect;
 pub mod input;
 pub mod output;
-mod report;
+pub(crate) mod report;
 pub mod storage;
 
 use std::path::Path;
