@@ -173,12 +173,10 @@ fn load_workflow(path: &Path) -> Result<Workflow, String> {
     let value: Value = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
     let graph = match value.get("input") {
-        Some(input) => input.get("workflow").cloned().ok_or_else(|| {
-            format!(
-                "{} has an 'input' without a 'workflow'",
-                path.display()
-            )
-        })?,
+        Some(input) => input
+            .get("workflow")
+            .cloned()
+            .ok_or_else(|| format!("{} has an 'input' without a 'workflow'", path.display()))?,
         None => value,
     };
     Workflow::from_value(graph).map_err(|e| format!("{}: {e}", path.display()))
@@ -272,7 +270,7 @@ async fn submit(
                         .collect::<Vec<_>>()
                         .join(" ")
                 ),
-                Outcome::Interrupted(i) => format!("{}", report::interrupted(i, r.cancelled)),
+                Outcome::Interrupted(i) => report::interrupted(i, r.cancelled),
             };
             let mut detail = report::dropped_outputs(&r.dropped_outputs);
             detail.extend(r.warnings);
@@ -310,8 +308,8 @@ async fn broadcasts(client: &ComfyClient, opts: &WatchOptions, json: bool) -> Ex
     printer.note(
         "watch",
         "ComfyUI sends a prompt's events only to the client that queued it, so this shows only \
-         broadcasts: queue status, prompts queued without a client id, previews (use --submit \
-         FILE to follow a prompt of your own)"
+         broadcasts: queue status, the progress and previews of prompts queued without a client \
+         id, node text (use --submit FILE to follow a prompt of your own)"
             .to_owned(),
     );
     let signal = super::shutdown_signal();
@@ -416,13 +414,18 @@ mod tests {
         let bare = dir.path().join("bare.json");
         std::fs::write(&bare, wf.to_string()).unwrap();
         let wrapped = dir.path().join("job.json");
-        std::fs::write(&wrapped, serde_json::json!({"input": {"workflow": wf}}).to_string())
-            .unwrap();
+        std::fs::write(
+            &wrapped,
+            serde_json::json!({"input": {"workflow": wf}}).to_string(),
+        )
+        .unwrap();
         assert_eq!(load_workflow(&bare).unwrap().len(), 1);
         assert_eq!(load_workflow(&wrapped).unwrap().len(), 1);
         let no_wf = dir.path().join("no.json");
         std::fs::write(&no_wf, r#"{"input": {"images": []}}"#).unwrap();
-        assert!(load_workflow(&no_wf).unwrap_err().contains("without a 'workflow'"));
+        assert!(load_workflow(&no_wf)
+            .unwrap_err()
+            .contains("without a 'workflow'"));
         assert!(load_workflow(&dir.path().join("missing.json"))
             .unwrap_err()
             .contains("cannot read"));

@@ -22,5 +22,6 @@ mod serve_process;
 mod serverless;
 mod shutdown;
 mod start_script;
+mod watch;
 mod webhooks;
 mod worker_process;
