@@ -81,7 +81,10 @@ struct StepClock {
 #[derive(Debug, Clone, Default)]
 pub struct Describer {
     labels: HashMap<String, NodeLabel>,
-    /// The prompt the labels belong to, when known.
+    /// The prompt the labels belong to, when known; events of other prompts get bare node ids
+    /// (node ids repeat across workflows). A describer made [`Describer::for_workflow`] takes
+    /// the first prompt that starts on its socket: `execution_start` goes only to the client
+    /// that queued the prompt.
     labels_for: Option<String>,
     /// The running node and when it started.
     current: Option<(String, Instant)>,
@@ -211,7 +214,15 @@ impl Describer {
 
     /// `2 KSampler "Sampler"`: the id, the class type and the title when it says more.
     pub fn node(&self, id: &str) -> String {
-        let Some(label) = self.labels.get(id) else {
+        self.node_of(id, None)
+    }
+
+    /// [`Describer::node`] for a node of `prompt_id`: the bare id when the labels belong to
+    /// another prompt.
+    fn node_of(&self, id: &str, prompt_id: Option<&str>) -> String {
+        let foreign = matches!((prompt_id, &self.labels_for), (Some(p), Some(l)) if p != l);
+        let label = if foreign { None } else { self.labels.get(id) };
+        let Some(label) = label else {
             return id.to_owned();
         };
         let mut out = id.to_owned();
@@ -227,11 +238,14 @@ impl Describer {
         out
     }
 
-    fn node_or_type(&self, id: Option<&str>, node_type: Option<&str>) -> String {
+    fn node_or_type(
+        &self,
+        id: Option<&str>,
+        node_type: Option<&str>,
+        prompt_id: Option<&str>,
+    ) -> String {
         match (id, node_type) {
-            (Some(id), _) if self.labels.get(id).is_some_and(|l| l.class_type.is_some()) => {
-                self.node(id)
-            }
+            (Some(id), _) if self.node_of(id, prompt_id) != id => self.node_of(id, prompt_id),
             (Some(id), Some(t)) if !t.is_empty() => format!("{id} {t}"),
             (Some(id), _) => id.to_owned(),
             (None, Some(t)) => t.to_owned(),
@@ -243,6 +257,12 @@ impl Describer {
     /// what `executing`, `progress` and `executed` say (it is in `watch --json`).
     pub fn event(&mut self, ev: &WsEvent, at: Instant) -> Option<Line> {
         let pid = |p: &Option<String>| p.clone().unwrap_or_else(|| "?".to_owned());
+        if let WsEvent::ExecutionStart(s) = ev {
+            if self.labels_for.is_none() && !self.labels.is_empty() {
+                self.labels_for = s.prompt_id.clone();
+            }
+        }
+        let of = ev.prompt_id();
         Some(match ev {
             WsEvent::Status(s) => {
                 let remaining = s.status.exec_info.queue_remaining;
@@ -274,7 +294,7 @@ impl Describer {
                     if self.current.as_ref().map(|c| c.0.as_str()) != Some(node.as_str()) {
                         self.current = Some((node.clone(), at));
                     }
-                    let mut text = self.node(node);
+                    let mut text = self.node_of(node, of);
                     if e.prompt_id.is_none() {
                         text.push_str(" (prompt not named: sent on connect)");
                     }
@@ -300,7 +320,7 @@ impl Describer {
                     0.0
                 };
                 let mut text = match &node {
-                    Some(n) => format!("{}: ", self.node(n)),
+                    Some(n) => format!("{}: ", self.node_of(n, of)),
                     None => String::new(),
                 };
                 text.push_str(&format!("{}/{} ({percent:.1}%)", p.value, p.max));
@@ -312,13 +332,17 @@ impl Describer {
             WsEvent::ProgressState(_) => return None,
             WsEvent::Executed(e) => Line::new(
                 "executed",
-                format!("{} {}", self.node(&e.node), outputs(e.output.as_ref())),
+                format!(
+                    "{} {}",
+                    self.node_of(&e.node, of),
+                    outputs(e.output.as_ref())
+                ),
             ),
             WsEvent::ExecutionSuccess(s) => {
                 Line::new("success", format!("prompt {}", pid(&s.prompt_id)))
             }
             WsEvent::ExecutionError(e) => {
-                let who = self.node_or_type(e.node_id.as_deref(), e.node_type.as_deref());
+                let who = self.node_or_type(e.node_id.as_deref(), e.node_type.as_deref(), of);
                 let mut line = if e.is_blocked_variant() {
                     Line::new(
                         "blocked",
@@ -355,7 +379,7 @@ impl Describer {
                 if i.node_id.is_some() || i.node_type.is_some() {
                     text.push_str(&format!(
                         " at node {}",
-                        self.node_or_type(i.node_id.as_deref(), i.node_type.as_deref())
+                        self.node_or_type(i.node_id.as_deref(), i.node_type.as_deref(), of)
                     ));
                 }
                 Line::new("interrupted", text)
@@ -413,7 +437,8 @@ impl Describer {
                 let mime = frame.image_mime().unwrap_or("application/octet-stream");
                 let mut text = format!("{}, {} bytes", short_mime(mime), data.len());
                 if let Some(node) = &metadata.node_id {
-                    text.push_str(&format!(" from node {}", self.node(node)));
+                    let of = metadata.prompt_id.as_deref();
+                    text.push_str(&format!(" from node {}", self.node_of(node, of)));
                 }
                 if let Some(p) = &metadata.prompt_id {
                     text.push_str(&format!(" of prompt {p}"));
@@ -550,6 +575,42 @@ mod tests {
             binary_summary(&frame)["binary"],
             serde_json::json!({"type": 4, "format": "jpeg", "bytes": 6, "node_id": "3", "prompt_id": "p"})
         );
+    }
+
+    #[test]
+    fn labels_apply_to_the_first_prompt_started_not_to_others() {
+        let mut d = describer();
+        let at = Instant::now();
+        let start = ev(r#"{"type":"execution_start","data":{"prompt_id":"ours"}}"#);
+        d.event(&start, at).unwrap();
+        let step = |p: &str| {
+            ev(&format!(
+                r#"{{"type":"progress","data":{{"value":1,"max":4,"prompt_id":"{p}","node":"3"}}}}"#
+            ))
+        };
+        assert!(d
+            .event(&step("ours"), at)
+            .unwrap()
+            .text
+            .starts_with("3 KSampler"));
+        assert!(d
+            .event(&step("theirs"), at)
+            .unwrap()
+            .text
+            .starts_with("3: 1/4"));
+        let mut broadcast = Describer::new();
+        broadcast.learn(
+            serde_json::json!({"3": {"class_type": "Upscale"}})
+                .as_object()
+                .unwrap(),
+            Some("theirs"),
+        );
+        assert!(broadcast.knows("theirs"));
+        assert!(broadcast
+            .event(&step("theirs"), at)
+            .unwrap()
+            .text
+            .starts_with("3 Upscale: "));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use comfy_worker::simulator::Simulator;
+use comfy_worker::simulator::{DropPoint, Simulator};
 use serde_json::{json, Value};
 
 use crate::cli::bin;
@@ -359,6 +359,42 @@ async fn submit_against_the_simulator_shows_every_step_and_exits_0() {
             "3 SaveImage \"Save 512x512\" → 1 image(s)",
             "5 SaveImage \"Save 256x256\" → 1 image(s)"
         ]
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_socket_dropped_mid_prompt_is_reconnected_and_the_end_comes_from_history() {
+    let sim = simulator(1).await;
+    sim.drop_websockets_at(DropPoint::AfterStep(3));
+    let mut wf = harness::workflow("ok");
+    wf["2"]["inputs"]["steps"] = json!(8);
+    let mut p = WatchProcess::submit(&sim.host(), &wf, &[]);
+    let status = p.exited().await;
+    let out = p.stdout();
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert_eq!(sim.drops_fired(), 1);
+    let notes = texts_of(&out, "watch");
+    assert!(
+        notes.iter().any(|n| n.starts_with("connection lost")),
+        "{out}"
+    );
+    assert!(notes.iter().any(|n| n.starts_with("reconnected")), "{out}");
+    // The new socket has a fresh client id: the prompt's later steps go to no one.
+    let steps = texts_of(&out, "progress");
+    assert!(
+        !steps.is_empty() && steps.iter().all(|s| !s.contains(": 4/8 (")),
+        "{out}"
+    );
+    assert_eq!(
+        texts_of(&out, "result"),
+        ["success: prompt PID, 2 output file(s) in /history".replace(
+            "PID",
+            &sim.prompts()[0]["prompt_id"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned()
+        )]
     );
     sim.shutdown().await;
 }
