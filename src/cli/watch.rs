@@ -154,7 +154,14 @@ pub(crate) async fn run(args: WatchArgs) -> ExitCode {
     match &args.submit {
         Some(file) => {
             let workflow = match load_workflow(file) {
-                Ok(w) => w,
+                Ok((w, 0)) => w,
+                Ok((w, images)) => {
+                    eprintln!(
+                        "comfy-worker watch: {} has {images} input image(s); --submit sends the workflow only (upload them first, or use `comfy-worker run`)",
+                        file.display()
+                    );
+                    w
+                }
                 Err(e) => {
                     eprintln!("comfy-worker watch: {e}");
                     return ExitCode::from(2);
@@ -166,12 +173,18 @@ pub(crate) async fn run(args: WatchArgs) -> ExitCode {
     }
 }
 
-/// The workflow of a test-input file (`{"input": {"workflow": …}}`) or a bare API-format one.
-fn load_workflow(path: &Path) -> Result<Workflow, String> {
+/// The workflow of a test-input file (`{"input": {"workflow": …}}`) or a bare API-format one,
+/// and how many input images the file has (they are not uploaded).
+fn load_workflow(path: &Path) -> Result<(Workflow, usize), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let value: Value = serde_json::from_str(&text)
         .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+    let images = value
+        .get("input")
+        .and_then(|i| i.get("images"))
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
     let graph = match value.get("input") {
         Some(input) => input
             .get("workflow")
@@ -179,7 +192,8 @@ fn load_workflow(path: &Path) -> Result<Workflow, String> {
             .ok_or_else(|| format!("{} has an 'input' without a 'workflow'", path.display()))?,
         None => value,
     };
-    Workflow::from_value(graph).map_err(|e| format!("{}: {e}", path.display()))
+    let workflow = Workflow::from_value(graph).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((workflow, images))
 }
 
 /// `--submit`: queue the workflow on our own socket and show its whole stream.
@@ -419,8 +433,8 @@ mod tests {
             serde_json::json!({"input": {"workflow": wf}}).to_string(),
         )
         .unwrap();
-        assert_eq!(load_workflow(&bare).unwrap().len(), 1);
-        assert_eq!(load_workflow(&wrapped).unwrap().len(), 1);
+        assert_eq!(load_workflow(&bare).unwrap().0.len(), 1);
+        assert_eq!(load_workflow(&wrapped).unwrap().0.len(), 1);
         let no_wf = dir.path().join("no.json");
         std::fs::write(&no_wf, r#"{"input": {"images": []}}"#).unwrap();
         assert!(load_workflow(&no_wf)

@@ -386,14 +386,14 @@ async fn a_socket_dropped_mid_prompt_is_reconnected_and_the_end_comes_from_histo
         !steps.is_empty() && steps.iter().all(|s| !s.contains(": 4/8 (")),
         "{out}"
     );
+    let prompt_id = sim.prompts()[0]["prompt_id"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
     assert_eq!(
         texts_of(&out, "result"),
-        ["success: prompt PID, 2 output file(s) in /history".replace(
-            "PID",
-            &sim.prompts()[0]["prompt_id"]
-                .as_str()
-                .unwrap_or("?")
-                .to_owned()
+        [format!(
+            "success: prompt {prompt_id}, 2 output file(s) in /history"
         )]
     );
     sim.shutdown().await;
