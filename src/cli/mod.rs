@@ -252,6 +252,32 @@ mod tests {
     }
 
     #[test]
+    fn parses_watch() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "watch",
+            "--comfy",
+            "10.0.0.2:8188",
+            "--json",
+            "--submit",
+            "wf.json",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Watch(a)) => {
+                assert_eq!(a.comfy.as_deref(), Some("10.0.0.2:8188"));
+                assert!(a.json);
+                assert_eq!(a.submit, Some(PathBuf::from("wf.json")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["comfy-worker", "watch", "--comfy-host", "h:1"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Watch(ref a)) if a.comfy.as_deref() == Some("h:1") && a.submit.is_none())
+        );
+    }
+
+    #[test]
     fn serve_flags_insecure_and_no_key_in_debug() {
         let cli = Cli::try_parse_from([
             "comfy-worker",

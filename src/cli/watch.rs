@@ -31,11 +31,14 @@ use crate::job::report;
 /// The exit code of a submitted prompt stopped by Ctrl+C (128 + SIGINT).
 const EXIT_INTERRUPTED: u8 = 130;
 
+/// Bound for reading a broadcast prompt's workflow from `/queue`.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Options of `watch`.
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
     /// ComfyUI address (overrides COMFY_HOST) [default: 127.0.0.1:8188].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, visible_alias = "comfy-host", value_name = "HOST:PORT")]
     pub comfy: Option<String>,
     /// Print the raw events as NDJSON (text frames as received; binary frames as a summary).
     #[arg(long)]
@@ -412,7 +415,9 @@ async fn learn_workflow(
         return;
     }
     *looked_up = Some(prompt_id.to_owned());
-    if let Ok(Some(graph)) = client.queued_workflow(prompt_id).await {
+    // Bounded tighter than other calls: the stream waits for it.
+    let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, client.queued_workflow(prompt_id));
+    if let Ok(Ok(Some(graph))) = lookup.await {
         printer.describer.learn(&graph, Some(prompt_id));
     }
 }

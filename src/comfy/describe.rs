@@ -118,6 +118,16 @@ pub fn short_duration(seconds: f64) -> String {
     }
 }
 
+/// A step count: `5`, or `2.5` / `0.33` for nodes that report fractions.
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        let s = format!("{v:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+}
+
 /// `HH:MM:SS.mmm` (UTC) of a moment, the timestamp `watch` puts before each line.
 pub fn clock(at: SystemTime) -> String {
     let ms = at
@@ -323,7 +333,11 @@ impl Describer {
                     Some(n) => format!("{}: ", self.node_of(n, of)),
                     None => String::new(),
                 };
-                text.push_str(&format!("{}/{} ({percent:.1}%)", p.value, p.max));
+                text.push_str(&format!(
+                    "{}/{} ({percent:.1}%)",
+                    number(p.value),
+                    number(p.max)
+                ));
                 if let Some(eta) = eta.filter(|_| p.value < p.max) {
                     text.push_str(&format!(", ETA {}", short_duration(eta)));
                 }
@@ -638,5 +652,9 @@ mod tests {
         assert_eq!(short_duration(4.24), "4.2s");
         assert_eq!(short_duration(65.0), "1m05s");
         assert_eq!(short_duration(7380.0), "2h03m");
+        assert_eq!(
+            [number(5.0), number(2.5), number(0.1 + 0.2)],
+            ["5", "2.5", "0.3"]
+        );
     }
 }

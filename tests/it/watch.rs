@@ -300,6 +300,23 @@ async fn interrupt_replay_interrupted_elsewhere_shows_it_and_exits_1() {
 }
 
 #[tokio::test]
+async fn preview_replays_show_binary_frames_by_format_and_size() {
+    for name in ["preview", "preview_metadata"] {
+        let (server, mut p) = replay_submit(name).await;
+        let status = p.exited().await;
+        assert_eq!(status.code(), Some(0), "{}", p.stdout());
+        let previews = texts_of(&p.stdout(), "preview");
+        assert!(
+            !previews.is_empty(),
+            "{name}: no preview line:\n{}",
+            p.stdout()
+        );
+        assert_golden(name, &golden_of(&server, &p));
+        assert_clean(&server);
+    }
+}
+
+#[tokio::test]
 async fn ctrl_c_interrupts_the_submitted_prompt_and_exits_130() {
     let (server, mut p) = replay_submit("interrupt").await;
     p.wait_for("3/50 (6.0%)", 1).await;
