@@ -322,7 +322,12 @@ impl ComfyClient {
             last_socket_error: String::new(),
             unanswered_polls: 0,
             settled: false,
-            describer: Describer::for_workflow(workflow),
+            // The labels are only needed for the debug log.
+            describer: if tracing::enabled!(Level::DEBUG) {
+                Describer::for_workflow(workflow)
+            } else {
+                Describer::new()
+            },
         };
         on_event(self.queued_event(&watch.prompt_id, None).await);
         let end = watch.run(cancel, on_event, on_frame).await;
