@@ -1,11 +1,13 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
-//! `simulate-comfyui`, `convert` (UI-format workflow to API format), and the default mode.
+//! `simulate-comfyui`, `convert` (UI-format workflow to API format), `watch` (ComfyUI's events,
+//! readable), and the default mode.
 
 mod convert;
 mod health;
 mod run;
 mod serve;
 mod view;
+mod watch;
 mod worker;
 
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use serve::ServeArgs;
+pub use watch::WatchArgs;
 
 use crate::simulator::{self, SimConfig};
 
@@ -72,6 +75,9 @@ enum Command {
     SimulateComfyui(SimArgs),
     /// Convert a workflow saved with the UI's plain "Save" to API format and print it.
     Convert(convert::ConvertArgs),
+    /// Print ComfyUI's WebSocket events readably, one line each (broadcasts only, or a prompt of
+    /// your own with --submit).
+    Watch(WatchArgs),
 }
 
 /// Options of `run`.
@@ -153,6 +159,7 @@ pub fn main() -> ExitCode {
             Some(Command::Health(args)) => health::run(args).await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
             Some(Command::Convert(args)) => convert::run(args).await,
+            Some(Command::Watch(args)) => watch::run(args).await,
             None if cli.sdk_serve.rp_serve_api => {
                 let mut args = ServeArgs::sdk_defaults(
                     cli.sdk_serve.rp_api_host,
@@ -301,6 +308,32 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["comfy-worker", "convert"]).is_err());
+    }
+
+    #[test]
+    fn parses_watch() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "watch",
+            "--comfy",
+            "10.0.0.2:8188",
+            "--json",
+            "--submit",
+            "wf.json",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Watch(a)) => {
+                assert_eq!(a.comfy.as_deref(), Some("10.0.0.2:8188"));
+                assert!(a.json);
+                assert_eq!(a.submit, Some(PathBuf::from("wf.json")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["comfy-worker", "watch", "--comfy-host", "h:1"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Watch(ref a)) if a.comfy.as_deref() == Some("h:1") && a.submit.is_none())
+        );
     }
 
     #[test]

@@ -1037,6 +1037,23 @@ impl ComfyClient {
         Ok(QueueSnapshot::parse(&v))
     }
 
+    /// The API-format workflow of a running or pending prompt, from `GET /queue` (each entry is
+    /// `[number, prompt_id, prompt, extra_data, outputs]`); `None` when it is not queued.
+    pub async fn queued_workflow(
+        &self,
+        prompt_id: &str,
+    ) -> Result<Option<Map<String, Value>>, ComfyError> {
+        let v = self.get_json("GET /queue", "/queue").await?;
+        Ok(["queue_running", "queue_pending"]
+            .iter()
+            .filter_map(|k| v.get(*k).and_then(Value::as_array))
+            .flatten()
+            .find(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id))
+            .and_then(|item| item.get(2))
+            .and_then(Value::as_object)
+            .cloned())
+    }
+
     /// `POST /queue {"delete": [...]}`: removes pending prompts (running ones are unaffected).
     pub async fn delete_from_queue(&self, prompt_ids: &[&str]) -> Result<(), ComfyError> {
         self.post_json(

@@ -2,12 +2,14 @@
 //!
 //! * [`api`]: the HTTP endpoints, typed replies and errors.
 //! * [`messages`]: WebSocket text and binary frames.
+//! * [`describe`]: those frames as readable lines (`watch`, debug logs).
 //! * [`ws`]: the socket itself.
 //! * [`run`]: following one prompt to its end (socket + `/history` fallback).
 //! * [`workflow`]: the API-format graph a job submits (or a UI-format one to convert).
 //! * [`ui_workflow`]: UI-format exports converted to the API format with `/object_info`.
 
 pub mod api;
+pub mod describe;
 pub mod error;
 pub mod messages;
 pub mod run;

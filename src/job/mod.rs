@@ -7,7 +7,7 @@ pub mod collect;
 mod convert;
 pub mod input;
 pub mod output;
-mod report;
+pub(crate) mod report;
 pub mod storage;
 
 use std::path::Path;

@@ -24,5 +24,6 @@ mod serve_process;
 mod serverless;
 mod shutdown;
 mod start_script;
+mod watch;
 mod webhooks;
 mod worker_process;
