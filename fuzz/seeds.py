@@ -34,6 +34,10 @@ put("job_input_bytes", json.dumps({"workflow": {"1": {"class_type": "LoadImage",
                {"name": "m.png", "image": "aGk=", "kind": "mask", "original_ref": "a.png"}],
     "output": {"include_temp": True, "kinds": ["images", "videos"]}}))
 
+for p in sorted((root / "tests/fixtures/ui_workflows").glob("*.json")):
+    if not p.name.endswith(".api.json"):
+        put("ui_workflow", p.read_text())
+
 png = bytes.fromhex("89504e470d0a1a0a") + b"\0" * 16
 put("ws_binary", struct.pack(">II", 1, 2) + png)
 put("ws_binary", struct.pack(">II", 1, 1) + b"\xff\xd8\xff\xe0" + b"\0" * 8)

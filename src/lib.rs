@@ -7,7 +7,7 @@
 //! * [`simulator`]: a fake ComfyUI speaking the real protocol, for trying and testing without a GPU.
 //! * [`platform`]: serverless platform adapters (RunPod worker protocol).
 //! * [`api`]: the local endpoint (`serve`): RunPod's endpoint API, live progress as SSE.
-//! * [`cli`]: the command line (`run`, `worker`, `serve`, `simulate-comfyui`).
+//! * [`cli`]: the command line (`run`, `worker`, `serve`, `simulate-comfyui`, `watch`).
 //! * [`config`]: settings from the environment.
 //! * [`net`]: the SSRF guard and guarded downloads, for URLs a job names.
 //! * [`telemetry`]: log set-up.

@@ -161,6 +161,29 @@ pub fn step_name(class_type: &str) -> String {
     }
 }
 
+/// Seconds left in a node at step `value` of `max`, from its step rate: since its `first`
+/// observed step, or since it started (`node_started`) while only one step was seen. Rounded to
+/// 0.1 s; 0 once the last step is done; `None` before the first step. The one ETA formula, used
+/// by [`ProgressTracker`] and by the readable event lines of `comfy::describe`.
+pub fn step_eta(
+    first: (f64, Instant),
+    node_started: Instant,
+    value: f64,
+    max: f64,
+    now: Instant,
+) -> Option<f64> {
+    if max <= 0.0 || value <= 0.0 || value >= max {
+        return (value >= max && max > 0.0).then_some(0.0);
+    }
+    let (v0, t0) = first;
+    let per_step = if value > v0 {
+        now.duration_since(t0).as_secs_f64() / (value - v0)
+    } else {
+        now.duration_since(node_started).as_secs_f64() / value
+    };
+    Some(round1(per_step * (max - value)))
+}
+
 #[derive(Debug, Clone)]
 struct StepState {
     node: String,
@@ -295,16 +318,7 @@ impl ProgressTracker {
 
     fn eta(&self, now: Instant) -> Option<f64> {
         let s = self.step.as_ref()?;
-        if s.max <= 0.0 || s.value <= 0.0 || s.value >= s.max {
-            return (s.value >= s.max && s.max > 0.0).then_some(0.0);
-        }
-        let (v0, t0) = s.first;
-        let per_step = if s.value > v0 {
-            now.duration_since(t0).as_secs_f64() / (s.value - v0)
-        } else {
-            now.duration_since(s.node_started).as_secs_f64() / s.value
-        };
-        Some(round1(per_step * (s.max - s.value)))
+        step_eta(s.first, s.node_started, s.value, s.max, now)
     }
 
     fn snapshot(&mut self, kind: ProgressKind, now: Instant) -> ProgressSnapshot {

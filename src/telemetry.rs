@@ -247,6 +247,8 @@ pub fn init(default: &str, json: bool) {
             .with_env_filter(filter)
             .with_writer(ScrubbedStderr)
             .with_target(false)
+            // Colours only on a terminal: a log file or `docker logs` gets plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
     }
 }

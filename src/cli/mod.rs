@@ -1,11 +1,14 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
-//! `lambda` (AWS Lambda's Runtime API), `simulate-comfyui`, and the default mode.
+//! `lambda` (AWS Lambda's Runtime API), `simulate-comfyui`, `convert` (UI-format workflow to
+//! API format), `watch` (ComfyUI's events, readable), and the default mode.
 
+mod convert;
 mod health;
 mod lambda;
 mod run;
 mod serve;
 mod view;
+mod watch;
 mod worker;
 
 use std::net::SocketAddr;
@@ -16,6 +19,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use serve::ServeArgs;
+pub use watch::WatchArgs;
 
 use crate::simulator::{self, SimConfig};
 
@@ -74,6 +78,11 @@ enum Command {
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[command(name = "simulate-comfyui")]
     SimulateComfyui(SimArgs),
+    /// Convert a workflow saved with the UI's plain "Save" to API format and print it.
+    Convert(convert::ConvertArgs),
+    /// Print ComfyUI's WebSocket events readably, one line each (broadcasts only, or a prompt of
+    /// your own with --submit).
+    Watch(WatchArgs),
 }
 
 /// Options of `run`.
@@ -155,6 +164,8 @@ pub fn main() -> ExitCode {
             Some(Command::Lambda) => lambda::run().await,
             Some(Command::Health(args)) => health::run(args).await,
             Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            Some(Command::Convert(args)) => convert::run(args).await,
+            Some(Command::Watch(args)) => watch::run(args).await,
             None if cli.sdk_serve.rp_serve_api => {
                 let mut args = ServeArgs::sdk_defaults(
                     cli.sdk_serve.rp_api_host,
@@ -272,6 +283,65 @@ mod tests {
             Cli::try_parse_from(["comfy-worker", "health", "--comfy", "h:1", "--json"]).unwrap();
         assert!(
             matches!(cli.command, Some(Command::Health(ref h)) if h.json && h.comfy.as_deref() == Some("h:1"))
+        );
+    }
+
+    #[test]
+    fn convert_takes_a_file_and_one_source_of_object_info() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "convert",
+            "-",
+            "--object-info",
+            "info.json",
+            "--seed",
+            "4",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Convert(a)) => {
+                assert_eq!(a.file, PathBuf::from("-"));
+                assert_eq!(a.object_info, Some(PathBuf::from("info.json")));
+                assert_eq!((a.comfy, a.seed), (None, Some(4)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from([
+            "comfy-worker",
+            "convert",
+            "w.json",
+            "--comfy",
+            "h:1",
+            "--object-info",
+            "i.json"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from(["comfy-worker", "convert"]).is_err());
+    }
+
+    #[test]
+    fn parses_watch() {
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "watch",
+            "--comfy",
+            "10.0.0.2:8188",
+            "--json",
+            "--submit",
+            "wf.json",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Watch(a)) => {
+                assert_eq!(a.comfy.as_deref(), Some("10.0.0.2:8188"));
+                assert!(a.json);
+                assert_eq!(a.submit, Some(PathBuf::from("wf.json")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["comfy-worker", "watch", "--comfy-host", "h:1"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Watch(ref a)) if a.comfy.as_deref() == Some("h:1") && a.submit.is_none())
         );
     }
 

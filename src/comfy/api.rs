@@ -645,6 +645,22 @@ impl ObjectInfo {
     pub fn has_class(&self, class_type: &str) -> bool {
         self.classes.contains_key(class_type)
     }
+
+    /// A class's definition (`input`, `input_order`, `output`, `display_name`, ...), when it is
+    /// an object.
+    pub fn class(&self, class_type: &str) -> Option<&Map<String, Value>> {
+        self.classes.get(class_type)?.as_object()
+    }
+
+    /// Number of classes.
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Whether no class is known.
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
 }
 
 /// The media type a file name's extension stands for, if it is a known one.
@@ -1019,6 +1035,23 @@ impl ComfyClient {
     pub async fn queue(&self) -> Result<QueueSnapshot, ComfyError> {
         let v = self.get_json("GET /queue", "/queue").await?;
         Ok(QueueSnapshot::parse(&v))
+    }
+
+    /// The API-format workflow of a running or pending prompt, from `GET /queue` (each entry is
+    /// `[number, prompt_id, prompt, extra_data, outputs]`); `None` when it is not queued.
+    pub async fn queued_workflow(
+        &self,
+        prompt_id: &str,
+    ) -> Result<Option<Map<String, Value>>, ComfyError> {
+        let v = self.get_json("GET /queue", "/queue").await?;
+        Ok(["queue_running", "queue_pending"]
+            .iter()
+            .filter_map(|k| v.get(*k).and_then(Value::as_array))
+            .flatten()
+            .find(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id))
+            .and_then(|item| item.get(2))
+            .and_then(Value::as_object)
+            .cloned())
     }
 
     /// `POST /queue {"delete": [...]}`: removes pending prompts (running ones are unaffected).

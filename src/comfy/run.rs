@@ -14,12 +14,13 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Level};
 
 use super::api::{
     ComfyClient, ExecutionFailure, HistoryEntry, Interruption, NodeErrors, NodeOutput, Outcome,
     PromptRequest,
 };
+use super::describe::Describer;
 use super::error::ComfyError;
 use super::messages::{BinaryFrame, WsEvent};
 use super::workflow::Workflow;
@@ -168,7 +169,11 @@ fn new_client_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-fn reconnect_delay(base: Duration, attempt: u32) -> Duration {
+/// Receives every frame of a prompt's socket as it arrives (`watch --submit`), with the text of a
+/// text frame as received.
+type OnFrame<'a> = dyn FnMut(&Incoming, Option<&str>) + Send + 'a;
+
+pub(crate) fn reconnect_delay(base: Duration, attempt: u32) -> Duration {
     if attempt == 0 {
         return base.min(Duration::from_millis(250));
     }
@@ -205,6 +210,8 @@ struct Watch<'a> {
     unanswered_polls: u32,
     /// True once the watch loop returned; dropped before that, the prompt is interrupted.
     settled: bool,
+    /// Words the prompt's events for the debug log (used only when debug is on).
+    describer: Describer,
 }
 
 impl Drop for Watch<'_> {
@@ -241,6 +248,22 @@ impl ComfyClient {
         opts: &WatchOptions,
         cancel: &CancellationToken,
         on_event: &mut (dyn FnMut(PromptEvent) + Send),
+    ) -> Result<PromptResult, ComfyError> {
+        self.run_prompt_observed(workflow, extra_data, opts, cancel, on_event, &mut |_, _| {})
+            .await
+    }
+
+    /// [`ComfyClient::run_prompt`], also handing every frame of the prompt's socket (its own
+    /// events, broadcasts, binary frames; after a reconnect, the new socket's) to `on_frame`
+    /// before it is processed, with a text frame's text as received.
+    pub async fn run_prompt_observed(
+        &self,
+        workflow: &Workflow,
+        extra_data: Option<&ExtraData>,
+        opts: &WatchOptions,
+        cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(PromptEvent) + Send),
+        on_frame: &mut OnFrame<'_>,
     ) -> Result<PromptResult, ComfyError> {
         let prompt_id = uuid::Uuid::new_v4().to_string();
         let client_id = new_client_id();
@@ -299,9 +322,15 @@ impl ComfyClient {
             last_socket_error: String::new(),
             unanswered_polls: 0,
             settled: false,
+            // The labels are only needed for the debug log.
+            describer: if tracing::enabled!(Level::DEBUG) {
+                Describer::for_workflow(workflow)
+            } else {
+                Describer::new()
+            },
         };
         on_event(self.queued_event(&watch.prompt_id, None).await);
-        let end = watch.run(cancel, on_event).await;
+        let end = watch.run(cancel, on_event, on_frame).await;
         watch.settled = true;
         if let Some(socket) = watch.socket.take() {
             socket.close().await;
@@ -366,6 +395,7 @@ impl Watch<'_> {
         &mut self,
         cancel: &CancellationToken,
         on_event: &mut (dyn FnMut(PromptEvent) + Send),
+        on_frame: &mut OnFrame<'_>,
     ) -> Result<End, ComfyError> {
         let far = || Instant::now() + Duration::from_secs(86_400);
         loop {
@@ -374,7 +404,7 @@ impl Watch<'_> {
             let socket_open = self.socket.is_some();
             let frame = async {
                 match self.socket.as_mut() {
-                    Some(s) => s.next().await,
+                    Some(s) => s.next_with_text().await,
                     None => std::future::pending().await,
                 }
             };
@@ -384,7 +414,8 @@ impl Watch<'_> {
                 }
                 frame = frame, if socket_open => {
                     match frame {
-                        Some(Ok(incoming)) => {
+                        Some(Ok((incoming, text))) => {
+                            on_frame(&incoming, text.as_ref().map(|t| t.as_str()));
                             if let Some(end) = self.on_frame(incoming, on_event).await {
                                 return Ok(end);
                             }
@@ -431,7 +462,7 @@ impl Watch<'_> {
         };
         if let WsEvent::Status(status) = &ev {
             let remaining = status.status.exec_info.queue_remaining;
-            debug!(prompt_id = %self.prompt_id, queue_remaining = remaining, "comfy status");
+            self.log_event(&ev);
             if self.blind {
                 // A fresh socket gets no events for our prompt: every queue change may be its end.
                 self.next_poll = Instant::now();
@@ -457,7 +488,7 @@ impl Watch<'_> {
         // Activity for our prompt: the socket works, no need to poll soon.
         self.next_poll = Instant::now() + self.opts.silence_timeout;
         self.unanswered_polls = 0;
-        debug!(prompt_id = %self.prompt_id, event = ev.kind(), "comfy event");
+        self.log_event(&ev);
         match ev {
             WsEvent::ExecutionStart(_) => {
                 self.started = true;
@@ -537,8 +568,35 @@ impl Watch<'_> {
         None
     }
 
+    /// Logs one of our prompt's events as its readable line, at debug level; formatting (and
+    /// the describer's step timing) is skipped entirely when debug is off.
+    fn log_event(&mut self, ev: &WsEvent) {
+        if tracing::enabled!(Level::DEBUG) {
+            if let Some(line) = self.describer.event(ev, std::time::Instant::now()) {
+                debug!(prompt_id = %self.prompt_id, event = %line, "comfy event");
+            }
+        }
+    }
+
+    fn log_binary(&self, frame: &BinaryFrame) {
+        if tracing::enabled!(Level::DEBUG) {
+            debug!(prompt_id = %self.prompt_id, event = %self.describer.binary(frame), "comfy event");
+        }
+    }
+
     fn on_binary(&mut self, frame: BinaryFrame, on_event: &mut (dyn FnMut(PromptEvent) + Send)) {
         let running = self.started && self.terminal.is_none();
+        match &frame {
+            BinaryFrame::PreviewWithMetadata { metadata, .. }
+                if metadata.prompt_id.as_deref() == Some(self.prompt_id.as_str()) =>
+            {
+                self.log_binary(&frame)
+            }
+            BinaryFrame::Preview { .. } | BinaryFrame::Text { .. } if running => {
+                self.log_binary(&frame)
+            }
+            _ => {}
+        }
         match frame {
             BinaryFrame::PreviewWithMetadata { ref metadata, .. }
                 if metadata.prompt_id.as_deref() == Some(self.prompt_id.as_str()) =>

@@ -1,10 +1,13 @@
 //! An API-format workflow: `{node_id: {"class_type", "inputs", "_meta"?}}`.
 //!
 //! The graph itself is validated by ComfyUI; this type only rejects shapes that ComfyUI
-//! answers with a bare HTTP 500 (non-object nodes or inputs) or that are clearly the wrong
-//! export (the UI's "Save" format), so each of those gets a message that says what to do.
+//! answers with a bare HTTP 500 (non-object nodes or inputs). A job's workflow may also be a
+//! UI-format export (the UI's plain "Save"): [`WorkflowInput`] tells the two apart, and the
+//! engine converts the UI format with `/object_info` ([`super::ui_workflow`]).
 
 use serde_json::{Map, Value};
+
+use super::ui_workflow::{self, ConvertError, UiWorkflow};
 
 /// A workflow ready to be queued.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,9 +37,13 @@ pub enum WorkflowError {
     /// The object has no nodes.
     #[error("'workflow' is empty: it has no nodes")]
     Empty,
-    /// The workflow was saved with the UI's plain "Save".
-    #[error("'workflow' is in ComfyUI's UI format (it has 'nodes' and 'links'); export it with \"Save (API Format)\" (Workflow menu > Export (API)) and send that file instead")]
+    /// The workflow was saved with the UI's plain "Save" (only [`Workflow::from_value`], which
+    /// takes the API format alone, says so; [`WorkflowInput::from_value`] accepts it).
+    #[error("'workflow' is in ComfyUI's UI format (it has 'nodes' and 'links'); convert it first (`comfy-worker convert`), or export it with \"Save (API Format)\"")]
     UiFormat,
+    /// A UI-format workflow that cannot be read.
+    #[error("{}", ui_message(.0))]
+    Ui(ConvertError),
     /// A node is not an object.
     #[error(
         "invalid workflow: node '{0}' must be an object with 'class_type' and 'inputs', got {1}"
@@ -45,6 +52,47 @@ pub enum WorkflowError {
     /// A node's `inputs` is not an object.
     #[error("invalid workflow: 'inputs' of node '{0}' must be an object, got {1}")]
     InputsNotObject(String, &'static str),
+}
+
+/// The message for a UI-format workflow that cannot be converted.
+pub fn ui_message(e: &ConvertError) -> String {
+    format!("cannot convert the UI-format workflow to API format: {e}")
+}
+
+/// A job's workflow: API format, or a UI-format export still to be converted.
+#[derive(Debug, Clone)]
+pub enum WorkflowInput {
+    /// Ready to queue.
+    Api(Workflow),
+    /// Saved with the UI's plain "Save"; converted with `/object_info` before queueing.
+    Ui(Box<UiWorkflow>),
+}
+
+impl WorkflowInput {
+    /// Reads either format.
+    pub fn from_value(value: Value) -> Result<WorkflowInput, WorkflowError> {
+        if let Value::Object(map) = &value {
+            if ui_workflow::is_ui_format(map) {
+                return UiWorkflow::from_map(map)
+                    .map(|ui| WorkflowInput::Ui(Box::new(ui)))
+                    .map_err(WorkflowError::Ui);
+            }
+        }
+        Workflow::from_value(value).map(WorkflowInput::Api)
+    }
+
+    /// Number of nodes (of the UI graph, before conversion).
+    pub fn len(&self) -> usize {
+        match self {
+            WorkflowInput::Api(w) => w.len(),
+            WorkflowInput::Ui(ui) => ui.len(),
+        }
+    }
+
+    /// Always false (empty workflows are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// JSON type name for messages.
@@ -66,7 +114,7 @@ impl Workflow {
             Value::Object(map) => map,
             other => return Err(WorkflowError::NotAnObject(json_type(&other))),
         };
-        if is_ui_format(&graph) {
+        if ui_workflow::is_ui_format(&graph) {
             return Err(WorkflowError::UiFormat);
         }
         if graph.is_empty() {
@@ -138,15 +186,6 @@ impl Workflow {
 /// The node class that returns images over the socket (`custom_nodes/websocket_image_save.py`).
 const WEBSOCKET_IMAGE_CLASS: &str = "SaveImageWebsocket";
 
-/// UI-format exports have `nodes` (array) and `links` (array), usually `last_node_id` and `version`.
-fn is_ui_format(graph: &Map<String, Value>) -> bool {
-    let nodes_array = graph.get("nodes").is_some_and(Value::is_array);
-    let ui_keys = ["links", "last_node_id", "last_link_id", "version", "groups"]
-        .iter()
-        .any(|k| graph.contains_key(*k));
-    nodes_array && ui_keys
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,7 +211,21 @@ mod tests {
             Err(WorkflowError::InputsNotObject("1".into(), "an array"))
         );
         let msg = WorkflowError::UiFormat.to_string();
-        assert!(msg.contains("Save (API Format)"), "{msg}");
+        assert!(msg.contains("comfy-worker convert"), "{msg}");
+        assert!(matches!(
+            WorkflowInput::from_value(json!({"last_node_id": 9, "nodes": [], "links": []})),
+            Err(WorkflowError::Ui(_))
+        ));
+        let ui = WorkflowInput::from_value(json!({
+            "nodes": [{"id": 1, "type": "SaveImage"}], "links": [], "version": 0.4
+        }))
+        .unwrap();
+        assert!(matches!(ui, WorkflowInput::Ui(_)));
+        assert_eq!(ui.len(), 1);
+        assert!(matches!(
+            WorkflowInput::from_value(json!({"1": {"class_type": "X", "inputs": {}}})),
+            Ok(WorkflowInput::Api(_))
+        ));
     }
 
     #[test]

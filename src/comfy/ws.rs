@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::error::ComfyError;
@@ -74,6 +74,13 @@ impl WsConnection {
 
     /// The next frame; `None` once the socket is closed. Pings are answered by the library.
     pub async fn next(&mut self) -> Option<Result<Incoming, ComfyError>> {
+        Some(self.next_with_text().await?.map(|(incoming, _)| incoming))
+    }
+
+    /// The next frame with, for a text frame, the text as received (for `watch --json`).
+    pub async fn next_with_text(
+        &mut self,
+    ) -> Option<Result<(Incoming, Option<Utf8Bytes>), ComfyError>> {
         loop {
             let msg = match self.stream.next().await? {
                 Ok(m) => m,
@@ -81,12 +88,15 @@ impl WsConnection {
             };
             return Some(Ok(match msg {
                 Message::Text(text) => match WsEvent::parse(text.as_str()) {
-                    Ok(ev) => Incoming::Event(ev),
-                    Err(e) => Incoming::Garbled(format!("text frame is not an envelope: {e}")),
+                    Ok(ev) => (Incoming::Event(ev), Some(text)),
+                    Err(e) => (
+                        Incoming::Garbled(format!("text frame is not an envelope: {e}")),
+                        Some(text),
+                    ),
                 },
                 Message::Binary(data) => match BinaryFrame::parse(&data) {
-                    Ok(frame) => Incoming::Binary(frame),
-                    Err(e) => Incoming::Garbled(e.to_string()),
+                    Ok(frame) => (Incoming::Binary(frame), None),
+                    Err(e) => (Incoming::Garbled(e.to_string()), None),
                 },
                 Message::Close(_) => return None,
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,

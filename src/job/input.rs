@@ -26,7 +26,7 @@ use super::output::JobOutput;
 use super::storage::JobStorage;
 use crate::comfy::api::{media_type_for_name, Upload};
 use crate::comfy::workflow::json_type;
-use crate::comfy::{FileRef, Workflow};
+use crate::comfy::{FileRef, WorkflowInput};
 use crate::config::{ConfigError, Secret};
 use crate::net::{self, Downloader, FetchError, Guard, Limits};
 
@@ -138,8 +138,8 @@ impl InputPolicy {
 /// A validated job input.
 #[derive(Debug, Clone)]
 pub struct JobInput {
-    /// The API-format workflow.
-    pub workflow: Workflow,
+    /// The workflow: API format, or a UI-format export the engine converts with `/object_info`.
+    pub workflow: WorkflowInput,
     /// Files to upload before queueing (`images`, or its alias `files`), in order.
     pub files: Vec<InputFile>,
     /// Per-job Comfy.org API key (wins over `COMFY_ORG_API_KEY`).
@@ -652,8 +652,8 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobOutput> {
             )))
         }
     };
-    let workflow =
-        Workflow::from_value(workflow).map_err(|e| JobOutput::error(capitalise(&e.to_string())))?;
+    let workflow = WorkflowInput::from_value(workflow)
+        .map_err(|e| JobOutput::error(capitalise(&e.to_string())))?;
     let mut files = Vec::with_capacity(raw_items.len());
     let mut problems = Vec::new();
     for item in &raw_items {
@@ -854,7 +854,7 @@ fn parse_s3(url: &str) -> Option<(String, String)> {
     (!bucket.is_empty() && !key.is_empty()).then(|| (bucket.to_owned(), key.to_owned()))
 }
 
-fn capitalise(s: &str) -> String {
+pub(crate) fn capitalise(s: &str) -> String {
     let mut chars = s.chars();
     match chars.next() {
         Some(c) if c.is_ascii_lowercase() => c.to_ascii_uppercase().to_string() + chars.as_str(),
@@ -1132,8 +1132,9 @@ mod tests {
             "{e}"
         );
         let e = err(Some(json!({"workflow": {"nodes": [], "links": []}})));
-        assert!(
-            e["error"].as_str().unwrap().contains("Save (API Format)"),
+        assert_eq!(
+            e["error"],
+            "Cannot convert the UI-format workflow to API format: the workflow has no nodes",
             "{e}"
         );
         let e = err(Some(json!([1, 2])));

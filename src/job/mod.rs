@@ -4,9 +4,10 @@
 
 pub mod codec;
 pub mod collect;
+mod convert;
 pub mod input;
 pub mod output;
-mod report;
+pub(crate) mod report;
 pub mod storage;
 
 use std::path::Path;
@@ -42,6 +43,8 @@ pub struct Engine {
     settings: Settings,
     inputs: input::Fetcher,
     storage: Storage,
+    /// `/object_info`, fetched when the first UI-format workflow comes.
+    object_info: convert::ObjectInfoCache,
     /// Test hook: panic when a node of this class starts (never set in production).
     panic_on_class: Option<String>,
 }
@@ -71,6 +74,7 @@ impl Engine {
             settings,
             inputs,
             storage,
+            object_info: convert::ObjectInfoCache::default(),
             panic_on_class: None,
         })
     }
@@ -283,6 +287,12 @@ impl Engine {
                 return out;
             }
         };
+        // A UI-format workflow is converted before anything is uploaded.
+        let workflow = match convert::resolve(&self.comfy, &self.object_info, input.workflow).await
+        {
+            Ok(w) => w,
+            Err(out) => return out,
+        };
         if let Err(out) = self.upload_files(&uploads, &mut files.inputs).await {
             return out;
         }
@@ -297,10 +307,9 @@ impl Engine {
                 Value::String(key.expose().into()),
             );
         }
-        let mut tracker = ProgressTracker::new(&input.workflow, started);
+        let mut tracker = ProgressTracker::new(&workflow, started);
         let mut ws_images = WebSocketImages::new(
-            input
-                .workflow
+            workflow
                 .websocket_image_nodes()
                 .into_iter()
                 .map(str::to_owned)
@@ -309,7 +318,7 @@ impl Engine {
         let result = self
             .comfy
             .run_prompt(
-                &input.workflow,
+                &workflow,
                 (!extra.is_empty()).then_some(&extra),
                 &self.watch_options(),
                 cancel,
@@ -317,7 +326,7 @@ impl Engine {
                     if let (Some(class), PromptEvent::Executing { node }) =
                         (&self.panic_on_class, &event)
                     {
-                        if input.workflow.class_type(node) == Some(class.as_str()) {
+                        if workflow.class_type(node) == Some(class.as_str()) {
                             panic!("test hook {TEST_PANIC_ENV}: node {node} ({class}) started");
                         }
                     }

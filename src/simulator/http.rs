@@ -544,6 +544,7 @@ fn input_images(shared: &Shared) -> Vec<String> {
 }
 
 async fn object_info(State(shared): State<Arc<Shared>>) -> Response {
+    super::lock(&shared.log).object_info_requests += 1;
     ok_json(&shared.catalog.object_info(&input_images(&shared)))
 }
 

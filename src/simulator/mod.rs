@@ -216,6 +216,11 @@ impl Simulator {
         lock(&self.shared.log).frees.clone()
     }
 
+    /// How many times the whole `GET /object_info` was asked for.
+    pub fn object_info_requests(&self) -> usize {
+        lock(&self.shared.log).object_info_requests
+    }
+
     /// Every `POST /interrupt` body received (`None` when empty/non-JSON), in order.
     pub fn interrupts(&self) -> Vec<Option<Value>> {
         lock(&self.shared.log).interrupts.clone()
@@ -356,6 +361,7 @@ pub(crate) struct Log {
     pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
     pub(crate) drops_fired: usize,
     pub(crate) frees: Vec<FreeMark>,
+    pub(crate) object_info_requests: usize,
 }
 
 /// One `POST /free` the simulator accepted.

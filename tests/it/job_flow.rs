@@ -230,7 +230,7 @@ async fn bad_inputs_get_clear_errors_and_never_reach_comfyui() {
         (Some(json!({"workflow": [1, 2]})), "must be a JSON object"),
         (
             Some(json!({"workflow": {"nodes": [], "links": [], "last_node_id": 3}})),
-            "Save (API Format)",
+            "Cannot convert the UI-format workflow to API format: the workflow has no nodes",
         ),
         (
             Some(json!({"workflow": ok, "images": {"name": "a"}})),

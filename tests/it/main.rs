@@ -2,6 +2,7 @@
 
 mod cdp;
 mod cli;
+mod convert;
 mod corpus;
 mod fake_platform;
 mod fake_platform_selftest;
@@ -24,5 +25,6 @@ mod serve_process;
 mod serverless;
 mod shutdown;
 mod start_script;
+mod watch;
 mod webhooks;
 mod worker_process;

@@ -1,0 +1,452 @@
+//! `comfy-worker watch`: ComfyUI's WebSocket events, one readable line each (or raw NDJSON).
+//!
+//! ComfyUI sends a prompt's events only to the socket of the client that queued it. So without
+//! `--submit` this shows what ComfyUI broadcasts (queue status, prompts queued without a client
+//! id, previews, node text) and says so; with `--submit FILE` it queues that workflow through the
+//! prompt watcher (`ComfyClient::run_prompt_observed`: socket first, reconnects, `/history`
+//! fallback) and shows the whole stream of its socket. The wording of every line is
+//! `comfy::describe`'s, the same the worker logs at debug level for its own prompts.
+//!
+//! Exit codes: 0 when the submitted prompt succeeded (or, without `--submit`, on Ctrl+C); 1 when
+//! it failed, was interrupted or refused; 2 on usage errors; 130 when Ctrl+C stopped a submitted
+//! prompt (the prompt is interrupted in ComfyUI first; a second Ctrl+C quits at once).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::Args;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::comfy::describe::{binary_summary, clock, Describer, Line};
+use crate::comfy::run::reconnect_delay;
+use crate::comfy::ws::{Incoming, WsConnection};
+use crate::comfy::{
+    ClientOptions, ComfyClient, ComfyError, Outcome, PromptEvent, WatchOptions, Workflow,
+};
+use crate::config::Settings;
+use crate::job::report;
+
+/// The exit code of a submitted prompt stopped by Ctrl+C (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Bound for reading a broadcast prompt's workflow from `/queue`.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Options of `watch`.
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// ComfyUI address (overrides COMFY_HOST) [default: 127.0.0.1:8188].
+    #[arg(long, visible_alias = "comfy-host", value_name = "HOST:PORT")]
+    pub comfy: Option<String>,
+    /// Print the raw events as NDJSON (text frames as received; binary frames as a summary).
+    #[arg(long)]
+    pub json: bool,
+    /// Queue this workflow (a test-input file `{"input": {"workflow": …}}` or an API-format
+    /// workflow), show its whole stream, exit 0 on success and 1 on failure.
+    #[arg(long, value_name = "FILE")]
+    pub submit: Option<PathBuf>,
+}
+
+/// Prints events: readable lines with a timestamp, or NDJSON.
+struct Printer {
+    json: bool,
+    describer: Describer,
+}
+
+impl Printer {
+    fn line(&self, line: &Line) {
+        let prefix = format!("{}  ", clock(SystemTime::now()));
+        for l in line.to_lines(&prefix) {
+            println!("{l}");
+        }
+    }
+
+    /// A line about the watch itself (connections, the result): stdout in readable mode,
+    /// stderr with `--json` so stdout stays NDJSON.
+    fn note(&self, kind: &'static str, text: String) {
+        let line = Line {
+            kind,
+            text,
+            detail: Vec::new(),
+        };
+        if self.json {
+            eprintln!("comfy-worker watch: {}", line.text);
+        } else {
+            self.line(&line);
+        }
+    }
+
+    fn note_with(&self, kind: &'static str, text: String, detail: Vec<String>) {
+        let line = Line { kind, text, detail };
+        if self.json {
+            eprintln!("comfy-worker watch: {}", line.text);
+            for d in &line.detail {
+                eprintln!("  {d}");
+            }
+        } else {
+            self.line(&line);
+        }
+    }
+
+    fn frame(&mut self, incoming: &Incoming, text: Option<&str>) {
+        if self.json {
+            match (incoming, text) {
+                // ComfyUI's frames are one line of JSON; anything else is re-encoded compactly.
+                (_, Some(t)) if !t.contains('\n') => println!("{t}"),
+                (_, Some(t)) => match serde_json::from_str::<Value>(t) {
+                    Ok(v) => println!("{v}"),
+                    Err(e) => println!("{}", serde_json::json!({"garbled": e.to_string()})),
+                },
+                (Incoming::Binary(frame), None) => println!("{}", binary_summary(frame)),
+                (Incoming::Garbled(why), None) => {
+                    println!("{}", serde_json::json!({"garbled": why}))
+                }
+                (Incoming::Event(_), None) => {}
+            }
+            return;
+        }
+        let line = match incoming {
+            Incoming::Event(ev) => self.describer.event(ev, Instant::now()),
+            Incoming::Binary(frame) => Some(self.describer.binary(frame)),
+            Incoming::Garbled(why) => Some(Line {
+                kind: "garbled",
+                text: why.clone(),
+                detail: Vec::new(),
+            }),
+        };
+        if let Some(line) = line {
+            self.line(&line);
+        }
+    }
+}
+
+/// Runs the command.
+pub(crate) async fn run(args: WatchArgs) -> ExitCode {
+    crate::telemetry::init("comfy_worker=warn", crate::telemetry::json_requested());
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("comfy-worker watch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let host = args.comfy.clone().unwrap_or(settings.comfy_host.clone());
+    let client = match ComfyClient::new(
+        &host,
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: settings.http_timeout,
+            view_timeout: settings.view_timeout,
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("comfy-worker watch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = WatchOptions {
+        reconnect_attempts: settings.ws_reconnect_attempts,
+        reconnect_delay: settings.ws_reconnect_delay,
+        silence_timeout: settings.ws_silence_timeout,
+        poll_interval: settings.history_poll_interval,
+        ..WatchOptions::default()
+    };
+    match &args.submit {
+        Some(file) => {
+            let workflow = match load_workflow(file) {
+                Ok((w, 0)) => w,
+                Ok((w, images)) => {
+                    eprintln!(
+                        "comfy-worker watch: {} has {images} input image(s); --submit sends the workflow only (upload them first, or use `comfy-worker run`)",
+                        file.display()
+                    );
+                    w
+                }
+                Err(e) => {
+                    eprintln!("comfy-worker watch: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            submit(&client, workflow, file, &opts, args.json).await
+        }
+        None => broadcasts(&client, &opts, args.json).await,
+    }
+}
+
+/// The workflow of a test-input file (`{"input": {"workflow": …}}`) or a bare API-format one,
+/// and how many input images the file has (they are not uploaded).
+fn load_workflow(path: &Path) -> Result<(Workflow, usize), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+    let images = value
+        .get("input")
+        .and_then(|i| i.get("images"))
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let graph = match value.get("input") {
+        Some(input) => input
+            .get("workflow")
+            .cloned()
+            .ok_or_else(|| format!("{} has an 'input' without a 'workflow'", path.display()))?,
+        None => value,
+    };
+    let workflow = Workflow::from_value(graph).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((workflow, images))
+}
+
+/// `--submit`: queue the workflow on our own socket and show its whole stream.
+async fn submit(
+    client: &ComfyClient,
+    workflow: Workflow,
+    file: &Path,
+    opts: &WatchOptions,
+    json: bool,
+) -> ExitCode {
+    let mut printer = Printer {
+        json,
+        describer: Describer::for_workflow(&workflow),
+    };
+    printer.note(
+        "watch",
+        format!(
+            "submitting {} ({} node(s)) to ComfyUI at {}",
+            file.display(),
+            workflow.len(),
+            client.host()
+        ),
+    );
+    let cancel = CancellationToken::new();
+    let mut on_event = |event: PromptEvent| match event {
+        PromptEvent::Queued {
+            prompt_id,
+            position: Some(p),
+            ..
+        } if p > 0 => note_stderr_or_out(json, "queued", format!("prompt {prompt_id}: {p} ahead")),
+        PromptEvent::ConnectionLost { reason } => note_stderr_or_out(
+            json,
+            "watch",
+            format!("connection lost ({reason}); reconnecting with a fresh client id"),
+        ),
+        PromptEvent::Reconnected => note_stderr_or_out(
+            json,
+            "watch",
+            "reconnected; the new socket only gets broadcasts, the end comes from /history"
+                .to_owned(),
+        ),
+        _ => {}
+    };
+    let result = {
+        let mut on_frame = |incoming: &Incoming, text: Option<&str>| printer.frame(incoming, text);
+        let run = client.run_prompt_observed(
+            &workflow,
+            None,
+            opts,
+            &cancel,
+            &mut on_event,
+            &mut on_frame,
+        );
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => r,
+            _ = super::shutdown_signal() => {
+                note_stderr_or_out(json, "watch", "Ctrl+C: interrupting the prompt in ComfyUI (Ctrl+C again to quit at once)".to_owned());
+                cancel.cancel();
+                tokio::select! {
+                    r = &mut run => r,
+                    _ = super::shutdown_signal() => return ExitCode::from(EXIT_INTERRUPTED),
+                }
+            }
+        }
+    };
+    match result {
+        Ok(r) => {
+            let code = if r.cancelled {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else if matches!(r.outcome, Outcome::Success) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+            let text = match &r.outcome {
+                Outcome::Success => {
+                    let files: usize = r.outputs.iter().map(|o| o.files.len()).sum();
+                    format!(
+                        "success: prompt {}, {files} output file(s) in /history",
+                        r.prompt_id
+                    )
+                }
+                Outcome::Failed(f) => format!(
+                    "failed: {}",
+                    report::execution_error(f)
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+                Outcome::Interrupted(i) => report::interrupted(i, r.cancelled),
+            };
+            let mut detail = report::dropped_outputs(&r.dropped_outputs);
+            detail.extend(r.warnings);
+            printer.note_with("result", text, detail);
+            code
+        }
+        Err(ComfyError::Rejected(rejection)) => {
+            let (message, _) = report::rejection(&rejection, None);
+            let mut lines = message.lines().map(str::to_owned);
+            let head = lines.next().unwrap_or_default();
+            printer.note_with("refused", head, lines.collect());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            printer.note("result", format!("failed: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn note_stderr_or_out(json: bool, kind: &'static str, text: String) {
+    Printer {
+        json,
+        describer: Describer::new(),
+    }
+    .note(kind, text);
+}
+
+/// Without `--submit`: every broadcast, reconnecting on its own, until Ctrl+C.
+async fn broadcasts(client: &ComfyClient, opts: &WatchOptions, json: bool) -> ExitCode {
+    let mut printer = Printer {
+        json,
+        describer: Describer::new(),
+    };
+    printer.note(
+        "watch",
+        "ComfyUI sends a prompt's events only to the client that queued it, so this shows only \
+         broadcasts: queue status, the progress and previews of prompts queued without a client \
+         id, node text (use --submit FILE to follow a prompt of your own)"
+            .to_owned(),
+    );
+    let signal = super::shutdown_signal();
+    tokio::pin!(signal);
+    let mut attempt = 0u32;
+    // The prompt whose workflow was looked up in /queue (found or not), so it is asked once.
+    let mut looked_up: Option<String> = None;
+    loop {
+        let client_id = uuid::Uuid::new_v4().simple().to_string();
+        let url = client.ws_url(&client_id);
+        let connect = WsConnection::connect(&url, &client_id, opts.connect_timeout);
+        let socket = tokio::select! {
+            s = connect => s,
+            _ = &mut signal => return ExitCode::SUCCESS,
+        };
+        match socket {
+            Ok(mut socket) => {
+                attempt = 0;
+                printer.note(
+                    "watch",
+                    format!(
+                        "connected to ComfyUI at {} as client {client_id}",
+                        client.host()
+                    ),
+                );
+                loop {
+                    let frame = tokio::select! {
+                        f = socket.next_with_text() => f,
+                        _ = &mut signal => {
+                            socket.close().await;
+                            return ExitCode::SUCCESS;
+                        }
+                    };
+                    match frame {
+                        Some(Ok((incoming, text))) => {
+                            if !json {
+                                learn_workflow(client, &mut printer, &incoming, &mut looked_up)
+                                    .await;
+                            }
+                            printer.frame(&incoming, text.as_ref().map(|t| t.as_str()));
+                        }
+                        Some(Err(e)) => {
+                            printer.note("watch", format!("connection lost: {e}"));
+                            break;
+                        }
+                        None => {
+                            printer.note("watch", "connection closed by ComfyUI".to_owned());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => printer.note("watch", format!("cannot connect: {e}")),
+        }
+        let delay = reconnect_delay(opts.reconnect_delay, attempt);
+        attempt = attempt.saturating_add(1);
+        printer.note(
+            "watch",
+            format!(
+                "reconnecting in {:.2}s with a fresh client id",
+                delay.as_secs_f64()
+            ),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut signal => return ExitCode::SUCCESS,
+        }
+    }
+}
+
+/// When a broadcast prompt starts, reads its workflow from `/queue` so its nodes get their class
+/// types and titles.
+async fn learn_workflow(
+    client: &ComfyClient,
+    printer: &mut Printer,
+    incoming: &Incoming,
+    looked_up: &mut Option<String>,
+) {
+    let Incoming::Event(ev) = incoming else {
+        return;
+    };
+    let Some(prompt_id) = ev.prompt_id() else {
+        return;
+    };
+    if looked_up.as_deref() == Some(prompt_id) || printer.describer.knows(prompt_id) {
+        return;
+    }
+    *looked_up = Some(prompt_id.to_owned());
+    // Bounded tighter than other calls: the stream waits for it.
+    let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, client.queued_workflow(prompt_id));
+    if let Ok(Ok(Some(graph))) = lookup.await {
+        printer.describer.learn(&graph, Some(prompt_id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_test_inputs_and_bare_workflows() {
+        let dir = tempfile::tempdir().unwrap();
+        let wf = serde_json::json!({"1": {"class_type": "EmptyImage", "inputs": {}}});
+        let bare = dir.path().join("bare.json");
+        std::fs::write(&bare, wf.to_string()).unwrap();
+        let wrapped = dir.path().join("job.json");
+        std::fs::write(
+            &wrapped,
+            serde_json::json!({"input": {"workflow": wf}}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(load_workflow(&bare).unwrap().0.len(), 1);
+        assert_eq!(load_workflow(&wrapped).unwrap().0.len(), 1);
+        let no_wf = dir.path().join("no.json");
+        std::fs::write(&no_wf, r#"{"input": {"images": []}}"#).unwrap();
+        assert!(load_workflow(&no_wf)
+            .unwrap_err()
+            .contains("without a 'workflow'"));
+        assert!(load_workflow(&dir.path().join("missing.json"))
+            .unwrap_err()
+            .contains("cannot read"));
+    }
+}
