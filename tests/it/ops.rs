@@ -256,6 +256,11 @@ async fn cleanup_removes_the_jobs_files_and_leaves_the_rest() {
         "{body}"
     );
     drop(keeper);
+    // The killed worker's job-take poll must be gone before the next job is pushed, or the
+    // platform hands that job to the dead poll.
+    tokio::time::timeout(LIMIT, platform.wait_held_takes(0))
+        .await
+        .expect("the dead worker's job-take poll ends");
     let before = (tree(&input), tree(&output), tree(&temp));
     assert_eq!(
         before.0,
