@@ -35,24 +35,6 @@ async fn until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-/// A log without its ANSI colour codes, so `key=value` fields can be matched.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn write_json(dir: &Path, name: &str, value: &Value) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, serde_json::to_vec_pretty(value).unwrap()).unwrap();
@@ -101,7 +83,7 @@ async fn warm_up_runs_before_the_first_job_take() {
         warmup_done < first_take,
         "the warm-up finished before the worker asked for its first job"
     );
-    let log = plain(&worker.log());
+    let log = worker.log();
     let line = log
         .lines()
         .find(|l| l.contains("warm-up finished"))
@@ -141,7 +123,7 @@ async fn a_failed_warm_up_takes_no_job_and_exits_non_zero() {
         "no job-take after a failed warm-up"
     );
     assert_eq!(sim.prompts().len(), 1, "only the warm-up reached ComfyUI");
-    let log = plain(&worker.log());
+    let log = worker.log();
     let line = log
         .lines()
         .find(|l| l.contains("warm-up finished"))
@@ -287,7 +269,7 @@ async fn cleanup_removes_the_jobs_files_and_leaves_the_rest() {
         before,
         "exactly the job's input, output and preview are gone"
     );
-    let log = plain(&worker.log());
+    let log = worker.log();
     let line = log
         .lines()
         .find(|l| l.contains("job files cleaned up"))

@@ -522,24 +522,6 @@ async fn broadcasts_say_so_reconnect_and_exit_0_on_ctrl_c() {
     sim.shutdown().await;
 }
 
-/// The text without terminal colour sequences (`ESC [ … m`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[test]
 fn the_worker_logs_the_same_lines_at_debug_level_for_its_prompts() {
     let dir = crate::cli::job_dir();
@@ -559,7 +541,7 @@ fn the_worker_logs_the_same_lines_at_debug_level_for_its_prompts() {
         .env("RUST_LOG", "comfy_worker=debug")
         .output()
         .expect("run comfy-worker");
-    let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
     let events: Vec<&str> = stderr
         .lines()
