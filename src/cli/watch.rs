@@ -24,6 +24,7 @@ use crate::comfy::run::reconnect_delay;
 use crate::comfy::ws::{Incoming, WsConnection};
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, Outcome, PromptEvent, WatchOptions, Workflow,
+    WorkflowInput,
 };
 use crate::config::Settings;
 use crate::job::report;
@@ -170,15 +171,22 @@ pub(crate) async fn run(args: WatchArgs) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let workflow = match to_api(&client, workflow).await {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("comfy-worker watch: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             submit(&client, workflow, file, &opts, args.json).await
         }
         None => broadcasts(&client, &opts, args.json).await,
     }
 }
 
-/// The workflow of a test-input file (`{"input": {"workflow": …}}`) or a bare API-format one,
-/// and how many input images the file has (they are not uploaded).
-fn load_workflow(path: &Path) -> Result<(Workflow, usize), String> {
+/// The workflow of a test-input file (`{"input": {"workflow": …}}`) or a bare workflow (API or
+/// UI format), and how many input images the file has (they are not uploaded).
+fn load_workflow(path: &Path) -> Result<(WorkflowInput, usize), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let value: Value = serde_json::from_str(&text)
@@ -195,8 +203,25 @@ fn load_workflow(path: &Path) -> Result<(Workflow, usize), String> {
             .ok_or_else(|| format!("{} has an 'input' without a 'workflow'", path.display()))?,
         None => value,
     };
-    let workflow = Workflow::from_value(graph).map_err(|e| format!("{}: {e}", path.display()))?;
+    let workflow =
+        WorkflowInput::from_value(graph).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((workflow, images))
+}
+
+/// An API-format workflow as it is; a UI-format one converted with ComfyUI's `/object_info`, as
+/// a job's would be.
+async fn to_api(client: &ComfyClient, workflow: WorkflowInput) -> Result<Workflow, String> {
+    let ui = match workflow {
+        WorkflowInput::Api(w) => return Ok(w),
+        WorkflowInput::Ui(ui) => ui,
+    };
+    let info = client.object_info().await.map_err(|e| {
+        format!("cannot convert the UI-format workflow: GET /object_info failed: {e}")
+    })?;
+    let graph = ui
+        .convert(&info)
+        .map_err(|e| format!("cannot convert the UI-format workflow: {e}"))?;
+    Workflow::from_value(Value::Object(graph)).map_err(|e| e.to_string())
 }
 
 /// `--submit`: queue the workflow on our own socket and show its whole stream.

@@ -381,6 +381,30 @@ async fn submit_against_the_simulator_shows_every_step_and_exits_0() {
 }
 
 #[tokio::test]
+async fn a_ui_format_workflow_is_converted_and_runs() {
+    let sim = simulator(1).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ui_workflows");
+    let read = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+    };
+    let mut p = WatchProcess::submit(&sim.host(), &read("txt2img.json"), &[]);
+    let status = p.exited().await;
+    let out = p.stdout();
+    assert_eq!(status.code(), Some(0), "{out}\n{}", p.stderr());
+    // What ComfyUI was sent is the golden conversion, and it ran to its two images.
+    let sent = sim.prompts().last().expect("a prompt")["prompt"].clone();
+    assert_eq!(sent, read("txt2img.api.json"));
+    assert_eq!(texts_of(&out, "executed").len(), 2, "{out}");
+    assert!(
+        texts_of(&out, "progress")
+            .last()
+            .is_some_and(|s| s.ends_with("10/10 (100.0%)")),
+        "{out}"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_socket_dropped_mid_prompt_is_reconnected_and_the_end_comes_from_history() {
     let sim = simulator(1).await;
     sim.drop_websockets_at(DropPoint::AfterStep(3));
