@@ -27,14 +27,9 @@ pub fn job_dir() -> tempfile::TempDir {
 }
 
 fn run_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
+    crate::harness::clear_worker_env(&mut Command::new(bin()))
         .args(args)
         .current_dir(dir)
-        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
-        .env_remove("COMFY_HOST")
-        .env_remove("BUCKET_ENDPOINT_URL")
-        .env_remove("OUTPUT_UPLOAD")
-        .env_remove("MAX_INLINE_OUTPUT_BYTES")
         .env("RUST_LOG", "comfy_worker=warn")
         .output()
         .expect("run comfy-worker")
@@ -152,7 +147,7 @@ fn an_error_output_exits_1() {
 /// `settings_for_run`).
 #[test]
 fn run_applies_the_inline_limit_only_when_set() {
-    let out = Command::new(bin())
+    let out = crate::harness::clear_worker_env(&mut Command::new(bin()))
         .args([
             "run",
             "test_input.json",
@@ -162,10 +157,6 @@ fn run_applies_the_inline_limit_only_when_set() {
             "1",
         ])
         .current_dir(repo())
-        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
-        .env_remove("COMFY_HOST")
-        .env_remove("BUCKET_ENDPOINT_URL")
-        .env_remove("OUTPUT_UPLOAD")
         .env("MAX_INLINE_OUTPUT_BYTES", "1000")
         .env("RUST_LOG", "comfy_worker=warn")
         .output()

@@ -168,3 +168,41 @@ pub fn init_logs() {
             .try_init();
     }
 }
+
+/// Removes from `cmd` every variable of the caller's environment that comfy-worker reads, so a
+/// developer's shell (a `COMFY_HOST`, a `BUCKET_*`, a `WARMUP_WORKFLOW`, …) cannot change what a
+/// test of the binary sees. Call it first: what the test sets afterwards stands.
+pub fn clear_worker_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    const PREFIXES: &[&str] = &[
+        "RUNPOD_",
+        "COMFY_",
+        "BUCKET_",
+        "WEBHOOK_",
+        "INPUT_URL_",
+        "LAMBDA_",
+        "AWS_LAMBDA_",
+        "WEBSOCKET_",
+        "ALLOW_PRIVATE_",
+    ];
+    const NAMES: &[&str] = &[
+        "JOB_TIMEOUT_S",
+        "REFRESH_WORKER",
+        "OUTPUT_UPLOAD",
+        "MAX_INLINE_OUTPUT_BYTES",
+        "SHUTDOWN_GRACE_S",
+        "SERVE_API_KEY",
+        "SERVE_API_LOCALLY",
+        "START_COMFYUI",
+        "WARMUP_WORKFLOW",
+        "FREE_MEMORY_AFTER_JOB",
+        "CLEANUP_FILES",
+        "RUST_LOG",
+    ];
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name.as_ref()) {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    cmd
+}

@@ -26,21 +26,11 @@ impl ServeProcess {
         let log = dir.path().join("serve.log");
         let out = dir.path().join("serve.out");
         let mut cmd = Command::new(bin());
-        cmd.arg("serve")
+        crate::harness::clear_worker_env(&mut cmd)
+            .arg("serve")
             .args(["--port", "0"])
             .args(args)
             .current_dir(dir.path())
-            .env_remove("RUNPOD_WEBHOOK_GET_JOB")
-            .env_remove("RUNPOD_ENDPOINT_ID")
-            .env_remove("SERVE_API_KEY")
-            .env_remove("SHUTDOWN_GRACE_S")
-            .env_remove("COMFY_WORKER_TEST_PANIC_NODE")
-            .env_remove("WARMUP_WORKFLOW")
-            .env_remove("FREE_MEMORY_AFTER_JOB")
-            .env_remove("CLEANUP_FILES")
-            .env_remove("COMFY_INPUT_DIR")
-            .env_remove("COMFY_OUTPUT_DIR")
-            .env_remove("COMFY_TEMP_DIR")
             .env("COMFY_PID_FILE", dir.path().join("no.pid"))
             .env("COMFY_API_AVAILABLE_INTERVAL_MS", "10")
             .env("RUST_LOG", "comfy_worker=debug")

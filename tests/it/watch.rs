@@ -39,7 +39,7 @@ impl WatchProcess {
     fn start_in(dir: tempfile::TempDir, host: &str, args: &[&str]) -> WatchProcess {
         let out = dir.path().join("watch.out");
         let err = dir.path().join("watch.err");
-        let child = Command::new(bin())
+        let child = crate::harness::clear_worker_env(&mut Command::new(bin()))
             .arg("watch")
             .args(["--comfy", host])
             .args(args)
@@ -48,8 +48,6 @@ impl WatchProcess {
             .env("COMFY_WS_SILENCE_S", "1")
             .env("COMFY_HISTORY_POLL_INTERVAL_MS", "50")
             .env("RUST_LOG", "comfy_worker=warn")
-            .env_remove("COMFY_HOST")
-            .env_remove("RUNPOD_ENDPOINT_ID")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap())
@@ -549,7 +547,7 @@ async fn broadcasts_say_so_reconnect_and_exit_0_on_ctrl_c() {
 #[test]
 fn the_worker_logs_the_same_lines_at_debug_level_for_its_prompts() {
     let dir = crate::cli::job_dir();
-    let out = Command::new(bin())
+    let out = crate::harness::clear_worker_env(&mut Command::new(bin()))
         .args([
             "run",
             "test_input.json",
@@ -559,9 +557,6 @@ fn the_worker_logs_the_same_lines_at_debug_level_for_its_prompts() {
             "1",
         ])
         .current_dir(dir.path())
-        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
-        .env_remove("COMFY_HOST")
-        .env_remove("RUNPOD_ENDPOINT_ID")
         .env("RUST_LOG", "comfy_worker=debug")
         .output()
         .expect("run comfy-worker");
