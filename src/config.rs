@@ -172,14 +172,42 @@ pub struct ConfigError {
     pub expected: &'static str,
 }
 
-/// Reads numbers with a clear error naming the variable.
-struct Reader<F: Fn(&str) -> Option<String>>(F);
+/// Reads variables through a lookup (the environment, or a map in tests): values are trimmed,
+/// an empty one counts as unset, and a value that does not parse is a [`ConfigError`] naming
+/// the variable. Every settings reader of the crate goes through it.
+pub(crate) struct EnvReader<F: Fn(&str) -> Option<String>>(F);
 
-impl<F: Fn(&str) -> Option<String>> Reader<F> {
-    fn get(&self, name: &str) -> Option<String> {
+impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
+    pub(crate) fn new(lookup: F) -> Self {
+        EnvReader(lookup)
+    }
+
+    /// The trimmed value, `None` when unset or empty.
+    pub(crate) fn get(&self, name: &str) -> Option<String> {
         (self.0)(name)
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
+    }
+
+    /// The value as `parse` reads it, `None` when unset; a value `parse` refuses is an error
+    /// saying what was `expected`.
+    pub(crate) fn parse<T>(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => match parse(&v) {
+                Some(t) => Ok(Some(t)),
+                None => Err(ConfigError {
+                    name,
+                    value: v,
+                    expected,
+                }),
+            },
+        }
     }
 
     fn number(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
@@ -206,19 +234,16 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
             .map(Duration::from_secs_f64)
     }
 
-    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => Ok(true),
-                "false" | "0" | "no" | "off" => Ok(false),
-                _ => Err(ConfigError {
-                    name,
-                    value: v,
-                    expected: "true or false",
-                }),
-            },
-        }
+    /// `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, any case.
+    pub(crate) fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        let value = self.parse(name, "true or false", |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Some(true),
+                "false" | "0" | "no" | "off" => Some(false),
+                _ => None,
+            }
+        })?;
+        Ok(value.unwrap_or(default))
     }
 
     fn path(&self, name: &str, default: PathBuf) -> PathBuf {
@@ -274,7 +299,7 @@ impl Settings {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
         let inputs = InputPolicy::from_lookup(&lookup)?;
         let storage = StorageSettings::from_lookup(&lookup)?;
-        let r = Reader(lookup);
+        let r = EnvReader::new(lookup);
         let d = Settings::default();
         Ok(Settings {
             comfy_host: r.get("COMFY_HOST").unwrap_or(d.comfy_host),

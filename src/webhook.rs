@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::comfy::api::error_chain;
-use crate::config::ConfigError;
+use crate::config::EnvReader;
 use crate::net::{Guard, UrlError};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};
 
@@ -61,50 +61,21 @@ impl WebhookPolicy {
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<WebhookPolicy, crate::config::ConfigError> {
-        let get = |k: &str| {
-            lookup(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let env = EnvReader::new(lookup);
         let d = WebhookPolicy::default();
-        let allow_private = match get("ALLOW_PRIVATE_WEBHOOKS") {
-            None => d.allow_private,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => {
-                    return Err(ConfigError {
-                        name: "ALLOW_PRIVATE_WEBHOOKS",
-                        value: v,
-                        expected: "true or false",
-                    })
-                }
-            },
-        };
-        let attempts = match get("WEBHOOK_ATTEMPTS") {
-            None => d.attempts,
-            Some(v) => match v.parse::<u32>() {
-                Ok(n) if n >= 1 => n,
-                _ => {
-                    return Err(ConfigError {
-                        name: "WEBHOOK_ATTEMPTS",
-                        value: v,
-                        expected: "a whole number, at least 1",
-                    })
-                }
-            },
-        };
-        let retry_delay = match get("WEBHOOK_RETRY_DELAY_MS") {
-            None => d.retry_delay,
-            Some(v) => v
-                .parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| ConfigError {
-                    name: "WEBHOOK_RETRY_DELAY_MS",
-                    value: v,
-                    expected: "a whole number of milliseconds",
-                })?,
-        };
+        let allow_private = env.flag("ALLOW_PRIVATE_WEBHOOKS", d.allow_private)?;
+        let attempts = env
+            .parse("WEBHOOK_ATTEMPTS", "a whole number, at least 1", |v| {
+                v.parse::<u32>().ok().filter(|n| *n >= 1)
+            })?
+            .unwrap_or(d.attempts);
+        let retry_delay = env
+            .parse(
+                "WEBHOOK_RETRY_DELAY_MS",
+                "a whole number of milliseconds",
+                |v| v.parse::<u64>().ok().map(Duration::from_millis),
+            )?
+            .unwrap_or(d.retry_delay);
         Ok(WebhookPolicy {
             allow_private,
             attempts,

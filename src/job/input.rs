@@ -27,7 +27,7 @@ use super::storage::JobStorage;
 use crate::comfy::api::{media_type_for_name, Upload};
 use crate::comfy::workflow::json_type;
 use crate::comfy::{FileRef, WorkflowInput};
-use crate::config::{ConfigError, Secret};
+use crate::config::{ConfigError, EnvReader, Secret};
 use crate::net::{self, Downloader, FetchError, Guard, Limits};
 
 /// Redirects followed for one URL input.
@@ -69,56 +69,27 @@ impl InputPolicy {
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<InputPolicy, ConfigError> {
-        let get = |k: &str| {
-            lookup(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let env = EnvReader::new(lookup);
         let d = InputPolicy::default();
-        let max_bytes = match get("INPUT_URL_MAX_BYTES") {
-            None => d.max_bytes,
-            Some(v) => match v.parse::<u64>() {
-                Ok(n) if n >= 1 => n,
-                _ => {
-                    return Err(ConfigError {
-                        name: "INPUT_URL_MAX_BYTES",
-                        value: v,
-                        expected: "a whole number of bytes, at least 1",
-                    })
-                }
-            },
-        };
-        let timeout = match get("INPUT_URL_TIMEOUT_S") {
-            None => d.timeout,
-            Some(v) => match v.parse::<f64>() {
-                // Clamped so that a huge value cannot panic the conversion.
-                Ok(n) if n.is_finite() && n > 0.0 => {
-                    Duration::from_secs_f64(n.min(86_400.0 * 365.0))
-                }
-                _ => {
-                    return Err(ConfigError {
-                        name: "INPUT_URL_TIMEOUT_S",
-                        value: v,
-                        expected: "a number of seconds above 0",
-                    })
-                }
-            },
-        };
-        let allow_private = match get("ALLOW_PRIVATE_INPUT_URLS") {
-            None => d.allow_private,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => {
-                    return Err(ConfigError {
-                        name: "ALLOW_PRIVATE_INPUT_URLS",
-                        value: v,
-                        expected: "true or false",
-                    })
-                }
-            },
-        };
-        let allowed_hosts = get("INPUT_URL_ALLOW_HOSTS")
+        let max_bytes = env
+            .parse(
+                "INPUT_URL_MAX_BYTES",
+                "a whole number of bytes, at least 1",
+                |v| v.parse::<u64>().ok().filter(|n| *n >= 1),
+            )?
+            .unwrap_or(d.max_bytes);
+        let timeout = env
+            .parse("INPUT_URL_TIMEOUT_S", "a number of seconds above 0", |v| {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|n| n.is_finite() && *n > 0.0)
+                    // Clamped so that a huge value cannot panic the conversion.
+                    .map(|n| Duration::from_secs_f64(n.min(86_400.0 * 365.0)))
+            })?
+            .unwrap_or(d.timeout);
+        let allow_private = env.flag("ALLOW_PRIVATE_INPUT_URLS", d.allow_private)?;
+        let allowed_hosts = env
+            .get("INPUT_URL_ALLOW_HOSTS")
             .map(|v| {
                 v.split(',')
                     .map(|h| h.trim().to_owned())

@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 
 use super::collect::{base64_entry, CollectedFile};
 use super::output::FileEntry;
-use crate::config::{ConfigError, Secret};
+use crate::config::{ConfigError, EnvReader, Secret};
 use crate::net::{Guard, UrlError};
 
 /// `MAX_INLINE_OUTPUT_BYTES` default: 15 MiB of JSON, leaving room under the ~20 MB the
@@ -137,11 +137,8 @@ impl StorageSettings {
     /// `ALLOW_PRIVATE_S3_ENDPOINTS` variables through `lookup`; an endpoint that names no bucket, or one without keys, is refused here so a
     /// misconfigured worker fails at start rather than on the first large output.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let env = EnvReader::new(lookup);
+        let get = |name: &str| env.get(name);
         let d = StorageSettings::default();
         let mode = match get("OUTPUT_UPLOAD").map(|v| v.to_ascii_lowercase()) {
             None => d.mode,
@@ -156,41 +153,25 @@ impl StorageSettings {
                 })
             }
         };
-        let url_expiry = match get("BUCKET_URL_EXPIRY_S") {
-            None => d.url_expiry,
-            Some(v) => match v.parse::<u64>() {
-                Ok(s) if (1..=MAX_URL_EXPIRY.as_secs()).contains(&s) => Duration::from_secs(s),
-                _ => {
-                    return Err(ConfigError {
-                        name: "BUCKET_URL_EXPIRY_S",
-                        value: v,
-                        expected: "whole seconds from 1 to 604800 (7 days, the S3 maximum)",
-                    })
-                }
-            },
-        };
-        let max_inline_bytes = match get("MAX_INLINE_OUTPUT_BYTES") {
-            None => d.max_inline_bytes,
-            Some(v) => Some(v.parse::<u64>().map_err(|_| ConfigError {
-                name: "MAX_INLINE_OUTPUT_BYTES",
-                value: v,
-                expected: "a number of bytes",
-            })?),
-        };
-        let allow_private_endpoints = match get("ALLOW_PRIVATE_S3_ENDPOINTS") {
-            None => d.allow_private_endpoints,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => {
-                    return Err(ConfigError {
-                        name: "ALLOW_PRIVATE_S3_ENDPOINTS",
-                        value: v,
-                        expected: "true or false",
-                    })
-                }
-            },
-        };
+        let url_expiry = env
+            .parse(
+                "BUCKET_URL_EXPIRY_S",
+                "whole seconds from 1 to 604800 (7 days, the S3 maximum)",
+                |v| {
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|s| (1..=MAX_URL_EXPIRY.as_secs()).contains(s))
+                        .map(Duration::from_secs)
+                },
+            )?
+            .unwrap_or(d.url_expiry);
+        let max_inline_bytes = env
+            .parse("MAX_INLINE_OUTPUT_BYTES", "a number of bytes", |v| {
+                v.parse::<u64>().ok()
+            })?
+            .or(d.max_inline_bytes);
+        let allow_private_endpoints =
+            env.flag("ALLOW_PRIVATE_S3_ENDPOINTS", d.allow_private_endpoints)?;
         let bucket = match get("BUCKET_ENDPOINT_URL") {
             None => None,
             Some(endpoint_url) => {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, EnvReader};
 
 /// `MAX_INLINE_OUTPUT_BYTES` default with a buffered response: Lambda's 6 MB response limit.
 pub const BUFFERED_LIMIT: u64 = 6 * 1024 * 1024;
@@ -79,11 +79,8 @@ impl LambdaSettings {
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<LambdaSettings, LambdaConfigError> {
-        let get = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let env = EnvReader::new(lookup);
+        let get = |name: &str| env.get(name);
         let missing: Vec<&'static str> = REQUIRED_VARS
             .iter()
             .copied()
@@ -92,16 +89,11 @@ impl LambdaSettings {
         if !missing.is_empty() {
             return Err(LambdaConfigError::Missing(missing));
         }
-        if let Some(v) = get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") {
-            if v.parse::<i32>().is_err() {
-                return Err(ConfigError {
-                    name: "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-                    value: v,
-                    expected: "a whole number of MB",
-                }
-                .into());
-            }
-        }
+        env.parse(
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            "a whole number of MB",
+            |v| v.parse::<i32>().ok(),
+        )?;
         let response_mode = match get("LAMBDA_RESPONSE_MODE").map(|v| v.to_ascii_lowercase()) {
             None => ResponseMode::Buffered,
             Some(v) if v == "buffered" => ResponseMode::Buffered,
@@ -115,20 +107,14 @@ impl LambdaSettings {
                 .into())
             }
         };
-        let deadline_margin = match get("LAMBDA_DEADLINE_MARGIN_S") {
-            None => DEFAULT_DEADLINE_MARGIN,
-            Some(v) => match v.parse::<f64>() {
-                Ok(s) if s.is_finite() && (0.0..=900.0).contains(&s) => Duration::from_secs_f64(s),
-                _ => {
-                    return Err(ConfigError {
-                        name: "LAMBDA_DEADLINE_MARGIN_S",
-                        value: v,
-                        expected: "seconds from 0 to 900",
-                    }
-                    .into())
-                }
-            },
-        };
+        let deadline_margin = env
+            .parse("LAMBDA_DEADLINE_MARGIN_S", "seconds from 0 to 900", |v| {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && (0.0..=900.0).contains(s))
+                    .map(Duration::from_secs_f64)
+            })?
+            .unwrap_or(DEFAULT_DEADLINE_MARGIN);
         Ok(LambdaSettings {
             runtime_api: get("AWS_LAMBDA_RUNTIME_API").unwrap_or_default(),
             response_mode,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::config::{ConfigError, Secret};
+use crate::config::{ConfigError, EnvReader, Secret};
 
 /// The protocol version sent in pings: the RunPod SDK release whose wire behaviour this implements.
 pub const SDK_PROTOCOL_VERSION: &str = "1.12.0";
@@ -51,20 +51,17 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub fn shutdown_grace_from(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Duration, ConfigError> {
-    match lookup("SHUTDOWN_GRACE_S").map(|v| v.trim().to_owned()) {
-        None => Ok(DEFAULT_SHUTDOWN_GRACE),
-        Some(v) if v.is_empty() => Ok(DEFAULT_SHUTDOWN_GRACE),
-        Some(v) => match v.parse::<f64>() {
-            Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => {
-                Ok(Duration::from_secs_f64(s))
-            }
-            _ => Err(ConfigError {
-                name: "SHUTDOWN_GRACE_S",
-                value: v,
-                expected: "a number of seconds from 0 to 86400",
-            }),
+    let grace = EnvReader::new(lookup).parse(
+        "SHUTDOWN_GRACE_S",
+        "a number of seconds from 0 to 86400",
+        |v| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && (0.0..=86_400.0).contains(s))
+                .map(Duration::from_secs_f64)
         },
-    }
+    )?;
+    Ok(grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE))
 }
 
 fn truthy(v: &str) -> bool {
@@ -79,64 +76,48 @@ impl RunPodSettings {
     pub fn from_lookup(
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<RunPodSettings>, ConfigError> {
-        let get = |k: &str| {
-            lookup(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let env = EnvReader::new(&lookup);
+        let get = |k: &str| env.get(k);
         let Some(get_job_url) = get("RUNPOD_WEBHOOK_GET_JOB") else {
             return Ok(None);
         };
         let ms = |name: &'static str, default: u64| -> Result<u64, ConfigError> {
-            match get(name) {
-                None => Ok(default),
-                Some(v) => v.parse::<u64>().map_err(|_| ConfigError {
-                    name,
-                    value: v,
-                    expected: "a whole number of milliseconds",
-                }),
-            }
+            let ms = env.parse(name, "a whole number of milliseconds", |v| {
+                v.parse::<u64>().ok()
+            })?;
+            Ok(ms.unwrap_or(default))
         };
         let ping_ms = ms("RUNPOD_PING_INTERVAL", 10_000)?.max(100);
-        let job_timeout = match get("JOB_TIMEOUT_S") {
-            None => None,
-            Some(v) => match v.parse::<f64>() {
-                Ok(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
-                Ok(0.0) => None,
-                _ => {
-                    return Err(ConfigError {
-                        name: "JOB_TIMEOUT_S",
-                        value: v,
-                        expected: "a positive number of seconds (0 = none)",
-                    })
-                }
-            },
-        };
-        let attempts = match get("RUNPOD_RESULT_ATTEMPTS") {
-            None => 6,
-            Some(v) => v
-                .parse::<u32>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or(ConfigError {
-                    name: "RUNPOD_RESULT_ATTEMPTS",
-                    value: v,
-                    expected: "a whole number of at least 1",
-                })?,
-        };
-        let result_timeout = match get("RUNPOD_RESULT_TIMEOUT_S") {
-            None => Duration::from_secs(120),
-            Some(v) => match v.parse::<f64>() {
-                Ok(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s.min(86_400.0)),
-                _ => {
-                    return Err(ConfigError {
-                        name: "RUNPOD_RESULT_TIMEOUT_S",
-                        value: v,
-                        expected: "a number of seconds above 0",
-                    })
-                }
-            },
-        };
+        let job_timeout = env
+            .parse(
+                "JOB_TIMEOUT_S",
+                "a positive number of seconds (0 = none)",
+                |v| match v.parse::<f64>() {
+                    Ok(s) if s.is_finite() && s > 0.0 => Some(Some(Duration::from_secs_f64(s))),
+                    Ok(0.0) => Some(None),
+                    _ => None,
+                },
+            )?
+            .flatten();
+        let attempts = env
+            .parse(
+                "RUNPOD_RESULT_ATTEMPTS",
+                "a whole number of at least 1",
+                |v| v.parse::<u32>().ok().filter(|n| *n >= 1),
+            )?
+            .unwrap_or(6);
+        let result_timeout = env
+            .parse(
+                "RUNPOD_RESULT_TIMEOUT_S",
+                "a number of seconds above 0",
+                |v| {
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .map(|s| Duration::from_secs_f64(s.min(86_400.0)))
+                },
+            )?
+            .unwrap_or(Duration::from_secs(120));
         let worker_id_env = get("RUNPOD_POD_ID");
         let shutdown_grace = shutdown_grace_from(&lookup)?;
         Ok(Some(RunPodSettings {
