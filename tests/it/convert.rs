@@ -6,15 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use comfy_worker::comfy::{
     ClientOptions, ComfyClient, ConvertOptions, ObjectInfo, UiWorkflow, Workflow,
 };
-use comfy_worker::simulator::{SimConfig, Simulator};
 use serde_json::{json, Map, Value};
 
 use crate::harness::{self, error_text, images, png_size, run_job};
+use crate::worker_process::simulator;
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ui_workflows")
@@ -38,19 +37,6 @@ fn ui(name: &str) -> Value {
 
 fn parse(value: &Value) -> UiWorkflow {
     UiWorkflow::from_map(value.as_object().expect("object")).expect("a readable UI workflow")
-}
-
-async fn simulator() -> Simulator {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(
-        listener,
-        SimConfig {
-            step_delay: Duration::from_millis(1),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap()
 }
 
 /// The fixture names: every `<name>.json` that is not an expected output.
@@ -161,7 +147,7 @@ fn without_meta(mut workflow: Value) -> Value {
 
 #[tokio::test]
 async fn the_ui_version_of_ok_json_round_trips_through_the_simulators_object_info() {
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let client = ComfyClient::new(&sim.host(), ClientOptions::default()).unwrap();
     let info = client.object_info().await.unwrap();
     let raw_info: Value = reqwest::get(format!("http://{}/object_info", sim.host()))
@@ -184,7 +170,7 @@ async fn the_ui_version_of_ok_json_round_trips_through_the_simulators_object_inf
 
 #[tokio::test]
 async fn a_ui_format_job_runs_in_the_simulator_and_object_info_is_fetched_once() {
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let engine = harness::engine(&sim.host());
     let (output, progress) = run_job(&engine, json!({"workflow": ui("txt2img")})).await;
     let imgs = images(&output);
@@ -218,7 +204,7 @@ async fn a_ui_format_job_runs_in_the_simulator_and_object_info_is_fetched_once()
 
 #[tokio::test]
 async fn an_unconvertible_ui_job_fails_naming_the_node_and_queues_nothing() {
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let engine = harness::engine(&sim.host());
     let (output, _) = run_job(&engine, json!({"workflow": ui("unknown_class")})).await;
     let err = error_text(&output);
@@ -319,7 +305,7 @@ fn convert_prints_the_api_json_from_a_file_or_stdin() {
 
 #[tokio::test]
 async fn convert_asks_a_running_comfyui_for_its_object_info() {
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let host = sim.host();
     let file = dir().join("txt2img.json");
     let out = tokio::task::spawn_blocking(move || {

@@ -15,11 +15,12 @@ use axum::routing::get;
 use axum::Router;
 use comfy_worker::config::Settings;
 use comfy_worker::job::{codec, Engine, JobOutput};
-use comfy_worker::simulator::{SimConfig, Simulator};
+use comfy_worker::simulator::Simulator;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::harness::{self, error_text, images, run_job};
+use crate::worker_process::simulator;
 
 const BIG: usize = 300_000;
 
@@ -140,19 +141,6 @@ async fn serve(State(s): State<Served>, Path(path): Path<String>) -> Response {
     }
 }
 
-async fn simulator() -> Simulator {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(
-        listener,
-        SimConfig {
-            step_delay: Duration::from_millis(1),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap()
-}
-
 /// An engine for `sim` whose input settings come from `env` (a lookup map, never the process
 /// environment); the rest are the harness's fast test timings.
 fn engine(sim: &Simulator, env: &[(&str, &str)]) -> Engine {
@@ -204,7 +192,7 @@ const HINT: &str = "(set ALLOW_PRIVATE_INPUT_URLS=true to allow it)";
 #[tokio::test]
 async fn a_url_input_is_downloaded_only_when_private_addresses_are_allowed() {
     let files = FileServer::start().await;
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let url = files.url("/image.png");
 
     // Without the opt-in, the local server is refused before any connection.
@@ -246,7 +234,7 @@ async fn a_url_input_is_downloaded_only_when_private_addresses_are_allowed() {
 #[tokio::test]
 async fn the_guard_refuses_private_targets_and_local_names() {
     let files = FileServer::start().await;
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let port = files.addr.port();
     let guarded = engine(&sim, &[]);
     let items = json!([
@@ -303,7 +291,7 @@ async fn a_host_name_resolving_to_loopback_is_refused_after_resolution() {
         eprintln!("skipped: host name {name:?} resolves to a public address");
         return;
     }
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let problems = refused(
         &engine(&sim, &[]),
         &sim,
@@ -319,7 +307,7 @@ async fn a_host_name_resolving_to_loopback_is_refused_after_resolution() {
 #[tokio::test]
 async fn redirects_are_followed_and_each_target_checked_again() {
     let files = FileServer::start().await;
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let port = files.addr.port();
     // The file server is allowed by name; everything else is guarded.
     let engine = engine(&sim, &[("INPUT_URL_ALLOW_HOSTS", "127.0.0.1")]);
@@ -336,7 +324,7 @@ async fn redirects_are_followed_and_each_target_checked_again() {
         ["/r/4", "/r/3", "/r/2", "/r/1", "/r/0", "/image.png"]
     );
 
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let engine = self::engine(&sim, &[("INPUT_URL_ALLOW_HOSTS", "127.0.0.1")]);
     let items = json!([
         {"name": "long.png", "image": files.url("/r/5")},
@@ -359,7 +347,7 @@ async fn redirects_are_followed_and_each_target_checked_again() {
 #[tokio::test]
 async fn oversized_slow_missing_and_empty_downloads_fail_clearly() {
     let files = FileServer::start().await;
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let port = files.addr.port();
     let small = engine(
         &sim,
@@ -413,7 +401,7 @@ async fn oversized_slow_missing_and_empty_downloads_fail_clearly() {
 #[tokio::test]
 async fn one_bad_url_fails_the_job_before_anything_is_uploaded() {
     let files = FileServer::start().await;
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let open = engine(&sim, &[("ALLOW_PRIVATE_INPUT_URLS", "true")]);
     let items = json!([
         {"name": "good.png", "image": files.url("/image.png")},
@@ -435,7 +423,7 @@ async fn one_bad_url_fails_the_job_before_anything_is_uploaded() {
 #[tokio::test]
 async fn subfolder_type_and_masks_reach_the_right_place() {
     let files = FileServer::start().await;
-    let sim = simulator().await;
+    let sim = simulator(1).await;
     let open = engine(&sim, &[("ALLOW_PRIVATE_INPUT_URLS", "true")]);
     let mask = png_bytes(9);
     // `files` is the alias of `images`.

@@ -1,27 +1,13 @@
 //! The real engine against the in-process ComfyUI simulator: the whole job flow, uploads,
 //! caching, validation, runtime errors, cancel, and a socket killed or silenced mid-run.
 
-use std::time::Duration;
-
 use comfy_worker::job::Engine;
 use comfy_worker::progress::ProgressKind;
-use comfy_worker::simulator::{SimConfig, Simulator};
+use comfy_worker::simulator::Simulator;
 use serde_json::{json, Value};
 
 use crate::harness::{self, error_text, images, png_size, run_job, spawn_job, steps_of};
-
-async fn simulator(step_ms: u64) -> Simulator {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(
-        listener,
-        SimConfig {
-            step_delay: Duration::from_millis(step_ms),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap()
-}
+use crate::worker_process::simulator;
 
 fn engine(sim: &Simulator) -> Engine {
     harness::engine(&sim.host())

@@ -9,26 +9,14 @@ use std::time::Duration;
 
 use comfy_worker::api::{self, ServeOptions};
 use comfy_worker::config::Secret;
-use comfy_worker::simulator::{SimConfig, Simulator};
+use comfy_worker::simulator::Simulator;
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{self, png_size, LIMIT};
-
-pub(crate) async fn simulator(step_ms: u64) -> Simulator {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Simulator::start(
-        listener,
-        SimConfig {
-            step_delay: Duration::from_millis(step_ms),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap()
-}
+use crate::worker_process::simulator;
 
 /// A local endpoint served on a port of its own, in front of `sim`.
 pub(crate) struct Endpoint {

@@ -434,7 +434,7 @@ fn loopback_policy() -> WebhookPolicy {
 
 #[tokio::test]
 async fn serve_sends_the_final_status_and_every_progress_event() {
-    let sim = crate::serve::simulator(10).await;
+    let sim = simulator(10).await;
     let receiver = Receiver::start(ReceiverOptions::default()).await;
     let endpoint = crate::serve::Endpoint::start_with(
         &sim,
@@ -463,7 +463,7 @@ async fn serve_sends_the_final_status_and_every_progress_event() {
 
 #[tokio::test]
 async fn serve_refuses_webhooks_to_private_addresses_with_a_clear_error() {
-    let sim = crate::serve::simulator(1).await;
+    let sim = simulator(1).await;
     let endpoint =
         crate::serve::Endpoint::start(&sim, comfy_worker::api::ServeOptions::default()).await;
     for (field, url, why) in [
