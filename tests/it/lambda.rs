@@ -297,6 +297,12 @@ impl FakeRuntime {
     pub fn violations(&self) -> Vec<String> {
         lock(&self.state).violations.clone()
     }
+
+    /// Fails the test if the worker broke the Runtime API's protocol.
+    pub fn assert_no_violations(&self) {
+        let violations = self.violations();
+        assert!(violations.is_empty(), "{violations:?}");
+    }
 }
 
 impl Drop for FakeRuntime {
@@ -453,11 +459,7 @@ async fn buffered_jobs_return_their_output_selected_without_a_subcommand() {
         );
         assert_eq!(progress.last(), Some(&100.0), "{id}: {progress:?}");
     }
-    assert!(
-        runtime.violations().is_empty(),
-        "{:?}",
-        runtime.violations()
-    );
+    runtime.assert_no_violations();
 }
 
 #[tokio::test]
@@ -498,11 +500,7 @@ async fn bad_jobs_get_lambda_error_responses_and_the_runtime_keeps_serving() {
         Answer::Buffered(output) => assert_two_pngs(&output),
         other => panic!("{other:?}"),
     }
-    assert!(
-        runtime.violations().is_empty(),
-        "{:?}",
-        runtime.violations()
-    );
+    runtime.assert_no_violations();
 }
 
 #[tokio::test]
@@ -614,11 +612,7 @@ async fn streamed_jobs_yield_ordered_progress_lines_then_the_output() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(
-        runtime.violations().is_empty(),
-        "{:?}",
-        runtime.violations()
-    );
+    runtime.assert_no_violations();
 }
 
 #[tokio::test]
@@ -896,11 +890,7 @@ async fn a_panicking_job_and_an_oversize_output_are_error_responses() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(
-        runtime.violations().is_empty(),
-        "{:?}",
-        runtime.violations()
-    );
+    runtime.assert_no_violations();
 }
 
 #[tokio::test]

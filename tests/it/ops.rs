@@ -410,7 +410,16 @@ async fn health_command_shows_system_stats_and_the_queue() {
 }
 
 async fn get(url: &str) -> (u16, Value) {
-    let resp = tokio::time::timeout(LIMIT, reqwest::Client::new().get(url).send())
+    send(reqwest::Client::new().get(url)).await
+}
+
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    send(reqwest::Client::new().post(url).json(body)).await
+}
+
+/// The reply's status and JSON body, within [`LIMIT`].
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = tokio::time::timeout(LIMIT, request.send())
         .await
         .expect("in time")
         .expect("a reply");
@@ -471,14 +480,12 @@ async fn serve_shows_a_failed_warm_up_and_refuses_jobs() {
         "ComfyUI itself is fine"
     );
 
-    let resp = reqwest::Client::new()
-        .post(format!("{}/run", serve.base()))
-        .json(&json!({"input": job_input(1, 1)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 503);
-    let body: Value = resp.json().await.unwrap();
+    let (code, body) = post(
+        &format!("{}/run", serve.base()),
+        &json!({"input": job_input(1, 1)}),
+    )
+    .await;
+    assert_eq!(code, 503);
     let message = body["error"].as_str().unwrap();
     assert!(
         message.contains("unhealthy") && message.contains("warm-up failed"),
@@ -515,16 +522,11 @@ async fn serve_queues_jobs_while_warming_up() {
         json!({"running": 1, "pending": 0})
     );
 
-    let http = reqwest::Client::new();
-    let queued: Value = http
-        .post(format!("{}/run", serve.base()))
-        .json(&json!({"input": job_input(0x222222, 1)}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, queued) = post(
+        &format!("{}/run", serve.base()),
+        &json!({"input": job_input(0x222222, 1)}),
+    )
+    .await;
     assert_eq!(queued["status"], "IN_QUEUE", "{queued}");
     let id = queued["id"].as_str().unwrap();
     let (_, status) = get(&format!("{}/status/{id}", serve.base())).await;
@@ -536,15 +538,11 @@ async fn serve_queues_jobs_while_warming_up() {
 
     sim.resume();
     // Runs after the queued job (one at a time, in order), so both are done when it returns.
-    let body: Value = http
-        .post(format!("{}/runsync?wait=20000", serve.base()))
-        .json(&json!({"input": job_input(0x333333, 1)}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, body) = post(
+        &format!("{}/runsync?wait=20000", serve.base()),
+        &json!({"input": job_input(0x333333, 1)}),
+    )
+    .await;
     assert_eq!(body["status"], "COMPLETED", "{body}");
     let (_, status) = get(&format!("{}/status/{id}", serve.base())).await;
     assert_eq!(status["status"], "COMPLETED", "{status}");
