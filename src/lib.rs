@@ -22,6 +22,7 @@ pub mod net;
 pub mod ops;
 pub mod platform;
 pub mod progress;
+pub mod runner;
 pub mod simulator;
 pub mod telemetry;
 pub mod webhook;

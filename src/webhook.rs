@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::comfy::api::error_chain;
 use crate::config::EnvReader;
+use crate::job::{Completed, JobFailure};
 use crate::net::{Guard, UrlError};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};
 
@@ -328,8 +329,16 @@ impl ProgressHook {
         self.queue.push(event, false);
     }
 
+    /// Queues the final event for a job's result: `completed` with the output, or `error`.
+    pub fn end(&self, result: &Result<Completed, JobFailure>) {
+        match result {
+            Ok(completed) => self.completed(serde_json::to_value(completed).unwrap_or(Value::Null)),
+            Err(failure) => self.failed(&failure.message(), failure.details()),
+        }
+    }
+
     /// Queues the final `completed` event: percentage 100 and `result` = `output`.
-    pub fn completed(&self, output: &Value) {
+    pub fn completed(&self, output: Value) {
         let progress = LastProgress {
             percentage: 100.0,
             step: "Completed".into(),
@@ -337,7 +346,7 @@ impl ProgressHook {
             max: 1.0,
         };
         let mut event = progress_event(&self.task_id, "completed", &progress, now());
-        event["result"] = output.clone();
+        event["result"] = output;
         self.queue.push(event, true);
     }
 
@@ -757,7 +766,7 @@ mod tests {
             60.0,
         ));
         hook.failed("Job timed out", Some(&["node 2".to_owned()]));
-        hook.completed(&json!({"images": []}));
+        hook.completed(json!({"images": []}));
         hook.snapshot(&snapshot(ProgressKind::Finished, None, 0.0, 1.0, 100.0));
         let events = queued(&hook);
         assert_eq!(
@@ -790,7 +799,7 @@ mod tests {
         );
 
         let hook = idle_hook("job-4");
-        hook.completed(&json!({"images": [{"filename": "a.png"}]}));
+        hook.completed(json!({"images": [{"filename": "a.png"}]}));
         let done = &queued(&hook)[0];
         assert_eq!(done["status"], "completed");
         assert_eq!(

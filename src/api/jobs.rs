@@ -7,24 +7,24 @@
 //! body on a watch channel (what `/runsync` waits on).
 
 use std::collections::{HashMap, VecDeque};
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, Instrument};
+use tracing::{info, Instrument};
 
 use super::error::ApiError;
 use super::ServeOptions;
-use crate::job::{Engine, JobOptions, JobOutput};
+use crate::job::output::result_body;
+use crate::job::request::MAX_JOB_TIMEOUT;
+use crate::job::{Completed, DeadlineSource, Engine, JobFailure, JobOutput, JobRequest};
 use crate::ops::warmup::WarmupState;
-use crate::platform::runpod::result_body;
-use crate::progress::{self, ProgressSnapshot};
+use crate::progress::ProgressSnapshot;
+use crate::runner::{job_span, Controls, Deadline, Runner};
 use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};
 
 /// What `/status` reports as `workerId`: there is one worker, this process.
@@ -37,7 +37,7 @@ const NOT_STARTED: &str = "The endpoint shut down before the job started; submit
 pub(crate) const EVENT_BUFFER: usize = 256;
 
 /// The longest `policy.executionTimeout` / `policy.ttl` accepted (the cloud's 7 days).
-const MAX_POLICY: Duration = Duration::from_secs(7 * 86_400);
+const MAX_POLICY: Duration = MAX_JOB_TIMEOUT;
 
 /// A job's state, as the cloud endpoint names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -174,15 +174,6 @@ fn millis_field(value: Option<&Value>, name: &str) -> Result<Option<Duration>, A
     }
 }
 
-/// The worker's own per-job deadline, `input.timeout_s` (as in serverless mode).
-fn input_timeout(input: &Value) -> Option<Duration> {
-    input
-        .get("timeout_s")
-        .and_then(Value::as_f64)
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(MAX_POLICY.as_secs_f64())))
-}
-
 /// Job counts for `/health`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -214,7 +205,7 @@ impl std::fmt::Debug for LocalEndpoint {
 }
 
 struct Inner {
-    engine: Engine,
+    runner: Runner,
     webhooks: Webhooks,
     options: ServeOptions,
     state: Mutex<State>,
@@ -226,9 +217,6 @@ struct Inner {
     stopped: CancellationToken,
     /// Progress-webhook deliveries still finishing, awaited (bounded) at shutdown.
     hooks: TaskTracker,
-    /// `WARMUP_WORKFLOW`'s progress: the runner takes no job until it is done, and none at all
-    /// when it failed.
-    warmup: watch::Sender<WarmupState>,
 }
 
 #[derive(Default)]
@@ -247,9 +235,7 @@ struct Job {
     /// Submission order, to break ties when dropping old jobs.
     seq: u64,
     /// Taken by the runner when the job starts.
-    input: Option<Value>,
-    /// The job's `s3Config`, taken with `input`.
-    s3_config: Option<Value>,
+    request: Option<JobRequest>,
     status: JobStatus,
     submitted: Instant,
     started: Option<Instant>,
@@ -319,12 +305,27 @@ impl Job {
     }
 }
 
+/// How a job ended, as the store records it.
+enum End {
+    /// The runner returned the job's result.
+    Ran(Result<Completed, JobFailure>),
+    /// Cancelled by the client (`/cancel`, `/purge-queue`).
+    Cancelled,
+    /// Never run, with this error: the endpoint shut down, or the warm-up failed.
+    NotRun(String),
+}
+
+/// The final event of a job's progress webhook.
+enum LastEvent {
+    Completed(Value),
+    Failed(String, Option<Vec<String>>),
+}
+
 /// A job that just became final: what is left to deliver outside the lock.
 struct Ending {
-    status: JobStatus,
     body: Arc<Value>,
     webhook: Option<WebhookUrl>,
-    hook: Option<ProgressHook>,
+    hook: Option<(ProgressHook, LastEvent)>,
 }
 
 impl Ending {
@@ -334,29 +335,10 @@ impl Ending {
             let delivery = inner.webhooks.final_delivery(url, (*self.body).clone());
             inner.hooks.spawn(delivery.in_current_span());
         }
-        if let Some(hook) = self.hook {
-            if self.status == JobStatus::Completed {
-                hook.completed(self.body.get("output").unwrap_or(&Value::Null));
-            } else {
-                let message = match self.body.get("error") {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(other) => other.to_string(),
-                    None if self.status == JobStatus::Cancelled => "Job cancelled".to_owned(),
-                    None => format!("Job ended with status {}", self.status.as_str()),
-                };
-                let details: Option<Vec<String>> = self
-                    .body
-                    .pointer("/output/details")
-                    .and_then(Value::as_array)
-                    .map(|d| {
-                        d.iter()
-                            .map(|v| match v {
-                                Value::String(s) => s.clone(),
-                                other => other.to_string(),
-                            })
-                            .collect()
-                    });
-                hook.failed(&message, details.as_deref());
+        if let Some((hook, last)) = self.hook {
+            match last {
+                LastEvent::Completed(output) => hook.completed(output),
+                LastEvent::Failed(message, details) => hook.failed(&message, details.as_deref()),
             }
             inner.hooks.spawn(hook.finish());
         }
@@ -365,32 +347,65 @@ impl Ending {
 
 impl State {
     /// Makes a job final, publishes its final body, and counts it.
-    fn finalize(
-        &mut self,
-        id: &str,
-        status: JobStatus,
-        output: Option<Value>,
-        error: Option<Value>,
-        now: Instant,
-    ) -> Option<Ending> {
+    fn finalize(&mut self, id: &str, end: End, now: Instant) -> Option<Ending> {
         let job = self.jobs.get_mut(id)?;
         if job.status.is_final() {
             return None;
         }
+        let (status, output, error, last) = match end {
+            End::Cancelled => (
+                JobStatus::Cancelled,
+                None,
+                None,
+                LastEvent::Failed("Job cancelled".into(), None),
+            ),
+            End::NotRun(why) => (
+                JobStatus::Failed,
+                None,
+                Some(json!(why)),
+                LastEvent::Failed(why, None),
+            ),
+            End::Ran(result) => {
+                let (status, failed) = match &result {
+                    Ok(_) => (JobStatus::Completed, None),
+                    Err(f) => {
+                        let status = match f {
+                            JobFailure::Deadline {
+                                source: DeadlineSource::Policy,
+                                ..
+                            } => JobStatus::TimedOut,
+                            _ => JobStatus::Failed,
+                        };
+                        let details = f.details().map(<[String]>::to_vec);
+                        (status, Some((f.message().into_owned(), details)))
+                    }
+                };
+                // The serverless mode's mapping: `error` when set, the rest as `output`.
+                let body = result_body(JobOutput::from(result).into_json(), false);
+                let output = body.get("output").cloned();
+                let last = match failed {
+                    Some((message, details)) => LastEvent::Failed(message, details),
+                    // Only copied (it may hold megabytes of base64) for a progress webhook.
+                    None if job.progress_hook.is_some() => {
+                        LastEvent::Completed(output.clone().unwrap_or(Value::Null))
+                    }
+                    None => LastEvent::Completed(Value::Null),
+                };
+                (status, output, body.get("error").cloned(), last)
+            }
+        };
         job.status = status;
         job.ended = Some(now);
-        job.input = None;
-        job.s3_config = None;
+        job.request = None;
         job.progress = None;
         let body = Arc::new(job.build_body(id, now, output.as_ref(), error.as_ref()));
         job.final_body = Some(body.clone());
         let _ = job.events.send(JobEvent::Status(body.clone()));
         job.done.send_replace(Some(body.clone()));
         let ending = Ending {
-            status,
             body,
             webhook: job.webhook.take(),
-            hook: job.progress_hook.take(),
+            hook: job.progress_hook.take().map(|hook| (hook, last)),
         };
         match status {
             JobStatus::Completed => self.completed += 1,
@@ -434,16 +449,10 @@ impl State {
             job.status = JobStatus::InProgress;
             job.started = Some(now);
             job.publish_status(&id, now);
-            let input = job.input.take().unwrap_or(Value::Null);
             let started = Started {
-                options: JobOptions {
-                    s3_config: job.s3_config.take(),
-                },
-                input_timeout: input_timeout(&input),
-                input,
+                request: job.request.take().unwrap_or_default(),
                 cancel: job.cancel.clone(),
                 execution_timeout: job.execution_timeout,
-                id: id.clone(),
             };
             self.running = Some(id);
             return Some(started);
@@ -454,30 +463,16 @@ impl State {
 
 /// A job the runner just took.
 struct Started {
-    id: String,
-    input: Value,
-    options: JobOptions,
+    request: JobRequest,
     cancel: CancellationToken,
     execution_timeout: Option<Duration>,
-    input_timeout: Option<Duration>,
-}
-
-/// Why the watchdog cancelled a running job.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Deadline {
-    /// `policy.executionTimeout`: the job becomes TIMED_OUT.
-    Policy(Duration),
-    /// `input.timeout_s`: the job fails with the serverless mode's message.
-    Input(Duration),
-    /// Shutdown grace over: the job fails with "worker shutting down".
-    Shutdown,
 }
 
 impl LocalEndpoint {
     /// A store for `engine`'s jobs; starts the runner task (call inside a tokio runtime).
     pub fn new(engine: Engine, webhooks: Webhooks, options: ServeOptions) -> LocalEndpoint {
         let inner = Arc::new(Inner {
-            engine,
+            runner: Runner::new(engine, options.shutdown_grace),
             webhooks,
             options,
             state: Mutex::new(State::default()),
@@ -485,9 +480,8 @@ impl LocalEndpoint {
             closing: CancellationToken::new(),
             stopped: CancellationToken::new(),
             hooks: TaskTracker::new(),
-            warmup: watch::Sender::new(WarmupState::Off),
         });
-        tokio::spawn(runner(inner.clone()));
+        tokio::spawn(queue_runner(inner.clone()));
         LocalEndpoint { inner }
     }
 
@@ -498,7 +492,7 @@ impl LocalEndpoint {
 
     /// The engine jobs run on.
     pub fn engine(&self) -> &Engine {
-        &self.inner.engine
+        self.inner.runner.engine()
     }
 
     /// Stops taking jobs and ends event streams and `/runsync` waits; the running job gets the grace
@@ -518,7 +512,7 @@ impl LocalEndpoint {
 
     /// Where the warm-up is (`Off` without `WARMUP_WORKFLOW`).
     pub fn warmup(&self) -> WarmupState {
-        self.inner.warmup.borrow().clone()
+        self.inner.runner.warmup_state()
     }
 
     /// Cancelled once [`LocalEndpoint::close`] was called.
@@ -563,7 +557,7 @@ impl LocalEndpoint {
                 "the endpoint is shutting down",
             ));
         }
-        if let WarmupState::Failed(why) = &*self.inner.warmup.borrow() {
+        if let WarmupState::Failed(why) = self.inner.runner.warmup_state() {
             return Err(ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 format!("the worker is unhealthy and takes no jobs: {why}"),
@@ -584,10 +578,11 @@ impl LocalEndpoint {
         let (done, done_rx) = watch::channel(None);
         let seq = state.next_seq;
         state.next_seq += 1;
+        let request = JobRequest::new(id.clone(), Some(submission.input))
+            .with_s3_config(submission.s3_config);
         let job = Job {
             seq,
-            input: Some(submission.input),
-            s3_config: submission.s3_config,
+            request: Some(request),
             status: JobStatus::InQueue,
             submitted: now,
             started: None,
@@ -680,7 +675,7 @@ impl LocalEndpoint {
                 done => return Ok(done),
             }
             info!(job_id = %id, "job cancelled by the client");
-            let ending = state.finalize(id, JobStatus::Cancelled, None, None, now);
+            let ending = state.finalize(id, End::Cancelled, now);
             (JobStatus::Cancelled, ending)
         };
         if let Some(ending) = ending {
@@ -698,7 +693,7 @@ impl LocalEndpoint {
             let ids: Vec<String> = state.queue.drain(..).collect();
             let mut endings = Vec::new();
             for id in &ids {
-                if let Some(ending) = state.finalize(id, JobStatus::Cancelled, None, None, now) {
+                if let Some(ending) = state.finalize(id, End::Cancelled, now) {
                     endings.push(ending);
                     state.jobs.remove(id);
                 }
@@ -741,17 +736,17 @@ impl LocalEndpoint {
     /// An endpoint whose jobs tests move by hand: no runner, no ComfyUI.
     pub(crate) fn without_runner() -> LocalEndpoint {
         let engine = Engine::new(crate::config::Settings::default()).expect("engine");
+        let options = ServeOptions::default();
         LocalEndpoint {
             inner: Arc::new(Inner {
-                engine,
+                runner: Runner::new(engine, options.shutdown_grace),
                 webhooks: Webhooks::new(crate::webhook::WebhookPolicy::default()),
-                options: ServeOptions::default(),
+                options,
                 state: Mutex::new(State::default()),
                 wake: Notify::new(),
                 closing: CancellationToken::new(),
                 stopped: CancellationToken::new(),
                 hooks: TaskTracker::new(),
-                warmup: watch::Sender::new(WarmupState::Off),
             }),
         }
     }
@@ -760,7 +755,7 @@ impl LocalEndpoint {
     pub(crate) fn start_next_by_hand(&self) -> Option<String> {
         lock(&self.inner.state)
             .start_next(Instant::now())
-            .map(|s| s.id)
+            .map(|s| s.request.id)
     }
 
     /// What the runner does with a snapshot.
@@ -768,12 +763,12 @@ impl LocalEndpoint {
         record_progress(&self.inner, id, snapshot);
     }
 
-    /// What the runner does when the engine returned `output`.
-    pub(crate) fn complete_by_hand(&self, id: &str, output: Value) {
+    /// What the runner does when the engine returned `completed`.
+    pub(crate) fn complete_by_hand(&self, id: &str, completed: Completed) {
         let ending = {
             let mut state = lock(&self.inner.state);
             state.running = None;
-            state.finalize(id, JobStatus::Completed, Some(output), None, Instant::now())
+            state.finalize(id, End::Ran(Ok(completed)), Instant::now())
         };
         if let Some(ending) = ending {
             ending.deliver(&self.inner);
@@ -782,16 +777,18 @@ impl LocalEndpoint {
 }
 
 /// Takes queued jobs in order and runs them, one at a time, until the endpoint closes.
-async fn runner(inner: Arc<Inner>) {
+async fn queue_runner(inner: Arc<Inner>) {
     let _stopped = inner.stopped.clone().drop_guard();
-    let healthy = warm_up(&inner).await;
+    let healthy = inner.runner.warm_up(&inner.closing).await.is_ok();
     loop {
         if inner.closing.is_cancelled() {
             break;
         }
         if !healthy {
             // Unhealthy: jobs queued during the warm-up fail with its error, new ones are refused.
-            fail_queued(&inner, &inner.warmup.borrow().clone());
+            if let WarmupState::Failed(why) = inner.runner.warmup_state() {
+                end_queued(&inner, &why);
+            }
             tokio::select! {
                 _ = inner.closing.cancelled() => break,
                 _ = inner.wake.notified() => continue,
@@ -800,9 +797,10 @@ async fn runner(inner: Arc<Inner>) {
         let next = lock(&inner.state).start_next(Instant::now());
         match next {
             Some(job) => {
-                run_job(&inner, job).await;
+                let span = job_span(&job.request.id);
+                run_job(&inner, job).instrument(span.clone()).await;
                 // After the job's end is published, before the next one starts.
-                crate::ops::after_job(&inner.engine).await;
+                inner.runner.after_job().instrument(span).await;
             }
             None => tokio::select! {
                 _ = inner.closing.cancelled() => break,
@@ -811,167 +809,56 @@ async fn runner(inner: Arc<Inner>) {
         }
     }
     // Jobs still queued end now, failed, so their webhooks and event streams hear of it.
-    let endings: Vec<Ending> = {
-        let mut state = lock(&inner.state);
-        let ids: Vec<String> = state.queue.drain(..).collect();
-        let now = Instant::now();
-        ids.iter()
-            .filter_map(|id| {
-                state.finalize(id, JobStatus::Failed, None, Some(json!(NOT_STARTED)), now)
-            })
-            .collect()
-    };
-    let left = endings.len();
-    for ending in endings {
-        ending.deliver(&inner);
-    }
+    let left = end_queued(&inner, NOT_STARTED);
     info!(queued_jobs_failed = left, "job runner stopped");
 }
 
-/// Runs `WARMUP_WORKFLOW` when set (jobs submitted meanwhile wait in the queue); false when it
-/// failed (or shutdown interrupted it).
-async fn warm_up(inner: &Inner) -> bool {
-    let Some(path) = inner.engine.settings().housekeeping.warmup_workflow.clone() else {
-        return true;
-    };
-    inner.warmup.send_replace(WarmupState::Running);
-    let state = match crate::ops::warmup::run(&inner.engine, &path, &inner.closing).await {
-        Ok(done) => WarmupState::Done(done),
-        Err(why) => WarmupState::Failed(why),
-    };
-    let healthy = state.ready();
-    inner.warmup.send_replace(state);
-    healthy
-}
-
-/// Fails every queued job with the warm-up's error.
-fn fail_queued(inner: &Inner, state: &WarmupState) {
-    let WarmupState::Failed(why) = state else {
-        return;
-    };
+/// Ends every queued job as failed with `why`; returns how many.
+fn end_queued(inner: &Inner, why: &str) -> usize {
     let endings: Vec<Ending> = {
         let mut state = lock(&inner.state);
         let ids: Vec<String> = state.queue.drain(..).collect();
         let now = Instant::now();
         ids.iter()
-            .filter_map(|id| state.finalize(id, JobStatus::Failed, None, Some(json!(why)), now))
+            .filter_map(|id| state.finalize(id, End::NotRun(why.to_owned()), now))
             .collect()
     };
+    let count = endings.len();
     for ending in endings {
         ending.deliver(inner);
     }
+    count
 }
 
 /// Runs one job to its end and records the outcome (unless it was cancelled meanwhile).
 async fn run_job(inner: &Inner, job: Started) {
     let Started {
-        id,
-        input,
-        options,
+        request,
         cancel,
         execution_timeout,
-        input_timeout,
     } = job;
-    let fired: Arc<Mutex<Option<Deadline>>> = Arc::default();
-    let grace = inner.options.shutdown_grace;
-    let watchdog = {
-        let cancel = cancel.clone();
-        let closing = inner.closing.clone();
-        let fired = fired.clone();
-        tokio::spawn(async move {
-            let after = |d: Option<Duration>| async move {
-                match d {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let why = tokio::select! {
-                _ = after(execution_timeout) => Deadline::Policy(execution_timeout.unwrap_or_default()),
-                _ = after(input_timeout) => Deadline::Input(input_timeout.unwrap_or_default()),
-                _ = async { closing.cancelled().await; tokio::time::sleep(grace).await } => Deadline::Shutdown,
-                _ = cancel.cancelled() => return,
-            };
-            fired
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(why);
-            cancel.cancel();
-        })
+    let id = request.id.clone();
+    let deadlines = [
+        execution_timeout.map(|d| Deadline::new(d, DeadlineSource::Policy)),
+        request
+            .timeout
+            .map(|d| Deadline::new(d, DeadlineSource::Input)),
+    ];
+    let controls = Controls {
+        cancel,
+        shutdown: Some(inner.closing.clone()),
+        deadlines: deadlines.into_iter().flatten().collect(),
     };
-
-    let (sender, mut snapshots) = progress::channel();
-    let forward = async {
-        while let Some(snapshot) = snapshots.recv().await {
-            record_progress(inner, &id, &snapshot);
-        }
-    };
-    let engine = &inner.engine;
-    let (job_id, run_cancel) = (&id, &cancel);
-    let run = async move {
-        // A panic in the engine fails this job only; the endpoint keeps serving.
-        let out =
-            AssertUnwindSafe(engine.run_with(job_id, Some(&input), &options, &sender, run_cancel))
-                .catch_unwind()
-                .await;
-        // Closing the channel ends the forwarding.
-        drop(sender);
-        out
-    };
-    let (output, ()) = tokio::join!(run, forward);
-    watchdog.abort();
-    let output = output.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        error!(job_id = %id, panic = %what, "the job panicked");
-        JobOutput::error(format!(
-            "Internal error in comfy-worker: {}",
-            crate::telemetry::scrub(&what)
-        ))
-    });
-    let fired = *fired.lock().unwrap_or_else(|p| p.into_inner());
-    let (status, output, error) = match fired {
-        Some(Deadline::Policy(d)) => (
-            JobStatus::TimedOut,
-            None,
-            Some(json!(format!(
-                "Job timed out after {} s (policy.executionTimeout); the ComfyUI prompt was interrupted",
-                humane_seconds(d.as_secs_f64())
-            ))),
-        ),
-        Some(Deadline::Input(d)) => (
-            JobStatus::Failed,
-            None,
-            Some(json!(format!(
-                "Job timed out after {} s (input.timeout_s); the ComfyUI prompt was interrupted",
-                humane_seconds(d.as_secs_f64())
-            ))),
-        ),
-        // Unless it completed just as the grace ran out: then its output stands.
-        Some(Deadline::Shutdown) if output.is_error() => (
-            JobStatus::Failed,
-            None,
-            Some(json!(crate::platform::runpod::shutdown_message(grace))),
-        ),
-        Some(Deadline::Shutdown) | None => {
-            // The serverless mode's mapping: `error` when set, the rest as `output`.
-            let body = result_body(output.into_json(), false);
-            let error = body.get("error").cloned();
-            let status = if error.is_some() {
-                JobStatus::Failed
-            } else {
-                JobStatus::Completed
-            };
-            (status, body.get("output").cloned(), error)
-        }
-    };
+    let mut record = |snapshot: &ProgressSnapshot| record_progress(inner, &id, snapshot);
+    let result = inner
+        .runner
+        .run(&request, controls, &mut [&mut record])
+        .await;
     let ending = {
         let mut state = lock(&inner.state);
         state.running = None;
         // None when the job was cancelled (or purged) meanwhile: its end is already recorded.
-        state.finalize(&id, status, output, error, Instant::now())
+        state.finalize(&id, End::Ran(result), Instant::now())
     };
     if let Some(ending) = ending {
         ending.deliver(inner);
@@ -993,15 +880,6 @@ fn record_progress(inner: &Inner, id: &str, snapshot: &ProgressSnapshot) {
     }
     job.progress = Some(json.clone());
     let _ = job.events.send(JobEvent::Progress(json));
-}
-
-/// `2.5`, `30`, `600`: seconds without noise.
-fn humane_seconds(secs: f64) -> String {
-    if secs < 10.0 && secs.fract() != 0.0 {
-        format!("{secs:.1}")
-    } else {
-        format!("{secs:.0}")
-    }
 }
 
 #[cfg(test)]
@@ -1032,10 +910,6 @@ mod tests {
         .unwrap();
         assert_eq!(huge.execution_timeout, Some(MAX_POLICY));
         assert_eq!(huge.ttl, Some(MAX_POLICY));
-        assert_eq!(
-            input_timeout(&json!({"timeout_s": 1e300})),
-            Some(MAX_POLICY)
-        );
 
         for (body, wanted) in [
             (json!([1]), "JSON object"),

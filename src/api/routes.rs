@@ -434,7 +434,8 @@ mod tests {
         );
         assert!(events.len() < flood, "skipped events: {}", events.len());
 
-        endpoint.complete_by_hand(&id, json!({"images": []}));
+        let nothing = crate::job::Completed::from_parts(vec![], vec![]).unwrap();
+        endpoint.complete_by_hand(&id, nothing);
         let mut rest = Vec::new();
         while let Some(event) = tokio::time::timeout(Duration::from_secs(5), feed.next())
             .await

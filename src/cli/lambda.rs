@@ -12,6 +12,8 @@ pub(crate) async fn run() -> ExitCode {
     use crate::config::Settings;
     use crate::job::{Engine, StorageSettings};
     use crate::platform::lambda::{LambdaConfigError, LambdaSettings, LambdaWorker};
+    use crate::runner::Runner;
+    use std::time::Duration;
 
     let json = crate::telemetry::json_requested()
         || std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
@@ -55,16 +57,16 @@ pub(crate) async fn run() -> ExitCode {
         info!("shutdown requested");
         on_signal.cancel();
     });
+    // Lambda has no shutdown grace: the runtime ends the invocation.
+    let runner = Runner::new(engine, Duration::ZERO);
     // WARMUP_WORKFLOW runs in the init phase; a failure is an init error, as in the other modes.
-    if let Some(path) = engine.settings().housekeeping.warmup_workflow.clone() {
-        if let Err(why) = crate::ops::warmup::run(&engine, &path, &shutdown).await {
-            if !shutdown.is_cancelled() {
-                init_error("WarmupFailed", &why).await;
-                return ExitCode::FAILURE;
-            }
+    if let Err(why) = runner.warm_up(&shutdown).await {
+        if !shutdown.is_cancelled() {
+            init_error("WarmupFailed", &why).await;
+            return ExitCode::FAILURE;
         }
     }
-    match LambdaWorker::new(engine, lambda).run(shutdown).await {
+    match LambdaWorker::new(runner, lambda).run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "the Lambda Runtime API failed");

@@ -5,13 +5,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::view::{ProgressMode, ProgressView};
 use super::RunArgs;
 use crate::config::{ConfigError, Settings};
-use crate::job::{codec, Engine, JobOutput, StorageSettings};
-use crate::progress;
+use crate::job::{codec, DeadlineSource, Engine, JobOutput, JobRequest, StorageSettings};
+use crate::progress::{self, ProgressSnapshot};
+use crate::runner::{job_span, Controls, Deadline, Runner};
 use crate::simulator::{SimConfig, Simulator};
 
 /// The SDK's job id for local test runs.
@@ -135,8 +136,8 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
     let mode = ProgressMode::choose(args.quiet, args.json_progress);
     let (sender, receiver) = progress::channel();
     let view = tokio::spawn(ProgressView::new(mode).drive(receiver));
-    let cancel = CancellationToken::new();
-    let on_signal = cancel.clone();
+    let controls = Controls::default();
+    let on_signal = controls.cancel.clone();
     let signals = tokio::spawn(async move {
         super::shutdown_signal().await;
         eprintln!("comfy-worker: interrupted, cancelling the job in ComfyUI");
@@ -147,12 +148,23 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         .and_then(Value::as_str)
         .unwrap_or(LOCAL_JOB_ID)
         .to_owned();
-    let options = crate::job::JobOptions {
-        s3_config: job.get("s3Config").cloned(),
+    let request = JobRequest::new(job_id, job.get("input").cloned())
+        .with_s3_config(job.get("s3Config").cloned());
+    let controls = Controls {
+        deadlines: request
+            .timeout
+            .map(|t| Deadline::new(t, DeadlineSource::Input))
+            .into_iter()
+            .collect(),
+        ..controls
     };
-    let output = engine
-        .run_with(&job_id, job.get("input"), &options, &sender, &cancel)
+    let runner = Runner::new(engine, Duration::ZERO);
+    let mut view_sink = |s: &ProgressSnapshot| sender.send(s.clone());
+    let result = runner
+        .run(&request, controls, &mut [&mut view_sink])
+        .instrument(job_span(&request.id))
         .await;
+    let output = JobOutput::from(result);
     drop(sender);
     let _ = view.await;
     signals.abort();
@@ -182,7 +194,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::{FileEntry, MoreOutputs};
+    use crate::job::{Completed, FileEntry, MoreOutputs};
 
     fn args() -> RunArgs {
         RunArgs {
@@ -244,14 +256,14 @@ mod tests {
             format: None,
             frame_rate: None,
         };
-        let out = JobOutput::Images {
+        let out = JobOutput::Completed(Completed::Images {
             images: vec![entry("sub/../a.png", b"png-bytes")],
             more: Box::new(MoreOutputs {
                 videos: vec![entry("v.mp4", b"mp4-bytes")],
                 ..MoreOutputs::default()
             }),
             errors: vec![],
-        };
+        });
         let written = write_outputs(dir.path(), &out).unwrap();
         assert_eq!(
             written,

@@ -8,6 +8,7 @@ use tracing::{error, info};
 use crate::config::Settings;
 use crate::job::Engine;
 use crate::platform::runpod::{PlatformClient, RunPodSettings, Worker};
+use crate::runner::Runner;
 use crate::webhook::{WebhookPolicy, Webhooks};
 
 /// Runs the job loop until SIGTERM / Ctrl+C (the job in progress is finished and posted first).
@@ -26,6 +27,7 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let grace = runpod.shutdown_grace;
     let client = match PlatformClient::new(runpod) {
         Ok(c) => c,
         Err(e) => {
@@ -47,7 +49,8 @@ pub(crate) async fn run(runpod: RunPodSettings) -> ExitCode {
         on_signal.cancel();
         info!("shutdown requested: finishing the job in progress, taking no new ones");
     });
-    match Worker::new(engine, client, webhooks).run(shutdown).await {
+    let runner = Runner::new(engine, grace);
+    match Worker::new(runner, client, webhooks).run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         // The warm-up failed: exit non-zero so the platform replaces the worker.
         Err(_) => ExitCode::FAILURE,

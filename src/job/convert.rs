@@ -8,8 +8,8 @@ use std::time::Instant;
 use serde_json::Value;
 use tracing::info;
 
+use super::failure::{JobFailure, Report};
 use super::input::capitalise;
-use super::output::JobOutput;
 use crate::comfy::workflow::ui_message;
 use crate::comfy::{ComfyClient, ComfyError, ObjectInfo, Workflow, WorkflowInput};
 
@@ -52,13 +52,13 @@ pub(crate) async fn resolve(
     comfy: &ComfyClient,
     cache: &ObjectInfoCache,
     workflow: WorkflowInput,
-) -> Result<Workflow, JobOutput> {
+) -> Result<Workflow, JobFailure> {
     let ui = match workflow {
         WorkflowInput::Api(w) => return Ok(w),
         WorkflowInput::Ui(ui) => ui,
     };
     let fetch_failed = |e: ComfyError| {
-        JobOutput::error(format!(
+        conversion(format!(
             "Cannot convert the UI-format workflow to API format: GET /object_info failed: {e}"
         ))
     };
@@ -74,7 +74,7 @@ pub(crate) async fn resolve(
         Ok(graph) => {
             let sent = graph.len();
             let workflow = Workflow::from_value(Value::Object(graph))
-                .map_err(|e| JobOutput::error(capitalise(&e.to_string())))?;
+                .map_err(|e| conversion(capitalise(&e.to_string())))?;
             info!(
                 ui_nodes = ui.len(),
                 api_nodes = sent,
@@ -84,7 +84,11 @@ pub(crate) async fn resolve(
         }
         Err(e) => {
             info!(error = %e, "UI-format workflow not convertible");
-            Err(JobOutput::error(capitalise(&ui_message(&e))))
+            Err(conversion(capitalise(&ui_message(&e))))
         }
     }
+}
+
+fn conversion(message: impl Into<String>) -> JobFailure {
+    JobFailure::Conversion(Report::new(message))
 }

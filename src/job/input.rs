@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::codec;
-use super::output::JobOutput;
+use super::failure::{JobFailure, Report};
 use super::storage::JobStorage;
 use crate::comfy::api::{media_type_for_name, Upload};
 use crate::comfy::workflow::json_type;
@@ -167,8 +167,16 @@ impl Source {
     }
 }
 
-fn shape_error(key: &str) -> JobOutput {
-    JobOutput::error(format!(
+fn bad_input(message: impl Into<String>) -> JobFailure {
+    JobFailure::BadInput(Report::new(message))
+}
+
+fn bad_input_with_details(message: impl Into<String>, details: Vec<String>) -> JobFailure {
+    JobFailure::BadInput(Report::with_details(message, details))
+}
+
+fn shape_error(key: &str) -> JobFailure {
+    bad_input(format!(
         "'{key}' must be a list of objects with 'name' and 'image' keys"
     ))
 }
@@ -551,34 +559,34 @@ struct RawItem<'a> {
 }
 
 /// Parses and validates `job["input"]`.
-pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobOutput> {
+pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobFailure> {
     let parsed;
     let input = match input {
-        None | Some(Value::Null) => return Err(JobOutput::error("Please provide input")),
+        None | Some(Value::Null) => return Err(bad_input("Please provide input")),
         Some(Value::String(s)) => {
             parsed = serde_json::from_str::<Value>(s)
-                .map_err(|_| JobOutput::error("Invalid JSON format in input"))?;
+                .map_err(|_| bad_input("Invalid JSON format in input"))?;
             &parsed
         }
         Some(v) => v,
     };
     let obj = match input {
         Value::Object(o) => o,
-        Value::Null => return Err(JobOutput::error("Please provide input")),
+        Value::Null => return Err(bad_input("Please provide input")),
         other => {
-            return Err(JobOutput::error(format!(
+            return Err(bad_input(format!(
                 "Invalid input: 'input' must be a JSON object with a 'workflow' key, got {}",
                 json_type(other)
             )))
         }
     };
     let workflow = match obj.get("workflow") {
-        None | Some(Value::Null) => return Err(JobOutput::error("Missing 'workflow' parameter")),
+        None | Some(Value::Null) => return Err(bad_input("Missing 'workflow' parameter")),
         Some(w) => w.clone(),
     };
     let present = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
     if present("images") && present("files") {
-        return Err(JobOutput::error(
+        return Err(bad_input(
             "Use either 'images' or 'files' for the input files, not both",
         ));
     }
@@ -617,21 +625,21 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobOutput> {
         Some(Value::String(s)) if s.trim().is_empty() => None,
         Some(Value::String(s)) => Some(Secret::new(s.trim())),
         Some(other) => {
-            return Err(JobOutput::error(format!(
+            return Err(bad_input(format!(
                 "'comfy_org_api_key' must be a string, got {}",
                 json_type(other)
             )))
         }
     };
-    let workflow = WorkflowInput::from_value(workflow)
-        .map_err(|e| JobOutput::error(capitalise(&e.to_string())))?;
+    let workflow =
+        WorkflowInput::from_value(workflow).map_err(|e| bad_input(capitalise(&e.to_string())))?;
     let mut files = Vec::with_capacity(raw_items.len());
     let mut problems = Vec::new();
     for item in &raw_items {
         let content = classify(item.image);
         let (name, name_derived) = match (item.name, &content) {
             (Some(n), _) => {
-                check_image_name(n).map_err(JobOutput::error)?;
+                check_image_name(n).map_err(bad_input)?;
                 (n.to_owned(), false)
             }
             (None, Content::Url(u)) => (name_from_url(u), true),
@@ -694,7 +702,7 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobOutput> {
         });
     }
     if !problems.is_empty() {
-        return Err(JobOutput::error_with_details(
+        return Err(bad_input_with_details(
             "Failed to upload one or more input images",
             problems,
         ));
@@ -713,12 +721,12 @@ struct ItemFields {
     original_ref: Option<FileRef>,
 }
 
-fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobOutput> {
-    let text = |field: &str| -> Result<Option<&str>, JobOutput> {
+fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobFailure> {
+    let text = |field: &str| -> Result<Option<&str>, JobFailure> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(other) => Err(JobOutput::error(format!(
+            Some(other) => Err(bad_input(format!(
                 "'{field}' of {name} must be a string, got {}",
                 json_type(other)
             ))),
@@ -726,7 +734,7 @@ fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobOu
     };
     let subfolder = match text("subfolder")? {
         None => String::new(),
-        Some(s) => check_subfolder(s).map_err(|e| JobOutput::error(format!("{e} (for {name})")))?,
+        Some(s) => check_subfolder(s).map_err(|e| bad_input(format!("{e} (for {name})")))?,
     };
     let folder_type = check_folder_type(text("type")?, name)?;
     let is_mask = match text("kind")? {
@@ -735,7 +743,7 @@ fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobOu
             "" | "image" | "file" => false,
             "mask" => true,
             _ => {
-                return Err(JobOutput::error(format!(
+                return Err(bad_input(format!(
                     "Invalid kind {:?} for {name}: use \"mask\" (uploaded to /upload/mask), or leave it out",
                     truncate_chars(k, 40)
                 )))
@@ -745,7 +753,7 @@ fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobOu
     let original_ref = match obj.get("original_ref") {
         None | Some(Value::Null) => None,
         Some(_) if !is_mask => {
-            return Err(JobOutput::error(format!(
+            return Err(bad_input(format!(
                 "'original_ref' of {name} only applies to kind \"mask\""
             )))
         }
@@ -754,12 +762,12 @@ fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobOu
             let field = |k: &str| match o.get(k) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.as_str())),
-                Some(_) => Err(JobOutput::error(format!(
+                Some(_) => Err(bad_input(format!(
                     "'original_ref.{k}' of {name} must be a string"
                 ))),
             };
             let Some(filename) = field("filename")? else {
-                return Err(JobOutput::error(format!(
+                return Err(bad_input(format!(
                     "'original_ref' of {name} needs a 'filename'"
                 )));
             };
@@ -771,14 +779,14 @@ fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobOu
             )?)
         }
         Some(other) => {
-            return Err(JobOutput::error(format!(
+            return Err(bad_input(format!(
                 "'original_ref' of {name} must be an object {{\"filename\", \"subfolder\", \"type\"}} or a file name, got {}",
                 json_type(other)
             )))
         }
     };
     if is_mask && original_ref.is_none() {
-        return Err(JobOutput::error(format!(
+        return Err(bad_input(format!(
             "The mask {name} needs an 'original_ref': the image it applies to, e.g. {{\"filename\": \"photo.png\"}}"
         )));
     }
@@ -789,11 +797,11 @@ fn item_fields(obj: &Map<String, Value>, name: &str) -> Result<ItemFields, JobOu
     })
 }
 
-fn check_folder_type(folder_type: Option<&str>, name: &str) -> Result<String, JobOutput> {
+fn check_folder_type(folder_type: Option<&str>, name: &str) -> Result<String, JobFailure> {
     match folder_type.map(str::trim) {
         None | Some("") => Ok("input".into()),
         Some(t @ ("input" | "temp" | "output")) => Ok(t.to_owned()),
-        Some(other) => Err(JobOutput::error(format!(
+        Some(other) => Err(bad_input(format!(
             "Invalid type {:?} for {name}: use \"input\" (the default), \"temp\" or \"output\"",
             truncate_chars(other, 40)
         ))),
@@ -805,11 +813,11 @@ fn original_ref(
     subfolder: Option<&str>,
     folder_type: Option<&str>,
     name: &str,
-) -> Result<FileRef, JobOutput> {
+) -> Result<FileRef, JobFailure> {
     check_image_name(filename)
-        .map_err(|e| JobOutput::error(format!("{e} (in 'original_ref' of {name})")))?;
+        .map_err(|e| bad_input(format!("{e} (in 'original_ref' of {name})")))?;
     let subfolder = check_subfolder(subfolder.unwrap_or(""))
-        .map_err(|e| JobOutput::error(format!("{e} (in 'original_ref' of {name})")))?;
+        .map_err(|e| bad_input(format!("{e} (in 'original_ref' of {name})")))?;
     Ok(FileRef {
         filename: filename.to_owned(),
         subfolder,
@@ -871,7 +879,7 @@ impl Fetcher {
         files: &[InputFile],
         storage: &JobStorage,
         cancel: &CancellationToken,
-    ) -> Result<Vec<Upload>, JobOutput> {
+    ) -> Result<Vec<Upload>, JobFailure> {
         // Owned futures: borrowed ones trip the compiler's `Send` inference for spawned callers.
         let all = futures_util::stream::iter(files.to_vec())
             .map(|file| {
@@ -884,7 +892,7 @@ impl Fetcher {
         let results = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                return Err(JobOutput::error("Job cancelled while downloading input files"))
+                return Err(JobFailure::Cancelled(Report::new("Job cancelled while downloading input files")))
             }
             results = all => results,
         };
@@ -899,10 +907,10 @@ impl Fetcher {
         if problems.is_empty() {
             Ok(uploads)
         } else {
-            Err(JobOutput::error_with_details(
+            Err(JobFailure::InputFiles(Report::with_details(
                 "Failed to upload one or more input images",
                 problems,
-            ))
+            )))
         }
     }
 
@@ -1042,12 +1050,13 @@ mod name_props;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::JobOutput;
     use serde_json::json;
 
     fn err(input: Option<Value>) -> Value {
         match parse_input(input.as_ref()) {
             Ok(_) => panic!("accepted {input:?}"),
-            Err(out) => out.to_json(),
+            Err(out) => JobOutput::from(out).to_json(),
         }
     }
 
@@ -1244,7 +1253,7 @@ mod tests {
     fn files_of(input: Value) -> Vec<InputFile> {
         match parse_input(Some(&input)) {
             Ok(parsed) => parsed.files,
-            Err(out) => panic!("refused: {}", out.to_json()),
+            Err(out) => panic!("refused: {out}"),
         }
     }
 
@@ -1482,8 +1491,8 @@ mod tests {
         let out = fetcher
             .fetch_all(&files, &storage, &cancel)
             .await
-            .unwrap_err()
-            .to_json();
+            .unwrap_err();
+        let out = JobOutput::from(out).to_json();
         assert_eq!(
             out,
             json!({"error": "Failed to upload one or more input images", "details": [
@@ -1497,8 +1506,8 @@ mod tests {
         let out = fetcher
             .fetch_all(&files, &storage, &cancel)
             .await
-            .unwrap_err()
-            .to_json();
+            .unwrap_err();
+        let out = JobOutput::from(out).to_json();
         assert_eq!(
             out["details"][0],
             "Error downloading input.png from http://10.0.0.5/x.png?…: refused: 10.0.0.5 is a private address (set ALLOW_PRIVATE_INPUT_URLS=true to allow it)"
@@ -1508,6 +1517,7 @@ mod tests {
             .fetch_all(&files, &storage, &cancel)
             .await
             .unwrap_err();
-        assert!(out.error_message().unwrap().contains("cancelled"));
+        assert!(matches!(out, JobFailure::Cancelled(_)), "{out}");
+        assert!(out.message().contains("cancelled"));
     }
 }

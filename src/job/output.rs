@@ -15,8 +15,9 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::{Number, Value};
+use serde_json::{Map, Number, Value};
 
+use super::failure::{JobFailure, Report};
 use crate::comfy::workflow::json_type;
 
 /// One returned file.
@@ -138,10 +139,10 @@ impl Outputs {
     }
 }
 
-/// What a job returns.
+/// A job that ran to a result: worker-comfyui's two success shapes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
-pub enum JobOutput {
+pub enum Completed {
     /// At least one image; `errors` lists non-fatal problems.
     Images {
         /// The images.
@@ -166,36 +167,15 @@ pub enum JobOutput {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         errors: Vec<String>,
     },
-    /// The job failed.
-    Failed {
-        /// What went wrong.
-        error: String,
-        /// Details (omitted when absent).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        details: Option<Vec<String>>,
-    },
 }
 
-impl JobOutput {
-    /// A failure without details.
-    pub fn error(message: impl Into<String>) -> JobOutput {
-        JobOutput::Failed {
-            error: message.into(),
-            details: None,
-        }
-    }
-
-    /// A failure with details.
-    pub fn error_with_details(message: impl Into<String>, details: Vec<String>) -> JobOutput {
-        JobOutput::Failed {
-            error: message.into(),
-            details: Some(details),
-        }
-    }
-
+impl Completed {
     /// The result of a run that returns only images (worker-comfyui's assembly rules).
-    pub fn from_parts(images: Vec<FileEntry>, errors: Vec<String>) -> JobOutput {
-        JobOutput::from_outputs(
+    pub fn from_parts(
+        images: Vec<FileEntry>,
+        errors: Vec<String>,
+    ) -> Result<Completed, JobFailure> {
+        Completed::assemble(
             Outputs {
                 images,
                 more: MoreOutputs::default(),
@@ -207,23 +187,104 @@ impl JobOutput {
     /// The result of a run: images first (worker-comfyui's rules), then the other kinds. With
     /// no images, the `success_no_images` marker carries the other kinds; with nothing at all
     /// and warnings, the job failed (`Job processing failed`), as in worker-comfyui.
-    pub fn from_outputs(outputs: Outputs, errors: Vec<String>) -> JobOutput {
+    pub fn assemble(outputs: Outputs, errors: Vec<String>) -> Result<Completed, JobFailure> {
         let Outputs { images, more } = outputs;
         if !images.is_empty() {
-            JobOutput::Images {
+            Ok(Completed::Images {
                 images,
                 more: Box::new(more),
                 errors,
-            }
+            })
         } else if errors.is_empty() || !more.is_empty() {
-            JobOutput::NoImages {
+            Ok(Completed::NoImages {
                 status: "success_no_images",
                 images: Vec::new(),
                 more: Box::new(more),
                 errors,
-            }
+            })
         } else {
-            JobOutput::error_with_details("Job processing failed", errors)
+            Err(JobFailure::NoOutput(Report::with_details(
+                "Job processing failed",
+                errors,
+            )))
+        }
+    }
+
+    /// Every returned file: images, videos, audio, then the other keys.
+    pub fn files(&self) -> Vec<&FileEntry> {
+        let (Completed::Images { images, more, .. } | Completed::NoImages { images, more, .. }) =
+            self;
+        images
+            .iter()
+            .chain(&more.videos)
+            .chain(&more.audio)
+            .chain(more.other.values().flatten())
+            .collect()
+    }
+
+    /// The warnings (`errors`) next to the outputs.
+    pub fn warnings(&self) -> &[String] {
+        let (Completed::Images { errors, .. } | Completed::NoImages { errors, .. }) = self;
+        errors
+    }
+
+    /// The same result with `f` applied to its warnings (the secret scrubber); files and texts
+    /// are the workflow's own results and are left alone.
+    pub fn map_warnings(mut self, f: impl Fn(&str) -> String) -> Completed {
+        let (Completed::Images { errors, .. } | Completed::NoImages { errors, .. }) = &mut self;
+        *errors = errors.iter().map(|e| f(e)).collect();
+        self
+    }
+}
+
+/// What a job returns on the wire: its output, or worker-comfyui's `{"error", "details"?}`.
+/// Built only at the edge, from the engine's `Result<Completed, JobFailure>`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum JobOutput {
+    /// The job ran to a result.
+    Completed(Completed),
+    /// The job failed.
+    Failed {
+        /// What went wrong.
+        error: String,
+        /// Details (omitted when absent).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        details: Option<Vec<String>>,
+    },
+}
+
+impl From<Result<Completed, JobFailure>> for JobOutput {
+    fn from(result: Result<Completed, JobFailure>) -> JobOutput {
+        match result {
+            Ok(completed) => JobOutput::Completed(completed),
+            Err(failure) => failure.into(),
+        }
+    }
+}
+
+impl From<JobFailure> for JobOutput {
+    fn from(failure: JobFailure) -> JobOutput {
+        let Report { message, details } = failure.into_report();
+        JobOutput::Failed {
+            error: message,
+            details,
+        }
+    }
+}
+
+impl From<Completed> for JobOutput {
+    fn from(completed: Completed) -> JobOutput {
+        JobOutput::Completed(completed)
+    }
+}
+
+impl JobOutput {
+    /// A failure without details (for what fails before a job exists, e.g. an unreadable file).
+    pub fn error(message: impl Into<String>) -> JobOutput {
+        JobOutput::Failed {
+            error: message.into(),
+            details: None,
         }
     }
 
@@ -236,21 +297,14 @@ impl JobOutput {
     pub fn error_message(&self) -> Option<&str> {
         match self {
             JobOutput::Failed { error, .. } => Some(error),
-            _ => None,
+            JobOutput::Completed(_) => None,
         }
     }
 
     /// Every returned file: images, videos, audio, then the other keys.
     pub fn files(&self) -> Vec<&FileEntry> {
         match self {
-            JobOutput::Images { images, more, .. } | JobOutput::NoImages { images, more, .. } => {
-                images
-                    .iter()
-                    .chain(&more.videos)
-                    .chain(&more.audio)
-                    .chain(more.other.values().flatten())
-                    .collect()
-            }
+            JobOutput::Completed(c) => c.files(),
             JobOutput::Failed { .. } => Vec::new(),
         }
     }
@@ -263,6 +317,45 @@ impl JobOutput {
     /// As JSON, freeing the output's own buffers at once (they can hold megabytes of base64).
     pub fn into_json(self) -> Value {
         self.to_json()
+    }
+}
+
+/// The job-done body for an output, exactly as the SDK derives it from a handler's return value
+/// (`output`, then `error`, then `stopPod`).
+pub fn result_body(output: Value, stop_pod: bool) -> Value {
+    let mut body = Map::new();
+    match output {
+        Value::Object(mut rest) => {
+            // Taken by value: outputs hold megabytes of base64, never copied here.
+            let error = rest.remove("error");
+            let error = error.filter(truthy);
+            // The SDK drops an empty `output`.
+            if !rest.is_empty() {
+                body.insert("output".into(), Value::Object(rest));
+            }
+            if let Some(e) = error {
+                body.insert("error".into(), e);
+            }
+        }
+        other => {
+            body.insert("output".into(), other);
+        }
+    }
+    if stop_pod {
+        body.insert("stopPod".into(), Value::Bool(true));
+    }
+    Value::Object(body)
+}
+
+/// Python truthiness, which decides whether the SDK treats `error` as set.
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
     }
 }
 
@@ -282,7 +375,7 @@ const OUTPUT_SHAPE: &str =
 impl OutputOptions {
     /// Reads `input.output` (absent or `null`: the defaults). `input` is the job's `input`,
     /// an object or a string holding one, already accepted by [`super::parse_input`].
-    pub fn parse(input: Option<&Value>) -> Result<OutputOptions, JobOutput> {
+    pub fn parse(input: Option<&Value>) -> Result<OutputOptions, JobFailure> {
         let parsed;
         let input = match input {
             Some(Value::String(s)) => {
@@ -296,7 +389,7 @@ impl OutputOptions {
             None | Some(Value::Null) => return Ok(OutputOptions::default()),
             Some(Value::Object(obj)) => obj,
             Some(other) => {
-                return Err(JobOutput::error(format!(
+                return Err(bad_input(format!(
                     "'output' must be an object like {OUTPUT_SHAPE}, got {}",
                     json_type(other)
                 )))
@@ -308,7 +401,7 @@ impl OutputOptions {
                 (_, Value::Null) => {}
                 ("include_temp", Value::Bool(b)) => options.include_temp = *b,
                 ("include_temp", other) => {
-                    return Err(JobOutput::error(format!(
+                    return Err(bad_input(format!(
                         "'output.include_temp' must be true or false, got {}",
                         json_type(other)
                     )))
@@ -325,7 +418,7 @@ impl OutputOptions {
                 }
                 ("kinds", _) => return Err(kinds_error()),
                 (other, _) => {
-                    return Err(JobOutput::error(format!(
+                    return Err(bad_input(format!(
                         "'output' has an unknown key '{other}'; it takes 'include_temp' and 'kinds', like {OUTPUT_SHAPE}"
                     )))
                 }
@@ -343,10 +436,14 @@ impl OutputOptions {
     }
 }
 
-fn kinds_error() -> JobOutput {
-    JobOutput::error(format!(
+fn kinds_error() -> JobFailure {
+    bad_input(format!(
         "'output.kinds' must be a list of output names (\"images\", \"videos\", \"audio\", \"text\", or another output key), like {OUTPUT_SHAPE}"
     ))
+}
+
+fn bad_input(message: String) -> JobFailure {
+    JobFailure::BadInput(Report::new(message))
 }
 
 /// The MIME type of a returned file: from its extension, else VideoHelperSuite's `format` when
@@ -419,19 +516,19 @@ mod tests {
     fn shapes_match_worker_comfyui() {
         let img = entry("a.png");
         assert_eq!(
-            JobOutput::from_parts(vec![img.clone()], vec![]).to_json(),
+            JobOutput::from(Completed::from_parts(vec![img.clone()], vec![])).to_json(),
             json!({"images": [{"filename": "a.png", "type": "base64", "data": "aGk=", "content_type": "image/png"}]})
         );
         assert_eq!(
-            JobOutput::from_parts(vec![img], vec!["w".into()]).to_json()["errors"],
+            JobOutput::from(Completed::from_parts(vec![img], vec!["w".into()])).to_json()["errors"],
             json!(["w"])
         );
         assert_eq!(
-            JobOutput::from_parts(vec![], vec![]).to_json(),
+            JobOutput::from(Completed::from_parts(vec![], vec![])).to_json(),
             json!({"status": "success_no_images", "images": []})
         );
         assert_eq!(
-            JobOutput::from_parts(vec![], vec!["x".into()]).to_json(),
+            JobOutput::from(Completed::from_parts(vec![], vec!["x".into()])).to_json(),
             json!({"error": "Job processing failed", "details": ["x"]})
         );
         assert_eq!(JobOutput::error("e").to_json(), json!({"error": "e"}));
@@ -447,7 +544,7 @@ mod tests {
         outputs.push(&OutputKind::Audio, entry("a_00001_.flac"));
         outputs.push(&OutputKind::other("latents"), entry("l_00001_.latent"));
         outputs.more.text.push("20".into());
-        let out = JobOutput::from_outputs(outputs.clone(), vec!["w".into()]).to_json();
+        let out = JobOutput::from(Completed::assemble(outputs.clone(), vec!["w".into()])).to_json();
         assert_eq!(
             out,
             json!({
@@ -466,7 +563,7 @@ mod tests {
             ["status", "images", "videos", "audio", "text", "latents", "errors"]
         );
         outputs.push(&OutputKind::Images, entry("i.png"));
-        let out = JobOutput::from_outputs(outputs, vec![]);
+        let out = JobOutput::from(Completed::assemble(outputs, vec![]));
         let json = out.to_json();
         assert_eq!(json["images"][0]["filename"], "i.png");
         assert!(json.get("status").is_none() && json.get("errors").is_none());
@@ -475,6 +572,40 @@ mod tests {
             names,
             ["i.png", "v_00001.mp4", "a_00001_.flac", "l_00001_.latent"]
         );
+    }
+
+    #[test]
+    fn result_body_follows_the_sdk_table() {
+        assert_eq!(
+            result_body(json!({"images": []}), false),
+            json!({"output": {"images": []}})
+        );
+        assert_eq!(result_body(json!({}), false), json!({}));
+        assert_eq!(
+            result_body(json!({"error": "e"}), false),
+            json!({"error": "e"})
+        );
+        assert_eq!(
+            result_body(json!({"error": "e", "details": ["d"]}), false),
+            json!({"output": {"details": ["d"]}, "error": "e"})
+        );
+        assert_eq!(
+            result_body(json!({"error": "", "a": 1}), false),
+            json!({"output": {"a": 1}})
+        );
+        assert_eq!(result_body(json!({"error": null}), false), json!({}));
+        assert_eq!(result_body(json!([1]), false), json!({"output": [1]}));
+        assert_eq!(
+            result_body(json!({"images": []}), true),
+            json!({"output": {"images": []}, "stopPod": true})
+        );
+        let keys: Vec<String> = result_body(json!({"details": [], "error": "x"}), true)
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(keys, ["output", "error", "stopPod"]);
     }
 
     #[test]
@@ -527,7 +658,8 @@ mod tests {
             ),
         ] {
             let err = parse(bad.clone()).unwrap_err();
-            let msg = err.error_message().unwrap();
+            assert!(matches!(err, JobFailure::BadInput(_)), "{err}");
+            let msg = err.message();
             assert!(msg.contains(expected), "{bad}: {msg}");
         }
     }

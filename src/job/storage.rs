@@ -628,12 +628,6 @@ pub struct JobStorage {
 /// How the over-limit error of [`JobStorage::place`] begins.
 const OVER_LIMIT_PREFIX: &str = "The job output is ";
 
-/// True for the job error [`JobStorage::place`] gives when a result is over the inline limit
-/// and cannot be uploaded (front ends with typed errors report it as such).
-pub fn is_over_limit_error(message: &str) -> bool {
-    message.starts_with(OVER_LIMIT_PREFIX) && message.contains("(MAX_INLINE_OUTPUT_BYTES)")
-}
-
 /// Base64 length of `n` bytes (padded).
 fn base64_len(n: usize) -> u64 {
     (n as u64).div_ceil(3) * 4
@@ -1256,8 +1250,6 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config)"), "{err}");
-        assert!(is_over_limit_error(&err), "{err}");
-        assert!(!is_over_limit_error("The job output is fine"));
         // What the rest of the result takes counts too.
         assert!(job.place(files(&[30_000]), 0).await.is_ok());
         assert!(job.place(files(&[30_000]), 80_000).await.is_err());

@@ -1,7 +1,7 @@
 //! `WARMUP_WORKFLOW`: one job run before the worker takes its first, so ComfyUI has loaded the
 //! models by then. The file is a test input (`{"input": {...}}`, as `test_input.json`), a bare
 //! input (`{"workflow": {...}, "images": [...]}`) or a bare API-format workflow. It runs through
-//! the same [`Engine`] as a job: progress is logged at debug level, the outputs are discarded
+//! the same runner as a job ([`crate::runner::Runner::warm_up`]): progress is logged at debug level, the outputs are discarded
 //! (only counted), and `CLEANUP_FILES` applies to it like to any job.
 //!
 //! Its outcome is one log line. A failure (unreadable file, refused workflow, execution error,
@@ -10,16 +10,11 @@
 //! refuses `/run` and `/runsync` with the warm-up's error.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info};
 
-use crate::job::Engine;
-
-/// The job id the warm-up runs under (in logs and ComfyUI's prompt history).
-pub const WARMUP_JOB_ID: &str = "warmup";
+use crate::job::JobFailure;
 
 /// A successful warm-up.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,86 +89,16 @@ fn input_of(value: Value) -> Result<Value, String> {
     Err("expected {\"input\": {...}}, {\"workflow\": {...}} or an API-format workflow (nodes with class_type)".into())
 }
 
-/// Runs the warm-up in `path` on `engine` and logs its outcome (one line). `Err` carries the
-/// reason, ready for `/health` and the logs.
-pub async fn run(
-    engine: &Engine,
-    path: &Path,
-    cancel: &CancellationToken,
-) -> Result<WarmupDone, String> {
-    let started = Instant::now();
-    info!(file = %path.display(), "warm-up started");
-    let outcome = run_inner(engine, path, cancel).await;
-    let elapsed = started.elapsed();
-    match outcome {
-        Ok(files) => {
-            info!(
-                file = %path.display(),
-                ok = true,
-                elapsed_ms = elapsed.as_millis() as u64,
-                files,
-                "warm-up finished"
-            );
-            Ok(WarmupDone { elapsed, files })
-        }
-        Err(why) => {
-            let why = format!("warm-up failed: {why}");
-            error!(
-                file = %path.display(),
-                ok = false,
-                elapsed_ms = elapsed.as_millis() as u64,
-                error = %why,
-                "warm-up finished"
-            );
-            Err(why)
+/// A failed warm-up job's error and details on one line (one log line per event).
+pub fn one_line_failure(failure: &JobFailure) -> String {
+    let mut text = one_line(&failure.message());
+    for detail in failure.details().unwrap_or_default() {
+        let detail = one_line(detail);
+        if !text.contains(&detail) {
+            text = format!("{text}; {detail}");
         }
     }
-}
-
-async fn run_inner(
-    engine: &Engine,
-    path: &Path,
-    cancel: &CancellationToken,
-) -> Result<usize, String> {
-    let input = load(path)?;
-    let (sender, mut snapshots) = crate::progress::channel();
-    let run = async {
-        let output = engine
-            .run(WARMUP_JOB_ID, Some(&input), &sender, cancel)
-            .await;
-        drop(sender);
-        output
-    };
-    let log = async {
-        while let Some(s) = snapshots.recv().await {
-            debug!(
-                kind = ?s.kind,
-                node = s.node.as_deref().unwrap_or(""),
-                overall_percent = s.overall_percent,
-                "warm-up progress"
-            );
-        }
-    };
-    let (output, ()) = tokio::join!(run, log);
-    match output.error_message() {
-        Some(message) => {
-            let mut text = one_line(message);
-            if let crate::job::JobOutput::Failed {
-                details: Some(details),
-                ..
-            } = &output
-            {
-                for detail in details.iter().map(|d| one_line(d)) {
-                    if !text.contains(&detail) {
-                        text = format!("{text}; {detail}");
-                    }
-                }
-            }
-            Err(text)
-        }
-        // The outputs (base64 perhaps) are dropped here, unlogged.
-        None => Ok(output.files().len()),
-    }
+    text
 }
 
 /// A multi-line message on one line (one log line per event).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use comfy_worker::comfy::FileRef;
 use comfy_worker::config::Settings;
-use comfy_worker::job::{codec, Engine, JobOutput};
+use comfy_worker::job::{codec, Completed, Engine, JobOutput};
 use comfy_worker::progress::ProgressKind;
 use comfy_worker::simulator::DropPoint;
 use serde_json::{json, Value};
@@ -151,7 +151,7 @@ async fn websocket_drops_at_seeded_points_lose_no_result() {
         let (output, progress) = harness::run_job(&engine, input).await;
         let what = format!("job {job} (drops at {points:?})");
         let files = match &output {
-            JobOutput::Images { .. } => images(&output),
+            JobOutput::Completed(Completed::Images { .. }) => images(&output),
             other => panic!("{what}: {}", other.to_json()),
         };
         assert_eq!(files.len(), 2, "{what}: {}", output.to_json());

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use comfy_worker::config::Settings;
-use comfy_worker::job::{codec, Engine, JobOutput};
+use comfy_worker::job::{codec, Completed, Engine, JobOutput, JobRequest};
 use comfy_worker::progress::{self, ProgressSnapshot};
+use comfy_worker::runner::{Controls, Runner};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -61,8 +62,17 @@ pub fn spawn_job(engine: &Engine, input: Value) -> RunningJob {
     let cancel = CancellationToken::new();
     let engine = engine.clone();
     let token = cancel.clone();
-    let output =
-        tokio::spawn(async move { engine.run("test-job", Some(&input), &tx, &token).await });
+    // Through the runner, as every front end runs a job (no deadline: the tests' own bound).
+    let output = tokio::spawn(async move {
+        let runner = Runner::new(engine, Duration::ZERO);
+        let request = JobRequest::new("test-job", Some(input));
+        let controls = Controls {
+            cancel: token,
+            ..Controls::default()
+        };
+        let mut to_test = |s: &ProgressSnapshot| tx.send(s.clone());
+        JobOutput::from(runner.run(&request, controls, &mut [&mut to_test]).await)
+    });
     RunningJob {
         output,
         progress: rx,
@@ -129,7 +139,7 @@ pub fn png_size(b64: &str) -> (u32, u32) {
 /// The images of a successful output.
 pub fn images(output: &JobOutput) -> Vec<(String, String)> {
     match output {
-        JobOutput::Images { images, .. } => images
+        JobOutput::Completed(Completed::Images { images, .. }) => images
             .iter()
             .map(|i| (i.filename.clone(), i.data.clone()))
             .collect(),

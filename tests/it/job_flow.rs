@@ -239,16 +239,11 @@ async fn bad_inputs_get_clear_errors_and_never_reach_comfyui() {
             "Invalid image name",
         ),
     ];
+    let runner = comfy_worker::runner::Runner::new(engine, std::time::Duration::ZERO);
     for (input, expected) in cases {
-        let (tx, _rx) = comfy_worker::progress::channel();
-        let out = engine
-            .run(
-                "bad",
-                input.as_ref(),
-                &tx,
-                &tokio_util::sync::CancellationToken::new(),
-            )
-            .await;
+        let request = comfy_worker::job::JobRequest::new("bad", input.clone());
+        let out = runner.run(&request, Default::default(), &mut []).await;
+        let out = comfy_worker::job::JobOutput::from(out);
         let err = error_text(&out);
         assert!(err.contains(expected), "{input:?}: {err}");
     }

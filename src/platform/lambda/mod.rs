@@ -21,22 +21,24 @@
 
 pub mod settings;
 
-use std::panic::AssertUnwindSafe;
 use std::time::{Duration, SystemTime};
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use bytes::Bytes;
-use futures_util::FutureExt;
 use lambda_runtime::streaming::{Body, Sender};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent, MetadataPrelude, StreamResponse};
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 pub use settings::{LambdaConfigError, LambdaSettings, ResponseMode};
 
-use crate::job::{codec, storage, Engine, JobOptions, JobOutput, OutputOptions};
-use crate::progress::{self, ProgressSender, ProgressSnapshot};
+use crate::job::{
+    codec, Completed, DeadlineSource, Job, JobFailure, JobOutput, JobRequest, Report,
+};
+use crate::progress::ProgressSnapshot;
+use crate::runner::{Controls, Deadline, ProgressSink, Runner};
 
 /// The `errorType`s of this adapter's error responses.
 pub mod error_type {
@@ -120,15 +122,30 @@ pub struct Finished {
 }
 
 impl Finished {
-    fn failed(error_type: &str, output: JobOutput) -> Finished {
-        let (message, details) = match &output {
-            JobOutput::Failed { error, details } => (error.clone(), details.clone()),
-            _ => (String::new(), None),
-        };
+    /// A job's result as Lambda's response: the output, or the error response with its type.
+    fn of(result: Result<Completed, JobFailure>) -> Finished {
+        let error = result.as_ref().err().map(|failure| {
+            diagnostic(
+                error_type_of(failure),
+                &failure.message(),
+                failure.details(),
+            )
+        });
         Finished {
-            error: Some(diagnostic(error_type, &message, details.as_deref())),
-            output: output.into_json(),
+            output: JobOutput::from(result).into_json(),
+            error,
         }
+    }
+}
+
+/// The `errorType` of a failure.
+fn error_type_of(failure: &JobFailure) -> &'static str {
+    match failure {
+        JobFailure::BadInput(_) => error_type::INVALID_INPUT,
+        JobFailure::OutputTooLarge(_) => error_type::OUTPUT_TOO_LARGE,
+        JobFailure::Deadline { .. } => error_type::TIMEOUT,
+        JobFailure::Panic(_) => error_type::INTERNAL,
+        _ => error_type::COMFYUI_ERROR,
     }
 }
 
@@ -148,11 +165,6 @@ fn diagnostic(error_type: &str, message: &str, details: Option<&[String]>) -> Di
     }
 }
 
-/// Whether the engine would accept `input` (the classification of its failures).
-fn input_is_valid(input: Option<&Value>) -> bool {
-    crate::job::parse_input(input).is_ok() && OutputOptions::parse(input).is_ok()
-}
-
 /// Serialized JSON size without building the text.
 fn json_len(value: &Value) -> u64 {
     struct Count(u64);
@@ -170,41 +182,29 @@ fn json_len(value: &Value) -> u64 {
     count.0
 }
 
-/// `2.5`, `30`: seconds without noise.
-fn seconds(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s < 10.0 && s.fract() != 0.0 {
-        format!("{s:.1}")
-    } else {
-        format!("{s:.0}")
-    }
-}
-
 /// Bytes as MB (MiB), one decimal.
 fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1_048_576.0)
 }
 
-/// The Lambda front end: runs each invocation as one job on the engine.
+impl LambdaJob {
+    /// The job as the runner takes it.
+    pub fn request(&self, id: &str) -> JobRequest {
+        JobRequest::new(id, self.input.clone()).with_s3_config(self.s3_config.clone())
+    }
+}
+
+/// The Lambda front end: runs each invocation as one job on the runner.
 #[derive(Debug, Clone)]
 pub struct LambdaWorker {
-    engine: Engine,
+    runner: Runner,
     settings: LambdaSettings,
 }
 
-/// What bounds a job's run time.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Limit {
-    /// The invocation's deadline less the margin.
-    Deadline { left: Duration, margin: Duration },
-    /// The input's `timeout_s`.
-    TimeoutS,
-}
-
 impl LambdaWorker {
-    /// A worker for `engine` (whose inline limit the caller set for the response mode).
-    pub fn new(engine: Engine, settings: LambdaSettings) -> LambdaWorker {
-        LambdaWorker { engine, settings }
+    /// A worker for `runner` (whose engine's inline limit the caller set for the response mode).
+    pub fn new(runner: Runner, settings: LambdaSettings) -> LambdaWorker {
+        LambdaWorker { runner, settings }
     }
 
     /// The settings.
@@ -215,7 +215,7 @@ impl LambdaWorker {
     /// Takes invocations from the Runtime API until `shutdown` (or a Runtime API failure, the
     /// `Err`). Expects the variables of [`settings::REQUIRED_VARS`] to be set.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), lambda_runtime::Error> {
-        let storage = &self.engine.settings().storage;
+        let storage = &self.runner.engine().settings().storage;
         info!(
             runtime_api = %self.settings.runtime_api,
             response_mode = self.settings.response_mode.name(),
@@ -255,35 +255,18 @@ impl LambdaWorker {
                 return Err(diagnostic(error_type::INVALID_INPUT, &message, None));
             }
         };
+        let request = job.request(&context.request_id);
         let span = tracing::info_span!("invocation", job_id = %context.request_id);
-        let (sender, mut snapshots) = progress::channel();
-        let cancel = CancellationToken::new();
-        let run = async {
-            let finished = self
-                .invoke(
-                    &context.request_id,
-                    &job,
-                    deadline_of(context.deadline),
-                    &sender,
-                    &cancel,
-                )
-                .await;
-            drop(sender);
-            finished
-        };
-        let log = async {
-            while let Some(s) = snapshots.recv().await {
-                log_snapshot(&s);
-            }
-        };
-        let (finished, ()) = async { tokio::join!(run, log) }
+        let controls = self.controls(deadline_of(context.deadline), request.timeout);
+        let mut log = |s: &ProgressSnapshot| log_snapshot(s);
+        let result = self
+            .runner
+            .run(&request, controls, &mut [&mut log])
             .instrument(span.clone())
             .await;
-        let finished = self.check_size(finished, 0);
+        let finished = self.check_size(Finished::of(result), 0);
         // FREE_MEMORY_AFTER_JOB: before the response, the only point the handler still runs.
-        crate::ops::after_job(&self.engine)
-            .instrument(span.clone())
-            .await;
+        self.runner.after_job().instrument(span.clone()).await;
         let _entered = span.enter();
         report(&finished);
         match finished.error {
@@ -308,92 +291,64 @@ impl LambdaWorker {
         };
         let deadline = deadline_of(context.deadline);
         let id = context.request_id;
-        if !input_is_valid(job.input.as_ref()) {
-            // The engine refuses it at once, with its own (secret-scrubbed) message.
-            let finished = self
-                .invoke(
-                    &id,
-                    &job,
-                    deadline,
-                    &ProgressSender::none(),
-                    &CancellationToken::new(),
-                )
-                .await;
-            report(&finished);
-            if let Some(e) = finished.error {
+        let request = job.request(&id);
+        let job = match Job::parse(&request) {
+            Ok(job) => job,
+            Err(failure) => {
+                info!(error = %failure, "job input rejected");
+                let e = diagnostic(
+                    error_type_of(&failure),
+                    &failure.message(),
+                    failure.details(),
+                );
+                info!(error_type = %e.error_type, "Finished with an error response.");
                 return Err(e);
             }
-            // Accepted after all (the checks disagree): stream its output alone.
-            let (mut tx, body) = Body::channel();
-            let line = output_line(&finished);
-            tokio::spawn(async move {
-                let _ = tx.send_data(line).await;
-            });
-            return Ok(ndjson(body));
-        }
+        };
         let (tx, body) = Body::channel();
         let worker = self.clone();
         let span = tracing::info_span!("invocation", job_id = %id);
-        tokio::spawn(
-            async move { worker.stream_job(&id, job, deadline, tx).await }.instrument(span),
-        );
+        let controls = self.controls(deadline, request.timeout);
+        tokio::spawn(async move { worker.stream_job(job, controls, tx).await }.instrument(span));
         Ok(ndjson(body))
     }
 
     /// Runs a streamed job: forwards its snapshots as lines while it runs, then the last line.
-    async fn stream_job(
-        &self,
-        id: &str,
-        job: LambdaJob,
-        deadline: Option<SystemTime>,
-        mut tx: Sender,
-    ) {
-        let (sender, mut snapshots) = progress::channel();
-        let cancel = CancellationToken::new();
+    async fn stream_job(&self, job: Job, controls: Controls, mut tx: Sender) {
+        let cancel = controls.cancel.clone();
+        let (lines, mut queued) = mpsc::unbounded_channel();
         let run = async {
-            let finished = self.invoke(id, &job, deadline, &sender, &cancel).await;
-            drop(sender);
-            finished
+            let mut progress = ProgressLines {
+                lines,
+                sent: 0,
+                over_budget: false,
+            };
+            let result = self
+                .runner
+                .run_job(job, controls, &mut [&mut progress])
+                .await;
+            (result, progress.sent)
         };
         let forward = async {
-            let mut sent: u64 = 0;
             let mut open = true;
-            let mut over_budget = false;
-            while let Some(s) = snapshots.recv().await {
-                if !open {
-                    continue;
-                }
-                let mut line =
-                    serde_json::to_vec(&json!({ "progress": s.to_json() })).unwrap_or_default();
-                line.push(b'\n');
-                if sent + line.len() as u64 > settings::PROGRESS_BUDGET {
-                    if !over_budget {
-                        warn!(
-                            bytes = sent,
-                            "progress lines reached their share of the streamed response; later snapshots are not streamed"
-                        );
-                        over_budget = true;
-                    }
-                    continue;
-                }
-                sent += line.len() as u64;
-                if tx.send_data(Bytes::from(line)).await.is_err() {
+            while let Some(line) = queued.recv().await {
+                if open && tx.send_data(line).await.is_err() {
                     warn!("the response stream closed; interrupting the job");
                     open = false;
                     cancel.cancel();
                 }
             }
-            (sent, open)
+            open
         };
-        let (finished, (sent, open)) = tokio::join!(run, forward);
-        let finished = self.check_size(finished, sent);
+        let ((result, sent), open) = tokio::join!(run, forward);
+        let finished = self.check_size(Finished::of(result), sent);
         report(&finished);
         if open && tx.send_data(output_line(&finished)).await.is_err() {
             error!("the response stream closed before the output line");
         }
         // The response ends here; FREE_MEMORY_AFTER_JOB's /free follows it.
         drop(tx);
-        crate::ops::after_job(&self.engine).await;
+        self.runner.after_job().await;
     }
 
     /// Fails a result that is over what the response can carry (after `progress_bytes` of
@@ -405,7 +360,8 @@ impl LambdaWorker {
         };
         // An operator who raised MAX_INLINE_OUTPUT_BYTES (a raised quota) is trusted.
         let limit = platform.max(
-            self.engine
+            self.runner
+                .engine()
                 .settings()
                 .storage
                 .max_inline_bytes
@@ -416,145 +372,74 @@ impl LambdaWorker {
             return finished;
         }
         warn!(bytes = size, limit, "the response is too large for Lambda");
-        Finished::failed(
-            error_type::OUTPUT_TOO_LARGE,
-            JobOutput::error(format!(
-                "The job output is {} MB, over the {} MB a {} Lambda response may carry; set BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config) to return large outputs as URLs",
-                mb(size),
-                mb(limit),
-                self.settings.response_mode.name()
-            )),
-        )
+        Finished::of(Err(JobFailure::OutputTooLarge(Report::new(format!(
+            "The job output is {} MB, over the {} MB a {} Lambda response may carry; set BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config) to return large outputs as URLs",
+            mb(size),
+            mb(limit),
+            self.settings.response_mode.name()
+        )))))
     }
 
-    /// Runs one job within the invocation's deadline (less the margin) and the input's
-    /// `timeout_s`, with panics caught, and classifies a failure.
-    pub async fn invoke(
-        &self,
-        job_id: &str,
-        job: &LambdaJob,
-        deadline: Option<SystemTime>,
-        progress: &ProgressSender,
-        cancel: &CancellationToken,
-    ) -> Finished {
-        let limit = self.limit(deadline, job.input.as_ref());
-        let options = JobOptions {
-            s3_config: job.s3_config.clone(),
-        };
-        let run = AssertUnwindSafe(self.engine.run_with(
-            job_id,
-            job.input.as_ref(),
-            &options,
-            progress,
-            cancel,
-        ))
-        .catch_unwind();
-        tokio::pin!(run);
-        let (result, timed_out) = match limit {
-            None => (Some(run.await), None),
-            Some((budget, why)) => tokio::select! {
-                out = &mut run => (Some(out), None),
-                _ = tokio::time::sleep(budget) => {
-                    info!(budget_s = budget.as_secs_f64(), "time is up: interrupting the job");
-                    cancel.cancel();
-                    // Two thirds of the margin to wind down; then the job is dropped (its
-                    // prompt watcher interrupts the prompt) so the response still goes out.
-                    let margin = match why {
-                        Limit::Deadline { margin, .. } => margin,
-                        Limit::TimeoutS => self.settings.deadline_margin,
-                    };
-                    let wind_down = (margin * 2 / 3).max(Duration::from_millis(100));
-                    let out = tokio::time::timeout(wind_down, &mut run).await.ok();
-                    (out, Some((budget, why)))
-                }
-            },
-        };
-        let output = match result {
-            Some(Ok(output)) => output,
-            Some(Err(panic)) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                error!(panic = %what, "the job panicked");
-                return Finished::failed(
-                    error_type::INTERNAL,
-                    JobOutput::error(format!(
-                        "Internal error in comfy-worker: {}",
-                        crate::telemetry::scrub(&what)
-                    )),
-                );
-            }
-            None => JobOutput::error(String::new()),
-        };
-        if let Some((budget, why)) = timed_out {
-            // Unless it completed just as time ran out: then its output stands.
-            if output.is_error() {
-                let message = match why {
-                    Limit::Deadline { left, margin } => format!(
-                        "Invocation timed out: the Lambda deadline was {} s away, so the ComfyUI prompt was interrupted after {} s, {} s before it (LAMBDA_DEADLINE_MARGIN_S; raise the function's timeout)",
-                        seconds(left),
-                        seconds(budget),
-                        seconds(margin)
-                    ),
-                    Limit::TimeoutS => format!(
-                        "Job timed out after {} s (input.timeout_s); the ComfyUI prompt was interrupted",
-                        seconds(budget)
-                    ),
-                };
-                return Finished::failed(error_type::TIMEOUT, JobOutput::error(message));
-            }
+    /// The job's controls: the invocation's deadline less the margin, and the input's
+    /// `timeout_s`, whichever comes first.
+    fn controls(&self, deadline: Option<SystemTime>, timeout: Option<Duration>) -> Controls {
+        Controls {
+            cancel: CancellationToken::new(),
+            shutdown: None,
+            deadlines: self.deadlines(deadline, timeout),
         }
-        self.classify(job, output)
     }
 
-    fn classify(&self, job: &LambdaJob, output: JobOutput) -> Finished {
-        let JobOutput::Failed { error, .. } = &output else {
-            return Finished {
-                output: output.into_json(),
-                error: None,
-            };
-        };
-        let kind = if !input_is_valid(job.input.as_ref()) {
-            error_type::INVALID_INPUT
-        } else if storage::is_over_limit_error(error) {
-            error_type::OUTPUT_TOO_LARGE
-        } else {
-            error_type::COMFYUI_ERROR
-        };
-        Finished::failed(kind, output)
-    }
-
-    /// How long the job may run: until the margin before the deadline, or the input's
-    /// `timeout_s` when shorter. The margin is at most a quarter of the time left, so a short
-    /// function timeout (Lambda's default is 3 s) still leaves the job most of it.
-    fn limit(
-        &self,
-        deadline: Option<SystemTime>,
-        input: Option<&Value>,
-    ) -> Option<(Duration, Limit)> {
+    /// The margin is at most a quarter of the time left, so a short function timeout (Lambda's
+    /// default is 3 s) still leaves the job most of it. Past either deadline the job gets two
+    /// thirds of the margin to wind down; then it is dropped (its prompt watcher interrupts the
+    /// prompt) so the response still goes out before Lambda's deadline.
+    fn deadlines(&self, deadline: Option<SystemTime>, timeout: Option<Duration>) -> Vec<Deadline> {
+        let wind_down = |margin: Duration| Some((margin * 2 / 3).max(Duration::from_millis(100)));
         let by_deadline = deadline.map(|d| {
             let left = d
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
             let margin = self.settings.deadline_margin.min(left / 4);
-            (left - margin, Limit::Deadline { left, margin })
+            Deadline {
+                after: left - margin,
+                source: DeadlineSource::Lambda { left, margin },
+                wind_down: wind_down(margin),
+            }
         });
-        let requested = input
-            .and_then(|i| i.get("timeout_s"))
-            .and_then(Value::as_f64)
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(|s| {
-                (
-                    Duration::from_secs_f64(s.min(7.0 * 86_400.0)),
-                    Limit::TimeoutS,
-                )
-            });
-        match (by_deadline, requested) {
-            (Some(d), Some(r)) => Some(if r.0 < d.0 { r } else { d }),
-            (d, r) => d.or(r),
+        let by_input = timeout.map(|after| Deadline {
+            after,
+            source: DeadlineSource::Input,
+            wind_down: wind_down(self.settings.deadline_margin),
+        });
+        by_deadline.into_iter().chain(by_input).collect()
+    }
+}
+
+/// A streamed job's progress as NDJSON lines, within their share of the response
+/// ([`settings::PROGRESS_BUDGET`]); queued for the writer so the job never waits on the client.
+struct ProgressLines {
+    lines: mpsc::UnboundedSender<Bytes>,
+    sent: u64,
+    over_budget: bool,
+}
+
+impl ProgressSink for ProgressLines {
+    fn snapshot(&mut self, s: &ProgressSnapshot) {
+        let mut line = serde_json::to_vec(&json!({ "progress": s.to_json() })).unwrap_or_default();
+        line.push(b'\n');
+        if self.sent + line.len() as u64 > settings::PROGRESS_BUDGET {
+            if !self.over_budget {
+                warn!(
+                    bytes = self.sent,
+                    "progress lines reached their share of the streamed response; later snapshots are not streamed"
+                );
+                self.over_budget = true;
+            }
+            return;
         }
+        self.sent += line.len() as u64;
+        let _ = self.lines.send(Bytes::from(line));
     }
 }
 
@@ -631,6 +516,7 @@ fn report(finished: &Finished) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::Engine;
 
     #[test]
     fn events_in_every_shape() {
@@ -678,11 +564,12 @@ mod tests {
             serde_json::to_value(&d).unwrap(),
             json!({"errorType": "InvalidInput", "errorMessage": "Missing 'workflow' parameter"})
         );
-        let f = Finished::failed(
-            error_type::COMFYUI_ERROR,
-            JobOutput::error_with_details("Workflow validation failed", vec!["Node 1: x".into()]),
-        );
+        let f = Finished::of(Err(JobFailure::Rejected(Report::with_details(
+            "Workflow validation failed",
+            vec!["Node 1: x".into()],
+        ))));
         let e = f.error.unwrap();
+        assert_eq!(e.error_type, error_type::COMFYUI_ERROR);
         assert_eq!(e.error_message, "Workflow validation failed\nNode 1: x");
         let shown = diagnostic(
             "ComfyUIError",
@@ -716,22 +603,38 @@ mod tests {
             deadline_margin: Duration::from_secs(3),
         };
         let worker = LambdaWorker::new(
-            Engine::new(crate::config::Settings::default()).unwrap(),
+            Runner::new(
+                Engine::new(crate::config::Settings::default()).unwrap(),
+                Duration::ZERO,
+            ),
             settings,
         );
         let in_s = |s: u64| Some(SystemTime::now() + Duration::from_secs(s));
-        let (budget, why) = worker.limit(in_s(60), None).unwrap();
-        assert!(budget <= Duration::from_secs(57) && budget > Duration::from_secs(55));
-        assert!(matches!(why, Limit::Deadline { margin, .. } if margin == Duration::from_secs(3)));
+        // The runner takes the earliest; on a tie, the first (the invocation's deadline).
+        let limit = |deadline, timeout| {
+            worker
+                .deadlines(deadline, timeout)
+                .into_iter()
+                .reduce(|a, b| if b.after < a.after { b } else { a })
+        };
+        let d = limit(in_s(60), None).unwrap();
+        assert!(d.after <= Duration::from_secs(57) && d.after > Duration::from_secs(55));
+        assert!(
+            matches!(d.source, DeadlineSource::Lambda { margin, .. } if margin == Duration::from_secs(3))
+        );
+        assert_eq!(d.wind_down, Some(Duration::from_secs(2)));
         // Lambda's default 3 s timeout: a quarter of it as the margin, not all of it.
-        let (budget, why) = worker.limit(in_s(4), None).unwrap();
-        assert!(budget > Duration::from_secs(2), "{budget:?}");
-        assert!(matches!(why, Limit::Deadline { margin, .. } if margin < Duration::from_secs(1)));
-        let (budget, why) = worker
-            .limit(in_s(60), Some(&json!({"timeout_s": 5})))
-            .unwrap();
-        assert_eq!((budget, why), (Duration::from_secs(5), Limit::TimeoutS));
-        assert_eq!(worker.limit(None, None), None);
+        let d = limit(in_s(4), None).unwrap();
+        assert!(d.after > Duration::from_secs(2), "{:?}", d.after);
+        assert!(
+            matches!(d.source, DeadlineSource::Lambda { margin, .. } if margin < Duration::from_secs(1))
+        );
+        let d = limit(in_s(60), Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(
+            (d.after, d.source),
+            (Duration::from_secs(5), DeadlineSource::Input)
+        );
+        assert_eq!(limit(None, None), None);
     }
 
     #[test]
@@ -740,7 +643,7 @@ mod tests {
             let mut settings = crate::config::Settings::default();
             settings.storage.max_inline_bytes = user_limit;
             LambdaWorker::new(
-                Engine::new(settings).unwrap(),
+                Runner::new(Engine::new(settings).unwrap(), Duration::ZERO),
                 LambdaSettings {
                     runtime_api: String::new(),
                     response_mode: mode,
@@ -777,8 +680,6 @@ mod tests {
     fn sizes_and_seconds() {
         let v = json!({"a": "xyz", "b": [1, 2]});
         assert_eq!(json_len(&v), v.to_string().len() as u64);
-        assert_eq!(seconds(Duration::from_millis(2500)), "2.5");
-        assert_eq!(seconds(Duration::from_secs(30)), "30");
         assert_eq!(mb(3 * 1024 * 1024 / 2), "1.5");
     }
 }

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use reqwest::StatusCode;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::settings::RunPodSettings;
 use crate::comfy::api::error_chain;
+use crate::job::JobRequest;
 
 /// A job as the platform hands it out.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +28,15 @@ pub struct PlatformJob {
     /// Why the job cannot be run although its id could be read (its JSON is nested too deeply or
     /// holds invalid strings): the job is answered with this error instead of being lost.
     pub unreadable: Option<String>,
+}
+
+impl PlatformJob {
+    /// The job as the runner takes it.
+    pub fn request(&self) -> JobRequest {
+        JobRequest::new(self.id.clone(), self.input.clone())
+            .with_s3_config(self.s3_config.clone())
+            .with_progress_webhook(self.progress_webhook.clone())
+    }
 }
 
 /// What one job-take poll gave.
@@ -70,45 +80,6 @@ fn retryable(status: Option<StatusCode>) -> bool {
 /// deliver the result twice (a platform that is slow, not down, applies the first one too).
 fn unanswered(e: &reqwest::Error) -> bool {
     e.is_timeout() && !e.is_connect()
-}
-
-/// The job-done body for an output, exactly as the SDK derives it from a handler's return value
-/// (`output`, then `error`, then `stopPod`).
-pub fn result_body(output: Value, stop_pod: bool) -> Value {
-    let mut body = Map::new();
-    match output {
-        Value::Object(mut rest) => {
-            // Taken by value: outputs hold megabytes of base64, never copied here.
-            let error = rest.remove("error");
-            let error = error.filter(truthy);
-            // The SDK drops an empty `output`.
-            if !rest.is_empty() {
-                body.insert("output".into(), Value::Object(rest));
-            }
-            if let Some(e) = error {
-                body.insert("error".into(), e);
-            }
-        }
-        other => {
-            body.insert("output".into(), other);
-        }
-    }
-    if stop_pod {
-        body.insert("stopPod".into(), Value::Bool(true));
-    }
-    Value::Object(body)
-}
-
-/// Python truthiness, which decides whether the SDK treats `error` as set.
-fn truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
 }
 
 /// Parses a job-take reply body.
@@ -504,40 +475,6 @@ impl PlatformClient {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn result_body_follows_the_sdk_table() {
-        assert_eq!(
-            result_body(json!({"images": []}), false),
-            json!({"output": {"images": []}})
-        );
-        assert_eq!(result_body(json!({}), false), json!({}));
-        assert_eq!(
-            result_body(json!({"error": "e"}), false),
-            json!({"error": "e"})
-        );
-        assert_eq!(
-            result_body(json!({"error": "e", "details": ["d"]}), false),
-            json!({"output": {"details": ["d"]}, "error": "e"})
-        );
-        assert_eq!(
-            result_body(json!({"error": "", "a": 1}), false),
-            json!({"output": {"a": 1}})
-        );
-        assert_eq!(result_body(json!({"error": null}), false), json!({}));
-        assert_eq!(result_body(json!([1]), false), json!({"output": [1]}));
-        assert_eq!(
-            result_body(json!({"images": []}), true),
-            json!({"output": {"images": []}, "stopPod": true})
-        );
-        let keys: Vec<String> = result_body(json!({"details": [], "error": "x"}), true)
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
-        assert_eq!(keys, ["output", "error", "stopPod"]);
-    }
 
     #[test]
     fn take_replies() {

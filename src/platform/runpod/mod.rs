@@ -7,7 +7,7 @@ pub mod relay;
 pub mod settings;
 mod worker;
 
-pub use client::{result_body, Delivery, PlatformClient, PlatformJob, Take};
+pub use client::{Delivery, PlatformClient, PlatformJob, Take};
 pub use relay::{Relay, RelayStats};
 pub use settings::RunPodSettings;
-pub use worker::{shutdown_message, JobEnd, Worker};
+pub use worker::{JobEnd, Step, Worker};

@@ -3,32 +3,22 @@
 //! snapshots as the relay and never delays the job or its result either.
 
 use std::collections::{BTreeSet, HashMap};
-use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use super::client::{result_body, Delivery, PlatformClient, PlatformJob, Take};
+use super::client::{Delivery, PlatformClient, PlatformJob, Take};
 use super::relay::Relay;
-use crate::job::{Engine, JobOptions, JobOutput};
-use crate::progress::{self, ProgressSnapshot};
+use crate::job::output::result_body;
+use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
+use crate::ops::warmup::WarmupState;
+use crate::progress::ProgressSnapshot;
+use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
-
-/// Why a running job was cancelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CancelReason {
-    /// The platform's stop channel named it: post nothing.
-    Stopped,
-    /// Its deadline passed: post a timeout error.
-    TimedOut,
-    /// The worker is shutting down: post what the job produced (an interruption error).
-    Shutdown,
-}
 
 /// How a job ended, for logs and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,22 +29,33 @@ pub enum JobEnd {
     Stopped,
 }
 
-struct Running {
-    cancel: CancellationToken,
-    reason: Arc<Mutex<Option<CancelReason>>>,
+/// What one turn of the loop did ([`Worker::step`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Jobs were taken and run, each to its end.
+    Ran(Vec<JobEnd>),
+    /// The platform had nothing.
+    NoJob,
+    /// HTTP 429: wait before polling again.
+    RateLimited,
+    /// The job-take failed; retried with backoff.
+    Failed(String),
+    /// Shutdown came during the job-take.
+    ShutDown,
 }
 
 #[derive(Default)]
 struct State {
     /// Taken but unfinished jobs (what the ping reports).
     held: BTreeSet<String>,
-    /// The job being run now.
-    running: HashMap<String, Running>,
+    /// The jobs being run now, by id, with their cancel (what the stop channel fires).
+    running: HashMap<String, CancellationToken>,
 }
 
-/// The RunPod worker: a job loop plus heartbeat and stop-channel tasks.
+/// The RunPod worker: a job loop plus heartbeat and stop-channel tasks. It translates the
+/// platform's wire format to and from the [`Runner`], and nothing else.
 pub struct Worker {
-    engine: Engine,
+    runner: Runner,
     client: PlatformClient,
     webhooks: Webhooks,
     state: Arc<Mutex<State>>,
@@ -65,11 +66,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Worker {
-    /// A worker running jobs on `engine` for the platform behind `client`, delivering jobs'
+    /// A worker running jobs on `runner` for the platform behind `client`, delivering jobs'
     /// progress webhooks through `webhooks`.
-    pub fn new(engine: Engine, client: PlatformClient, webhooks: Webhooks) -> Worker {
+    pub fn new(runner: Runner, client: PlatformClient, webhooks: Webhooks) -> Worker {
         Worker {
-            engine,
+            runner,
             client,
             webhooks,
             state: Arc::new(Mutex::new(State::default())),
@@ -92,70 +93,53 @@ impl Worker {
             stop_channel = settings.stop_url().is_some(),
             "RunPod worker started"
         );
-        if let Some(path) = &self.engine.settings().housekeeping.warmup_workflow {
-            let warmed = crate::ops::warmup::run(&self.engine, path, &shutdown).await;
-            if shutdown.is_cancelled() {
-                info!("RunPod worker stopped during the warm-up");
-                return Ok(());
-            }
-            if let Err(why) = warmed {
-                self.client.report_unhealthy("warmup", &why).await;
-                error!(error = %why, "the worker is unhealthy and takes no job; exiting");
-                return Err(why);
-            }
-            // No `/free` after it: the point is to keep what it loaded.
+        let warmed = self.runner.warm_up(&shutdown).await;
+        if shutdown.is_cancelled() && self.runner.warmup_state() != WarmupState::Off {
+            info!("RunPod worker stopped during the warm-up");
+            return Ok(());
         }
+        if let Err(why) = warmed {
+            self.client.report_unhealthy("warmup", &why).await;
+            error!(error = %why, "the worker is unhealthy and takes no job; exiting");
+            return Err(why);
+        }
+        // No `/free` after the warm-up: the point is to keep what it loaded.
         let companions = CancellationToken::new();
         let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
         let stops = tokio::spawn(self.stop_channel(companions.clone()));
         let mut backoff = Duration::from_secs(1);
         while !shutdown.is_cancelled() {
-            let in_progress = !lock(&self.state).held.is_empty();
             let started = Instant::now();
-            let take = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                t = self.client.take(in_progress) => t,
-            };
-            match take {
-                Take::Jobs(jobs) => {
-                    backoff = Duration::from_secs(1);
-                    {
-                        let mut st = lock(&self.state);
-                        st.held.extend(jobs.iter().map(|j| j.id.clone()));
-                    }
-                    for job in jobs {
-                        self.run_job(job, &shutdown).await;
-                    }
-                    if settings.refresh_worker {
-                        info!("REFRESH_WORKER is set: exiting after the job");
-                        break;
-                    }
+            let pause = match self.step(&shutdown).await {
+                Step::ShutDown => break,
+                Step::Ran(_) if settings.refresh_worker => {
+                    info!("REFRESH_WORKER is set: exiting after the job");
+                    break;
                 }
-                Take::NoJob => {
+                Step::Ran(_) => {
+                    backoff = Duration::from_secs(1);
+                    Duration::ZERO
+                }
+                Step::NoJob => {
                     backoff = Duration::from_secs(1);
                     // A platform that answers at once instead of long-polling must not be hammered.
-                    let floor = Duration::from_millis(250);
-                    if let Some(rest) = floor.checked_sub(started.elapsed()) {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(rest) => {}
-                        }
-                    }
+                    Duration::from_millis(250).saturating_sub(started.elapsed())
                 }
-                Take::RateLimited => {
+                Step::RateLimited => {
                     warn!("job-take rate limited (HTTP 429); waiting 5 s");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    }
+                    Duration::from_secs(5)
                 }
-                Take::Failed(e) => {
+                Step::Failed(e) => {
                     warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
+                    let pause = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    pause
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
@@ -164,6 +148,31 @@ impl Worker {
         let _ = stops.await;
         info!("RunPod worker stopped");
         Ok(())
+    }
+
+    /// One turn of the loop: one job-take, and every job it gave run to its end (result
+    /// posted). Tests drive the worker with this, one job-take at a time.
+    pub async fn step(&self, shutdown: &CancellationToken) -> Step {
+        let in_progress = !lock(&self.state).held.is_empty();
+        let take = tokio::select! {
+            _ = shutdown.cancelled() => return Step::ShutDown,
+            t = self.client.take(in_progress) => t,
+        };
+        match take {
+            Take::Jobs(jobs) => {
+                lock(&self.state)
+                    .held
+                    .extend(jobs.iter().map(|j| j.id.clone()));
+                let mut ends = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    ends.push(self.run_job(job, shutdown).await);
+                }
+                Step::Ran(ends)
+            }
+            Take::NoJob => Step::NoJob,
+            Take::RateLimited => Step::RateLimited,
+            Take::Failed(e) => Step::Failed(e),
+        }
     }
 
     fn heartbeat(
@@ -212,10 +221,9 @@ impl Worker {
                     Ok(ids) => {
                         let st = lock(&state);
                         for id in &ids {
-                            if let Some(running) = st.running.get(id) {
+                            if let Some(cancel) = st.running.get(id) {
                                 info!(job_id = %id, "the platform stopped the job");
-                                lock(&running.reason).get_or_insert(CancelReason::Stopped);
-                                running.cancel.cancel();
+                                cancel.cancel();
                             }
                         }
                         // The SDK's 1 s floor between polls that return at once.
@@ -236,7 +244,7 @@ impl Worker {
 
     /// Runs one job and posts its result (unless the platform stopped it).
     pub async fn run_job(&self, job: PlatformJob, shutdown: &CancellationToken) -> JobEnd {
-        let span = tracing::info_span!("job", job_id = %job.id);
+        let span = job_span(&job.id);
         // Whether ComfyUI gets to run anything for it (else there is nothing to free).
         let runs = job.unreadable.is_none() && !shutdown.is_cancelled();
         let end = self
@@ -246,7 +254,7 @@ impl Worker {
         lock(&self.state).held.remove(&job.id);
         if runs {
             // After the result post (no delay for the client), before the next job-take.
-            crate::ops::after_job(&self.engine).instrument(span).await;
+            self.runner.after_job().instrument(span).await;
         }
         end
     }
@@ -256,134 +264,48 @@ impl Worker {
         if let Some(why) = &job.unreadable {
             // Its id is all that could be read: answer it at once rather than leave it hanging.
             warn!(error = %why, "the job cannot be read; answering it with an error");
-            let output = JobOutput::error(why.clone()).into_json();
-            return self.post_result(job, output).await;
+            return self.post_result(job, JobOutput::error(why.clone())).await;
         }
         if shutdown.is_cancelled() {
             // The rest of a batch taken before SIGTERM: answered at once, so no job is left
             // waiting for a worker that is going away.
             info!("not started: the worker is shutting down");
-            let output = JobOutput::error(NOT_STARTED).into_json();
-            JobWebhook::start(&self.webhooks, job).end(Some(&output));
-            return self.post_result(job, output).await;
+            JobWebhook::start(&self.webhooks, job).end_with_error(NOT_STARTED);
+            return self.post_result(job, JobOutput::error(NOT_STARTED)).await;
         }
         info!("Started.");
-        let shutdown_grace = settings.shutdown_grace;
         let cancel = CancellationToken::new();
-        let reason = Arc::new(Mutex::new(None));
-        lock(&self.state).running.insert(
-            job.id.clone(),
-            Running {
-                cancel: cancel.clone(),
-                reason: reason.clone(),
-            },
-        );
-        let timeout = job_timeout(settings.job_timeout, job.input.as_ref());
-        let watchdog = {
-            let cancel = cancel.clone();
-            let reason = reason.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let deadline = async {
-                    match timeout {
-                        Some(t) => tokio::time::sleep(t).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let why = tokio::select! {
-                    _ = deadline => CancelReason::TimedOut,
-                    _ = shutdown.cancelled() => CancelReason::Shutdown,
-                    _ = cancel.cancelled() => return,
-                };
-                if why == CancelReason::Shutdown {
-                    // Give the job time to finish on its own before interrupting it.
-                    tokio::select! {
-                        _ = tokio::time::sleep(shutdown_grace) => {}
-                        _ = cancel.cancelled() => return,
-                    }
-                }
-                lock(&reason).get_or_insert(why);
-                cancel.cancel();
-            })
-        };
-
-        let (sender, mut snapshots) = progress::channel();
+        lock(&self.state)
+            .running
+            .insert(job.id.clone(), cancel.clone());
+        let request = job.request();
+        let deadline = job_deadline(settings.job_timeout, request.timeout);
         let relay = settings
             .relay_progress
             .then(|| Relay::start(self.client.clone(), job.id.clone()));
         let mut webhook = JobWebhook::start(&self.webhooks, job);
-        let forward = async {
-            while let Some(s) = snapshots.recv().await {
-                webhook.snapshot(&s);
-                if let Some(relay) = &relay {
-                    relay.update(s.to_json());
-                }
+        let mut relay_sink = |s: &ProgressSnapshot| {
+            if let Some(relay) = &relay {
+                relay.update(s.to_json());
             }
         };
-        let engine = &self.engine;
-        let run_cancel = cancel.clone();
-        let options = JobOptions {
-            s3_config: job.s3_config.clone(),
+        let controls = Controls {
+            cancel,
+            shutdown: Some(shutdown.clone()),
+            deadlines: deadline.into_iter().collect(),
         };
-        let run = async move {
-            // A panic in the engine fails this job only; the worker keeps serving.
-            let out = AssertUnwindSafe(engine.run_with(
-                &job.id,
-                job.input.as_ref(),
-                &options,
-                &sender,
-                &run_cancel,
-            ))
-            .catch_unwind()
+        let result = self
+            .runner
+            .run(&request, controls, &mut [&mut webhook, &mut relay_sink])
             .await;
-            // Closing the channel ends the forwarding below.
-            drop(sender);
-            out
-        };
-        let (output, ()) = tokio::join!(run, forward);
-        let output = output.unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            error!(panic = %what, "the job panicked");
-            JobOutput::error(format!(
-                "Internal error in comfy-worker: {}",
-                crate::telemetry::scrub(&what)
-            ))
-        });
-        watchdog.abort();
         lock(&self.state).running.remove(&job.id);
-        let why = *lock(&reason);
-        let output = match why {
-            Some(CancelReason::Stopped) => None,
-            Some(CancelReason::TimedOut) => {
-                let secs = timeout.map(|t| t.as_secs_f64()).unwrap_or_default();
-                Some(
-                    JobOutput::error(format!(
-                        "Job timed out after {} s (JOB_TIMEOUT_S or input.timeout_s); the ComfyUI prompt was interrupted",
-                        humane_seconds(secs)
-                    ))
-                    .to_json(),
-                )
-            }
-            // Unless it completed just as the grace ran out: then its output stands.
-            Some(CancelReason::Shutdown) if output.is_error() => {
-                warn!(
-                    grace_s = shutdown_grace.as_secs_f64(),
-                    "the job did not finish within the shutdown grace; it was interrupted"
-                );
-                Some(JobOutput::error(shutdown_message(shutdown_grace)).into_json())
-            }
-            Some(CancelReason::Shutdown) | None => Some(output.into_json()),
-        };
+        // Only the stop channel cancels a job here: the platform stopped it.
+        let stopped = matches!(result, Err(JobFailure::Cancelled(_)));
         // Before the relay drains, so the webhook's final event is on its way at once.
-        webhook.end(output.as_ref());
+        webhook.end((!stopped).then_some(&result));
         if let Some(relay) = relay {
             // A stopped job posts nothing more; otherwise /status is brought up to date first.
-            let drain = why != Some(CancelReason::Stopped);
-            let stats = relay.finish(drain).await;
+            let stats = relay.finish(!stopped).await;
             info!(
                 posted = stats.posted,
                 failed = stats.failed,
@@ -391,20 +313,19 @@ impl Worker {
                 "progress relay finished"
             );
         }
-
-        let Some(output) = output else {
+        if stopped {
             info!("Finished. (stopped by the platform; nothing posted)");
             return JobEnd::Stopped;
-        };
-        self.post_result(job, output).await
+        }
+        self.post_result(job, JobOutput::from(result)).await
     }
 
     /// Posts a job's result (with the platform's retries) and logs how it went. Takes the output
     /// by value: it holds megabytes of base64, never copied.
-    async fn post_result(&self, job: &PlatformJob, output: Value) -> JobEnd {
+    async fn post_result(&self, job: &PlatformJob, output: JobOutput) -> JobEnd {
         let settings = self.client.settings();
-        let failed = output.get("error").is_some();
-        let body = result_body(output, settings.refresh_worker);
+        let failed = output.is_error();
+        let body = result_body(output.into_json(), settings.refresh_worker);
         let delivery = self.client.post_result(&job.id, &body).await;
         drop(body);
         match &delivery {
@@ -479,19 +400,27 @@ impl JobWebhook {
         }
     }
 
-    /// Sends the final event for `output` (`None`: stopped by the platform) and lets the hook
-    /// deliver what is queued, on a task of its own: the result post never waits for it.
-    fn end(self, output: Option<&Value>) {
+    /// Sends the final event for the job's result (`None`: stopped by the platform) and lets
+    /// the hook deliver what is queued, on a task of its own: the result post never waits for it.
+    fn end(self, result: Option<&Result<Completed, JobFailure>>) {
+        match result {
+            Some(result) => {
+                let result = result.clone();
+                self.finish_with(move |hook| hook.end(&result));
+            }
+            None => self.finish_with(|hook| hook.failed("Job cancelled", None)),
+        }
+    }
+
+    /// Sends an `error` final event with `message` (a job that never ran).
+    fn end_with_error(self, message: &'static str) {
+        self.finish_with(move |hook| hook.failed(message, None));
+    }
+
+    fn finish_with(self, last: impl FnOnce(&ProgressHook) + Send + 'static) {
         if matches!(self, JobWebhook::Off) {
             return;
         }
-        let end = match output {
-            None => Err(("Job cancelled".to_owned(), None)),
-            Some(out) => match failure(out) {
-                Some(failed) => Err(failed),
-                None => Ok(out.clone()),
-            },
-        };
         tokio::spawn(
             async move {
                 let hook = match self {
@@ -505,10 +434,7 @@ impl JobWebhook {
                         _ => return,
                     },
                 };
-                match end {
-                    Ok(result) => hook.completed(&result),
-                    Err((message, details)) => hook.failed(&message, details.as_deref()),
-                }
+                last(&hook);
                 hook.finish().await;
             }
             .in_current_span(),
@@ -516,28 +442,9 @@ impl JobWebhook {
     }
 }
 
-/// The error message and details of a failed job's output; `None` for a success.
-fn failure(output: &Value) -> Option<(String, Option<Vec<String>>)> {
-    let message = match output.get("error")? {
-        Value::Null | Value::Bool(false) => return None,
-        Value::String(s) if s.is_empty() => return None,
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let details = output.get("details").and_then(Value::as_array).map(|list| {
-        list.iter()
-            .map(|d| d.as_str().map_or_else(|| d.to_string(), str::to_owned))
-            .collect()
-    });
-    Some((message, details))
-}
-
-/// `2.5`, `30`, `600`: seconds without noise.
-fn humane_seconds(secs: f64) -> String {
-    if secs < 10.0 && secs.fract() != 0.0 {
-        format!("{secs:.1}")
-    } else {
-        format!("{secs:.0}")
+impl ProgressSink for JobWebhook {
+    fn snapshot(&mut self, snapshot: &ProgressSnapshot) {
+        JobWebhook::snapshot(self, snapshot);
     }
 }
 
@@ -545,65 +452,30 @@ fn humane_seconds(secs: f64) -> String {
 pub(crate) const NOT_STARTED: &str =
     "Worker shutting down: the job was not started; submit it again";
 
-/// The error of a job interrupted because it outlived the shutdown grace (both front ends).
-pub fn shutdown_message(grace: Duration) -> String {
-    format!(
-        "Worker shutting down: the job did not finish within the {} s shutdown grace (SHUTDOWN_GRACE_S), so its ComfyUI prompt was interrupted",
-        humane_seconds(grace.as_secs_f64())
-    )
-}
-
 /// The job's deadline: `JOB_TIMEOUT_S`, or the input's `timeout_s` when shorter (or when no
 /// worker-wide timeout is set).
-fn job_timeout(worker: Option<Duration>, input: Option<&Value>) -> Option<Duration> {
-    let requested = input
-        .and_then(|i| i.get("timeout_s"))
-        .and_then(Value::as_f64)
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(7.0 * 86_400.0)));
-    match (worker, requested) {
-        (Some(w), Some(r)) => Some(w.min(r)),
-        (w, r) => w.or(r),
-    }
+fn job_deadline(worker: Option<Duration>, input: Option<Duration>) -> Option<Deadline> {
+    let after = match (worker, input) {
+        (Some(w), Some(r)) => w.min(r),
+        (w, r) => w.or(r)?,
+    };
+    Some(Deadline::new(after, DeadlineSource::WorkerOrInput))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn job_timeout_takes_the_shorter() {
+    fn the_deadline_is_the_shorter_of_job_timeout_s_and_timeout_s() {
         let s = Duration::from_secs;
-        assert_eq!(job_timeout(None, None), None);
-        assert_eq!(job_timeout(Some(s(60)), None), Some(s(60)));
-        assert_eq!(
-            job_timeout(None, Some(&json!({"timeout_s": 5}))),
-            Some(s(5))
-        );
-        assert_eq!(
-            job_timeout(Some(s(60)), Some(&json!({"timeout_s": 600}))),
-            Some(s(60))
-        );
-        assert_eq!(
-            job_timeout(Some(s(60)), Some(&json!({"timeout_s": "x"}))),
-            Some(s(60))
-        );
-        assert_eq!(job_timeout(None, Some(&json!({"timeout_s": -1}))), None);
-    }
-
-    #[test]
-    fn failures_for_the_webhook() {
-        assert_eq!(failure(&json!({"images": []})), None);
-        assert_eq!(failure(&json!({"error": "", "images": []})), None);
-        assert_eq!(failure(&json!({"error": null})), None);
-        assert_eq!(
-            failure(&json!({"error": "boom"})),
-            Some(("boom".into(), None))
-        );
-        assert_eq!(
-            failure(&json!({"error": "boom", "details": ["a", 1]})),
-            Some(("boom".into(), Some(vec!["a".into(), "1".into()])))
-        );
+        let after = |w, i| job_deadline(w, i).map(|d| d.after);
+        assert_eq!(after(None, None), None);
+        assert_eq!(after(Some(s(60)), None), Some(s(60)));
+        assert_eq!(after(None, Some(s(5))), Some(s(5)));
+        assert_eq!(after(Some(s(60)), Some(s(600))), Some(s(60)));
+        let d = job_deadline(Some(s(1)), None).unwrap();
+        assert_eq!(d.source, DeadlineSource::WorkerOrInput);
+        assert_eq!(d.wind_down, None);
     }
 }
