@@ -23,6 +23,7 @@ pub mod ops;
 pub mod platform;
 pub mod progress;
 pub mod runner;
+pub mod secret;
 pub mod simulator;
 pub mod telemetry;
 pub mod webhook;

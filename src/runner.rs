@@ -410,7 +410,7 @@ async fn watchdog(
 
 /// The job's secrets (live while the job is) removed from its messages.
 fn scrub(result: Result<Completed, JobFailure>) -> Result<Completed, JobFailure> {
-    let clean = |text: &str| crate::telemetry::scrub(text).into_owned();
+    let clean = |text: &str| crate::secret::scrub(text).into_owned();
     match result {
         Ok(completed) => Ok(completed.map_warnings(clean)),
         Err(failure) => Err(failure.map_text(clean)),

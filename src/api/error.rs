@@ -38,7 +38,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let message = crate::telemetry::scrub(&self.message);
+        let message = crate::secret::scrub(&self.message);
         let mut response = (self.status, Json(json!({ "error": message }))).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response

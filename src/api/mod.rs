@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Secret;
 use crate::job::Engine;
+use crate::secret::Secret;
 use crate::webhook::Webhooks;
 
 pub use jobs::{JobStatus, LocalEndpoint};

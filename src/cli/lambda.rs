@@ -10,7 +10,8 @@ pub(crate) async fn run() -> ExitCode {
     use tracing::{error, info};
 
     use crate::config::Settings;
-    use crate::job::{Engine, StorageSettings};
+    use crate::config::StorageSettings;
+    use crate::job::Engine;
     use crate::platform::lambda::{LambdaConfigError, LambdaSettings, LambdaWorker};
     use crate::runner::Runner;
     use std::time::Duration;
@@ -92,7 +93,7 @@ async fn init_error(error_type: &str, message: &str) {
     let url = format!("{base}/2018-06-01/runtime/init/error");
     let body = serde_json::json!({
         "errorType": error_type,
-        "errorMessage": crate::telemetry::scrub(message),
+        "errorMessage": crate::secret::scrub(message),
     });
     let client = match reqwest::Client::builder()
         .no_proxy()

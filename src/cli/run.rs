@@ -9,8 +9,9 @@ use tracing::Instrument;
 
 use super::view::{ProgressMode, ProgressView};
 use super::RunArgs;
+use crate::config::StorageSettings;
 use crate::config::{ConfigError, Settings};
-use crate::job::{codec, DeadlineSource, Engine, JobOutput, JobRequest, StorageSettings};
+use crate::job::{codec, DeadlineSource, Engine, JobOutput, JobRequest};
 use crate::progress::{self, ProgressSnapshot};
 use crate::runner::{job_span, Controls, Deadline, Runner};
 use crate::simulator::{SimConfig, Simulator};
@@ -221,7 +222,7 @@ mod tests {
                 .unwrap()
                 .storage
                 .max_inline_bytes,
-            Some(crate::job::storage::DEFAULT_MAX_INLINE_OUTPUT_BYTES),
+            Some(crate::config::DEFAULT_MAX_INLINE_OUTPUT_BYTES),
             "worker and serve keep the default"
         );
         let set = |k: &str| (k == "MAX_INLINE_OUTPUT_BYTES").then(|| "1000".to_owned());

@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::api::{self, ServeOptions};
-use crate::config::{Secret, Settings};
+use crate::config::Settings;
 use crate::job::Engine;
 use crate::platform::runpod::settings::shutdown_grace_from;
+use crate::secret::Secret;
 use crate::simulator::{SimConfig, Simulator};
 use crate::webhook::{WebhookPolicy, Webhooks};
 

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use super::error::ComfyError;
 use super::messages::ExecutionError;
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// How long HTTP calls may take.
 #[derive(Debug, Clone)]

@@ -36,4 +36,4 @@ pub use output::{
     Completed, FileEntry, JobOutput, MoreOutputs, OutputImage, OutputKind, OutputOptions, Outputs,
 };
 pub use request::{Job, JobRequest};
-pub use storage::{JobStorage, Storage, StorageSettings, UploadMode};
+pub use storage::{JobStorage, Storage};

@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::failure::JobFailure;
 use super::input::{parse_input, JobInput};
 use super::output::OutputOptions;
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// The longest `input.timeout_s` taken (the cloud's 7-day limit).
 pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
@@ -89,11 +89,11 @@ impl Job {
             .input
             .iter()
             .chain(&request.s3_config)
-            .flat_map(crate::telemetry::secret_values)
+            .flat_map(crate::secret::secret_values)
             .map(Secret::new)
             .collect();
         let raw = request.input.as_ref();
-        let scrub = |f: JobFailure| f.map_text(|t| crate::telemetry::scrub(t).into_owned());
+        let scrub = |f: JobFailure| f.map_text(|t| crate::secret::scrub(t).into_owned());
         let input = parse_input(raw).map_err(scrub)?;
         let output = OutputOptions::parse(raw).map_err(scrub)?;
         let s3_config = crate::job::storage::job_s3_config(request.s3_config.as_ref(), raw);

@@ -29,7 +29,7 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use comfy_worker::api::{self, LocalEndpoint, ServeOptions};
-use comfy_worker::config::Secret;
+use comfy_worker::secret::Secret;
 use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::{json, Value};

@@ -21,12 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use comfy_worker::api::{self, ServeOptions};
-use comfy_worker::config::Secret;
-use comfy_worker::job::input::InputPolicy;
-use comfy_worker::job::storage::BucketSettings;
-use comfy_worker::job::{
-    CollectedFile, Engine, JobOutput, OutputKind, Storage, StorageSettings, UploadMode,
-};
+use comfy_worker::config::{BucketSettings, InputPolicy, StorageSettings, UploadMode};
+use comfy_worker::job::{CollectedFile, Engine, JobOutput, OutputKind, Storage};
+use comfy_worker::secret::Secret;
 use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use object_store::aws::AmazonS3Builder;

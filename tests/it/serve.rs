@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use comfy_worker::api::{self, ServeOptions};
-use comfy_worker::config::Secret;
+use comfy_worker::secret::Secret;
 use comfy_worker::simulator::Simulator;
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::{json, Value};

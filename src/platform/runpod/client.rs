@@ -105,7 +105,7 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
             Some(Value::Number(n)) => n.to_string(),
             _ => {
                 // The job may carry secrets (`comfy_org_api_key`, ...): logged redacted.
-                let shown = crate::telemetry::redact_json(&item).to_string();
+                let shown = crate::secret::redact_json(&item).to_string();
                 warn!(job = %short(&shown), "Job has missing field(s): id or input. Skipped");
                 continue;
             }
@@ -408,7 +408,7 @@ impl PlatformClient {
         let Ok(mut url) = reqwest::Url::parse(&url) else {
             return;
         };
-        let reason = crate::telemetry::scrub(reason);
+        let reason = crate::secret::scrub(reason);
         let reason: String = reason.chars().take(256).collect();
         url.query_pairs_mut()
             .append_pair("status", "unhealthy")

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use crate::config::{ConfigError, EnvReader, Secret};
+use crate::config::{ConfigError, EnvReader};
+use crate::secret::Secret;
 
 /// The protocol version sent in pings: the RunPod SDK release whose wire behaviour this implements.
 pub const SDK_PROTOCOL_VERSION: &str = "1.12.0";

@@ -6,46 +6,22 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::job::input::InputPolicy;
-use crate::job::storage::StorageSettings;
+mod env;
+mod housekeeping;
+mod inputs;
+mod storage;
 
-/// A value that must never appear in logs or error messages. `Debug` hides it, and while any
-/// `Secret` holding a value is alive, [`crate::telemetry::scrub`] removes that value from every
-/// log line (and the job output's error messages), wherever it came from.
-#[derive(PartialEq, Eq)]
-pub struct Secret(String);
+pub use env::ConfigError;
+pub(crate) use env::EnvReader;
+pub use housekeeping::{FreeMemory, Housekeeping};
+pub use inputs::InputPolicy;
+pub(crate) use storage::{locate, Names, ENV_NAMES, JOB_NAMES};
+pub use storage::{
+    BucketLocation, BucketSettings, StorageSettings, UploadMode, DEFAULT_MAX_INLINE_OUTPUT_BYTES,
+    DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE, MAX_URL_EXPIRY,
+};
 
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(value: impl Into<String>) -> Secret {
-        let value = value.into();
-        crate::telemetry::remember_secret(&value);
-        Secret(value)
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Clone for Secret {
-    fn clone(&self) -> Secret {
-        Secret::new(self.0.clone())
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        crate::telemetry::forget_secret(&self.0);
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
+use crate::secret::Secret;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -83,62 +59,6 @@ pub struct Settings {
     pub housekeeping: Housekeeping,
 }
 
-/// `FREE_MEMORY_AFTER_JOB`: what `POST /free` asks of ComfyUI after each job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FreeMemory {
-    /// `off` (the default): no `/free`.
-    #[default]
-    Off,
-    /// `memory`: `{"free_memory": true}`: ComfyUI resets its output cache and frees memory
-    /// (ComfyUI 0.3.x unloads the models then too: its worker defaults `unload_models` to
-    /// `free_memory`).
-    Memory,
-    /// `models`: `{"unload_models": true, "free_memory": true}`: unloads every model as well.
-    Models,
-}
-
-impl FreeMemory {
-    /// The setting's value as written in the environment.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FreeMemory::Off => "off",
-            FreeMemory::Memory => "memory",
-            FreeMemory::Models => "models",
-        }
-    }
-}
-
-/// Warm-up and housekeeping settings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Housekeeping {
-    /// `WARMUP_WORKFLOW`: a test-input file (`{"input": {...}}`) or a bare API-format workflow,
-    /// run once before the first job.
-    pub warmup_workflow: Option<PathBuf>,
-    /// `FREE_MEMORY_AFTER_JOB`: `off` (default), `memory` or `models`.
-    pub free_memory_after_job: FreeMemory,
-    /// `CLEANUP_FILES`: delete a job's uploaded inputs and its output files from ComfyUI's folders.
-    pub cleanup_files: bool,
-    /// `COMFY_INPUT_DIR` (`/comfyui/input`): ComfyUI's input folder, as the worker sees it.
-    pub input_dir: PathBuf,
-    /// `COMFY_OUTPUT_DIR` (`/comfyui/output`): ComfyUI's output folder.
-    pub output_dir: PathBuf,
-    /// `COMFY_TEMP_DIR` (`/comfyui/temp`): ComfyUI's temp folder (previews).
-    pub temp_dir: PathBuf,
-}
-
-impl Default for Housekeeping {
-    fn default() -> Self {
-        Housekeeping {
-            warmup_workflow: None,
-            free_memory_after_job: FreeMemory::Off,
-            cleanup_files: false,
-            input_dir: PathBuf::from("/comfyui/input"),
-            output_dir: PathBuf::from("/comfyui/output"),
-            temp_dir: PathBuf::from("/comfyui/temp"),
-        }
-    }
-}
-
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -156,135 +76,6 @@ impl Default for Settings {
             inputs: InputPolicy::default(),
             storage: StorageSettings::default(),
             housekeeping: Housekeeping::default(),
-        }
-    }
-}
-
-/// A variable with a value that does not parse.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("invalid value for {name}: '{value}' ({expected})")]
-pub struct ConfigError {
-    /// Variable name.
-    pub name: &'static str,
-    /// The value found.
-    pub value: String,
-    /// What was expected.
-    pub expected: &'static str,
-}
-
-/// Reads variables through a lookup (the environment, or a map in tests): values are trimmed,
-/// an empty one counts as unset, and a value that does not parse is a [`ConfigError`] naming
-/// the variable. Every settings reader of the crate goes through it.
-pub(crate) struct EnvReader<F: Fn(&str) -> Option<String>>(F);
-
-impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
-    pub(crate) fn new(lookup: F) -> Self {
-        EnvReader(lookup)
-    }
-
-    /// The trimmed value, `None` when unset or empty.
-    pub(crate) fn get(&self, name: &str) -> Option<String> {
-        (self.0)(name)
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-    }
-
-    /// The value as `parse` reads it, `None` when unset; a value `parse` refuses is an error
-    /// saying what was `expected`.
-    pub(crate) fn parse<T>(
-        &self,
-        name: &'static str,
-        expected: &'static str,
-        parse: impl FnOnce(&str) -> Option<T>,
-    ) -> Result<Option<T>, ConfigError> {
-        match self.get(name) {
-            None => Ok(None),
-            Some(v) => match parse(&v) {
-                Some(t) => Ok(Some(t)),
-                None => Err(ConfigError {
-                    name,
-                    value: v,
-                    expected,
-                }),
-            },
-        }
-    }
-
-    fn number(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => match v.parse::<f64>() {
-                Ok(n) if n.is_finite() && n >= 0.0 => Ok(n),
-                _ => Err(ConfigError {
-                    name,
-                    value: v,
-                    expected: "a non-negative number",
-                }),
-            },
-        }
-    }
-
-    fn millis(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-        self.number(name, default.as_millis() as f64)
-            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-    }
-
-    fn secs(&self, name: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-        self.number(name, default.as_secs_f64())
-            .map(Duration::from_secs_f64)
-    }
-
-    /// `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, any case.
-    pub(crate) fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
-        let value = self.parse(name, "true or false", |v| {
-            match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => Some(true),
-                "false" | "0" | "no" | "off" => Some(false),
-                _ => None,
-            }
-        })?;
-        Ok(value.unwrap_or(default))
-    }
-
-    fn path(&self, name: &str, default: PathBuf) -> PathBuf {
-        self.get(name).map(PathBuf::from).unwrap_or(default)
-    }
-
-    fn housekeeping(&self) -> Result<Housekeeping, ConfigError> {
-        let d = Housekeeping::default();
-        let free_memory_after_job = match self.get("FREE_MEMORY_AFTER_JOB") {
-            None => d.free_memory_after_job,
-            Some(v) => match v.to_ascii_lowercase().as_str() {
-                "off" | "false" | "0" | "no" | "none" => FreeMemory::Off,
-                "memory" => FreeMemory::Memory,
-                "models" => FreeMemory::Models,
-                _ => {
-                    return Err(ConfigError {
-                        name: "FREE_MEMORY_AFTER_JOB",
-                        value: v,
-                        expected: "models, memory or off",
-                    })
-                }
-            },
-        };
-        Ok(Housekeeping {
-            warmup_workflow: self.get("WARMUP_WORKFLOW").map(PathBuf::from),
-            free_memory_after_job,
-            cleanup_files: self.flag("CLEANUP_FILES", d.cleanup_files)?,
-            input_dir: self.path("COMFY_INPUT_DIR", d.input_dir),
-            output_dir: self.path("COMFY_OUTPUT_DIR", d.output_dir),
-            temp_dir: self.path("COMFY_TEMP_DIR", d.temp_dir),
-        })
-    }
-
-    fn count(&self, name: &'static str, default: u32) -> Result<u32, ConfigError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v.parse::<u32>().map_err(|_| ConfigError {
-                name,
-                value: v,
-                expected: "a non-negative integer",
-            }),
         }
     }
 }
@@ -322,7 +113,7 @@ impl Settings {
             http_timeout: r.secs("COMFY_HTTP_TIMEOUT_S", d.http_timeout)?,
             view_timeout: r.secs("COMFY_VIEW_TIMEOUT_S", d.view_timeout)?,
             comfy_org_api_key: r.get("COMFY_ORG_API_KEY").map(Secret::new),
-            housekeeping: r.housekeeping()?,
+            housekeeping: Housekeeping::read(&r)?,
             inputs,
             storage,
         })
