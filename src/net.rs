@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use tracing::debug;
 
-use crate::comfy::api::error_chain;
+use crate::error_chain::error_chain;
 
 /// Why a URL cannot be called.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,8 +26,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::comfy::api::error_chain;
 use crate::config::EnvReader;
+use crate::error_chain::error_chain;
 use crate::job::{Completed, JobFailure};
 use crate::net::{Guard, UrlError};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};

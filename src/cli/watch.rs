@@ -20,8 +20,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::comfy::describe::{binary_summary, clock, Describer, Line};
-use crate::comfy::run::reconnect_delay;
-use crate::comfy::ws::{Incoming, WsConnection};
+use crate::comfy::prompt_watcher::reconnect_delay;
+use crate::comfy::socket::{Incoming, WsConnection};
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, Outcome, PromptEvent, WatchOptions, Workflow,
     WorkflowInput,

@@ -434,7 +434,7 @@ impl Describer {
         }
         let s = self.step.as_mut()?;
         s.last_value = value;
-        crate::progress::step_eta(s.first, s.node_started, value, max, at)
+        crate::eta::step_eta(s.first, s.node_started, value, max, at)
     }
 
     /// Describes a binary frame: its type, format and size, never its bytes.

@@ -1,6 +1,6 @@
 //! Errors talking to ComfyUI.
 
-use super::api::PromptRejection;
+use super::rejection::PromptRejection;
 
 /// Anything that went wrong between us and ComfyUI.
 #[derive(Debug, thiserror::Error)]

@@ -1,28 +1,43 @@
 //! The ComfyUI client: the only module that knows ComfyUI's wire format.
 //!
-//! * [`api`]: the HTTP endpoints, typed replies and errors.
+//! * [`client`]: `ComfyClient`, one method per HTTP endpoint.
+//! * Typed replies: [`history`] (a prompt's outcome and output files), [`rejection`] (a refused
+//!   prompt's node errors), [`upload`], [`file_ref`], [`object_info`], [`queue`],
+//!   [`system_stats`]; [`error`] (`ComfyError`).
 //! * [`messages`]: WebSocket text and binary frames.
-//! * [`describe`]: those frames as readable lines (`watch`, debug logs).
-//! * [`ws`]: the socket itself.
-//! * [`run`]: following one prompt to its end (socket + `/history` fallback).
-//! * [`workflow`]: the API-format graph a job submits (or a UI-format one to convert).
+//! * [`socket`]: the WebSocket itself.
+//! * [`prompt_watcher`]: following one prompt to its end (socket + `/history` fallback).
+//! * [`describe`]: frames as readable lines (`watch`, debug logs).
+//! * [`workflow`]: the API-format graph a job submits; [`workflow_input`]: API or UI format.
 //! * [`ui_workflow`]: UI-format exports converted to the API format with `/object_info`.
 
-pub mod api;
+pub mod client;
 pub mod describe;
 pub mod error;
+pub mod file_ref;
+pub mod history;
 pub mod messages;
-pub mod run;
+pub mod object_info;
+pub mod prompt_watcher;
+pub mod queue;
+pub mod rejection;
+pub mod socket;
+pub mod system_stats;
 pub mod ui_workflow;
+pub mod upload;
 pub mod workflow;
-pub mod ws;
 
-pub use api::{
-    ClientOptions, ComfyClient, ExecutionFailure, FileKind, FileRef, HistoryEntry, Interruption,
-    NodeErrors, NodeOutput, ObjectInfo, Outcome, OutputFile, PromptRejection, QueueSnapshot,
-    SystemStats,
-};
+pub use client::{ClientOptions, ComfyClient};
 pub use error::ComfyError;
-pub use run::{ExtraData, NodeState, PromptEvent, PromptResult, WatchOptions};
+pub use file_ref::FileRef;
+pub use history::{
+    ExecutionFailure, FileKind, HistoryEntry, Interruption, NodeOutput, Outcome, OutputFile,
+};
+pub use object_info::ObjectInfo;
+pub use prompt_watcher::{ExtraData, NodeState, PromptEvent, PromptResult, WatchOptions};
+pub use queue::QueueSnapshot;
+pub use rejection::{NodeErrors, PromptRejection, ValidationReason};
+pub use system_stats::{DeviceInfo, SystemInfo, SystemStats};
 pub use ui_workflow::{ConvertError, ConvertOptions, UiWorkflow};
+pub use upload::{Upload, UploadedFile};
 pub use workflow::{Workflow, WorkflowError, WorkflowInput};

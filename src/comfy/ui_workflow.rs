@@ -31,8 +31,8 @@ use std::collections::{HashMap, HashSet};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::api::ObjectInfo;
-use super::workflow::json_type;
+use super::object_info::ObjectInfo;
+use crate::json_type::json_type;
 
 /// The frontend's reroute node (virtual: links pass through it).
 const REROUTE: &str = "Reroute";

@@ -8,6 +8,7 @@
 use serde_json::{Map, Value};
 
 use super::ui_workflow::{self, ConvertError, UiWorkflow};
+use crate::json_type::json_type;
 
 /// A workflow ready to be queued.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,18 +93,6 @@ impl WorkflowInput {
     /// Always false (empty workflows are refused).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// JSON type name for messages.
-pub(crate) fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -18,10 +18,11 @@ use serde_json::Number;
 use tracing::debug;
 
 use super::codec;
-use super::output::{content_type_for, FileEntry, OutputKind, OutputOptions, Outputs, TEXT_KIND};
+use super::output::{FileEntry, OutputKind, OutputOptions, Outputs, TEXT_KIND};
 use super::storage::JobStorage;
 use super::Engine;
 use crate::comfy::{FileKind, FileRef, NodeOutput, PromptEvent};
+use crate::media_type::content_type_for;
 
 /// Output files fetched from `/view` at once.
 const FETCH_CONCURRENCY: usize = 4;

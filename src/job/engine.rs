@@ -18,11 +18,11 @@ use super::readiness::{self, NotReady};
 use super::request::Job;
 use super::storage::{JobStorage, Storage};
 use super::{collect, convert, input, report};
-use crate::comfy::api::{FileRef, Upload};
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptEvent, PromptResult,
     WatchOptions,
 };
+use crate::comfy::{FileRef, Upload};
 use crate::config::Settings;
 use crate::progress::{ProgressSender, ProgressTracker};
 

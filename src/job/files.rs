@@ -1,6 +1,6 @@
 //! The files one job left in ComfyUI's folders, recorded by the engine for `CLEANUP_FILES`.
 
-use crate::comfy::api::FileRef;
+use crate::comfy::FileRef;
 
 /// The files one job left in ComfyUI's folders.
 #[derive(Debug, Clone, Default, PartialEq)]

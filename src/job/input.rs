@@ -24,10 +24,11 @@ use tracing::{debug, info};
 use super::codec;
 use super::failure::{JobFailure, Report};
 use super::storage::JobStorage;
-use crate::comfy::api::{media_type_for_name, Upload};
-use crate::comfy::workflow::json_type;
+use crate::comfy::Upload;
 use crate::comfy::{FileRef, WorkflowInput};
 use crate::config::InputPolicy;
+use crate::json_type::json_type;
+use crate::media_type::{extension_for, media_type_for_name, sniff_media_type};
 use crate::net::{self, Downloader, FetchError, Guard, Limits};
 use crate::secret::Secret;
 
@@ -322,76 +323,6 @@ pub fn name_from_url(url: &str) -> String {
         })
         .unwrap_or_default();
     sanitize_file_name(&percent_decode(&last))
-}
-
-/// The media type the bytes' signature says, for the formats ComfyUI workflows take.
-pub fn sniff_media_type(data: &[u8]) -> Option<&'static str> {
-    let at = |offset: usize, sig: &[u8]| data.get(offset..offset + sig.len()) == Some(sig);
-    Some(if at(0, b"\x89PNG\r\n\x1a\n") {
-        "image/png"
-    } else if at(0, b"\xff\xd8\xff") {
-        "image/jpeg"
-    } else if at(0, b"GIF87a") || at(0, b"GIF89a") {
-        "image/gif"
-    } else if at(0, b"RIFF") && at(8, b"WEBP") {
-        "image/webp"
-    } else if at(0, b"RIFF") && at(8, b"WAVE") {
-        "audio/wav"
-    } else if at(0, b"RIFF") && at(8, b"AVI ") {
-        "video/x-msvideo"
-    } else if at(0, b"II*\0") || at(0, b"MM\0*") {
-        "image/tiff"
-    } else if at(0, b"v/1\x01") {
-        "image/x-exr"
-    } else if at(4, b"ftyp") {
-        match data.get(8..12) {
-            Some(b"qt  ") => "video/quicktime",
-            Some(b"M4A ") => "audio/mp4",
-            Some(b"avif") | Some(b"avis") => "image/avif",
-            Some(b"heic") | Some(b"heix") | Some(b"mif1") => "image/heic",
-            _ => "video/mp4",
-        }
-    } else if at(0, b"\x1a\x45\xdf\xa3") {
-        "video/webm"
-    } else if at(0, b"fLaC") {
-        "audio/flac"
-    } else if at(0, b"OggS") {
-        "audio/ogg"
-    } else if at(0, b"ID3") || (data.len() > 1 && data[0] == 0xff && data[1] & 0xe0 == 0xe0) {
-        "audio/mpeg"
-    } else if at(0, b"glTF") {
-        "model/gltf-binary"
-    } else if at(0, b"BM") && data.len() > 14 {
-        "image/bmp"
-    } else {
-        return None;
-    })
-}
-
-/// The usual extension for a sniffed media type.
-fn extension_for(media_type: &str) -> Option<&'static str> {
-    Some(match media_type {
-        "image/png" => "png",
-        "image/jpeg" => "jpg",
-        "image/gif" => "gif",
-        "image/webp" => "webp",
-        "image/tiff" => "tiff",
-        "image/bmp" => "bmp",
-        "image/avif" => "avif",
-        "image/heic" => "heic",
-        "image/x-exr" => "exr",
-        "video/mp4" => "mp4",
-        "video/quicktime" => "mov",
-        "video/webm" => "webm",
-        "video/x-msvideo" => "avi",
-        "audio/wav" => "wav",
-        "audio/mpeg" => "mp3",
-        "audio/flac" => "flac",
-        "audio/ogg" => "ogg",
-        "audio/mp4" => "m4a",
-        "model/gltf-binary" => "glb",
-        _ => return None,
-    })
 }
 
 /// A media type without parameters, lower-cased, with common aliases folded.

@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
 use super::failure::{JobFailure, Report};
-use crate::comfy::workflow::json_type;
+use crate::json_type::json_type;
 
 /// One returned file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -446,59 +446,10 @@ fn bad_input(message: String) -> JobFailure {
     JobFailure::BadInput(Report::new(message))
 }
 
-/// The MIME type of a returned file: from its extension, else VideoHelperSuite's `format` when
-/// it looks like a MIME type, else `application/octet-stream`. The extension wins over `format`
-/// because VideoHelperSuite's formats are not all MIME types (`video/h264-mp4` is an `.mp4`).
-pub fn content_type_for(filename: &str, format: Option<&str>) -> String {
-    let ext = filename
-        .rsplit_once('.')
-        .map(|(_, ext)| ext.to_ascii_lowercase())
-        .unwrap_or_default();
-    let known = match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" | "jpe" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "bmp" => "image/bmp",
-        "tif" | "tiff" => "image/tiff",
-        "svg" => "image/svg+xml",
-        "avif" => "image/avif",
-        "mp4" | "m4v" => "video/mp4",
-        "webm" => "video/webm",
-        "mov" => "video/quicktime",
-        "mkv" => "video/x-matroska",
-        "avi" => "video/x-msvideo",
-        "flac" => "audio/flac",
-        "mp3" => "audio/mpeg",
-        "wav" => "audio/wav",
-        "ogg" | "opus" => "audio/ogg",
-        "m4a" => "audio/mp4",
-        "aac" => "audio/aac",
-        "glb" => "model/gltf-binary",
-        "gltf" => "model/gltf+json",
-        "obj" => "model/obj",
-        "json" => "application/json",
-        "txt" => "text/plain",
-        _ => "",
-    };
-    if !known.is_empty() {
-        return known.to_owned();
-    }
-    match format {
-        Some(f)
-            if f.split_once('/').is_some_and(|(t, s)| {
-                !t.is_empty() && !s.is_empty() && !f.contains(char::is_whitespace)
-            }) =>
-        {
-            f.to_owned()
-        }
-        _ => "application/octet-stream".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media_type::content_type_for;
     use serde_json::json;
 
     fn entry(name: &str) -> FileEntry {
@@ -662,28 +613,5 @@ mod tests {
             let msg = err.message();
             assert!(msg.contains(expected), "{bad}: {msg}");
         }
-    }
-
-    #[test]
-    fn content_types_from_extension_then_format() {
-        assert_eq!(content_type_for("a.PNG", None), "image/png");
-        assert_eq!(
-            content_type_for("v.mp4", Some("video/h264-mp4")),
-            "video/mp4"
-        );
-        assert_eq!(content_type_for("a.gif", Some("image/gif")), "image/gif");
-        assert_eq!(content_type_for("a.flac", None), "audio/flac");
-        assert_eq!(
-            content_type_for("x.bin", Some("video/ProRes")),
-            "video/ProRes"
-        );
-        assert_eq!(
-            content_type_for("x", Some("nonsense")),
-            "application/octet-stream"
-        );
-        assert_eq!(
-            content_type_for("x.latent", None),
-            "application/octet-stream"
-        );
     }
 }

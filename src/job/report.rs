@@ -174,7 +174,7 @@ pub(crate) fn dropped_outputs(node_errors: &[NodeErrors]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comfy::api::ValidationReason;
+    use crate::comfy::ValidationReason;
     use serde_json::json;
 
     fn ckpt_rejection() -> PromptRejection {

@@ -11,7 +11,7 @@
 use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
 
-use crate::comfy::api::FileRef;
+use crate::comfy::FileRef;
 use crate::config::Housekeeping;
 use crate::job::JobFiles;
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::comfy::api::{QueueSnapshot, SystemStats};
 use crate::comfy::ComfyClient;
+use crate::comfy::{QueueSnapshot, SystemStats};
 
 /// What one probe found.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,7 +137,7 @@ fn gib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comfy::api::{DeviceInfo, SystemInfo};
+    use crate::comfy::{DeviceInfo, SystemInfo};
 
     #[test]
     fn json_and_lines() {

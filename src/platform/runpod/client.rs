@@ -9,7 +9,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::settings::RunPodSettings;
-use crate::comfy::api::error_chain;
+use crate::error_chain::error_chain;
 use crate::job::JobRequest;
 
 /// A job as the platform hands it out.

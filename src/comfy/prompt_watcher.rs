@@ -16,15 +16,14 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Level};
 
-use super::api::{
-    ComfyClient, ExecutionFailure, HistoryEntry, Interruption, NodeErrors, NodeOutput, Outcome,
-    PromptRequest,
-};
+use super::client::{ComfyClient, PromptRequest};
 use super::describe::Describer;
 use super::error::ComfyError;
+use super::history::{ExecutionFailure, HistoryEntry, Interruption, NodeOutput, Outcome};
 use super::messages::{BinaryFrame, WsEvent};
+use super::rejection::NodeErrors;
+use super::socket::{Incoming, WsConnection};
 use super::workflow::Workflow;
-use super::ws::{Incoming, WsConnection};
 
 /// Timing of the watch loop.
 #[derive(Debug, Clone)]
@@ -527,7 +526,7 @@ impl Watch<'_> {
                     .output
                     .as_ref()
                     .map(|o| {
-                        super::api::parse_node_output(&e.node, &Value::Object(o.clone()))
+                        super::history::parse_node_output(&e.node, &Value::Object(o.clone()))
                             .files
                             .len()
                     })

@@ -1,188 +1,14 @@
-//! Progress snapshots: the one place that turns prompt events into what users see.
-//!
-//! Every front end (CLI bar, platform `/status`, webhooks) consumes [`ProgressSnapshot`]s
-//! from a [`ProgressTracker`]. The snapshot is a superset of the payload proposed upstream
-//! for worker-comfyui (`{"type": "progress", "value", "max", "percent", "node"}`), so
-//! clients written for that keep working.
+//! The progress tracker: one job's prompt events in, [`ProgressSnapshot`]s out (node and step,
+//! node and overall percentages with cached nodes counted done, ETA from the step rate, queue
+//! position).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use serde::{Serialize, Serializer};
-use tokio::sync::mpsc;
-
+use super::snapshot::{Num, ProgressKind, ProgressSnapshot};
+use super::step_name::step_name;
 use crate::comfy::{PromptEvent, Workflow};
-
-/// What a snapshot reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProgressKind {
-    /// Waiting in ComfyUI's queue.
-    Queued,
-    /// Execution began.
-    Started,
-    /// Nodes served from the cache.
-    Cached,
-    /// A node started.
-    Executing,
-    /// A sampler-like step.
-    Progress,
-    /// A node produced output.
-    Executed,
-    /// A node failed.
-    Error,
-    /// The prompt was interrupted.
-    Interrupted,
-    /// The prompt finished; outputs are being collected.
-    Finished,
-}
-
-/// A number that serialises as an integer when it is whole (ComfyUI sends `1` and `1.0` alike).
-#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default)]
-pub struct Num(pub f64);
-
-impl Serialize for Num {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let v = self.0;
-        if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 {
-            s.serialize_i64(v as i64)
-        } else {
-            s.serialize_f64(v)
-        }
-    }
-}
-
-/// One progress report.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ProgressSnapshot {
-    /// What happened.
-    #[serde(rename = "type")]
-    pub kind: ProgressKind,
-    /// Steps done in the current node.
-    pub value: Num,
-    /// Steps of the current node.
-    pub max: Num,
-    /// `value / max` in percent, one decimal.
-    pub percent: f64,
-    /// Current node id.
-    pub node: Option<String>,
-    /// Its class type.
-    pub node_type: Option<String>,
-    /// Human name of what the node does ("Sampling", "Decoding", ...), else its class type.
-    pub step: Option<String>,
-    /// Percent of the workflow done, never decreasing. Cached nodes count as done; each node weighs
-    /// 1 plus its `steps` input, so sampling dominates as it does in wall time.
-    pub overall_percent: f64,
-    /// Nodes finished or cached.
-    pub nodes_done: usize,
-    /// Nodes in the workflow.
-    pub nodes_total: usize,
-    /// Nodes served from the cache.
-    pub nodes_cached: usize,
-    /// Seconds left in the current node, from its step rate.
-    pub eta_seconds: Option<f64>,
-    /// Seconds since the job started.
-    pub elapsed_seconds: f64,
-    /// ComfyUI prompt id.
-    pub prompt_id: Option<String>,
-    /// Prompts in ComfyUI's queue (pending plus running), when known.
-    pub queue_remaining: Option<u64>,
-    /// Prompts ahead of ours (0 = ours runs), while queued.
-    pub queue_position: Option<usize>,
-    /// Error or interrupt text for `error` / `interrupted`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
-
-impl ProgressSnapshot {
-    /// The snapshot as a JSON value (what the platform's `/status` shows as `output`).
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-/// Where a job's snapshots go: never blocks the job; a dropped receiver is ignored.
-#[derive(Debug, Clone, Default)]
-pub struct ProgressSender(Option<mpsc::UnboundedSender<ProgressSnapshot>>);
-
-impl ProgressSender {
-    /// A sender that discards everything.
-    pub fn none() -> ProgressSender {
-        ProgressSender(None)
-    }
-
-    /// Publishes a snapshot.
-    pub fn send(&self, snapshot: ProgressSnapshot) {
-        if let Some(tx) = &self.0 {
-            let _ = tx.send(snapshot);
-        }
-    }
-}
-
-/// A sender and the receiver its snapshots arrive on, in order.
-pub fn channel() -> (ProgressSender, mpsc::UnboundedReceiver<ProgressSnapshot>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (ProgressSender(Some(tx)), rx)
-}
-
-/// A human name for what a node class does.
-pub fn step_name(class_type: &str) -> String {
-    let c = class_type;
-    let lower = c.to_ascii_lowercase();
-    let named = match c {
-        "CLIPTextEncode" | "CLIPTextEncodeSDXL" | "CLIPTextEncodeFlux" | "CLIPTextEncodeSD3" => {
-            Some("Encoding prompt")
-        }
-        "VAEDecode" | "VAEDecodeTiled" | "VAEDecodeHunyuan3D" => Some("Decoding"),
-        "VAEEncode" | "VAEEncodeTiled" | "VAEEncodeForInpaint" => Some("Encoding image"),
-        "EmptyLatentImage" | "EmptySD3LatentImage" | "EmptyHunyuanLatentVideo" => {
-            Some("Preparing latent")
-        }
-        "SaveImage" | "SaveAnimatedWEBP" | "SaveAnimatedPNG" | "SaveImageWebsocket" => {
-            Some("Saving image")
-        }
-        "PreviewImage" => Some("Preview"),
-        "LoadImage" | "LoadImageMask" => Some("Loading image"),
-        "SaveVideo" | "SaveWEBM" | "VHS_VideoCombine" => Some("Saving video"),
-        "SaveAudio" | "SaveAudioMP3" | "SaveAudioOpus" => Some("Saving audio"),
-        _ => None,
-    };
-    if let Some(n) = named {
-        return n.to_owned();
-    }
-    if lower.contains("sampler") || lower.starts_with("ksampler") || c == "SlowSteps" {
-        "Sampling".to_owned()
-    } else if lower.contains("loader") || lower.starts_with("load") && lower.contains("model") {
-        "Loading model".to_owned()
-    } else if lower.contains("upscale") && !lower.contains("loader") {
-        "Upscaling".to_owned()
-    } else {
-        c.to_owned()
-    }
-}
-
-/// Seconds left in a node at step `value` of `max`, from its step rate: since its `first`
-/// observed step, or since it started (`node_started`) while only one step was seen. Rounded to
-/// 0.1 s; 0 once the last step is done; `None` before the first step. The one ETA formula, used
-/// by [`ProgressTracker`] and by the readable event lines of `comfy::describe`.
-pub fn step_eta(
-    first: (f64, Instant),
-    node_started: Instant,
-    value: f64,
-    max: f64,
-    now: Instant,
-) -> Option<f64> {
-    if max <= 0.0 || value <= 0.0 || value >= max {
-        return (value >= max && max > 0.0).then_some(0.0);
-    }
-    let (v0, t0) = first;
-    let per_step = if value > v0 {
-        now.duration_since(t0).as_secs_f64() / (value - v0)
-    } else {
-        now.duration_since(node_started).as_secs_f64() / value
-    };
-    Some(round1(per_step * (max - value)))
-}
+use crate::eta::{round1, step_eta};
 
 #[derive(Debug, Clone)]
 struct StepState {
@@ -215,10 +41,6 @@ pub struct ProgressTracker {
     queue_position: Option<usize>,
     /// A `queued` snapshot was published (later ones only when the queue state changes).
     queued_reported: bool,
-}
-
-fn round1(v: f64) -> f64 {
-    (v * 10.0).round() / 10.0
 }
 
 fn round2(v: f64) -> f64 {
@@ -500,15 +322,6 @@ mod tests {
             "4": {"class_type": "VAEDecode", "inputs": {}}
         }))
         .unwrap()
-    }
-
-    #[test]
-    fn step_names() {
-        assert_eq!(step_name("KSampler"), "Sampling");
-        assert_eq!(step_name("SamplerCustomAdvanced"), "Sampling");
-        assert_eq!(step_name("CheckpointLoaderSimple"), "Loading model");
-        assert_eq!(step_name("VAEDecode"), "Decoding");
-        assert_eq!(step_name("MyCustomNode"), "MyCustomNode");
     }
 
     #[test]

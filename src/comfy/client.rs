@@ -1,0 +1,492 @@
+//! ComfyUI's HTTP API: one method per endpoint, typed replies.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::error::ComfyError;
+use super::file_ref::FileRef;
+use super::history::{truncate, HistoryEntry};
+use super::object_info::ObjectInfo;
+use super::queue::QueueSnapshot;
+use super::rejection::{parse_node_errors, NodeErrors, PromptRejection};
+use super::system_stats::SystemStats;
+use super::upload::{Upload, UploadedFile};
+use crate::error_chain::error_chain;
+use crate::media_type::media_type_for_name;
+use crate::secret::Secret;
+
+/// How long HTTP calls may take.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// TCP connect bound.
+    pub connect_timeout: Duration,
+    /// Bound for ordinary calls (prompt, history, upload).
+    pub request_timeout: Duration,
+    /// Bound for `/view` downloads (videos can be large).
+    pub view_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            view_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A client for one ComfyUI server.
+#[derive(Clone)]
+pub struct ComfyClient {
+    http: reqwest::Client,
+    /// `http://host:port` without a trailing slash (with `user:password@` when `COMFY_HOST` has
+    /// them: reqwest turns them into basic auth and keeps them out of its error messages).
+    base: String,
+    /// `ws://host:port` (never with credentials).
+    ws_base: String,
+    /// `host:port` for messages (never with credentials).
+    host: String,
+    options: ClientOptions,
+    /// The `user:password` of `COMFY_HOST`, kept so logs scrub it.
+    _credentials: Option<Secret>,
+}
+
+/// Hand-written: `base` may carry credentials.
+impl std::fmt::Debug for ComfyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComfyClient")
+            .field("host", &self.host)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Body of `POST /prompt`.
+#[derive(Debug, Serialize)]
+pub struct PromptRequest<'a> {
+    /// The API-format graph.
+    pub prompt: &'a Map<String, Value>,
+    /// Routing key for WebSocket events.
+    pub client_id: &'a str,
+    /// Chosen by us, so events arriving before the reply can be attributed.
+    pub prompt_id: &'a str,
+    /// `extra_data` (e.g. `api_key_comfy_org`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_data: Option<&'a Map<String, Value>>,
+}
+
+/// Reply of `POST /prompt` (HTTP 200).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedPrompt {
+    /// The prompt id (ours, echoed).
+    pub prompt_id: String,
+    /// Queue number.
+    pub number: Option<f64>,
+    /// Outputs dropped because their inputs failed validation (the rest runs).
+    pub node_errors: Vec<NodeErrors>,
+}
+
+fn mime_for(name: &str) -> &'static str {
+    media_type_for_name(name).unwrap_or("application/octet-stream")
+}
+
+impl ComfyClient {
+    /// A client for `host` (`host:port`, or a full `http://host:port` URL).
+    pub fn new(host: &str, options: ClientOptions) -> Result<ComfyClient, ComfyError> {
+        let trimmed = host.trim().trim_end_matches('/');
+        let (scheme, authority) = match trimmed.split_once("://") {
+            Some((s, rest)) => (s.to_ascii_lowercase(), rest.to_owned()),
+            None => ("http".to_owned(), trimmed.to_owned()),
+        };
+        if authority.is_empty() || !(scheme == "http" || scheme == "https") {
+            return Err(ComfyError::Protocol {
+                what: "COMFY_HOST".into(),
+                detail: format!(
+                    "'{}' is not host:port or an http(s) URL",
+                    match host.rsplit_once('@') {
+                        Some((_, rest)) => format!("…@{rest}"),
+                        None => host.to_owned(),
+                    }
+                ),
+            });
+        }
+        // `user:password@host:port/prefix`: the credentials stay out of every shown form.
+        let (hostport, path) = match authority.find('/') {
+            Some(i) => authority.split_at(i),
+            None => (authority.as_str(), ""),
+        };
+        let (credentials, hostport) = match hostport.rsplit_once('@') {
+            Some((userinfo, rest)) => (Some(Secret::new(userinfo)), rest),
+            None => (None, hostport),
+        };
+        if hostport.is_empty() {
+            return Err(ComfyError::Protocol {
+                what: "COMFY_HOST".into(),
+                detail: "no host after the credentials".into(),
+            });
+        }
+        let shown = format!("{hostport}{path}");
+        let ws_scheme = if scheme == "https" { "wss" } else { "ws" };
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(options.connect_timeout)
+            .build()
+            .map_err(|e| ComfyError::Protocol {
+                what: "HTTP client".into(),
+                detail: e.to_string(),
+            })?;
+        Ok(ComfyClient {
+            http,
+            base: format!("{scheme}://{authority}"),
+            ws_base: format!("{ws_scheme}://{shown}"),
+            host: shown,
+            options,
+            _credentials: credentials,
+        })
+    }
+
+    /// `host:port`, for messages.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The WebSocket URL for a client id.
+    pub fn ws_url(&self, client_id: &str) -> String {
+        format!("{}/ws?clientId={}", self.ws_base, client_id)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn transport_error(&self, what: &str, e: reqwest::Error) -> ComfyError {
+        ComfyError::Unreachable {
+            host: self.host.clone(),
+            what: what.to_owned(),
+            detail: error_chain(&e),
+        }
+    }
+
+    async fn send(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ComfyError> {
+        req.timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(what, e))
+    }
+
+    async fn expect_ok(
+        &self,
+        what: &str,
+        resp: reqwest::Response,
+    ) -> Result<reqwest::Response, ComfyError> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        Err(ComfyError::Status {
+            what: what.to_owned(),
+            status,
+            body: truncate(&body, 500),
+        })
+    }
+
+    async fn get_json(&self, what: &str, path: &str) -> Result<Value, ComfyError> {
+        let resp = self
+            .send(
+                what,
+                self.http.get(self.url(path)),
+                self.options.request_timeout,
+            )
+            .await?;
+        let resp = self.expect_ok(what, resp).await?;
+        resp.json::<Value>()
+            .await
+            .map_err(|e| ComfyError::Protocol {
+                what: what.to_owned(),
+                detail: error_chain(&e),
+            })
+    }
+
+    async fn post_json(&self, what: &str, path: &str, body: &Value) -> Result<(), ComfyError> {
+        let resp = self
+            .send(
+                what,
+                self.http.post(self.url(path)).json(body),
+                self.options.request_timeout,
+            )
+            .await?;
+        self.expect_ok(what, resp).await.map(drop)
+    }
+
+    /// `GET /system_stats`: also the readiness probe.
+    pub async fn system_stats(&self) -> Result<SystemStats, ComfyError> {
+        let v = self.get_json("GET /system_stats", "/system_stats").await?;
+        serde_json::from_value(v).map_err(|e| ComfyError::Protocol {
+            what: "GET /system_stats".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// `POST /prompt`. HTTP 400 becomes [`ComfyError::Rejected`].
+    pub async fn queue_prompt(&self, req: &PromptRequest<'_>) -> Result<QueuedPrompt, ComfyError> {
+        const WHAT: &str = "POST /prompt";
+        let resp = self
+            .send(
+                WHAT,
+                self.http.post(self.url("/prompt")).json(req),
+                self.options.request_timeout,
+            )
+            .await?;
+        let status = resp.status();
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| self.transport_error(WHAT, e))?;
+        if status == StatusCode::BAD_REQUEST {
+            return Err(match PromptRejection::parse(&body) {
+                Some(r) => ComfyError::Rejected(Box::new(r)),
+                None => ComfyError::Protocol {
+                    what: WHAT.into(),
+                    detail: format!(
+                        "ComfyUI validation failed (could not parse error response): {}",
+                        truncate(&body, 1000)
+                    ),
+                },
+            });
+        }
+        if !status.is_success() {
+            return Err(ComfyError::Status {
+                what: WHAT.into(),
+                status: status.as_u16(),
+                body: truncate(&body, 500),
+            });
+        }
+        let v: Value = serde_json::from_str(&body).map_err(|e| ComfyError::Protocol {
+            what: WHAT.into(),
+            detail: format!("{e}: {}", truncate(&body, 200)),
+        })?;
+        let prompt_id =
+            v.get("prompt_id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ComfyError::Protocol {
+                    what: WHAT.into(),
+                    detail: format!(
+                        "Missing 'prompt_id' in queue response: {}",
+                        truncate(&body, 200)
+                    ),
+                })?;
+        Ok(QueuedPrompt {
+            prompt_id: prompt_id.to_owned(),
+            number: v.get("number").and_then(Value::as_f64),
+            node_errors: parse_node_errors(v.get("node_errors")),
+        })
+    }
+
+    /// `GET /history/{id}`: `None` while the prompt is queued or running.
+    pub async fn history(&self, prompt_id: &str) -> Result<Option<HistoryEntry>, ComfyError> {
+        let v = self
+            .get_json("GET /history", &format!("/history/{prompt_id}"))
+            .await?;
+        Ok(v.get(prompt_id).map(HistoryEntry::parse))
+    }
+
+    /// `GET /view`: the bytes of a stored file.
+    pub async fn view(&self, file: &FileRef) -> Result<Bytes, ComfyError> {
+        let what = format!("GET /view {}", file.filename);
+        let req = self.http.get(self.url("/view")).query(&[
+            ("filename", file.filename.as_str()),
+            ("subfolder", file.subfolder.as_str()),
+            ("type", file.folder_type.as_str()),
+        ]);
+        let resp = self.send(&what, req, self.options.view_timeout).await?;
+        let resp = self.expect_ok(&what, resp).await?;
+        resp.bytes()
+            .await
+            .map_err(|e| self.transport_error(&what, e))
+    }
+
+    /// `POST /upload/image` (multipart) of an input image with `overwrite=true`, like
+    /// worker-comfyui.
+    pub async fn upload_image(
+        &self,
+        name: &str,
+        data: Bytes,
+        subfolder: &str,
+    ) -> Result<UploadedFile, ComfyError> {
+        self.upload(&Upload {
+            name: name.to_owned(),
+            data,
+            subfolder: subfolder.to_owned(),
+            folder_type: "input".into(),
+            content_type: None,
+            original_ref: None,
+        })
+        .await
+    }
+
+    /// `POST /upload/image`, or `POST /upload/mask` when `upload.original_ref` is set (multipart,
+    /// `overwrite=true`). ComfyUI stores any file sent to `/upload/image`, not only images.
+    pub async fn upload(&self, upload: &Upload) -> Result<UploadedFile, ComfyError> {
+        let path = if upload.original_ref.is_some() {
+            "/upload/mask"
+        } else {
+            "/upload/image"
+        };
+        let name = &upload.name;
+        let what = format!("POST {path} {name}");
+        let content_type = upload
+            .content_type
+            .as_deref()
+            .unwrap_or_else(|| mime_for(name));
+        let part = reqwest::multipart::Part::stream_with_length(
+            reqwest::Body::from(upload.data.clone()),
+            upload.data.len() as u64,
+        )
+        .file_name(name.clone())
+        .mime_str(content_type)
+        .map_err(|e| ComfyError::Protocol {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        let folder_type = if upload.folder_type.is_empty() {
+            "input"
+        } else {
+            upload.folder_type.as_str()
+        };
+        let mut form = reqwest::multipart::Form::new()
+            .part("image", part)
+            .text("overwrite", "true")
+            .text("type", folder_type.to_owned());
+        if !upload.subfolder.is_empty() {
+            form = form.text("subfolder", upload.subfolder.clone());
+        }
+        if let Some(original) = &upload.original_ref {
+            let original = serde_json::json!({
+                "filename": original.filename,
+                "subfolder": original.subfolder,
+                "type": original.folder_type,
+            });
+            form = form.text("original_ref", original.to_string());
+        }
+        let resp = self
+            .send(
+                &what,
+                self.http.post(self.url(path)).multipart(form),
+                self.options.request_timeout,
+            )
+            .await?;
+        let resp = self.expect_ok(&what, resp).await?;
+        resp.json::<UploadedFile>()
+            .await
+            .map_err(|e| ComfyError::Protocol {
+                what,
+                detail: error_chain(&e),
+            })
+    }
+
+    /// `GET /object_info`.
+    pub async fn object_info(&self) -> Result<ObjectInfo, ComfyError> {
+        self.get_json("GET /object_info", "/object_info")
+            .await
+            .map(ObjectInfo::from_value)
+    }
+
+    /// `POST /interrupt`: only `prompt_id` if given (no-op when it is not running), else whatever runs.
+    pub async fn interrupt(&self, prompt_id: Option<&str>) -> Result<(), ComfyError> {
+        let body = match prompt_id {
+            Some(id) => serde_json::json!({ "prompt_id": id }),
+            None => serde_json::json!({}),
+        };
+        self.post_json("POST /interrupt", "/interrupt", &body).await
+    }
+
+    /// `GET /queue`.
+    pub async fn queue(&self) -> Result<QueueSnapshot, ComfyError> {
+        let v = self.get_json("GET /queue", "/queue").await?;
+        Ok(QueueSnapshot::parse(&v))
+    }
+
+    /// The API-format workflow of a running or pending prompt, from `GET /queue` (each entry is
+    /// `[number, prompt_id, prompt, extra_data, outputs]`); `None` when it is not queued.
+    pub async fn queued_workflow(
+        &self,
+        prompt_id: &str,
+    ) -> Result<Option<Map<String, Value>>, ComfyError> {
+        let v = self.get_json("GET /queue", "/queue").await?;
+        Ok(["queue_running", "queue_pending"]
+            .iter()
+            .filter_map(|k| v.get(*k).and_then(Value::as_array))
+            .flatten()
+            .find(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id))
+            .and_then(|item| item.get(2))
+            .and_then(Value::as_object)
+            .cloned())
+    }
+
+    /// `POST /queue {"delete": [...]}`: removes pending prompts (running ones are unaffected).
+    pub async fn delete_from_queue(&self, prompt_ids: &[&str]) -> Result<(), ComfyError> {
+        self.post_json(
+            "POST /queue",
+            "/queue",
+            &serde_json::json!({ "delete": prompt_ids }),
+        )
+        .await
+    }
+
+    /// `POST /free` with the flags that are set (`{"unload_models": true, "free_memory": true}`,
+    /// `{"free_memory": true}`, ...). ComfyUI applies them after the running prompt; a missing
+    /// flag reads as false, but its prompt worker defaults `unload_models` to `free_memory`, so
+    /// `free_memory` alone unloads the models too, and it also resets the output cache.
+    pub async fn free(&self, unload_models: bool, free_memory: bool) -> Result<(), ComfyError> {
+        let mut body = serde_json::Map::new();
+        if unload_models {
+            body.insert("unload_models".into(), Value::Bool(true));
+        }
+        if free_memory {
+            body.insert("free_memory".into(), Value::Bool(true));
+        }
+        self.post_json("POST /free", "/free", &Value::Object(body))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_forms() {
+        let c = ComfyClient::new("127.0.0.1:8188", ClientOptions::default()).unwrap();
+        assert_eq!(c.ws_url("abc"), "ws://127.0.0.1:8188/ws?clientId=abc");
+        let c = ComfyClient::new("https://comfy.example/", ClientOptions::default()).unwrap();
+        assert_eq!(c.ws_url("x"), "wss://comfy.example/ws?clientId=x");
+        assert!(ComfyClient::new("ftp://x", ClientOptions::default()).is_err());
+        let c = ComfyClient::new(
+            "http://comfy:pw-host-secret@10.0.0.2:8188",
+            ClientOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(c.host(), "10.0.0.2:8188");
+        assert_eq!(c.ws_url("x"), "ws://10.0.0.2:8188/ws?clientId=x");
+        assert_eq!(
+            c.url("/prompt"),
+            "http://comfy:pw-host-secret@10.0.0.2:8188/prompt"
+        );
+        assert!(!format!("{c:?}").contains("pw-host-secret"));
+        let e = ComfyClient::new("ftp://u:pw-host-secret@x", ClientOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("pw-host-secret"), "{e}");
+    }
+}

@@ -1,0 +1,18 @@
+//! Progress: the one place that turns prompt events into what users see.
+//!
+//! * [`tracker`]: `ProgressTracker`, prompt events in, snapshots out (percentages, steps,
+//!   cached nodes, ETA, queue position).
+//! * [`snapshot`]: `ProgressSnapshot`, what every front end (CLI bar, `/status`, webhooks,
+//!   SSE) renders or forwards.
+//! * [`channel`]: how snapshots leave the engine without ever blocking it.
+//! * [`step_name`]: human names for what a node does.
+
+pub mod channel;
+pub mod snapshot;
+pub mod step_name;
+pub mod tracker;
+
+pub use channel::{channel, ProgressSender};
+pub use snapshot::{Num, ProgressKind, ProgressSnapshot};
+pub use step_name::step_name;
+pub use tracker::ProgressTracker;
