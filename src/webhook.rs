@@ -3,7 +3,7 @@
 //! A job may name a URL that the worker then calls. Without a guard, that lets anyone who can
 //! submit a job make the worker call what only it can reach: the cloud metadata service
 //! (`169.254.169.254`), ComfyUI on loopback, services on the private network. So, unless
-//! `ALLOW_PRIVATE_WEBHOOKS=true`, the shared guard of [`crate::net`] applies:
+//! `ALLOW_PRIVATE_WEBHOOKS=true`, the shared guard of [`crate::ssrf`] applies:
 //! * [`Webhooks::validate`] refuses URLs that are not plain http(s), carry credentials, name a
 //!   local host (`localhost`, `*.localhost`, `*.local`, `*.internal`), or whose host is or resolves
 //!   to a loopback, private, link-local, CGNAT, unspecified, multicast, broadcast or reserved
@@ -29,7 +29,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::config::EnvReader;
 use crate::error_chain::error_chain;
 use crate::job::{Completed, JobFailure};
-use crate::net::{Guard, UrlError};
+use crate::ssrf::{Guard, UrlError};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};
 
 /// How webhooks are checked and delivered.
@@ -148,7 +148,7 @@ fn shown_url(url: &str) -> String {
                 || u.query().is_some()
                 || u.fragment().is_some() =>
         {
-            crate::net::display_url(url)
+            crate::redact::display_url(url)
         }
         Ok(_) => url.to_owned(),
         // Unparsable: without anything up to an `@` or after a `?` or `#`, cut short.

@@ -2,7 +2,7 @@
 //! `comfy_org_api_key`, with the same validation messages, plus checks it lacks
 //! (workflow shape, image names that could escape ComfyUI's input folder, bad base64), and
 //! extensions it lacks:
-//! * `image` may be an `http(s)://` URL, downloaded through the SSRF guard of [`crate::net`] within
+//! * `image` may be an `http(s)://` URL, downloaded through the SSRF guard of [`crate::ssrf`] within
 //!   [`InputPolicy`]'s limits, or an `s3://bucket/key` read from the job's bucket within the same
 //!   size limit (see [`Fetcher::fetch_s3`]);
 //! * an item may carry `subfolder`, `type` (`input`, `temp`, `output`) and `kind: "mask"` with an
@@ -29,7 +29,8 @@ use crate::comfy::{FileRef, WorkflowInput};
 use crate::config::InputPolicy;
 use crate::json_type::json_type;
 use crate::media_type::{extension_for, media_type_for_name, sniff_media_type};
-use crate::net::{self, Downloader, FetchError, Guard, Limits};
+use crate::redact::display_url;
+use crate::ssrf::{Downloader, FetchError, Guard, Limits};
 use crate::secret::Secret;
 
 /// Redirects followed for one URL input.
@@ -94,7 +95,7 @@ impl Source {
     fn describe(&self) -> String {
         match self {
             Source::Inline { .. } => "the job".into(),
-            Source::Url(url) => net::display_url(url),
+            Source::Url(url) => display_url(url),
             Source::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
         }
     }
@@ -542,7 +543,7 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobFailure> {
                 None => {
                     problems.push(format!(
                         "Error downloading {name} from {}: an s3:// URL needs a bucket and a key (s3://bucket/key)",
-                        net::display_url(url)
+                        display_url(url)
                     ));
                     continue;
                 }
@@ -550,7 +551,7 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobFailure> {
             Content::Unsupported(scheme) => {
                 problems.push(format!(
                     "Error downloading {name} from {}: the scheme {scheme:?} is not supported (use base64, a data: URI, http, https or s3)",
-                    net::display_url(item.image)
+                    display_url(item.image)
                 ));
                 continue;
             }

@@ -7,7 +7,7 @@
 //!   `BUCKET_REGION`, or, for one job, from the job's `s3Config` (the platform's field,
 //!   `{accessId, accessSecret, bucketName, endpointUrl}`), which replaces the env bucket.
 //! * A job's `s3Config.endpointUrl` comes from the client, so it passes the SSRF guard of
-//!   [`crate::net`] (checked when the job starts, and every connection through a guarded
+//!   [`crate::ssrf`] (checked when the job starts, and every connection through a guarded
 //!   resolver): loopback, private, link-local and metadata addresses are refused unless
 //!   `ALLOW_PRIVATE_S3_ENDPOINTS=true`. The operator's `BUCKET_ENDPOINT_URL` is trusted.
 //! * `OUTPUT_UPLOAD` picks when to upload: `auto` (default) only when the result would exceed
@@ -45,7 +45,7 @@ use crate::config::{
     locate, BucketLocation, BucketSettings, Names, StorageSettings, UploadMode, ENV_NAMES,
     JOB_NAMES,
 };
-use crate::net::{Guard, UrlError};
+use crate::ssrf::{Guard, UrlError};
 use crate::secret::Secret;
 
 /// Files (and parts of one file) uploaded at once.

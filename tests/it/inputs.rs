@@ -274,7 +274,7 @@ async fn a_host_name_resolving_to_loopback_is_refused_after_resolution() {
         return;
     };
     let name = name.trim().to_owned();
-    if name.is_empty() || comfy_worker::net::local_name(&name).is_some() {
+    if name.is_empty() || comfy_worker::ssrf::local_name(&name).is_some() {
         eprintln!("skipped: host name {name:?} is a local name");
         return;
     }
@@ -287,7 +287,7 @@ async fn a_host_name_resolving_to_loopback_is_refused_after_resolution() {
         eprintln!("skipped: host name {name:?} resolves to nothing");
         return;
     };
-    if comfy_worker::net::refusal(first.ip()).is_none() {
+    if comfy_worker::ssrf::refusal(first.ip()).is_none() {
         eprintln!("skipped: host name {name:?} resolves to a public address");
         return;
     }
