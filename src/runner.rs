@@ -27,10 +27,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument, Span};
 
+use crate::housekeeping::warmup::{self, WarmupDone, WarmupState};
 use crate::job::{
     Completed, DeadlineSource, Engine, Job, JobFailure, JobFiles, JobRequest, Report,
 };
-use crate::ops::warmup::{self, WarmupDone, WarmupState};
 use crate::progress::{self, ProgressSnapshot};
 
 /// The job id the warm-up runs under (in logs and ComfyUI's prompt history).
@@ -255,7 +255,7 @@ impl Runner {
     /// `FREE_MEMORY_AFTER_JOB`: for the front end to call once a job's result is delivered,
     /// before it takes the next one.
     pub async fn after_job(&self) {
-        crate::ops::after_job(&self.engine).await;
+        crate::housekeeping::after_job(&self.engine).await;
     }
 
     /// Where the warm-up is (`Off` without `WARMUP_WORKFLOW`).
@@ -343,7 +343,7 @@ impl Runner {
         }
         let dirs = self.engine.settings().housekeeping.clone();
         let done = tokio::task::spawn_blocking(move || {
-            crate::ops::cleanup::delete_job_files(&dirs, &files)
+            crate::housekeeping::cleanup::delete_job_files(&dirs, &files)
         })
         .await;
         match done {

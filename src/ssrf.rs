@@ -944,5 +944,4 @@ mod tests {
         let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
         assert!(accepted.is_err(), "a connection reached the listener");
     }
-
 }

@@ -29,8 +29,8 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::config::EnvReader;
 use crate::error_chain::error_chain;
 use crate::job::{Completed, JobFailure};
-use crate::ssrf::{Guard, UrlError};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};
+use crate::ssrf::{Guard, UrlError};
 
 /// How webhooks are checked and delivered.
 #[derive(Debug, Clone)]
@@ -139,7 +139,7 @@ pub struct Webhooks {
 const ALLOW_HINT: &str = "(set ALLOW_PRIVATE_WEBHOOKS=true to allow it)";
 
 /// A webhook URL for messages: as given, unless it carries credentials (`user:pw@`), a query
-/// (`?token=…`) or a fragment, which are dropped (see [`crate::net::display_url`]).
+/// (`?token=…`) or a fragment, which are dropped (see [`crate::redact::display_url`]).
 fn shown_url(url: &str) -> String {
     match url::Url::parse(url.trim()) {
         Ok(u)

@@ -19,10 +19,10 @@ use tracing::{info, Instrument};
 
 use super::error::ApiError;
 use super::ServeOptions;
+use crate::housekeeping::warmup::WarmupState;
 use crate::job::output::result_body;
 use crate::job::request::MAX_JOB_TIMEOUT;
 use crate::job::{Completed, DeadlineSource, Engine, JobFailure, JobOutput, JobRequest};
-use crate::ops::warmup::WarmupState;
 use crate::progress::ProgressSnapshot;
 use crate::runner::{job_span, Controls, Deadline, Runner};
 use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};

@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::error::ApiError;
 use super::jobs::{body_is_final, JobEvent, LocalEndpoint, Submission};
-use crate::ops::warmup::WarmupState;
+use crate::housekeeping::warmup::WarmupState;
 
 /// The page served at `GET /`.
 const PAGE: &str = include_str!("page.html");
@@ -220,7 +220,7 @@ async fn purge_queue(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
 /// the warm-up runs or after it failed (the worker takes no jobs then), 200 otherwise.
 async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     let counts = endpoint.counts();
-    let comfyui = crate::ops::health::probe(endpoint.engine().comfy(), HEALTH_PROBE).await;
+    let comfyui = crate::comfy::health::probe(endpoint.engine().comfy(), HEALTH_PROBE).await;
     let warmup = endpoint.warmup();
     let busy = u8::from(counts.worker_busy);
     let (code, status) = match &warmup {

@@ -54,7 +54,7 @@ pub(crate) async fn run(args: HealthArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let health = crate::ops::health::probe(&client, timeout).await;
+    let health = crate::comfy::health::probe(&client, timeout).await;
     if args.json {
         println!("{}", health.to_json());
     } else {

@@ -7,6 +7,7 @@
 //! * [`messages`]: WebSocket text and binary frames.
 //! * [`socket`]: the WebSocket itself.
 //! * [`prompt_watcher`]: following one prompt to its end (socket + `/history` fallback).
+//! * [`health`]: `/system_stats` and `/queue` read together (`serve`'s `/health`, `health`).
 //! * [`describe`]: frames as readable lines (`watch`, debug logs).
 //! * [`workflow`]: the API-format graph a job submits; [`workflow_input`]: API or UI format.
 //! * [`ui_workflow`]: UI-format exports converted to the API format with `/object_info`.
@@ -15,6 +16,7 @@ pub mod client;
 pub mod describe;
 pub mod error;
 pub mod file_ref;
+pub mod health;
 pub mod history;
 pub mod messages;
 pub mod object_info;

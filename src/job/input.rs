@@ -30,8 +30,8 @@ use crate::config::InputPolicy;
 use crate::json_type::json_type;
 use crate::media_type::{extension_for, media_type_for_name, sniff_media_type};
 use crate::redact::display_url;
-use crate::ssrf::{Downloader, FetchError, Guard, Limits};
 use crate::secret::Secret;
+use crate::ssrf::{Downloader, FetchError, Guard, Limits};
 
 /// Redirects followed for one URL input.
 pub const MAX_REDIRECTS: usize = 5;

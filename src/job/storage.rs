@@ -45,8 +45,8 @@ use crate::config::{
     locate, BucketLocation, BucketSettings, Names, StorageSettings, UploadMode, ENV_NAMES,
     JOB_NAMES,
 };
-use crate::ssrf::{Guard, UrlError};
 use crate::secret::Secret;
+use crate::ssrf::{Guard, UrlError};
 
 /// Files (and parts of one file) uploaded at once.
 const UPLOAD_CONCURRENCY: usize = 2;

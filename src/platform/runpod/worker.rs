@@ -13,9 +13,9 @@ use tracing::{error, info, warn, Instrument};
 
 use super::client::{Delivery, PlatformClient, PlatformJob, Take};
 use super::relay::Relay;
+use crate::housekeeping::warmup::WarmupState;
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
-use crate::ops::warmup::WarmupState;
 use crate::progress::ProgressSnapshot;
 use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};

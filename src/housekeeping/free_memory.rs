@@ -1,16 +1,4 @@
-//! Operator tools around the job loop, shared by the front ends (serverless `worker` and `serve`):
-//!
-//! * [`warmup`]: `WARMUP_WORKFLOW`, one job run before the first real one so models are loaded;
-//!   its outcome decides whether the worker takes jobs at all.
-//! * [`cleanup`]: `CLEANUP_FILES`, deleting a job's uploaded inputs and output files from
-//!   ComfyUI's folders on disk (ComfyUI has no delete API), with strict path checks.
-//! * [`after_job`]: `FREE_MEMORY_AFTER_JOB`, a `POST /free` once a job's result is out.
-//! * [`health`]: ComfyUI's `/system_stats` and `/queue` for `serve`'s `/health` and the
-//!   `comfy-worker health` command.
-
-pub mod cleanup;
-pub mod health;
-pub mod warmup;
+//! `FREE_MEMORY_AFTER_JOB`: a `POST /free` once a job's result is out.
 
 use std::time::Instant;
 

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::comfy::ComfyClient;
-use crate::comfy::{QueueSnapshot, SystemStats};
+use super::client::ComfyClient;
+use super::queue::QueueSnapshot;
+use super::system_stats::SystemStats;
 
 /// What one probe found.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,7 +138,7 @@ fn gib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comfy::{DeviceInfo, SystemInfo};
+    use crate::comfy::system_stats::{DeviceInfo, SystemInfo};
 
     #[test]
     fn json_and_lines() {
