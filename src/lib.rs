@@ -13,10 +13,10 @@
 //! * [`telemetry`]: log set-up.
 //! * [`webhook`]: completion and progress webhooks, with an SSRF guard.
 
-pub mod api;
 pub mod cli;
 pub mod comfy;
 pub mod config;
+pub mod endpoint;
 pub mod error_chain;
 pub mod eta;
 pub mod housekeeping;

@@ -9,8 +9,8 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use crate::api::{self, ServeOptions};
 use crate::config::Settings;
+use crate::endpoint::{self, ServeOptions};
 use crate::job::Engine;
 use crate::platform::runpod::settings::shutdown_grace_from;
 use crate::secret::Secret;
@@ -197,7 +197,7 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         super::shutdown_signal().await;
         on_signal.cancel();
     });
-    let served = api::serve(listener, engine, Webhooks::new(policy), options, shutdown).await;
+    let served = endpoint::serve(listener, engine, Webhooks::new(policy), options, shutdown).await;
     signals.abort();
     if let Some(sim) = simulator {
         sim.shutdown().await;

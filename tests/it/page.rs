@@ -2,7 +2,7 @@
 //! the DevTools protocol ([`super::cdp`]), against the real local endpoint in front of the
 //! in-process ComfyUI simulator. Nothing here is scripted: jobs run through the real engine.
 //!
-//! * [`page_streams_progress_and_renders_the_image`] is the acceptance run: [`api::serve`] (what
+//! * [`page_streams_progress_and_renders_the_image`] is the acceptance run: [`endpoint::serve`] (what
 //!   `comfy-worker serve` runs) with an API key; the page's own example (EmptyImage → SlowSteps,
 //!   20 steps → SaveImage) runs on the simulator; the bar advances over `/events` and the
 //!   512×512 result decodes. It keeps `target/test-artifacts/page-running.png` (the simulator
@@ -28,7 +28,7 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use comfy_worker::api::{self, LocalEndpoint, ServeOptions};
+use comfy_worker::endpoint::{self, LocalEndpoint, ServeOptions};
 use comfy_worker::secret::Secret;
 use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
@@ -109,7 +109,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// [`api::serve`], exactly what `comfy-worker serve` runs.
+    /// [`endpoint::serve`], exactly what `comfy-worker serve` runs.
     async fn start(sim: &Simulator, api_key: Option<&str>) -> Result<Server> {
         harness::init_logs();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -119,7 +119,7 @@ impl Server {
             api_key: api_key.map(Secret::new),
             ..ServeOptions::default()
         };
-        let task = tokio::spawn(api::serve(
+        let task = tokio::spawn(endpoint::serve(
             listener,
             harness::engine(&sim.host()),
             Webhooks::new(WebhookPolicy::default()),
@@ -133,7 +133,7 @@ impl Server {
         })
     }
 
-    /// The real router ([`api::router`]) behind a layer that answers `GET /events/…` with a plain
+    /// The real router ([`endpoint::router`]) behind a layer that answers `GET /events/…` with a plain
     /// 404, as a reverse proxy that buffers or blocks Server-Sent Events would, and passes every
     /// other request through. Records what it saw.
     async fn without_events(sim: &Simulator) -> Result<(Server, Seen)> {
@@ -147,7 +147,7 @@ impl Server {
             ServeOptions::default(),
         );
         let seen = Seen::default();
-        let app = api::router(endpoint.clone())
+        let app = endpoint::router(endpoint.clone())
             .layer(middleware::from_fn_with_state(seen.clone(), no_events));
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use comfy_worker::api::{serve, ServeOptions};
+use comfy_worker::endpoint::{serve, ServeOptions};
 use comfy_worker::secret::Secret;
 use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};

@@ -20,8 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use comfy_worker::api::{self, ServeOptions};
 use comfy_worker::config::{BucketSettings, InputPolicy, StorageSettings, UploadMode};
+use comfy_worker::endpoint::{self, ServeOptions};
 use comfy_worker::job::{CollectedFile, Engine, JobOutput, OutputKind, Storage};
 use comfy_worker::secret::Secret;
 use comfy_worker::simulator::{SimConfig, Simulator};
@@ -572,7 +572,7 @@ async fn local_endpoint(sim: &Simulator, storage: StorageSettings) -> (String, C
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    tokio::spawn(api::serve(
+    tokio::spawn(endpoint::serve(
         listener,
         engine(sim, storage),
         Webhooks::new(WebhookPolicy::default()),

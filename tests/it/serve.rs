@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use comfy_worker::api::{self, ServeOptions};
+use comfy_worker::endpoint::{self, ServeOptions};
 use comfy_worker::secret::Secret;
 use comfy_worker::simulator::Simulator;
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
@@ -41,7 +41,7 @@ impl Endpoint {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(api::serve(
+        let server = tokio::spawn(endpoint::serve(
             listener,
             harness::engine(&sim.host()),
             webhooks,
@@ -529,7 +529,7 @@ async fn health_counts_jobs_and_probes_comfyui() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(api::serve(
+    let server = tokio::spawn(endpoint::serve(
         listener,
         harness::engine(&host),
         Webhooks::new(WebhookPolicy::default()),

@@ -438,7 +438,7 @@ async fn serve_sends_the_final_status_and_every_progress_event() {
     let receiver = Receiver::start(ReceiverOptions::default()).await;
     let endpoint = crate::serve::Endpoint::start_with(
         &sim,
-        comfy_worker::api::ServeOptions::default(),
+        comfy_worker::endpoint::ServeOptions::default(),
         Webhooks::new(loopback_policy()),
     )
     .await;
@@ -465,7 +465,7 @@ async fn serve_sends_the_final_status_and_every_progress_event() {
 async fn serve_refuses_webhooks_to_private_addresses_with_a_clear_error() {
     let sim = simulator(1).await;
     let endpoint =
-        crate::serve::Endpoint::start(&sim, comfy_worker::api::ServeOptions::default()).await;
+        crate::serve::Endpoint::start(&sim, comfy_worker::endpoint::ServeOptions::default()).await;
     for (field, url, why) in [
         ("webhook", "http://127.0.0.1:9/hook", "loopback"),
         (

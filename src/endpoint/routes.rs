@@ -23,7 +23,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::debug;
 
 use super::error::ApiError;
-use super::jobs::{body_is_final, JobEvent, LocalEndpoint, Submission};
+use super::job_status::body_is_final;
+use super::local_endpoint::LocalEndpoint;
+use super::store::JobEvent;
+use super::submission::Submission;
 use crate::housekeeping::warmup::WarmupState;
 
 /// The page served at `GET /`.
@@ -417,7 +420,7 @@ mod tests {
         )
         .unwrap();
         let snapshot = ProgressTracker::new(&workflow, Instant::now()).finished(Instant::now());
-        let flood = 3 * super::super::jobs::EVENT_BUFFER;
+        let flood = 3 * super::super::store::EVENT_BUFFER;
         for _ in 0..flood {
             endpoint.progress_by_hand(&id, &snapshot);
         }

@@ -2,15 +2,23 @@
 //! endpoint (`/run`, `/runsync`, `/status`, `/stream`, `/cancel`, `/health`, `/purge-queue`),
 //! plus live progress as Server-Sent Events (`/events/{id}`), an OpenAPI document and a page.
 //!
-//! `jobs.rs` holds the job store and the runner (jobs run in order, one at a time, through
-//! [`crate::job::Engine::run`]); `routes.rs` is the axum router (auth, body limits, JSON errors);
-//! `openapi.json` and `page.html` are served as they are. Only this module knows the endpoint's
-//! wire format; it reuses the serverless mode's result mapping
-//! ([`crate::platform::runpod::result_body`]) so both modes report a job the same way.
+//! * `local_endpoint.rs`: [`LocalEndpoint`], the handle, and the queue runner (jobs run in
+//!   order, one at a time, on the [`crate::runner::Runner`]);
+//! * `store.rs`: the job store (statuses, timings, retention, event channels);
+//! * `submission.rs`: a `/run` body, checked; `job_status.rs`: `IN_QUEUE`, `COMPLETED`, ...;
+//! * `routes.rs`: the axum router (auth, body limits, SSE, JSON errors); `error.rs`: `ApiError`;
+//! * `openapi.json` and `page.html`, served as they are.
+//!
+//! Only this module knows the endpoint's wire format; it reports a job's end with the
+//! serverless mode's result mapping ([`crate::job::output::result_body`]) so both modes report a
+//! job the same way.
 
 mod error;
-mod jobs;
+mod job_status;
+mod local_endpoint;
 mod routes;
+mod store;
+mod submission;
 
 use std::time::Duration;
 
@@ -21,7 +29,8 @@ use crate::job::Engine;
 use crate::secret::Secret;
 use crate::webhook::Webhooks;
 
-pub use jobs::{JobStatus, LocalEndpoint};
+pub use job_status::JobStatus;
+pub use local_endpoint::LocalEndpoint;
 pub use routes::router;
 
 /// How the local endpoint behaves; [`ServeOptions::default`] matches the cloud's limits.

@@ -1,0 +1,279 @@
+//! The local endpoint's job store: jobs by id with their status, timings, latest progress
+//! snapshot and final `/status` body; the queue in submission order; retention by ttl and
+//! `max_jobs`. Every status change and snapshot is also published on the job's broadcast
+//! channel (what `/events/{id}` streams) and the final body on a watch channel (what `/runsync`
+//! waits on).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::job_status::JobStatus;
+use crate::job::output::result_body;
+use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput, JobRequest};
+use crate::webhook::{ProgressHook, WebhookUrl};
+
+/// What `/status` reports as `workerId`: there is one worker, this process.
+const WORKER_ID: &str = "local";
+
+/// Events buffered per job for `/events` subscribers; one that falls further behind skips.
+pub(crate) const EVENT_BUFFER: usize = 256;
+
+/// What a job's event stream carries.
+#[derive(Debug, Clone)]
+pub(crate) enum JobEvent {
+    /// The new `/status` body.
+    Status(Arc<Value>),
+    /// A progress snapshot as JSON.
+    Progress(Arc<Value>),
+}
+
+/// Job counts for `/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Jobs completed since start.
+    pub(crate) completed: u64,
+    /// Jobs failed or timed out since start.
+    pub(crate) failed: u64,
+    pub(crate) in_progress: usize,
+    pub(crate) in_queue: usize,
+    /// The runner is busy (also while a cancelled job is still being interrupted).
+    pub(crate) worker_busy: bool,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) jobs: HashMap<String, Job>,
+    /// Queued job ids, in submission order.
+    pub(super) queue: VecDeque<String>,
+    /// The job the runner is on (it may already be CANCELLED while ComfyUI is interrupted).
+    pub(super) running: Option<String>,
+    pub(super) next_seq: u64,
+    pub(super) completed: u64,
+    pub(super) failed: u64,
+}
+
+pub(super) struct Job {
+    /// Submission order, to break ties when dropping old jobs.
+    pub(super) seq: u64,
+    /// Taken by the runner when the job starts.
+    pub(super) request: Option<JobRequest>,
+    pub(super) status: JobStatus,
+    pub(super) submitted: Instant,
+    pub(super) started: Option<Instant>,
+    pub(super) ended: Option<Instant>,
+    /// The latest snapshot while running.
+    pub(super) progress: Option<Arc<Value>>,
+    /// The `/status` body once final (timings no longer change).
+    pub(super) final_body: Option<Arc<Value>>,
+    pub(super) cancel: CancellationToken,
+    pub(super) execution_timeout: Option<Duration>,
+    /// How long the job is kept once final.
+    pub(super) ttl: Duration,
+    pub(super) webhook: Option<WebhookUrl>,
+    pub(super) progress_hook: Option<ProgressHook>,
+    pub(super) events: broadcast::Sender<JobEvent>,
+    pub(super) done: watch::Sender<Option<Arc<Value>>>,
+}
+
+pub(super) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(super) fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+impl Job {
+    pub(super) fn status_body(&self, id: &str, now: Instant) -> Arc<Value> {
+        if let Some(body) = &self.final_body {
+            return body.clone();
+        }
+        Arc::new(self.build_body(id, now, self.progress.as_deref(), None))
+    }
+
+    pub(super) fn build_body(
+        &self,
+        id: &str,
+        now: Instant,
+        output: Option<&Value>,
+        error: Option<&Value>,
+    ) -> Value {
+        let until_start = self.started.or(self.ended).unwrap_or(now);
+        let delay = until_start.saturating_duration_since(self.submitted);
+        let execution = self
+            .started
+            .map(|s| self.ended.unwrap_or(now).saturating_duration_since(s))
+            .unwrap_or_default();
+        let mut body = Map::new();
+        body.insert("id".into(), json!(id));
+        body.insert("status".into(), json!(self.status.as_str()));
+        body.insert("delayTime".into(), json!(millis(delay)));
+        body.insert("executionTime".into(), json!(millis(execution)));
+        body.insert("workerId".into(), json!(WORKER_ID));
+        if let Some(output) = output {
+            body.insert("output".into(), output.clone());
+        }
+        if let Some(error) = error {
+            body.insert("error".into(), error.clone());
+        }
+        Value::Object(body)
+    }
+
+    pub(super) fn publish_status(&self, id: &str, now: Instant) {
+        let _ = self
+            .events
+            .send(JobEvent::Status(self.status_body(id, now)));
+    }
+}
+
+/// How a job ended, as the store records it.
+pub(super) enum End {
+    /// The runner returned the job's result.
+    Ran(Result<Completed, JobFailure>),
+    /// Cancelled by the client (`/cancel`, `/purge-queue`).
+    Cancelled,
+    /// Never run, with this error: the endpoint shut down, or the warm-up failed.
+    NotRun(String),
+}
+
+/// The final event of a job's progress webhook.
+pub(super) enum LastEvent {
+    Completed(Value),
+    Failed(String, Option<Vec<String>>),
+}
+
+/// A job that just became final: what is left to deliver outside the lock.
+pub(super) struct Ending {
+    pub(super) body: Arc<Value>,
+    pub(super) webhook: Option<WebhookUrl>,
+    pub(super) hook: Option<(ProgressHook, LastEvent)>,
+}
+
+impl State {
+    /// Makes a job final, publishes its final body, and counts it.
+    pub(super) fn finalize(&mut self, id: &str, end: End, now: Instant) -> Option<Ending> {
+        let job = self.jobs.get_mut(id)?;
+        if job.status.is_final() {
+            return None;
+        }
+        let (status, output, error, last) = match end {
+            End::Cancelled => (
+                JobStatus::Cancelled,
+                None,
+                None,
+                LastEvent::Failed("Job cancelled".into(), None),
+            ),
+            End::NotRun(why) => (
+                JobStatus::Failed,
+                None,
+                Some(json!(why)),
+                LastEvent::Failed(why, None),
+            ),
+            End::Ran(result) => {
+                let (status, failed) = match &result {
+                    Ok(_) => (JobStatus::Completed, None),
+                    Err(f) => {
+                        let status = match f {
+                            JobFailure::Deadline {
+                                source: DeadlineSource::Policy,
+                                ..
+                            } => JobStatus::TimedOut,
+                            _ => JobStatus::Failed,
+                        };
+                        let details = f.details().map(<[String]>::to_vec);
+                        (status, Some((f.message().into_owned(), details)))
+                    }
+                };
+                // The serverless mode's mapping: `error` when set, the rest as `output`.
+                let body = result_body(JobOutput::from(result).into_json(), false);
+                let output = body.get("output").cloned();
+                let last = match failed {
+                    Some((message, details)) => LastEvent::Failed(message, details),
+                    // Only copied (it may hold megabytes of base64) for a progress webhook.
+                    None if job.progress_hook.is_some() => {
+                        LastEvent::Completed(output.clone().unwrap_or(Value::Null))
+                    }
+                    None => LastEvent::Completed(Value::Null),
+                };
+                (status, output, body.get("error").cloned(), last)
+            }
+        };
+        job.status = status;
+        job.ended = Some(now);
+        job.request = None;
+        job.progress = None;
+        let body = Arc::new(job.build_body(id, now, output.as_ref(), error.as_ref()));
+        job.final_body = Some(body.clone());
+        let _ = job.events.send(JobEvent::Status(body.clone()));
+        job.done.send_replace(Some(body.clone()));
+        let ending = Ending {
+            body,
+            webhook: job.webhook.take(),
+            hook: job.progress_hook.take().map(|hook| (hook, last)),
+        };
+        match status {
+            JobStatus::Completed => self.completed += 1,
+            JobStatus::Failed | JobStatus::TimedOut => self.failed += 1,
+            _ => {}
+        }
+        info!(job_id = %id, status = status.as_str(), "job ended");
+        Some(ending)
+    }
+
+    /// Drops final jobs past their ttl, then the oldest final ones beyond `max_jobs`.
+    pub(super) fn evict(&mut self, now: Instant, max_jobs: usize) {
+        self.jobs.retain(|_, job| match job.ended {
+            Some(ended) if job.status.is_final() => now.saturating_duration_since(ended) < job.ttl,
+            _ => true,
+        });
+        if self.jobs.len() > max_jobs {
+            let mut finished: Vec<(Instant, u64, String)> = self
+                .jobs
+                .iter()
+                .filter(|(_, job)| job.status.is_final())
+                .map(|(id, job)| (job.ended.unwrap_or(job.submitted), job.seq, id.clone()))
+                .collect();
+            finished.sort();
+            let excess = self.jobs.len() - max_jobs;
+            for (_, _, id) in finished.into_iter().take(excess) {
+                self.jobs.remove(&id);
+            }
+        }
+    }
+
+    /// Takes the next queued job and marks it running.
+    pub(super) fn start_next(&mut self, now: Instant) -> Option<Started> {
+        while let Some(id) = self.queue.pop_front() {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            if job.status != JobStatus::InQueue {
+                continue;
+            }
+            job.status = JobStatus::InProgress;
+            job.started = Some(now);
+            job.publish_status(&id, now);
+            let started = Started {
+                request: job.request.take().unwrap_or_default(),
+                cancel: job.cancel.clone(),
+                execution_timeout: job.execution_timeout,
+            };
+            self.running = Some(id);
+            return Some(started);
+        }
+        None
+    }
+}
+
+/// A job the runner just took.
+pub(super) struct Started {
+    pub(super) request: JobRequest,
+    pub(super) cancel: CancellationToken,
+    pub(super) execution_timeout: Option<Duration>,
+}
