@@ -7,6 +7,7 @@ use std::path::{Component, Path};
 
 use serde_json::json;
 
+use super::file_name::fold_lookalikes;
 use super::*;
 
 /// xorshift64*: small, seeded, reproducible.

@@ -13,32 +13,24 @@
 //! every URL input (a few at a time) before anything is uploaded, so a bad URL fails the job
 //! before ComfyUI sees any of it.
 
-use std::time::Instant;
+mod fetcher;
+mod file_name;
+mod media;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::{Map, Value};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+
+pub use fetcher::{Fetcher, DOWNLOAD_CONCURRENCY, MAX_REDIRECTS};
+pub use file_name::{check_image_name, check_subfolder, name_from_url, sanitize_file_name};
 
 use super::codec;
 use super::failure::{JobFailure, Report};
-use super::storage::JobStorage;
-use crate::comfy::Upload;
 use crate::comfy::{FileRef, WorkflowInput};
-use crate::config::InputPolicy;
 use crate::json_type::json_type;
-use crate::media_type::{extension_for, media_type_for_name, sniff_media_type};
 use crate::redact::display_url;
 use crate::secret::Secret;
-use crate::ssrf::{Downloader, FetchError, Guard, Limits};
-
-/// Redirects followed for one URL input.
-pub const MAX_REDIRECTS: usize = 5;
-/// URL inputs downloaded at once.
-pub const DOWNLOAD_CONCURRENCY: usize = 4;
-/// How to ask for a refused URL anyway.
-const ALLOW_HINT: &str = "(set ALLOW_PRIVATE_INPUT_URLS=true to allow it)";
+use file_name::truncate_chars;
+use media::{data_uri_media_type, note_mismatch};
 
 /// A validated job input.
 #[derive(Debug, Clone)]
@@ -117,272 +109,6 @@ fn shape_error(key: &str) -> JobFailure {
 
 #[cfg(test)]
 const IMAGES_SHAPE: &str = "'images' must be a list of objects with 'name' and 'image' keys";
-
-/// Folds characters that look like `.`, `/`, `\` or `:` (fullwidth forms, dot leaders, division
-/// and fraction slashes, ...) into the ASCII character they imitate, so the name checks see what
-/// a normalising file system, a Windows "best fit" code page or a person would. `‥` and `…`
-/// become two and three dots.
-fn fold_lookalikes(s: &str) -> std::borrow::Cow<'_, str> {
-    let lookalike = |c: char| {
-        matches!(
-            c,
-            '\u{FF0E}' | '\u{2024}' | '\u{FE52}' | '\u{2025}' | '\u{2026}' // dots
-                | '\u{FF0F}' | '\u{2215}' | '\u{2044}' | '\u{29F8}' | '\u{1735}' // slashes
-                | '\u{FF3C}' | '\u{2216}' | '\u{FE68}' | '\u{29F9}' | '\u{29F5}' // backslashes
-                | '\u{FF1A}' | '\u{A789}' | '\u{2236}' | '\u{FE55}' // colons
-        )
-    };
-    if !s.chars().any(lookalike) {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\u{FF0E}' | '\u{2024}' | '\u{FE52}' => out.push('.'),
-            '\u{2025}' => out.push_str(".."),
-            '\u{2026}' => out.push_str("..."),
-            '\u{FF0F}' | '\u{2215}' | '\u{2044}' | '\u{29F8}' | '\u{1735}' => out.push('/'),
-            '\u{FF3C}' | '\u{2216}' | '\u{FE68}' | '\u{29F9}' | '\u{29F5}' => out.push('\\'),
-            '\u{FF1A}' | '\u{A789}' | '\u{2236}' | '\u{FE55}' => out.push(':'),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-/// Checks a file name for ComfyUI's input folder; returns why it is refused.
-///
-/// An accepted name is one plain path segment on every platform ComfyUI runs on: not empty,
-/// not `.` or `..` and without `..` anywhere, not only dots and spaces (Windows trims trailing
-/// dots and spaces), no `/`, `\` or `:` (a drive or stream on Windows), no control characters
-/// (NUL included), at most 255 bytes, and none of that through look-alike characters (`．．`,
-/// `／`, `＼`, `‥`).
-pub fn check_image_name(name: &str) -> Result<(), String> {
-    let folded = fold_lookalikes(name);
-    let lookalike = matches!(folded, std::borrow::Cow::Owned(_));
-    let n: &str = &folded;
-    let why = if name.trim().is_empty() {
-        Some("it is empty")
-    } else if n.contains('/') || n.contains('\\') {
-        Some(if lookalike {
-            "it contains a character that looks like a path separator"
-        } else {
-            "it contains a path separator ('/' or '\\')"
-        })
-    } else if n == "." || n.contains("..") {
-        Some(if lookalike {
-            "it contains characters that look like '..'"
-        } else {
-            "it contains '..'"
-        })
-    } else if n
-        .trim_matches(|c: char| c == '.' || c.is_whitespace())
-        .is_empty()
-    {
-        Some("it is only dots and spaces")
-    } else if n.contains(':') {
-        Some("it contains ':' (a drive or stream separator on Windows)")
-    } else if name.chars().any(char::is_control) {
-        Some("it contains control characters")
-    } else if name.len() > 255 {
-        Some("it is longer than 255 bytes")
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(format!(
-            "Invalid image name {:?}: {why}; use a plain file name such as \"input.png\"",
-            truncate_chars(name, 80)
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Checks a `subfolder`: relative, no `..`, no `\`, no `:`, no control characters, no look-alikes
-/// of those, each folder a valid name. Returns it normalised (empty and `.` segments dropped, so
-/// `a//b/` is `a/b`), or why it is refused.
-pub fn check_subfolder(subfolder: &str) -> Result<String, String> {
-    let s = subfolder.trim();
-    let folded = fold_lookalikes(s);
-    let lookalike = matches!(folded, std::borrow::Cow::Owned(_));
-    let f: &str = &folded;
-    let why = if s.starts_with('/') {
-        Some("it starts with '/' (it must be relative)")
-    } else if s.contains('\\') {
-        Some("it contains '\\' (separate folders with '/')")
-    } else if s.contains("..") {
-        Some("it contains '..'")
-    } else if lookalike && (f.contains('/') || f.contains('\\') || f.contains("..")) {
-        Some("it contains characters that look like '/', '\\' or '..'")
-    } else if f.contains(':') {
-        Some("it contains ':' (a drive or stream separator on Windows)")
-    } else if s.chars().any(char::is_control) {
-        Some("it contains control characters")
-    } else if s.len() > 255 {
-        Some("it is longer than 255 bytes")
-    } else if s.split('/').any(|seg| {
-        seg != "."
-            && !seg.is_empty()
-            && seg
-                .trim_matches(|c: char| c == '.' || c.is_whitespace())
-                .is_empty()
-    }) {
-        Some("a folder name is only dots and spaces")
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(format!(
-            "Invalid subfolder {:?}: {why}; use a relative folder such as \"uploads/job-1\"",
-            truncate_chars(subfolder, 80)
-        )),
-        // Trimmed again: `a /` must give what `a` gives (and what `a` normalises to), so
-        // normalising twice changes nothing.
-        None => Ok(s
-            .split('/')
-            .filter(|seg| !seg.is_empty() && *seg != ".")
-            .collect::<Vec<_>>()
-            .join("/")
-            .trim()
-            .to_owned()),
-    }
-}
-
-/// A safe ASCII file name from an untrusted one (a URL's last path segment, percent-decoded):
-/// only letters, digits, `.`, `-` and `_`; anything else becomes `_`; no `..`, no leading dot;
-/// at most 100 bytes (the extension kept); `input` when nothing is left.
-pub fn sanitize_file_name(raw: &str) -> String {
-    let mut out = String::new();
-    for c in raw.chars() {
-        match c {
-            c if c.is_ascii_alphanumeric() || c == '-' => out.push(c),
-            '.' => {
-                while out.ends_with('_') {
-                    out.pop();
-                }
-                if !out.ends_with('.') {
-                    out.push('.');
-                }
-            }
-            _ => {
-                if !out.ends_with('_') {
-                    out.push('_');
-                }
-            }
-        }
-    }
-    let trimmed = out
-        .trim_start_matches(['.', '_', '-'])
-        .trim_end_matches(['.', '_']);
-    let mut name = trimmed.to_owned();
-    const MAX: usize = 100;
-    if name.len() > MAX {
-        // ASCII only, so byte positions are character positions.
-        let ext = match name.rfind('.') {
-            Some(i) if name.len() - i <= 10 => name[i..].to_owned(),
-            _ => String::new(),
-        };
-        let stem: String = name[..MAX - ext.len()]
-            .trim_end_matches(['.', '_'])
-            .to_owned();
-        name = stem + &ext;
-    }
-    if name.is_empty() || name.starts_with('.') {
-        format!("input{name}")
-    } else {
-        name
-    }
-}
-
-/// Percent-decodes a URL path segment (invalid UTF-8 is replaced).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The name for a URL input without one: its path's last segment, made safe.
-pub fn name_from_url(url: &str) -> String {
-    let last = url::Url::parse(url.trim())
-        .ok()
-        .and_then(|u| {
-            u.path_segments()
-                .and_then(|mut segs| segs.next_back().map(str::to_owned))
-        })
-        .unwrap_or_default();
-    sanitize_file_name(&percent_decode(&last))
-}
-
-/// A media type without parameters, lower-cased, with common aliases folded.
-fn canonical_media_type(media_type: &str) -> String {
-    let base = media_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    match base.as_str() {
-        "image/jpg" | "image/pjpeg" => "image/jpeg".into(),
-        "audio/x-wav" | "audio/wave" | "audio/vnd.wave" => "audio/wav".into(),
-        "audio/mp3" | "audio/x-mp3" => "audio/mpeg".into(),
-        "audio/x-flac" => "audio/flac".into(),
-        "video/x-matroska" => "video/webm".into(),
-        "image/x-ms-bmp" => "image/bmp".into(),
-        _ => base,
-    }
-}
-
-/// The media type of a `data:` URI (`data:image/png;base64,…` gives `image/png`).
-fn data_uri_media_type(text: &str) -> Option<String> {
-    let rest = text.trim_start();
-    let rest = rest
-        .get(..5)
-        .filter(|p| p.eq_ignore_ascii_case("data:"))
-        .map(|_| &rest[5..])?;
-    let (meta, _) = rest.split_once(',')?;
-    let media = meta.split(';').next().unwrap_or("").trim();
-    (!media.is_empty()).then(|| media.to_owned())
-}
-
-/// The upload's media type: from the name's extension, else the bytes, else what was declared.
-fn media_type_of(name: &str, data: &[u8], declared: Option<&str>) -> String {
-    media_type_for_name(name)
-        .or_else(|| sniff_media_type(data))
-        .map(str::to_owned)
-        .or_else(|| declared.map(canonical_media_type))
-        .unwrap_or_else(|| "application/octet-stream".into())
-}
-
-/// Logs (at debug) a declared media type that the bytes contradict; such inputs are accepted.
-fn note_mismatch(name: &str, declared: Option<&str>, data: &[u8], what: &str) {
-    if let (Some(declared), Some(sniffed)) = (declared, sniff_media_type(data)) {
-        let declared = canonical_media_type(declared);
-        if declared != sniffed && declared != "application/octet-stream" {
-            debug!(name, declared = %declared, detected = sniffed, "{what} does not match the bytes; using the bytes");
-        }
-    }
-}
-
-fn truncate_chars(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_owned()
-    } else {
-        format!("{}…", s.chars().take(max).collect::<String>())
-    }
-}
 
 /// What an item's `image` holds.
 enum Content<'a> {
@@ -705,216 +431,15 @@ pub(crate) fn capitalise(s: &str) -> String {
     }
 }
 
-/// Gets the bytes of input files: decoded ones as they are, URL inputs downloaded through the
-/// SSRF guard within the [`InputPolicy`]; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Fetcher {
-    downloader: Downloader,
-    policy: InputPolicy,
-}
-
-impl Fetcher {
-    /// A fetcher under `policy`.
-    pub fn new(policy: &InputPolicy) -> Fetcher {
-        let guard = Guard::new(policy.allow_private, policy.timeout)
-            .with_allowed_hosts(&policy.allowed_hosts);
-        let limits = Limits {
-            max_bytes: policy.max_bytes,
-            timeout: policy.timeout,
-            max_redirects: MAX_REDIRECTS,
-        };
-        Fetcher {
-            downloader: Downloader::new(guard, limits, "input URL host"),
-            policy: policy.clone(),
-        }
-    }
-
-    /// The policy in force.
-    pub fn policy(&self) -> &InputPolicy {
-        &self.policy
-    }
-
-    /// Every file's bytes, ready to upload in order: URL inputs are downloaded and `s3://`
-    /// inputs read from the job's bucket (`storage`) [`DOWNLOAD_CONCURRENCY`] at a time. Any
-    /// failure fails the whole list (each one named under `Failed to upload one or more input
-    /// images`), so nothing is uploaded.
-    pub async fn fetch_all(
-        &self,
-        files: &[InputFile],
-        storage: &JobStorage,
-        cancel: &CancellationToken,
-    ) -> Result<Vec<Upload>, JobFailure> {
-        // Owned futures: borrowed ones trip the compiler's `Send` inference for spawned callers.
-        let all = futures_util::stream::iter(files.to_vec())
-            .map(|file| {
-                let this = self.clone();
-                let storage = storage.clone();
-                async move { this.fetch_one(&file, &storage).await }
-            })
-            .buffered(DOWNLOAD_CONCURRENCY)
-            .collect::<Vec<_>>();
-        let results = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => {
-                return Err(JobFailure::Cancelled(Report::new("Job cancelled while downloading input files")))
-            }
-            results = all => results,
-        };
-        let mut uploads = Vec::with_capacity(results.len());
-        let mut problems = Vec::new();
-        for r in results {
-            match r {
-                Ok(upload) => uploads.push(upload),
-                Err(problem) => problems.push(problem),
-            }
-        }
-        if problems.is_empty() {
-            Ok(uploads)
-        } else {
-            Err(JobFailure::InputFiles(Report::with_details(
-                "Failed to upload one or more input images",
-                problems,
-            )))
-        }
-    }
-
-    async fn fetch_one(&self, file: &InputFile, storage: &JobStorage) -> Result<Upload, String> {
-        let (data, declared) = match &file.source {
-            Source::Inline { data, media_type } => (data.clone(), media_type.clone()),
-            Source::Url(url) => {
-                let started = Instant::now();
-                let fetched = self.downloader.get(url).await.map_err(|e| {
-                    format!(
-                        "Error downloading {} from {}: {}",
-                        file.name,
-                        file.source.describe(),
-                        self.describe(e)
-                    )
-                })?;
-                info!(
-                    name = %file.name,
-                    url = %file.source.describe(),
-                    bytes = fetched.data.len(),
-                    redirects = fetched.redirects,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "input downloaded"
-                );
-                note_mismatch(
-                    &file.name,
-                    fetched.content_type.as_deref(),
-                    &fetched.data,
-                    "the server's Content-Type",
-                );
-                (fetched.data, fetched.content_type)
-            }
-            Source::S3 { bucket, key } => {
-                let started = Instant::now();
-                let data = self.fetch_s3(bucket, key, storage).await.map_err(|e| {
-                    format!(
-                        "Error downloading {} from {}: {e}",
-                        file.name,
-                        file.source.describe()
-                    )
-                })?;
-                info!(
-                    name = %file.name,
-                    url = %file.source.describe(),
-                    bytes = data.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "input read from the bucket"
-                );
-                (data, None)
-            }
-        };
-        if data.is_empty() {
-            return Err(format!(
-                "Error downloading {} from {}: the file is empty",
-                file.name,
-                file.source.describe()
-            ));
-        }
-        let mut name = file.name.clone();
-        if file.name_derived && !name.contains('.') {
-            if let Some(ext) = sniff_media_type(&data).and_then(extension_for) {
-                name = format!("{name}.{ext}");
-            }
-        }
-        let content_type = media_type_of(&name, &data, declared.as_deref());
-        Ok(Upload {
-            name,
-            data,
-            subfolder: file.subfolder.clone(),
-            folder_type: file.folder_type.clone(),
-            content_type: Some(content_type),
-            original_ref: file.original_ref.clone(),
-        })
-    }
-
-    /// The bytes of `s3://bucket/key`, read from the job's bucket (its `s3Config`, else the
-    /// worker's `BUCKET_*`) when `bucket` is that bucket, within `INPUT_URL_MAX_BYTES` and
-    /// `INPUT_URL_TIMEOUT_S` (see [`JobStorage::read`]).
-    pub async fn fetch_s3(
-        &self,
-        bucket: &str,
-        key: &str,
-        storage: &JobStorage,
-    ) -> Result<Bytes, String> {
-        let read = storage.read(bucket, key, self.policy.max_bytes);
-        match tokio::time::timeout(self.policy.timeout, read).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "timed out after {} s (INPUT_URL_TIMEOUT_S)",
-                self.policy.timeout.as_secs_f64()
-            )),
-        }
-    }
-
-    /// A download failure, in words.
-    fn describe(&self, e: FetchError) -> String {
-        let max = self.policy.max_bytes;
-        match e {
-            FetchError::Invalid {
-                redirect: None,
-                reason,
-            } => format!("invalid URL: {reason}"),
-            FetchError::Invalid {
-                redirect: Some(to),
-                reason,
-            } => format!("invalid redirect to {to}: {reason}"),
-            FetchError::Refused {
-                redirect: None,
-                reason,
-            } => format!("refused: {reason} {ALLOW_HINT}"),
-            FetchError::Refused {
-                redirect: Some(to),
-                reason,
-            } => format!("redirect to {to} refused: {reason} {ALLOW_HINT}"),
-            FetchError::TooLarge {
-                announced: Some(len),
-            } => format!(
-                "the server announces {len} bytes, larger than INPUT_URL_MAX_BYTES ({max} bytes)"
-            ),
-            FetchError::TooLarge { announced: None } => {
-                format!("the file is larger than INPUT_URL_MAX_BYTES ({max} bytes)")
-            }
-            FetchError::TimedOut => format!(
-                "timed out after {} s (INPUT_URL_TIMEOUT_S)",
-                self.policy.timeout.as_secs_f64()
-            ),
-            FetchError::TooManyRedirects => format!("more than {MAX_REDIRECTS} redirects"),
-            FetchError::Status(status) => format!("the server answered {status}"),
-            FetchError::Transport(e) => e,
-        }
-    }
-}
-
 #[cfg(test)]
 mod name_props;
 
 #[cfg(test)]
 mod tests {
+    use super::media::media_type_of;
     use super::*;
     use crate::job::JobOutput;
+    use crate::media_type::sniff_media_type;
     use serde_json::json;
 
     fn err(input: Option<Value>) -> Value {
@@ -924,7 +449,7 @@ mod tests {
         }
     }
 
-    const WF: &str = r#"{"1": {"class_type": "EmptyImage", "inputs": {}}}"#;
+    pub(super) const WF: &str = r#"{"1": {"class_type": "EmptyImage", "inputs": {}}}"#;
 
     #[test]
     fn worker_comfyui_messages() {
@@ -1027,94 +552,7 @@ mod tests {
         assert!(!format!("{parsed:?}").contains("k-123"));
     }
 
-    #[test]
-    fn names_from_urls_are_made_safe() {
-        for (raw, safe) in [
-            ("photo.png", "photo.png"),
-            ("My Photo (1).PNG", "My_Photo_1.PNG"),
-            ("../../etc/passwd", "etc_passwd"),
-            ("..", "input"),
-            ("", "input"),
-            (".hidden.png", "hidden.png"),
-            ("a..b.png", "a.b.png"),
-            ("a._.b", "a.b"),
-            ("ünïcödé.jpg", "n_c_d.jpg"),
-            ("x\u{0}y\n.png", "x_y.png"),
-            ("-rf.png", "rf.png"),
-            ("a\\b.png", "a_b.png"),
-            ("___", "input"),
-            (".png", "png"),
-        ] {
-            let name = sanitize_file_name(raw);
-            assert_eq!(name, safe, "{raw:?}");
-            assert!(check_image_name(&name).is_ok(), "{raw:?} -> {name:?}");
-        }
-        let long = format!("{}.webp", "a".repeat(300));
-        let name = sanitize_file_name(&long);
-        assert_eq!(name.len(), 100);
-        assert!(name.ends_with("a.webp"), "{name}");
-        let long_ext = format!("b.{}", "c".repeat(300));
-        assert_eq!(sanitize_file_name(&long_ext).len(), 100);
-        for (url, name) in [
-            ("https://example.com/img/cat.png?sig=abc#x", "cat.png"),
-            ("https://example.com/img/My%20Cat%2B1.png", "My_Cat_1.png"),
-            ("https://example.com/a/%2e%2e%2fsecret", "secret"),
-            ("https://example.com/", "input"),
-            ("https://example.com", "input"),
-            ("https://example.com/512", "512"),
-            ("s3://bucket/dir/clip.mp4", "clip.mp4"),
-            ("https://example.com/%ff%fe.png", "png"),
-        ] {
-            assert_eq!(name_from_url(url), name, "{url}");
-        }
-    }
-
-    #[test]
-    fn subfolders_are_relative_and_stay_inside() {
-        for (raw, normal) in [
-            ("", ""),
-            ("uploads", "uploads"),
-            ("uploads/job-1/", "uploads/job-1"),
-            ("a//b/./c", "a/b/c"),
-            (" x ", "x"),
-        ] {
-            assert_eq!(check_subfolder(raw).as_deref(), Ok(normal), "{raw:?}");
-        }
-        for (raw, why) in [
-            ("/etc", "it starts with '/'"),
-            ("..", "it contains '..'"),
-            ("a/../../b", "it contains '..'"),
-            ("a\\b", "it contains '\\'"),
-            ("a\u{7}b", "control characters"),
-        ] {
-            let err = check_subfolder(raw).unwrap_err();
-            assert!(err.starts_with("Invalid subfolder"), "{err}");
-            assert!(err.contains(why), "{raw:?}: {err}");
-        }
-        assert!(check_subfolder(&"a/".repeat(200)).is_err());
-    }
-
-    /// Found by the `job_input_json` fuzz target (fuzz/regressions/job_input_json/): a folder
-    /// with trailing spaces before a `/` normalised to a form that normalised differently again.
-    #[test]
-    fn fuzz_regression_subfolder_normalisation_is_idempotent() {
-        for raw in ["KSampler% /", "a /", "a / ", "x/y  /", " a/b /"] {
-            let once = check_subfolder(raw).unwrap();
-            assert_eq!(
-                check_subfolder(&once).as_deref(),
-                Ok(once.as_str()),
-                "{raw:?}"
-            );
-        }
-        assert_eq!(check_subfolder("KSampler% /").as_deref(), Ok("KSampler%"));
-        let wf: Value = serde_json::from_str(WF).unwrap();
-        let input = json!({"workflow": wf,
-            "images": [{"name": "x.png", "image": "aGk=", "subfolder": "KSampler% /"}]});
-        let files = parse_input(Some(&input)).unwrap().files;
-        assert_eq!(files[0].subfolder, "KSampler%");
-    }
-
-    fn files_of(input: Value) -> Vec<InputFile> {
+    pub(super) fn files_of(input: Value) -> Vec<InputFile> {
         match parse_input(Some(&input)) {
             Ok(parsed) => parsed.files,
             Err(out) => panic!("refused: {out}"),
@@ -1289,60 +727,5 @@ mod tests {
             json!({"workflow": wf, "images": [{"name": "a.png", "image": format!("data:image/jpeg;base64,{png}")}]}),
         );
         assert!(matches!(&files[0].source, Source::Inline { data, .. } if &data[..] == PNG));
-    }
-
-    #[tokio::test]
-    async fn fetching_inline_files_and_s3_without_a_bucket() {
-        let wf: Value = serde_json::from_str(WF).unwrap();
-        let files = files_of(json!({"workflow": wf, "images": [
-            {"name": "a.png", "image": "aGk=", "subfolder": "x", "type": "temp"},
-            {"name": "b.bin", "image": "data:image/png;base64,aGk="},
-        ]}));
-        let fetcher = Fetcher::new(&InputPolicy::default());
-        let storage = crate::job::Storage::new(Default::default())
-            .for_job("job-1", None)
-            .await
-            .unwrap();
-        let cancel = CancellationToken::new();
-        let uploads = fetcher.fetch_all(&files, &storage, &cancel).await.unwrap();
-        assert_eq!(uploads[0].name, "a.png");
-        assert_eq!(uploads[0].subfolder, "x");
-        assert_eq!(uploads[0].folder_type, "temp");
-        assert_eq!(uploads[0].content_type.as_deref(), Some("image/png"));
-        assert_eq!(&uploads[0].data[..], b"hi");
-        assert_eq!(uploads[1].content_type.as_deref(), Some("image/png"));
-        let files =
-            files_of(json!({"workflow": wf, "images": [{"image": "s3://bucket/in/a.png"}]}));
-        let out = fetcher
-            .fetch_all(&files, &storage, &cancel)
-            .await
-            .unwrap_err();
-        let out = JobOutput::from(out).to_json();
-        assert_eq!(
-            out,
-            json!({"error": "Failed to upload one or more input images", "details": [
-                "Error downloading a.png from s3://bucket/in/a.png: no bucket is configured: s3:// inputs are read from the worker's bucket (BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY) or the job's s3Config"
-            ]})
-        );
-        // Refused before any connection: no network needed.
-        let files = files_of(
-            json!({"workflow": wf, "images": [{"name": "input.png", "image": "http://10.0.0.5/x.png?sig=1"}]}),
-        );
-        let out = fetcher
-            .fetch_all(&files, &storage, &cancel)
-            .await
-            .unwrap_err();
-        let out = JobOutput::from(out).to_json();
-        assert_eq!(
-            out["details"][0],
-            "Error downloading input.png from http://10.0.0.5/x.png?…: refused: 10.0.0.5 is a private address (set ALLOW_PRIVATE_INPUT_URLS=true to allow it)"
-        );
-        cancel.cancel();
-        let out = fetcher
-            .fetch_all(&files, &storage, &cancel)
-            .await
-            .unwrap_err();
-        assert!(matches!(out, JobFailure::Cancelled(_)), "{out}");
-        assert!(out.message().contains("cancelled"));
     }
 }
