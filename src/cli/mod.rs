@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 pub use serve::ServeArgs;
 pub use watch::WatchArgs;
 
-use crate::simulator::{self, SimConfig};
+use comfy_sim::SimConfig;
 
 /// A serverless worker for ComfyUI with live progress.
 #[derive(Debug, Parser)]
@@ -206,7 +206,10 @@ fn runpod_settings() -> Result<Option<crate::platform::runpod::RunPodSettings>, 
 }
 
 async fn simulate(args: SimArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
+    crate::telemetry::init(
+        "comfy_worker=info,comfy_sim=info",
+        crate::telemetry::json_requested(),
+    );
     let addr = SocketAddr::new(args.host, args.port);
     let config = SimConfig {
         step_delay: Duration::from_millis(args.step_ms),
@@ -216,7 +219,7 @@ async fn simulate(args: SimArgs) -> ExitCode {
         ..SimConfig::default()
     };
     eprintln!("comfy-worker: simulated ComfyUI on http://{addr} (Ctrl+C to stop)");
-    match simulator::serve(addr, config, shutdown_signal()).await {
+    match comfy_sim::serve(addr, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("comfy-worker: simulator failed: {e:#}");

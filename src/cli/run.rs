@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use comfy_sim::{SimConfig, Simulator};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -12,7 +13,6 @@ use super::RunArgs;
 use crate::config::{ConfigError, Settings};
 use crate::job::{codec, Engine, JobOutput, StorageSettings};
 use crate::progress;
-use crate::simulator::{SimConfig, Simulator};
 
 /// The SDK's job id for local test runs.
 const LOCAL_JOB_ID: &str = "local_test";
@@ -95,7 +95,10 @@ fn settings_for_run(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings,
 
 /// Runs the command.
 pub(crate) async fn run(args: RunArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=warn", crate::telemetry::json_requested());
+    crate::telemetry::init(
+        "comfy_worker=warn,comfy_sim=warn",
+        crate::telemetry::json_requested(),
+    );
     let job = match load_test_input(&args) {
         Ok(job) => job,
         Err(e) => return fail(e),

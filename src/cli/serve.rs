@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use comfy_sim::{SimConfig, Simulator};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
@@ -13,7 +14,6 @@ use crate::api::{self, ServeOptions};
 use crate::config::{Secret, Settings};
 use crate::job::Engine;
 use crate::platform::runpod::settings::shutdown_grace_from;
-use crate::simulator::{SimConfig, Simulator};
 use crate::webhook::{WebhookPolicy, Webhooks};
 
 /// Options of `serve`.
@@ -125,7 +125,10 @@ const USAGE: u8 = 2;
 
 /// Serves until Ctrl+C / SIGTERM; the running job is given time to finish.
 pub(crate) async fn run(args: ServeArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
+    crate::telemetry::init(
+        "comfy_worker=info,comfy_sim=info",
+        crate::telemetry::json_requested(),
+    );
     let mut settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),

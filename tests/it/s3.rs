@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use comfy_sim::{SimConfig, Simulator};
 use comfy_worker::api::{self, ServeOptions};
 use comfy_worker::config::Secret;
 use comfy_worker::job::input::InputPolicy;
@@ -27,7 +28,6 @@ use comfy_worker::job::storage::BucketSettings;
 use comfy_worker::job::{
     CollectedFile, Engine, JobOutput, OutputKind, Storage, StorageSettings, UploadMode,
 };
-use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStoreExt, PutPayload};
