@@ -14,7 +14,8 @@
 //!
 //! The fake ComfyUI (real protocol, no GPU) that `simulate-comfyui` and `--simulate` run and the
 //! tests use is not in this library: it is the workspace's `comfy-sim` crate
-//! (`crates/comfy-sim`), which the command line depends on.
+//! (`crates/comfy-sim`), which the command line uses only with the `simulator` cargo feature (on
+//! by default).
 
 pub mod api;
 pub mod cli;

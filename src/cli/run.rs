@@ -2,9 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use comfy_sim::{SimConfig, Simulator};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -110,26 +108,9 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
     if let Some(host) = &args.comfy_host {
         settings.comfy_host = host.clone();
     }
-    let simulator = if args.simulate {
-        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
-            Ok(l) => l,
-            Err(e) => return fail(format!("cannot start the simulator: {e}")),
-        };
-        let config = SimConfig {
-            step_delay: Duration::from_millis(args.sim_step_ms),
-            ..SimConfig::default()
-        };
-        match Simulator::start(listener, config).await {
-            Ok(sim) => {
-                settings.comfy_host = sim.host();
-                // A PID file of some other ComfyUI must not decide readiness here.
-                settings.comfy_pid_file = PathBuf::from("/nonexistent/comfy-worker-simulator.pid");
-                Some(sim)
-            }
-            Err(e) => return fail(format!("cannot start the simulator: {e}")),
-        }
-    } else {
-        None
+    let simulator = match args.sim.start(&mut settings).await {
+        Ok(sim) => sim,
+        Err(e) => return fail(e),
     };
     let engine = match Engine::new(settings) {
         Ok(e) => e,
@@ -191,8 +172,7 @@ mod tests {
         RunArgs {
             file: None,
             test_input: None,
-            simulate: false,
-            sim_step_ms: 1,
+            sim: crate::cli::SimulateArgs::default(),
             json_progress: false,
             quiet: true,
             output_dir: None,
