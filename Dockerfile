@@ -17,12 +17,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends cmake perl \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /build
-# The build context is filtered by .dockerignore (no target/, .git/ or tests/).
-# Default features: the binary includes Lambda mode (`lambda`), so the image also runs on AWS Lambda.
+# The build context is filtered by .dockerignore (no target/, .git/ or tests/); it keeps crates/,
+# whose members the workspace manifest needs even when they are not built.
+# Features: Lambda mode (`lambda`), so the image also runs on AWS Lambda, but not the built-in
+# ComfyUI simulator (`simulator`, a default feature, with `simulate-comfyui` and `--simulate`):
+# the image runs a real ComfyUI.
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
-    cargo build --release --locked --bin comfy-worker \
+    cargo build --release --locked --no-default-features --features lambda --bin comfy-worker \
     && cp target/release/comfy-worker /usr/local/bin/comfy-worker
 
 # Runtime: worker-comfyui's base image, with our worker and start script in place of its handler.

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
 use axum::Router;
+use comfy_sim::{SimConfig, Simulator};
 use comfy_worker::job::codec;
-use comfy_worker::simulator::{SimConfig, Simulator};
 use serde_json::{json, Value};
 
 use fake_platform::{FakePlatform, PlatformOptions, PostKind};

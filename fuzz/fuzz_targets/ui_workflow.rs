@@ -12,7 +12,7 @@ use serde_json::Value;
 fn object_info() -> &'static ObjectInfo {
     static INFO: OnceLock<ObjectInfo> = OnceLock::new();
     INFO.get_or_init(|| {
-        let text = include_str!("../../assets/comfyui/object_info.json");
+        let text = include_str!("../../crates/comfy-sim/assets/object_info.json");
         ObjectInfo::from_value(serde_json::from_str(text).expect("recorded object_info"))
     })
 }

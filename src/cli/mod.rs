@@ -1,27 +1,26 @@
 //! The command line: `run` (one job, live progress), `worker`, `serve` (the local endpoint),
-//! `lambda` (AWS Lambda's Runtime API), `simulate-comfyui`, `convert` (UI-format workflow to
-//! API format), `watch` (ComfyUI's events, readable), and the default mode.
+//! `lambda` (AWS Lambda's Runtime API), `simulate-comfyui` (with the `simulator` feature),
+//! `convert` (UI-format workflow to API format), `watch` (ComfyUI's events, readable), and the
+//! default mode.
 
 mod convert;
 mod health;
 mod lambda;
 mod run;
 mod serve;
+mod sim;
 mod view;
 mod watch;
 mod worker;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 pub use serve::ServeArgs;
+pub use sim::SimulateArgs;
 pub use watch::WatchArgs;
-
-use crate::simulator::{self, SimConfig};
 
 /// A serverless worker for ComfyUI with live progress.
 #[derive(Debug, Parser)]
@@ -76,8 +75,9 @@ enum Command {
     /// Check ComfyUI: version, devices and VRAM, queue length (exit 0 when reachable, 1 when not).
     Health(health::HealthArgs),
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
+    #[cfg(feature = "simulator")]
     #[command(name = "simulate-comfyui")]
-    SimulateComfyui(SimArgs),
+    SimulateComfyui(sim::SimArgs),
     /// Convert a workflow saved with the UI's plain "Save" to API format and print it.
     Convert(convert::ConvertArgs),
     /// Print ComfyUI's WebSocket events readably, one line each (broadcasts only, or a prompt of
@@ -93,12 +93,9 @@ pub struct RunArgs {
     /// The test input as a JSON string instead of a file (RunPod SDK flag).
     #[arg(long = "test_input", visible_alias = "test-input", value_name = "JSON")]
     pub test_input: Option<String>,
-    /// Run against a built-in ComfyUI simulator instead of a real ComfyUI.
-    #[arg(long)]
-    pub simulate: bool,
-    /// Simulated time per sampler step, in milliseconds (with --simulate).
-    #[arg(long, value_name = "MS", default_value_t = 50)]
-    pub sim_step_ms: u64,
+    /// `--simulate`, `--sim-step-ms` (none without the `simulator` feature).
+    #[command(flatten)]
+    pub sim: SimulateArgs,
     /// Progress as one JSON object per line on stderr.
     #[arg(long, conflicts_with = "quiet")]
     pub json_progress: bool,
@@ -111,28 +108,6 @@ pub struct RunArgs {
     /// ComfyUI address (overrides COMFY_HOST).
     #[arg(long, value_name = "HOST:PORT")]
     pub comfy_host: Option<String>,
-}
-
-#[derive(Debug, Clone, Args)]
-struct SimArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: std::net::IpAddr,
-    /// Port to listen on.
-    #[arg(long, default_value_t = 8188)]
-    port: u16,
-    /// Time per sampler step, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 50)]
-    step_ms: u64,
-    /// Also write uploaded inputs into this directory, as ComfyUI's input folder.
-    #[arg(long, value_name = "DIR")]
-    input_dir: Option<PathBuf>,
-    /// Also write output files into this directory, as ComfyUI's output folder.
-    #[arg(long, value_name = "DIR")]
-    output_dir: Option<PathBuf>,
-    /// Also write temp files (previews) into this directory.
-    #[arg(long, value_name = "DIR")]
-    temp_dir: Option<PathBuf>,
 }
 
 /// Entry point of the binary.
@@ -163,7 +138,8 @@ pub fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Lambda) => lambda::run().await,
             Some(Command::Health(args)) => health::run(args).await,
-            Some(Command::SimulateComfyui(args)) => simulate(args).await,
+            #[cfg(feature = "simulator")]
+            Some(Command::SimulateComfyui(args)) => sim::serve(args).await,
             Some(Command::Convert(args)) => convert::run(args).await,
             Some(Command::Watch(args)) => watch::run(args).await,
             None if cli.sdk_serve.rp_serve_api => {
@@ -172,8 +148,7 @@ pub fn main() -> ExitCode {
                     cli.sdk_serve.rp_api_port,
                     cli.sdk_serve.insecure,
                 );
-                args.simulate = cli.run.simulate;
-                args.sim_step_ms = cli.run.sim_step_ms;
+                args.sim = cli.run.sim;
                 args.comfy_host = cli.run.comfy_host;
                 serve::run(args).await
             }
@@ -201,26 +176,6 @@ fn runpod_settings() -> Result<Option<crate::platform::runpod::RunPodSettings>, 
         Err(e) => {
             eprintln!("comfy-worker: {e}");
             Err(ExitCode::FAILURE)
-        }
-    }
-}
-
-async fn simulate(args: SimArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
-    let addr = SocketAddr::new(args.host, args.port);
-    let config = SimConfig {
-        step_delay: Duration::from_millis(args.step_ms),
-        input_dir: args.input_dir,
-        output_dir: args.output_dir,
-        temp_dir: args.temp_dir,
-        ..SimConfig::default()
-    };
-    eprintln!("comfy-worker: simulated ComfyUI on http://{addr} (Ctrl+C to stop)");
-    match simulator::serve(addr, config, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("comfy-worker: simulator failed: {e:#}");
-            ExitCode::FAILURE
         }
     }
 }
@@ -256,26 +211,17 @@ mod tests {
         let cli = Cli::try_parse_from(["comfy-worker", "--test_input", "{}"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.run.test_input.as_deref(), Some("{}"));
-        let cli = Cli::try_parse_from([
-            "comfy-worker",
-            "run",
-            "x.json",
-            "--simulate",
-            "--json-progress",
-        ])
-        .unwrap();
+        let cli =
+            Cli::try_parse_from(["comfy-worker", "run", "x.json", "--json-progress"]).unwrap();
         match cli.command {
             Some(Command::Run(a)) => {
                 assert_eq!(a.file, Some(PathBuf::from("x.json")));
-                assert!(a.simulate && a.json_progress);
+                assert!(a.json_progress);
             }
             other => panic!("{other:?}"),
         }
         let cli = Cli::try_parse_from(["comfy-worker", "lambda"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Lambda)));
-        let cli =
-            Cli::try_parse_from(["comfy-worker", "simulate-comfyui", "--port", "9000"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.port == 9000));
         assert!(
             Cli::try_parse_from(["comfy-worker", "run", "--quiet", "--json-progress"]).is_err()
         );

@@ -14,7 +14,6 @@ use crate::config::{ConfigError, Settings};
 use crate::job::{codec, DeadlineSource, Engine, JobOutput, JobRequest};
 use crate::progress::{self, ProgressSnapshot};
 use crate::runner::{job_span, Controls, Deadline, Runner};
-use crate::simulator::{SimConfig, Simulator};
 
 /// The SDK's job id for local test runs.
 const LOCAL_JOB_ID: &str = "local_test";
@@ -97,7 +96,10 @@ fn settings_for_run(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings,
 
 /// Runs the command.
 pub(crate) async fn run(args: RunArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=warn", crate::telemetry::json_requested());
+    crate::telemetry::init(
+        "comfy_worker=warn,comfy_sim=warn",
+        crate::telemetry::json_requested(),
+    );
     let job = match load_test_input(&args) {
         Ok(job) => job,
         Err(e) => return fail(e),
@@ -109,26 +111,9 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
     if let Some(host) = &args.comfy_host {
         settings.comfy_host = host.clone();
     }
-    let simulator = if args.simulate {
-        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
-            Ok(l) => l,
-            Err(e) => return fail(format!("cannot start the simulator: {e}")),
-        };
-        let config = SimConfig {
-            step_delay: Duration::from_millis(args.sim_step_ms),
-            ..SimConfig::default()
-        };
-        match Simulator::start(listener, config).await {
-            Ok(sim) => {
-                settings.comfy_host = sim.host();
-                // A PID file of some other ComfyUI must not decide readiness here.
-                settings.comfy_pid_file = PathBuf::from("/nonexistent/comfy-worker-simulator.pid");
-                Some(sim)
-            }
-            Err(e) => return fail(format!("cannot start the simulator: {e}")),
-        }
-    } else {
-        None
+    let simulator = match args.sim.start(&mut settings).await {
+        Ok(sim) => sim,
+        Err(e) => return fail(e),
     };
     let engine = match Engine::new(settings) {
         Ok(e) => e,
@@ -201,8 +186,7 @@ mod tests {
         RunArgs {
             file: None,
             test_input: None,
-            simulate: false,
-            sim_step_ms: 1,
+            sim: crate::cli::SimulateArgs::default(),
             json_progress: false,
             quiet: true,
             output_dir: None,

@@ -1,7 +1,6 @@
 //! `comfy-worker serve` (or the SDK's `--rp_serve_api`): the local endpoint, an HTTP server that
 //! behaves like a RunPod cloud endpoint, in front of the local ComfyUI (or the simulator).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,12 +8,12 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use super::SimulateArgs;
 use crate::config::Settings;
 use crate::endpoint::{self, ServeOptions};
 use crate::job::Engine;
 use crate::platform::runpod::settings::shutdown_grace_from;
 use crate::secret::Secret;
-use crate::simulator::{SimConfig, Simulator};
 use crate::webhook::{WebhookPolicy, Webhooks};
 
 /// Options of `serve`.
@@ -41,12 +40,9 @@ pub struct ServeArgs {
     /// Jobs kept at most; the oldest finished ones are dropped first.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = parse_positive)]
     pub max_jobs: usize,
-    /// Run jobs on a built-in ComfyUI simulator instead of a real ComfyUI.
-    #[arg(long)]
-    pub simulate: bool,
-    /// Simulated time per sampler step, in milliseconds (with --simulate).
-    #[arg(long, value_name = "MS", default_value_t = 50)]
-    pub sim_step_ms: u64,
+    /// `--simulate`, `--sim-step-ms` (none without the `simulator` feature).
+    #[command(flatten)]
+    pub sim: SimulateArgs,
     /// ComfyUI address (overrides COMFY_HOST).
     #[arg(long, value_name = "HOST:PORT")]
     pub comfy_host: Option<String>,
@@ -64,8 +60,7 @@ impl std::fmt::Debug for ServeArgs {
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
             .field("job_ttl_s", &self.job_ttl_s)
             .field("max_jobs", &self.max_jobs)
-            .field("simulate", &self.simulate)
-            .field("sim_step_ms", &self.sim_step_ms)
+            .field("sim", &self.sim)
             .field("comfy_host", &self.comfy_host)
             .field("insecure", &self.insecure)
             .finish()
@@ -92,8 +87,7 @@ impl ServeArgs {
             api_key: std::env::var("SERVE_API_KEY").ok(),
             job_ttl_s: 1800,
             max_jobs: 1000,
-            simulate: false,
-            sim_step_ms: 50,
+            sim: SimulateArgs::default(),
             comfy_host: None,
             insecure,
         }
@@ -126,7 +120,10 @@ const USAGE: u8 = 2;
 
 /// Serves until Ctrl+C / SIGTERM; the running job is given time to finish.
 pub(crate) async fn run(args: ServeArgs) -> ExitCode {
-    crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
+    crate::telemetry::init(
+        "comfy_worker=info,comfy_sim=info",
+        crate::telemetry::json_requested(),
+    );
     let mut settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
@@ -162,26 +159,9 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         }
         warn!(%addr, "--insecure: listening beyond loopback without an API key; anyone who reaches this port can run jobs");
     }
-    let simulator = if args.simulate {
-        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
-            Ok(l) => l,
-            Err(e) => return fail(format!("cannot start the simulator: {e}")),
-        };
-        let config = SimConfig {
-            step_delay: Duration::from_millis(args.sim_step_ms),
-            ..SimConfig::default()
-        };
-        match Simulator::start(listener, config).await {
-            Ok(sim) => {
-                settings.comfy_host = sim.host();
-                // A PID file of some other ComfyUI must not decide readiness here.
-                settings.comfy_pid_file = PathBuf::from("/nonexistent/comfy-worker-simulator.pid");
-                Some(sim)
-            }
-            Err(e) => return fail(format!("cannot start the simulator: {e}")),
-        }
-    } else {
-        None
+    let simulator = match args.sim.start(&mut settings).await {
+        Ok(sim) => sim,
+        Err(e) => return fail(e),
     };
     let engine = match Engine::new(settings) {
         Ok(e) => e.with_test_hooks_from_env(),

@@ -27,7 +27,7 @@ fn read_json(path: &Path) -> Value {
 /// The recorded server's `/object_info` (what the simulator serves, less its additions).
 fn recorded_object_info() -> ObjectInfo {
     ObjectInfo::from_value(read_json(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/comfyui/object_info.json"),
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/comfy-sim/assets/object_info.json"),
     ))
 }
 
@@ -269,7 +269,7 @@ fn stdout_value(out: &Output) -> Value {
 #[test]
 fn convert_prints_the_api_json_from_a_file_or_stdin() {
     let object_info =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/comfyui/object_info.json");
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/comfy-sim/assets/object_info.json");
     let object_info = object_info.to_str().unwrap();
     let file = dir().join("seed_control.json");
     let out = convert_cmd(

@@ -9,11 +9,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use comfy_sim::DropPoint;
 use comfy_worker::comfy::FileRef;
 use comfy_worker::config::Settings;
 use comfy_worker::job::{codec, Completed, Engine, JobOutput};
 use comfy_worker::progress::ProgressKind;
-use comfy_worker::simulator::DropPoint;
 use serde_json::{json, Value};
 
 use crate::cli::bin;

@@ -13,9 +13,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use comfy_sim::Simulator;
 use comfy_worker::config::Settings;
 use comfy_worker::job::{codec, Engine, JobOutput};
-use comfy_worker::simulator::Simulator;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 

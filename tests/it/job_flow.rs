@@ -1,9 +1,9 @@
 //! The real engine against the in-process ComfyUI simulator: the whole job flow, uploads,
 //! caching, validation, runtime errors, cancel, and a socket killed or silenced mid-run.
 
+use comfy_sim::Simulator;
 use comfy_worker::job::Engine;
 use comfy_worker::progress::ProgressKind;
-use comfy_worker::simulator::Simulator;
 use serde_json::{json, Value};
 
 use crate::harness::{self, error_text, images, png_size, run_job, spawn_job, steps_of};

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use comfy_worker::simulator::{SimConfig, Simulator};
+use comfy_sim::{SimConfig, Simulator};
 use serde_json::{json, Value};
 
 use crate::cli::bin;

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
+use comfy_sim::Simulator;
 use comfy_worker::job::codec;
-use comfy_worker::simulator::Simulator;
 use serde_json::{json, Value};
 
 use crate::fake_platform::{FakePlatform, PlatformOptions};

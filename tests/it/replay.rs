@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 /// Where the recordings live, relative to the crate root.
 const TRANSCRIPT_DIR: &str = "tests/fixtures/comfyui/transcripts";
 /// The `GET /object_info` reply of the recorded server.
-const OBJECT_INFO: &str = "assets/comfyui/object_info.json";
+const OBJECT_INFO: &str = "crates/comfy-sim/assets/object_info.json";
 /// What ComfyUI 0.3.64 answers to a client's `feature_flags` frame (observed).
 const DEFAULT_FEATURE_FLAGS: &str = r#"{"type":"feature_flags","data":{"supports_preview_metadata":true,"max_upload_size":104857600}}"#;
 /// Largest request body the fake reads (ComfyUI's default `--max-upload-size`).

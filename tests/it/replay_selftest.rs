@@ -779,7 +779,7 @@ async fn side_endpoints_answer_like_comfyui() {
             .await
             .expect("body");
         let file = std::fs::read(format!(
-            "{}/assets/comfyui/object_info.json",
+            "{}/crates/comfy-sim/assets/object_info.json",
             env!("CARGO_MANIFEST_DIR")
         ))
         .expect("asset");

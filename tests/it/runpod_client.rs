@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use comfy_sim::{SimConfig, Simulator};
 use comfy_worker::endpoint::{serve, ServeOptions};
 use comfy_worker::secret::Secret;
-use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;

@@ -20,11 +20,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use comfy_sim::{SimConfig, Simulator};
 use comfy_worker::config::{BucketSettings, InputPolicy, StorageSettings, UploadMode};
 use comfy_worker::endpoint::{self, ServeOptions};
 use comfy_worker::job::{CollectedFile, Engine, JobOutput, OutputKind, Storage};
 use comfy_worker::secret::Secret;
-use comfy_worker::simulator::{SimConfig, Simulator};
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use object_store::aws::AmazonS3Builder;
 use object_store::{ObjectStoreExt, PutPayload};

@@ -81,7 +81,7 @@ fn secret_env(comfy_host: &str) -> Vec<(&str, &str)> {
 }
 
 /// `COMFY_HOST` with credentials (the simulator ignores them).
-fn host_with_password(sim: &comfy_worker::simulator::Simulator) -> String {
+fn host_with_password(sim: &comfy_sim::Simulator) -> String {
     format!("http://comfy:{COMFY_HOST_PASSWORD}@{}", sim.host())
 }
 

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use comfy_sim::Simulator;
 use comfy_worker::endpoint::{self, ServeOptions};
 use comfy_worker::secret::Secret;
-use comfy_worker::simulator::Simulator;
 use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use comfy_worker::simulator::{SimConfig, Simulator};
+use comfy_sim::{SimConfig, Simulator};
 use serde_json::{json, Value};
 
 use crate::fake_platform::{FakePlatform, Fault, PlatformOptions, PostKind};

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use comfy_worker::simulator::{DropPoint, Simulator};
+use comfy_sim::{DropPoint, Simulator};
 use serde_json::{json, Value};
 
 use crate::cli::bin;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use comfy_worker::simulator::{SimConfig, Simulator};
+use comfy_sim::{SimConfig, Simulator};
 use serde_json::{json, Value};
 
 use crate::cli::bin;

@@ -12,7 +12,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{SimConfig, Simulator};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/comfyui");
+/// The recordings shared with the root package's tests (`tests/fixtures/comfyui` at the repository
+/// root); tests only, so the packaged crate does not need them.
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/comfyui");
 /// Upper bound for any single wait; only reached when something is broken.
 const WAIT: Duration = Duration::from_secs(30);
 

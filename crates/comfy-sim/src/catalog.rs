@@ -5,8 +5,10 @@
 
 use serde_json::{Map, Value};
 
-/// The real ComfyUI 0.3.64 `/object_info` reply.
-const OBJECT_INFO: &str = include_str!("../../assets/comfyui/object_info.json");
+/// The real ComfyUI 0.3.64 `/object_info` reply. It lives in this crate (`assets/`) so the crate
+/// is self-contained (`cargo package` keeps only files under the crate's directory); the root
+/// package's tests and the fuzz targets read it from here as a real server's `/object_info`.
+const OBJECT_INFO: &str = include_str!("../assets/object_info.json");
 
 /// Checkpoint names offered in every `ckpt_name` combo (the recording had no model files).
 pub(crate) const CHECKPOINTS: [&str; 2] =

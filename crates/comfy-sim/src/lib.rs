@@ -6,6 +6,10 @@
 //! flow, and integration tests run it in-process on `127.0.0.1:0` with deterministic hooks
 //! ([`Simulator::pause_after_step`], [`Simulator::drop_websockets`], ...).
 //!
+//! It is a crate of its own so the worker library carries no fake ComfyUI: `comfy-worker` depends on it
+//! only through its `simulator` cargo feature (on by default; the commands above), and its tests and
+//! benchmarks as a dev-dependency. The crate knows nothing of the worker.
+//!
 //! # Layout
 //! * `http`: the routes (also under `/api`), the Origin check and the body limit.
 //! * `ws`: `/ws` and the socket registry that routes messages by client id.
