@@ -16,14 +16,15 @@ use crate::fake_platform::{FakePlatform, PlatformOptions};
 use crate::faults::instant_input;
 use crate::worker_process::{final_of, simulator, WorkerProcess};
 
-struct Case {
-    file: String,
-    id: String,
-    expected_error: Option<String>,
-    body: Body,
+pub(crate) struct Case {
+    pub(crate) file: String,
+    pub(crate) id: String,
+    pub(crate) description: String,
+    pub(crate) expected_error: Option<String>,
+    pub(crate) body: Body,
 }
 
-enum Body {
+pub(crate) enum Body {
     Json(Value),
     Bytes(Vec<u8>),
 }
@@ -32,7 +33,8 @@ fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad_inputs")
 }
 
-fn load_cases() -> Vec<Case> {
+/// Every case of the corpus, in file name order (also the wire golden test's bad inputs).
+pub(crate) fn load_cases() -> Vec<Case> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(corpus_dir())
         .expect("tests/fixtures/bad_inputs")
         .map(|e| e.unwrap().path())
@@ -50,7 +52,10 @@ fn load_cases() -> Vec<Case> {
                 Value::String(s) => Some(s.clone()),
                 other => panic!("{file}: expected_error is {other}"),
             };
-            assert!(doc["description"].is_string(), "{file}: no description");
+            let description = doc["description"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: no description"))
+                .to_owned();
             let (id, body) = match (doc.get("job"), doc.get("generate")) {
                 (Some(job), None) => {
                     let id = job["id"]
@@ -69,6 +74,7 @@ fn load_cases() -> Vec<Case> {
             Case {
                 file,
                 id,
+                description,
                 expected_error,
                 body,
             }

@@ -109,6 +109,8 @@ pub struct Post {
     /// The parsed body; a body that is not JSON is kept as a lossy string, one that was too
     /// large to read as `null`.
     pub body: Value,
+    /// The body exactly as it arrived (the wire golden files compare its bytes).
+    pub raw: bytes::Bytes,
     /// The platform applied it (for a delayed post: once its delay is over).
     pub accepted: bool,
     /// When the request (with its whole body) arrived.
@@ -880,6 +882,7 @@ async fn post(
             Post {
                 kind,
                 body,
+                raw: bytes.clone(),
                 accepted: false,
                 at,
                 url_query: query.clone(),

@@ -28,7 +28,8 @@ use crate::worker_process::{job_input, simulator};
 /// An invocation waiting for the runtime.
 struct Pending {
     id: String,
-    payload: Value,
+    /// The event's bytes, sent as they are.
+    payload: Vec<u8>,
     deadline_ms: u64,
 }
 
@@ -59,6 +60,8 @@ struct FakeState {
     /// Invocations handed out, by id, with when.
     taken: Vec<String>,
     answers: HashMap<String, Answer>,
+    /// Each answer's body exactly as it arrived (for a streamed one: prelude, delimiter, lines).
+    raw_answers: HashMap<String, Vec<u8>>,
     /// Streamed bytes received so far per invocation (while the response is still open).
     live: HashMap<String, Vec<u8>>,
     init_errors: Vec<(String, Value)>,
@@ -113,7 +116,7 @@ async fn next(State(s): State<Shared>) -> Response {
                     ),
                     ("Content-Type", "application/json".to_owned()),
                 ],
-                job.payload.to_string(),
+                job.payload,
             )
                 .into_response();
         }
@@ -121,8 +124,9 @@ async fn next(State(s): State<Shared>) -> Response {
     }
 }
 
-fn answered(s: &Shared, id: &str, answer: Answer) {
+fn answered(s: &Shared, id: &str, answer: Answer, raw: Vec<u8>) {
     let mut st = lock(s);
+    st.raw_answers.insert(id.to_owned(), raw);
     if !st.taken.iter().any(|t| t == id) {
         st.violations
             .push(format!("answer for unknown invocation {id}"));
@@ -172,7 +176,7 @@ async fn response(
     } else {
         Answer::Buffered(serde_json::from_slice(&all).unwrap_or(Value::Null))
     };
-    answered(&s, &id, answer);
+    answered(&s, &id, answer, all);
     StatusCode::ACCEPTED
 }
 
@@ -183,8 +187,9 @@ async fn error(
     body: String,
 ) -> StatusCode {
     let header = header_of(&headers);
+    let raw = body.clone().into_bytes();
     let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    answered(&s, &id, Answer::Error { header, body });
+    answered(&s, &id, Answer::Error { header, body }, raw);
     StatusCode::ACCEPTED
 }
 
@@ -238,10 +243,18 @@ impl FakeRuntime {
 
     /// Queues an invocation whose deadline is `timeout` from now.
     pub fn invoke(&self, id: &str, payload: Value, timeout: Duration) {
+        let deadline_ms = now_ms() + timeout.as_millis() as u64;
+        self.invoke_raw(id, payload.to_string().into_bytes(), deadline_ms);
+    }
+
+    /// Queues an invocation of `payload` byte for byte, with `deadline_ms` as the
+    /// `Lambda-Runtime-Deadline-Ms` header (Unix milliseconds, or a duration as `cargo lambda
+    /// watch` sends it).
+    pub fn invoke_raw(&self, id: &str, payload: Vec<u8>, deadline_ms: u64) {
         lock(&self.state).queue.push_back(Pending {
             id: id.to_owned(),
             payload,
-            deadline_ms: now_ms() + timeout.as_millis() as u64,
+            deadline_ms,
         });
         self.state.1.notify_waiters();
     }
@@ -269,6 +282,14 @@ impl FakeRuntime {
     pub async fn answer(&self, id: &str) -> Answer {
         self.wait(&format!("the answer to {id}"), |st| {
             st.answers.get(id).cloned()
+        })
+        .await
+    }
+
+    /// The runtime's answer to invocation `id`, with its body exactly as it arrived.
+    pub async fn raw_answer(&self, id: &str) -> (Answer, Vec<u8>) {
+        self.wait(&format!("the answer to {id}"), |st| {
+            Some((st.answers.get(id)?.clone(), st.raw_answers.get(id)?.clone()))
         })
         .await
     }
@@ -312,7 +333,7 @@ impl Drop for FakeRuntime {
 }
 
 /// The binary in Lambda mode; killed when dropped, its log printed if the test failed.
-struct LambdaProcess {
+pub(crate) struct LambdaProcess {
     child: Option<Child>,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -321,7 +342,7 @@ struct LambdaProcess {
 impl LambdaProcess {
     /// Starts `comfy-worker` with `args` against the Runtime API in `runtime_env` and the
     /// simulator at `comfy_host`.
-    fn start(
+    pub(crate) fn start(
         args: &[&str],
         runtime_env: &[(&'static str, String)],
         comfy_host: &str,
@@ -330,7 +351,8 @@ impl LambdaProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("lambda.log");
         let mut cmd = Command::new(bin());
-        cmd.args(args)
+        crate::harness::clear_worker_env(&mut cmd)
+            .args(args)
             .current_dir(dir.path())
             .envs(runtime_env.iter().cloned())
             .env("COMFY_HOST", comfy_host)

@@ -27,4 +27,5 @@ mod shutdown;
 mod start_script;
 mod watch;
 mod webhooks;
+mod wire_golden;
 mod worker_process;
