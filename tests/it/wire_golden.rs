@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use comfy_worker::simulator::Simulator;
+use comfy_sim::Simulator;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
