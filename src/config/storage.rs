@@ -361,3 +361,194 @@ fn region_from_host(host: &str) -> Option<String> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn bucket(endpoint: &str, name: Option<&str>, region: Option<&str>) -> BucketSettings {
+        BucketSettings {
+            endpoint_url: endpoint.into(),
+            access_key_id: "AKID".into(),
+            secret_access_key: Secret::new("very-secret"),
+            bucket_name: name.map(Into::into),
+            region: region.map(Into::into),
+        }
+    }
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<StorageSettings, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        StorageSettings::from_lookup(&|k| map.get(k).cloned())
+    }
+
+    fn loc(endpoint: &str, name: Option<&str>) -> Result<BucketLocation, String> {
+        locate(&bucket(endpoint, name, None), ENV_NAMES)
+    }
+
+    #[test]
+    fn virtual_hosted_endpoint_names_the_bucket_and_region() {
+        let l = loc("https://my-outputs.s3.eu-west-3.amazonaws.com", None).unwrap();
+        assert_eq!(
+            l,
+            BucketLocation {
+                endpoint: "https://my-outputs.s3.eu-west-3.amazonaws.com".into(),
+                bucket: "my-outputs".into(),
+                virtual_hosted: true,
+                region: "eu-west-3".into(),
+                path_prefix: String::new(),
+            }
+        );
+        // The same endpoint with BUCKET_NAME set to that bucket stays virtual-hosted.
+        assert_eq!(
+            loc(
+                "https://my-outputs.s3.eu-west-3.amazonaws.com/",
+                Some("my-outputs")
+            )
+            .unwrap(),
+            l
+        );
+        let spaces = loc("https://art.nyc3.digitaloceanspaces.com", None).unwrap();
+        assert_eq!(
+            (spaces.bucket.as_str(), spaces.region.as_str()),
+            ("art", "nyc3")
+        );
+        assert!(spaces.virtual_hosted);
+        let legacy = loc("https://b.s3-us-west-2.amazonaws.com", None).unwrap();
+        assert_eq!(legacy.region, "us-west-2");
+        assert_eq!(
+            loc("https://b.s3.amazonaws.com", None).unwrap().region,
+            "us-east-1"
+        );
+    }
+
+    #[test]
+    fn path_style_with_bucket_name_or_bucket_in_path() {
+        let l = loc("http://127.0.0.1:9000", Some("outputs")).unwrap();
+        assert_eq!(
+            l,
+            BucketLocation {
+                endpoint: "http://127.0.0.1:9000".into(),
+                bucket: "outputs".into(),
+                virtual_hosted: false,
+                region: "us-east-1".into(),
+                path_prefix: String::new(),
+            }
+        );
+        assert_eq!(
+            loc("http://127.0.0.1:9000/outputs", Some("outputs")).unwrap(),
+            l
+        );
+        let in_path = loc("http://127.0.0.1:9000/outputs/comfy/runs", None).unwrap();
+        assert_eq!(in_path.bucket, "outputs");
+        assert_eq!(in_path.path_prefix, "comfy/runs");
+        assert!(!in_path.virtual_hosted);
+        // A service endpoint with a bucket name: path style against the regional endpoint.
+        let aws = loc("https://s3.us-east-2.amazonaws.com", Some("b")).unwrap();
+        assert_eq!(
+            (
+                aws.endpoint.as_str(),
+                aws.region.as_str(),
+                aws.virtual_hosted
+            ),
+            ("https://s3.us-east-2.amazonaws.com", "us-east-2", false)
+        );
+        let r2 = loc("https://acc123.r2.cloudflarestorage.com", Some("b")).unwrap();
+        assert_eq!(r2.region, "auto");
+        // A proxy base path is kept.
+        assert_eq!(
+            loc("https://gw.example.com/s3", Some("b"))
+                .unwrap()
+                .endpoint,
+            "https://gw.example.com/s3"
+        );
+        // An explicit region wins.
+        let l = locate(
+            &bucket(
+                "https://b.s3.eu-west-1.amazonaws.com",
+                None,
+                Some("eu-central-1"),
+            ),
+            ENV_NAMES,
+        )
+        .unwrap();
+        assert_eq!(l.region, "eu-central-1");
+    }
+
+    #[test]
+    fn endpoints_without_a_bucket_are_refused_clearly() {
+        for url in [
+            "http://127.0.0.1:9000",
+            "http://localhost:9000",
+            "https://s3.us-east-1.amazonaws.com",
+            "https://s3.amazonaws.com",
+            "https://acc123.r2.cloudflarestorage.com",
+            "https://nyc3.digitaloceanspaces.com",
+        ] {
+            let err = loc(url, None).unwrap_err();
+            assert!(
+                err.contains("names no bucket") && err.contains("BUCKET_NAME"),
+                "{url}: {err}"
+            );
+        }
+        assert!(loc("ftp://host/b", None).unwrap_err().contains("scheme"));
+        assert!(loc("https://k:s@host/b", None)
+            .unwrap_err()
+            .contains("keys"));
+        assert!(loc("not a url", None).unwrap_err().contains("not a URL"));
+    }
+
+    #[test]
+    fn env_settings() {
+        let s = settings(&[]).unwrap();
+        assert!(s.bucket.is_none());
+        assert_eq!(s.mode, UploadMode::Auto);
+        assert_eq!(s.url_expiry, Duration::from_secs(604_800));
+        assert_eq!(s.max_inline_bytes, Some(15 * 1024 * 1024));
+        let s = settings(&[
+            (
+                "BUCKET_ENDPOINT_URL",
+                "https://b.s3.us-west-1.amazonaws.com",
+            ),
+            ("BUCKET_ACCESS_KEY_ID", "AKID"),
+            ("BUCKET_SECRET_ACCESS_KEY", "shh-very-secret"),
+            ("BUCKET_PREFIX", "/comfy/out/"),
+            ("BUCKET_URL_EXPIRY_S", "3600"),
+            ("OUTPUT_UPLOAD", "Always"),
+            ("MAX_INLINE_OUTPUT_BYTES", "1000"),
+        ])
+        .unwrap();
+        assert_eq!(s.prefix, "comfy/out");
+        assert_eq!(s.mode, UploadMode::Always);
+        assert_eq!(s.url_expiry, Duration::from_secs(3600));
+        assert_eq!(s.max_inline_bytes, Some(1000));
+        assert!(!format!("{s:?}").contains("shh-very-secret"));
+
+        let err = settings(&[("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9000")]).unwrap_err();
+        assert_eq!(err.name, "BUCKET_ACCESS_KEY_ID");
+        let err = settings(&[
+            ("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9000"),
+            ("BUCKET_ACCESS_KEY_ID", "a"),
+            ("BUCKET_SECRET_ACCESS_KEY", "shh-very-secret"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.name, "BUCKET_ENDPOINT_URL");
+        assert!(err.to_string().contains("names the bucket"), "{err}");
+        assert!(!err.to_string().contains("shh-very-secret"));
+        assert_eq!(
+            settings(&[("OUTPUT_UPLOAD", "sometimes")])
+                .unwrap_err()
+                .name,
+            "OUTPUT_UPLOAD"
+        );
+        assert_eq!(
+            settings(&[("BUCKET_URL_EXPIRY_S", "604801")])
+                .unwrap_err()
+                .name,
+            "BUCKET_URL_EXPIRY_S"
+        );
+    }
+}

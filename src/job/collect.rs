@@ -12,13 +12,12 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::Number;
 use tracing::debug;
 
-use super::codec;
-use super::output::{FileEntry, OutputKind, OutputOptions, Outputs, TEXT_KIND};
+use super::collected_file::{CollectedFile, WEBSOCKET_FOLDER};
+use super::output::{OutputKind, OutputOptions, Outputs, TEXT_KIND};
 use super::storage::JobStorage;
 use super::Engine;
 use crate::comfy::{FileKind, FileRef, NodeOutput, PromptEvent};
@@ -26,47 +25,6 @@ use crate::media_type::content_type_for;
 
 /// Output files fetched from `/view` at once.
 const FETCH_CONCURRENCY: usize = 4;
-
-/// `folder_type` of images that came over the WebSocket (no ComfyUI folder holds them).
-pub const WEBSOCKET_FOLDER: &str = "websocket";
-
-/// One output file with its bytes, ready to be returned.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CollectedFile {
-    /// Where it goes in the output (`images`, `videos`, `audio` or another key).
-    pub kind: OutputKind,
-    /// File name (ComfyUI's, or generated for WebSocket images).
-    pub filename: String,
-    /// ComfyUI subfolder ("" = root, and for WebSocket images).
-    pub subfolder: String,
-    /// ComfyUI folder: `output`, `temp`, `input`, or [`WEBSOCKET_FOLDER`].
-    pub folder_type: String,
-    /// MIME type (see [`content_type_for`]).
-    pub content_type: String,
-    /// VideoHelperSuite's `format`, passed on to the entry.
-    pub format: Option<String>,
-    /// VideoHelperSuite's `frame_rate`, passed on to the entry.
-    pub frame_rate: Option<Number>,
-    /// The file's bytes.
-    pub bytes: Bytes,
-}
-
-impl CollectedFile {
-    /// A file in ComfyUI's `output` folder root, its content type from its name.
-    pub fn new(kind: OutputKind, filename: impl Into<String>, bytes: Bytes) -> CollectedFile {
-        let filename = filename.into();
-        CollectedFile {
-            kind,
-            content_type: content_type_for(&filename, None),
-            filename,
-            subfolder: String::new(),
-            folder_type: "output".into(),
-            format: None,
-            frame_rate: None,
-            bytes,
-        }
-    }
-}
 
 /// A file to fetch from `/view`.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,18 +172,6 @@ impl Engine {
     }
 }
 
-/// A collected file as a base64 output entry.
-pub fn base64_entry(file: CollectedFile) -> FileEntry {
-    FileEntry {
-        data: codec::encode(&file.bytes),
-        filename: file.filename,
-        kind: "base64".into(),
-        content_type: file.content_type,
-        format: file.format,
-        frame_rate: file.frame_rate,
-    }
-}
-
 /// Collects the images `SaveImageWebsocket` nodes send as binary frames while they run (one
 /// full-size PNG per image; nothing reaches `/history`). Sampler previews of other nodes are
 /// not outputs and are ignored.
@@ -348,6 +294,7 @@ fn ext(mime: &str) -> &'static str {
 mod tests {
     use super::*;
     use crate::comfy::OutputFile;
+    use bytes::Bytes;
 
     fn file(key: &str, kind: FileKind, name: &str, folder: &str) -> OutputFile {
         OutputFile {

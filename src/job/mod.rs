@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod collect;
+pub mod collected_file;
 mod convert;
 pub mod engine;
 pub mod failure;
@@ -27,7 +28,8 @@ pub(crate) mod report;
 pub mod request;
 pub mod storage;
 
-pub use collect::{CollectedFile, WebSocketImages};
+pub use collect::WebSocketImages;
+pub use collected_file::{base64_entry, CollectedFile};
 pub use engine::{Engine, Ran, TEST_PANIC_ENV};
 pub use failure::{DeadlineSource, JobFailure, Report};
 pub use files::JobFiles;
