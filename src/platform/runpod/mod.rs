@@ -3,11 +3,13 @@
 //! the heartbeat going, and obey the stop channel. Wire format per the SDK (runpod-python 1.12).
 
 pub mod client;
+pub mod job;
 pub mod relay;
 pub mod settings;
 mod worker;
 
-pub use client::{Delivery, PlatformClient, PlatformJob, Take};
+pub use client::{Delivery, PlatformClient, Take};
+pub use job::PlatformJob;
 pub use relay::{Relay, RelayStats};
 pub use settings::RunPodSettings;
 pub use worker::{JobEnd, Step, Worker};

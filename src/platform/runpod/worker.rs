@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use super::client::{Delivery, PlatformClient, PlatformJob, Take};
+use super::client::{Delivery, PlatformClient, Take};
+use super::job::PlatformJob;
 use super::relay::Relay;
 use crate::housekeeping::warmup::WarmupState;
 use crate::job::output::result_body;
