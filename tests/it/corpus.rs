@@ -19,6 +19,8 @@ use crate::worker_process::{final_of, simulator, WorkerProcess};
 pub(crate) struct Case {
     pub(crate) file: String,
     pub(crate) id: String,
+    // Read by the wire goldens, which need the `lambda` feature.
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
     pub(crate) description: String,
     pub(crate) expected_error: Option<String>,
     pub(crate) body: Body,

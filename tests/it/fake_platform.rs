@@ -110,6 +110,7 @@ pub struct Post {
     /// large to read as `null`.
     pub body: Value,
     /// The body exactly as it arrived (the wire golden files compare its bytes).
+    #[cfg_attr(not(feature = "lambda"), allow(dead_code))]
     pub raw: bytes::Bytes,
     /// The platform applied it (for a delayed post: once its delay is over).
     pub accepted: bool,
