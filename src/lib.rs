@@ -1,16 +1,37 @@
 //! comfy-worker: a serverless worker for ComfyUI with live progress.
 //!
 //! # Layout
+//! From the front ends down; a module imports only from the groups below it
+//! (`tests/it/architecture.rs` checks it, ARCHITECTURE.md explains it).
+//!
+//! Front ends, which know nothing of one another:
+//! * [`cli`]: the command line (`run`, `worker`, `serve`, `lambda`, `health`, `watch`,
+//!   `convert`, `simulate-comfyui`).
+//! * [`platform`]: the serverless adapters: RunPod's worker protocol, AWS Lambda's Runtime API.
+//! * [`endpoint`]: the local endpoint (`serve`): RunPod's endpoint API, live progress as SSE.
+//!
+//! The engine:
+//! * [`runner`]: the one job runner under every front end (deadlines, cancel, shutdown grace,
+//!   panics, progress fan-out, warm-up, housekeeping).
+//! * [`webhook`]: completion and progress webhooks.
+//! * [`housekeeping`]: warm-up, clean-up of a job's files, `/free` after a job.
+//! * [`job`]: one job: its input read once, the run against ComfyUI, outputs in
+//!   worker-comfyui's schema, typed failures.
+//! * [`progress`]: prompt events into progress snapshots, the one place that computes them.
+//!
+//! Peers and settings:
 //! * [`comfy`]: the ComfyUI client (HTTP, WebSocket, prompt watching). Only it knows ComfyUI's JSON.
-//! * [`job`]: the job engine: worker-comfyui's input and output schema, uploads, outputs.
-//! * [`progress`]: turns prompt events into progress snapshots, the one place that computes them.
-//! * [`platform`]: serverless platform adapters (RunPod worker protocol).
-//! * [`api`]: the local endpoint (`serve`): RunPod's endpoint API, live progress as SSE.
-//! * [`cli`]: the command line (`run`, `worker`, `serve`, `simulate-comfyui`, `watch`).
-//! * [`config`]: settings from the environment.
-//! * [`net`]: the SSRF guard and guarded downloads, for URLs a job names.
-//! * [`telemetry`]: log set-up.
-//! * [`webhook`]: completion and progress webhooks, with an SSRF guard.
+//! * [`ssrf`]: the SSRF guard and guarded downloads, for URLs a job names.
+//! * [`config`]: every setting, read from the environment.
+//! * [`telemetry`]: log set-up (every line through the secret scrubber).
+//!
+//! Leaves, which import nothing from the crate:
+//! * [`secret`]: `Secret`, the live-secret registry and the scrubber.
+//! * [`redact`]: URLs as messages may show them.
+//! * [`error_chain`]: an error and its causes on one line.
+//! * [`media_type`]: media types from names and bytes.
+//! * [`json_type`]: a JSON value's type, named for messages.
+//! * [`eta`]: a node's remaining time from its step rate.
 //!
 //! The fake ComfyUI (real protocol, no GPU) that `simulate-comfyui` and `--simulate` run and the
 //! tests use is not in this library: it is the workspace's `comfy-sim` crate

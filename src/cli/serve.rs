@@ -9,10 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::SimulateArgs;
-use crate::config::Settings;
+use crate::config::{shutdown_grace_from, Settings};
 use crate::endpoint::{self, ServeOptions};
 use crate::job::Engine;
-use crate::platform::runpod::settings::shutdown_grace_from;
 use crate::secret::Secret;
 use crate::webhook::{WebhookPolicy, Webhooks};
 

@@ -9,12 +9,14 @@ use std::time::Duration;
 mod env;
 mod housekeeping;
 mod inputs;
+mod shutdown;
 mod storage;
 
 pub use env::ConfigError;
 pub(crate) use env::EnvReader;
 pub use housekeeping::{FreeMemory, Housekeeping};
 pub use inputs::InputPolicy;
+pub use shutdown::{shutdown_grace_from, DEFAULT_SHUTDOWN_GRACE};
 pub(crate) use storage::{locate, Names, ENV_NAMES, JOB_NAMES};
 pub use storage::{
     BucketLocation, BucketSettings, StorageSettings, UploadMode, DEFAULT_MAX_INLINE_OUTPUT_BYTES,

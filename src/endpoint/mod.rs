@@ -65,7 +65,7 @@ impl Default for ServeOptions {
             max_run_bytes: 10 * 1000 * 1000,
             max_runsync_bytes: 20 * 1000 * 1000,
             runsync_default_wait: Duration::from_secs(90),
-            shutdown_grace: crate::platform::runpod::settings::DEFAULT_SHUTDOWN_GRACE,
+            shutdown_grace: crate::config::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }

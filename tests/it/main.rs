@@ -1,5 +1,6 @@
 //! The integration-test binary: every test module lives here (one link step for all tests).
 
+mod architecture;
 mod cdp;
 mod cli;
 mod convert;

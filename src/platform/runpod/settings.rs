@@ -44,27 +44,6 @@ pub struct RunPodSettings {
     pub shutdown_grace: Duration,
 }
 
-/// The default of `SHUTDOWN_GRACE_S`.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-
-/// Reads `SHUTDOWN_GRACE_S` (seconds, fractions allowed; default 20 s), shared by the job loop
-/// and the local endpoint.
-pub fn shutdown_grace_from(
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<Duration, ConfigError> {
-    let grace = EnvReader::new(lookup).parse(
-        "SHUTDOWN_GRACE_S",
-        "a number of seconds from 0 to 86400",
-        |v| {
-            v.parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && (0.0..=86_400.0).contains(s))
-                .map(Duration::from_secs_f64)
-        },
-    )?;
-    Ok(grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE))
-}
-
 fn truthy(v: &str) -> bool {
     matches!(
         v.trim().to_ascii_lowercase().as_str(),
@@ -120,7 +99,7 @@ impl RunPodSettings {
             )?
             .unwrap_or(Duration::from_secs(120));
         let worker_id_env = get("RUNPOD_POD_ID");
-        let shutdown_grace = shutdown_grace_from(&lookup)?;
+        let shutdown_grace = crate::config::shutdown_grace_from(&lookup)?;
         Ok(Some(RunPodSettings {
             get_job_url,
             post_output_url: get("RUNPOD_WEBHOOK_POST_OUTPUT")
@@ -296,15 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn shutdown_grace() {
-        let grace = |v: Option<&str>| shutdown_grace_from(|_| v.map(str::to_owned));
-        assert_eq!(grace(None), Ok(DEFAULT_SHUTDOWN_GRACE));
-        assert_eq!(grace(Some(" ")), Ok(DEFAULT_SHUTDOWN_GRACE));
-        assert_eq!(grace(Some("0.2")), Ok(Duration::from_millis(200)));
-        assert_eq!(grace(Some("0")), Ok(Duration::ZERO));
-        for bad in ["-1", "soon", "inf", "1e9"] {
-            assert_eq!(grace(Some(bad)).unwrap_err().name, "SHUTDOWN_GRACE_S");
-        }
+    fn the_loop_takes_shutdown_grace_s() {
         let s = settings(&[
             ("RUNPOD_WEBHOOK_GET_JOB", "http://h/x"),
             ("SHUTDOWN_GRACE_S", "3"),
