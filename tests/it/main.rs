@@ -29,4 +29,5 @@ mod start_script;
 mod watch;
 mod webhooks;
 mod wire_golden;
+mod worker_in_process;
 mod worker_process;

@@ -1,0 +1,131 @@
+//! The RunPod adapter in process: [`spawn_app`] builds the real [`Worker`] (the real runner,
+//! engine and platform client) against the fake platform and the simulator, without a child
+//! process, and a test drives it one job-take at a time with [`Worker::step`] (zero2prod's
+//! `try_execute_task`). The process tests (`serverless.rs`, `faults.rs`, ...) cover the binary.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use comfy_sim::Simulator;
+use comfy_worker::platform::runpod::{
+    Delivery, JobEnd, PlatformClient, RunPodSettings, Step, Worker,
+};
+use comfy_worker::runner::Runner;
+use comfy_worker::webhook::{WebhookPolicy, Webhooks};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::fake_platform::{FakePlatform, PlatformOptions, PostKind};
+use crate::harness::{self, LIMIT};
+use crate::worker_process::{job_input, simulator};
+
+/// The worker, its platform and its ComfyUI, all in this process.
+pub struct TestWorker {
+    pub platform: FakePlatform,
+    pub sim: Simulator,
+    pub worker: Worker,
+    pub shutdown: CancellationToken,
+}
+
+/// A worker for a fresh fake platform and simulator; `extra` adds platform variables.
+pub async fn spawn_app(extra: &[(&str, &str)]) -> TestWorker {
+    let platform = FakePlatform::start(PlatformOptions {
+        long_poll: Duration::from_millis(50),
+        ..PlatformOptions::default()
+    })
+    .await;
+    let sim = simulator(2).await;
+    let mut env: HashMap<String, String> = platform.env().into_iter().collect();
+    env.insert("RUNPOD_RESULT_RETRY_DELAY_MS".into(), "20".into());
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let settings = RunPodSettings::from_lookup(|k| env.get(k).cloned())
+        .expect("platform settings")
+        .expect("a RunPod environment");
+    let runner = Runner::new(harness::engine(&sim.host()), settings.shutdown_grace);
+    let client = PlatformClient::new(settings).expect("platform client");
+    let webhooks = Webhooks::new(WebhookPolicy::default());
+    TestWorker {
+        worker: Worker::new(runner, client, webhooks),
+        platform,
+        sim,
+        shutdown: CancellationToken::new(),
+    }
+}
+
+impl TestWorker {
+    /// One turn of the worker's loop, bounded so a hang fails the test.
+    pub async fn step(&self) -> Step {
+        tokio::time::timeout(LIMIT, self.worker.step(&self.shutdown))
+            .await
+            .expect("one job-take and its jobs within the limit")
+    }
+}
+
+fn delivered(n: usize) -> Step {
+    Step::Ran(vec![JobEnd::Posted(Delivery::Delivered); n])
+}
+
+#[tokio::test]
+async fn the_loop_steps_one_job_take_at_a_time() {
+    let app = spawn_app(&[]).await;
+    app.platform.push_job("first", job_input(0x11_2233, 3));
+    app.platform.push_job("second", job_input(0x44_5566, 2));
+
+    assert_eq!(app.step().await, delivered(1));
+    // The first is done and posted; the second was not taken yet.
+    let first = app.platform.status("first");
+    assert_eq!(first["status"], "COMPLETED", "{first}");
+    assert_eq!(first["output"]["images"].as_array().map(Vec::len), Some(2));
+    assert_eq!(app.platform.status("second")["status"], "IN_QUEUE");
+    // Every progress post went out before the result, none after it.
+    let posts = app.platform.posts("first");
+    let last = posts.last().expect("posts for the first job");
+    assert_eq!(last.kind, PostKind::Final);
+    assert!(
+        posts[..posts.len() - 1]
+            .iter()
+            .all(|p| p.kind == PostKind::Progress),
+        "{posts:?}"
+    );
+    assert!(posts.len() > 2, "progress was relayed: {}", posts.len());
+
+    assert_eq!(app.step().await, delivered(1));
+    assert_eq!(app.platform.status("second")["status"], "COMPLETED");
+    // An empty queue: the take is held, then answered with nothing.
+    assert_eq!(app.step().await, Step::NoJob);
+    assert_eq!(app.sim.prompts().len(), 2);
+    assert!(
+        app.platform.violations().is_empty(),
+        "{:?}",
+        app.platform.violations()
+    );
+}
+
+#[tokio::test]
+async fn a_failing_job_is_answered_and_the_next_one_runs() {
+    let app = spawn_app(&[]).await;
+    app.platform.push_job("bad", json!({"workflow": 7}));
+    app.platform.push_job("good", job_input(0x77_8899, 1));
+
+    assert_eq!(app.step().await, delivered(1));
+    let bad = app.platform.status("bad");
+    assert_eq!(bad["status"], "FAILED", "{bad}");
+    let error = bad["error"].as_str().unwrap_or_default();
+    assert!(error.contains("'workflow' must be a JSON object"), "{bad}");
+    assert!(
+        app.sim.prompts().is_empty(),
+        "a bad input never reaches ComfyUI"
+    );
+
+    assert_eq!(app.step().await, delivered(1));
+    let good: Value = app.platform.status("good");
+    assert_eq!(good["status"], "COMPLETED", "{good}");
+}
+
+#[tokio::test]
+async fn shutdown_during_the_job_take_ends_the_step() {
+    let app = spawn_app(&[]).await;
+    app.shutdown.cancel();
+    assert_eq!(app.step().await, Step::ShutDown);
+    assert!(app.platform.takes().len() <= 1);
+}
