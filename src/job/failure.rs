@@ -8,7 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 /// What a failure says: worker-comfyui's `error` and `details`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Report {
     /// The `error` text.
     pub message: String,
@@ -129,7 +129,24 @@ impl JobFailure {
     }
 
     /// The failure as worker-comfyui's error output.
-    pub fn into_report(self) -> Report {
+    pub fn into_report(mut self) -> Report {
+        match self.report_mut() {
+            Some(report) => std::mem::take(report),
+            None => Report::new(self.generated_message().unwrap_or_default()),
+        }
+    }
+
+    /// The same failure with `f` applied to its texts (the secret scrubber).
+    pub fn map_text(mut self, f: impl Fn(&str) -> String) -> JobFailure {
+        if let Some(report) = self.report_mut() {
+            *report = std::mem::take(report).map_text(f);
+        } else if let JobFailure::Panic(what) = &mut self {
+            *what = f(what);
+        }
+        self
+    }
+
+    fn report(&self) -> Option<&Report> {
         match self {
             JobFailure::BadInput(r)
             | JobFailure::InputFiles(r)
@@ -143,33 +160,14 @@ impl JobFailure {
             | JobFailure::Interrupted(r)
             | JobFailure::NoOutput(r)
             | JobFailure::OutputTooLarge(r)
-            | JobFailure::Cancelled(r) => r,
-            other => Report::new(other.generated_message().unwrap_or_default()),
+            | JobFailure::Cancelled(r) => Some(r),
+            JobFailure::Deadline { .. } | JobFailure::Shutdown { .. } | JobFailure::Panic(_) => {
+                None
+            }
         }
     }
 
-    /// The same failure with `f` applied to its texts (the secret scrubber).
-    pub fn map_text(self, f: impl Fn(&str) -> String) -> JobFailure {
-        match self {
-            JobFailure::BadInput(r) => JobFailure::BadInput(r.map_text(f)),
-            JobFailure::InputFiles(r) => JobFailure::InputFiles(r.map_text(f)),
-            JobFailure::Storage(r) => JobFailure::Storage(r.map_text(f)),
-            JobFailure::ComfyUnreachable(r) => JobFailure::ComfyUnreachable(r.map_text(f)),
-            JobFailure::Conversion(r) => JobFailure::Conversion(r.map_text(f)),
-            JobFailure::Upload(r) => JobFailure::Upload(r.map_text(f)),
-            JobFailure::Rejected(r) => JobFailure::Rejected(r.map_text(f)),
-            JobFailure::Comfy(r) => JobFailure::Comfy(r.map_text(f)),
-            JobFailure::NodeError(r) => JobFailure::NodeError(r.map_text(f)),
-            JobFailure::Interrupted(r) => JobFailure::Interrupted(r.map_text(f)),
-            JobFailure::NoOutput(r) => JobFailure::NoOutput(r.map_text(f)),
-            JobFailure::OutputTooLarge(r) => JobFailure::OutputTooLarge(r.map_text(f)),
-            JobFailure::Cancelled(r) => JobFailure::Cancelled(r.map_text(f)),
-            JobFailure::Panic(what) => JobFailure::Panic(f(&what)),
-            other @ (JobFailure::Deadline { .. } | JobFailure::Shutdown { .. }) => other,
-        }
-    }
-
-    fn report(&self) -> Option<&Report> {
+    fn report_mut(&mut self) -> Option<&mut Report> {
         match self {
             JobFailure::BadInput(r)
             | JobFailure::InputFiles(r)

@@ -15,7 +15,7 @@ use super::response::{
     diagnostic, error_type, error_type_of, json_len, ndjson, output_line, Finished,
 };
 use super::settings::{self, LambdaSettings, ResponseMode};
-use crate::job::{DeadlineSource, Job, JobFailure, Report};
+use crate::job::{DeadlineSource, Job, JobFailure, JobRequest, Report};
 use crate::progress::ProgressSnapshot;
 use crate::runner::{Controls, Deadline, ProgressSink, Runner};
 
@@ -77,17 +77,9 @@ impl LambdaWorker {
 
     /// A buffered invocation: the output, or Lambda's error response.
     pub async fn buffered(&self, event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
-        let (payload, context) = event.into_parts();
-        let job = match decode_event(payload) {
-            Ok(job) => job,
-            Err(message) => {
-                info!(error = %message, "the event cannot be read");
-                return Err(diagnostic(error_type::INVALID_INPUT, &message, None));
-            }
-        };
-        let request = job.request(&context.request_id);
-        let span = tracing::info_span!("invocation", job_id = %context.request_id);
-        let controls = self.controls(deadline_of(context.deadline), request.timeout);
+        let (request, deadline) = read_event(event)?;
+        let span = tracing::info_span!("invocation", job_id = %request.id);
+        let controls = self.controls(deadline, request.timeout);
         let mut log = |s: &ProgressSnapshot| log_snapshot(s);
         let result = self
             .runner
@@ -111,17 +103,8 @@ impl LambdaWorker {
         &self,
         event: LambdaEvent<Value>,
     ) -> Result<StreamResponse<Body>, Diagnostic> {
-        let (payload, context) = event.into_parts();
-        let job = match decode_event(payload) {
-            Ok(job) => job,
-            Err(message) => {
-                info!(error = %message, "the event cannot be read");
-                return Err(diagnostic(error_type::INVALID_INPUT, &message, None));
-            }
-        };
-        let deadline = deadline_of(context.deadline);
-        let id = context.request_id;
-        let request = job.request(&id);
+        let (request, deadline) = read_event(event)?;
+        let id = request.id.clone();
         let job = match Job::parse(&request) {
             Ok(job) => job,
             Err(failure) => {
@@ -243,6 +226,22 @@ impl LambdaWorker {
             wind_down: wind_down(self.settings.deadline_margin),
         });
         by_deadline.into_iter().chain(by_input).collect()
+    }
+}
+
+/// An invocation's job and deadline; an event that cannot be read is an `InvalidInput` error
+/// response.
+fn read_event(event: LambdaEvent<Value>) -> Result<(JobRequest, Option<SystemTime>), Diagnostic> {
+    let (payload, context) = event.into_parts();
+    match decode_event(payload) {
+        Ok(job) => Ok((
+            job.request(&context.request_id),
+            deadline_of(context.deadline),
+        )),
+        Err(message) => {
+            info!(error = %message, "the event cannot be read");
+            Err(diagnostic(error_type::INVALID_INPUT, &message, None))
+        }
     }
 }
 
