@@ -42,6 +42,10 @@ pub enum ComfyError {
     /// ComfyUI stopped answering during a prompt.
     #[error("ComfyUI stopped responding: {0}")]
     Stopped(String),
+    /// After the connection was lost, ComfyUI answers again but has the prompt neither in its
+    /// queue nor in its history: it restarted (on the same address) and the prompt is gone.
+    #[error("ComfyUI restarted during the job; the prompt was lost (it is neither queued nor in the history of the ComfyUI now answering); submit the job again")]
+    PromptLost,
 }
 
 impl ComfyError {
@@ -50,7 +54,10 @@ impl ComfyError {
         match self {
             ComfyError::Unreachable { .. } | ComfyError::WebSocket(_) => true,
             ComfyError::Status { status, .. } => *status >= 500,
-            ComfyError::Rejected(_) | ComfyError::Protocol { .. } | ComfyError::Stopped(_) => false,
+            ComfyError::Rejected(_)
+            | ComfyError::Protocol { .. }
+            | ComfyError::Stopped(_)
+            | ComfyError::PromptLost => false,
         }
     }
 }

@@ -164,6 +164,10 @@ pub struct PromptResult {
 /// Extra data sent with the prompt (`extra_data`).
 pub type ExtraData = Map<String, Value>;
 
+/// Bound of each call a cancel makes (queue delete, interrupt), so a dead or frozen ComfyUI
+/// cannot hold it for the HTTP timeout.
+const CANCEL_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn new_client_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -207,6 +211,11 @@ struct Watch<'a> {
     /// `/history` polls in a row that got no answer (a timeout or no connection), with no event
     /// for our prompt in between.
     unanswered_polls: u32,
+    /// True once the socket the prompt was queued with was lost: ComfyUI may have restarted
+    /// since, so an answer that knows nothing of the prompt means it was lost.
+    lost_contact: bool,
+    /// True once a cancel found ComfyUI gone (nothing to read back from it).
+    comfy_gone: bool,
     /// True once the watch loop returned; dropped before that, the prompt is interrupted.
     settled: bool,
     /// Words the prompt's events for the debug log (used only when debug is on).
@@ -320,6 +329,8 @@ impl ComfyClient {
             cancel_deadline: None,
             last_socket_error: String::new(),
             unanswered_polls: 0,
+            lost_contact: false,
+            comfy_gone: false,
             settled: false,
             // The labels are only needed for the debug log.
             describer: if tracing::enabled!(Level::DEBUG) {
@@ -341,8 +352,9 @@ impl ComfyClient {
         };
         let entry = match entry {
             Some(e) => Some(e),
-            // Cancelled before it ran (taken off the queue): no history entry will ever come.
-            None if cancelled && !watch.started => None,
+            // Cancelled before it ran (taken off the queue), or with ComfyUI gone: no history
+            // entry will ever come.
+            None if cancelled && (!watch.started || watch.comfy_gone) => None,
             None => watch.fetch_history_after_end().await?,
         };
         let mut warnings = Vec::new();
@@ -409,7 +421,9 @@ impl Watch<'_> {
             };
             tokio::select! {
                 _ = cancel.cancelled(), if !self.cancel_requested => {
-                    self.request_cancel().await;
+                    if let Some(end) = self.request_cancel().await {
+                        return Ok(end);
+                    }
                 }
                 frame = frame, if socket_open => {
                     match frame {
@@ -629,6 +643,7 @@ impl Watch<'_> {
     fn socket_lost(&mut self, reason: String, on_event: &mut (dyn FnMut(PromptEvent) + Send)) {
         warn!(prompt_id = %self.prompt_id, reason = %reason, "ComfyUI WebSocket lost");
         self.socket = None;
+        self.lost_contact = true;
         self.last_socket_error = reason.clone();
         on_event(PromptEvent::ConnectionLost { reason });
         let now = Instant::now();
@@ -688,6 +703,10 @@ impl Watch<'_> {
                             return Ok(Some(End::Cancelled(None)));
                         }
                     }
+                } else if self.lost_contact {
+                    if let Some(end) = self.check_still_known().await? {
+                        return Ok(Some(end));
+                    }
                 }
             }
             Err(e) => {
@@ -717,17 +736,56 @@ impl Watch<'_> {
         Ok(None)
     }
 
-    async fn request_cancel(&mut self) {
+    /// After the socket was lost, ComfyUI answers `/history` without our prompt: it is either
+    /// still queued or running, or it finished between the two calls, or the ComfyUI now
+    /// answering is not the one it was queued on (restarted on the same address) and the prompt
+    /// is gone. A prompt leaves the queue only once its history entry is written, so "not
+    /// queued, and still not in the history" means lost.
+    async fn check_still_known(&mut self) -> Result<Option<End>, ComfyError> {
+        let Ok(queue) = self.client.queue().await else {
+            return Ok(None);
+        };
+        if queue.position(&self.prompt_id).is_some() {
+            return Ok(None);
+        }
+        match self.client.history(&self.prompt_id).await {
+            Ok(Some(entry)) => Ok(Some(End::Finished(Some(entry)))),
+            Ok(None) => {
+                warn!(prompt_id = %self.prompt_id, "ComfyUI answers again but knows nothing of the prompt: it restarted, the prompt was lost");
+                Err(ComfyError::PromptLost)
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Takes the prompt off the queue and interrupts it. `Some` when there is nothing left to
+    /// wait for: the socket is gone and ComfyUI does not answer either call, so nothing of the
+    /// prompt can run any more (a dead ComfyUI must not hold a cancel for the grace).
+    async fn request_cancel(&mut self) -> Option<End> {
         self.cancel_requested = true;
         info!(prompt_id = %self.prompt_id, started = self.started, "cancelling the prompt in ComfyUI");
-        if let Err(e) = self.client.delete_from_queue(&[&self.prompt_id]).await {
+        let bound = CANCEL_CALL_TIMEOUT.min(self.opts.cancel_grace);
+        let deleted =
+            tokio::time::timeout(bound, self.client.delete_from_queue(&[&self.prompt_id])).await;
+        if let Ok(Err(e)) = &deleted {
             warn!(error = %e, "could not remove the prompt from the queue");
         }
-        if let Err(e) = self.client.interrupt(Some(&self.prompt_id)).await {
+        let interrupted =
+            tokio::time::timeout(bound, self.client.interrupt(Some(&self.prompt_id))).await;
+        if let Ok(Err(e)) = &interrupted {
             warn!(error = %e, "could not interrupt the prompt");
+        }
+        let unanswered = |r: &Result<Result<(), ComfyError>, _>| {
+            matches!(r, Err(_) | Ok(Err(ComfyError::Unreachable { .. })))
+        };
+        if self.socket.is_none() && unanswered(&deleted) && unanswered(&interrupted) {
+            warn!(prompt_id = %self.prompt_id, "ComfyUI does not answer: the cancel ends without its confirmation");
+            self.comfy_gone = true;
+            return Some(End::Cancelled(None));
         }
         self.cancel_deadline = Some(Instant::now() + self.opts.cancel_grace);
         self.next_poll = Instant::now() + self.opts.poll_interval.min(Duration::from_millis(200));
+        None
     }
 
     /// After `executing{null}` the entry is stored; allow a few tries for proxies and races.

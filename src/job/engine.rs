@@ -14,7 +14,7 @@ use super::collect::WebSocketImages;
 use super::failure::{JobFailure, Report};
 use super::files::JobFiles;
 use super::output::{Completed, OutputKind, OutputOptions};
-use super::readiness::{self, NotReady};
+use super::readiness::{self, NotReady, ProcessWatch};
 use super::request::Job;
 use super::storage::{JobStorage, Storage};
 use super::{collect, convert, input, report};
@@ -193,28 +193,35 @@ impl Engine {
                 .map(str::to_owned)
                 .collect(),
         );
-        let result = self
-            .comfy
-            .run_prompt(
-                &workflow,
-                (!extra.is_empty()).then_some(&extra),
-                &self.watch_options(),
-                cancel,
-                &mut |event| {
-                    if let (Some(class), PromptEvent::Executing { node }) =
-                        (&self.panic_on_class, &event)
-                    {
-                        if workflow.class_type(node) == Some(class.as_str()) {
-                            panic!("test hook {TEST_PANIC_ENV}: node {node} ({class}) started");
-                        }
-                    }
-                    ws_images.observe(&event);
-                    if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
-                        progress.send(snapshot);
-                    }
-                },
-            )
-            .await;
+        let process = ProcessWatch::start(&self.settings.comfy_pid_file);
+        let watch_options = self.watch_options();
+        let mut on_event = |event: PromptEvent| {
+            if let (Some(class), PromptEvent::Executing { node }) = (&self.panic_on_class, &event) {
+                if workflow.class_type(node) == Some(class.as_str()) {
+                    panic!("test hook {TEST_PANIC_ENV}: node {node} ({class}) started");
+                }
+            }
+            ws_images.observe(&event);
+            if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
+                progress.send(snapshot);
+            }
+        };
+        let run = self.comfy.run_prompt(
+            &workflow,
+            (!extra.is_empty()).then_some(&extra),
+            &watch_options,
+            cancel,
+            &mut on_event,
+        );
+        // A ComfyUI process that exits or is replaced mid-prompt ends the job at once (the
+        // dropped watch interrupts what it can).
+        let result = tokio::select! {
+            result = run => result,
+            ended = process.ended(self.settings.history_poll_interval) => {
+                warn!(error = %ended, "the ComfyUI process went away during the job");
+                return Err(JobFailure::Comfy(Report::new(ended.to_string())));
+            }
+        };
         let result = match result {
             Ok(r) => r,
             Err(ComfyError::Rejected(r)) => {

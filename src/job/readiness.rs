@@ -93,6 +93,82 @@ pub async fn wait_until_ready(
     }
 }
 
+/// The ComfyUI process a job's prompt runs in, per the start script's PID file: watched
+/// during the prompt, so a ComfyUI that exits or is replaced ends the job at once instead of
+/// after the reconnect window.
+#[derive(Debug, Clone)]
+pub struct ProcessWatch {
+    pid_file: std::path::PathBuf,
+    pid: Option<u32>,
+}
+
+/// How the watched ComfyUI process went away.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProcessEnded {
+    /// The process exited (or is a zombie).
+    #[error("ComfyUI stopped responding: the ComfyUI process (pid {pid} from {pid_file}) exited during the job; see its log")]
+    Exited {
+        /// Its PID.
+        pid: u32,
+        /// The PID file.
+        pid_file: String,
+    },
+    /// Another process took its place (ComfyUI was restarted): the prompt went with the old one.
+    #[error("ComfyUI restarted during the job (pid {old} became {new} in {pid_file}); the prompt was lost; submit the job again")]
+    Replaced {
+        /// The PID the job started with.
+        old: u32,
+        /// The PID the file names now.
+        new: u32,
+        /// The PID file.
+        pid_file: String,
+    },
+}
+
+impl ProcessWatch {
+    /// The process the PID file names now (none without a readable PID file: nothing to watch).
+    pub fn start(pid_file: &Path) -> ProcessWatch {
+        ProcessWatch {
+            pid_file: pid_file.to_owned(),
+            pid: read_pid(pid_file),
+        }
+    }
+
+    /// Resolves once the process exited or the PID file names another one; checked `every`
+    /// interval. Never resolves when there was nothing to watch.
+    pub async fn ended(&self, every: Duration) -> ProcessEnded {
+        let Some(pid) = self.pid else {
+            return std::future::pending().await;
+        };
+        let pid_file = || self.pid_file.display().to_string();
+        let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match read_pid(&self.pid_file) {
+                Some(new) if new != pid && process_alive(new) => {
+                    return ProcessEnded::Replaced {
+                        old: pid,
+                        new,
+                        pid_file: pid_file(),
+                    }
+                }
+                _ if !process_alive(pid) => {
+                    return ProcessEnded::Exited {
+                        pid,
+                        pid_file: pid_file(),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn read_pid(pid_file: &Path) -> Option<u32> {
+    std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()
+}
+
 enum ProcessState {
     NoPidFile,
     Alive,
@@ -101,27 +177,26 @@ enum ProcessState {
 
 /// Reads the start script's PID file and checks the process (Linux `/proc`; zombies count as dead).
 fn comfy_process_state(pid_file: &Path) -> ProcessState {
-    let Ok(text) = std::fs::read_to_string(pid_file) else {
-        return ProcessState::NoPidFile;
-    };
-    let Ok(pid) = text.trim().parse::<u32>() else {
-        return ProcessState::NoPidFile;
-    };
+    match read_pid(pid_file) {
+        None => ProcessState::NoPidFile,
+        Some(pid) if process_alive(pid) => ProcessState::Alive,
+        Some(pid) => ProcessState::Dead(pid),
+    }
+}
+
+/// Whether a process lives (Linux `/proc`; zombies count as dead; elsewhere, assumed alive).
+fn process_alive(pid: u32) -> bool {
     if !Path::new("/proc").exists() {
-        return ProcessState::Alive;
+        return true;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => ProcessState::Dead(pid),
+        Err(_) => false,
         Ok(stat) => {
             // The state letter follows the parenthesised command name.
             let state = stat
                 .rsplit_once(')')
                 .and_then(|(_, rest)| rest.trim_start().chars().next());
-            if matches!(state, Some('Z') | Some('X')) {
-                ProcessState::Dead(pid)
-            } else {
-                ProcessState::Alive
-            }
+            !matches!(state, Some('Z') | Some('X'))
         }
     }
 }

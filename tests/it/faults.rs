@@ -49,7 +49,7 @@ impl Rng {
 
 /// `ok.json` shrunk (24 × 24, then 12 × 12) with `steps` sampler steps and its own colour, so no
 /// two jobs share a cached node.
-fn stepped_input(colour: u64, steps: u64) -> Value {
+pub(crate) fn stepped_input(colour: u64, steps: u64) -> Value {
     let mut wf = harness::workflow("ok");
     wf["1"]["inputs"]["width"] = json!(24);
     wf["1"]["inputs"]["height"] = json!(24);
@@ -179,10 +179,10 @@ async fn websocket_drops_at_seeded_points_lose_no_result() {
 }
 
 /// `comfy-worker simulate-comfyui` on `port`, as a process of its own.
-struct ComfyProcess(Child);
+pub(crate) struct ComfyProcess(Child);
 
 impl ComfyProcess {
-    async fn start(port: u16, step_ms: u64) -> ComfyProcess {
+    pub(crate) async fn start(port: u16, step_ms: u64) -> ComfyProcess {
         let child = Command::new(bin())
             .args(["simulate-comfyui", "--port", &port.to_string()])
             .args(["--step-ms", &step_ms.to_string()])
@@ -205,12 +205,12 @@ impl ComfyProcess {
         process
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
 
     /// SIGKILL, and reap it (so its PID is gone, not a zombie).
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -223,7 +223,7 @@ impl Drop for ComfyProcess {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -18,6 +18,7 @@ mod page;
 mod replay;
 mod replay_jobs;
 mod replay_selftest;
+mod restarts;
 mod runpod_client;
 mod s3;
 mod security;

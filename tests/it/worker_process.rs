@@ -30,6 +30,17 @@ impl WorkerProcess {
         sim: &Simulator,
         extra: &[(&str, &str)],
     ) -> WorkerProcess {
+        let host = sim.host();
+        let env: Vec<(&str, &str)> = [("COMFY_HOST", host.as_str())]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        WorkerProcess::start_with_host(platform, &env)
+    }
+
+    /// [`WorkerProcess::start`] for a ComfyUI that is not an in-process simulator: `extra`
+    /// names it (`COMFY_HOST`).
+    pub fn start_with_host(platform: &FakePlatform, extra: &[(&str, &str)]) -> WorkerProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("worker.log");
         let out = dir.path().join("worker.out");
@@ -38,7 +49,6 @@ impl WorkerProcess {
             .arg("worker")
             .current_dir(dir.path())
             .envs(platform.env())
-            .env("COMFY_HOST", sim.host())
             .env("COMFY_PID_FILE", dir.path().join("no.pid"))
             .env("COMFY_API_AVAILABLE_INTERVAL_MS", "10")
             .env("WEBSOCKET_RECONNECT_DELAY_S", "0.02")
