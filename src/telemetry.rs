@@ -77,10 +77,72 @@ pub fn install_panic_hook() {
     }));
 }
 
+/// Third-party crates whose debug and trace lines are noise, or worse: the WebSocket library
+/// prints frames (payloads in hex) at trace, past the secret scrubber. A global `RUST_LOG`
+/// level (`RUST_LOG=trace`) leaves them at `info` unless it names them.
+const THIRD_PARTY: &[&str] = &[
+    "axum",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "lambda_runtime",
+    "lambda_runtime_api_client",
+    "mio",
+    "object_store",
+    "reqwest",
+    "rustls",
+    "tokio",
+    "tokio_tungstenite",
+    "tower",
+    "tower_http",
+    "tungstenite",
+];
+
+/// Crates never logged above `debug`, even when named: their trace lines carry payloads.
+const NEVER_TRACE: &[&str] = &["tungstenite", "tokio_tungstenite"];
+
+/// The filter directives for `RUST_LOG` (`None`: unset or empty) and the command's default:
+/// the user's directives, with every third-party crate they do not name capped at `info`, and
+/// the WebSocket library never above `debug`.
+pub fn filter_directives(rust_log: Option<&str>, default: &str) -> String {
+    let given = rust_log.map(str::trim).filter(|v| !v.is_empty());
+    let mut directives: Vec<String> = given
+        .unwrap_or(default)
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| match d.split_once('=') {
+            Some((target, level))
+                if NEVER_TRACE.iter().any(|c| target.starts_with(c))
+                    && level.eq_ignore_ascii_case("trace") =>
+            {
+                format!("{target}=debug")
+            }
+            _ => d.to_owned(),
+        })
+        .collect();
+    let named = |krate: &str| {
+        directives.iter().any(|d| {
+            let target = d.split(['=', '[']).next().unwrap_or_default();
+            target == krate || target.starts_with(&format!("{krate}::"))
+        })
+    };
+    let caps: Vec<String> = THIRD_PARTY
+        .iter()
+        .filter(|krate| !named(krate))
+        .map(|krate| format!("{krate}=info"))
+        .collect();
+    directives.extend(caps);
+    directives.join(",")
+}
+
 /// Installs the global subscriber once; `default` applies when `RUST_LOG` is unset.
 pub fn init(default: &str, json: bool) {
     remember_env_secrets();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(filter_directives(rust_log.as_deref(), default))
+        .or_else(|_| EnvFilter::try_new(filter_directives(None, default)))
+        .unwrap_or_else(|_| EnvFilter::new(default));
     if json {
         let fmt = tracing_subscriber::fmt::layer()
             .with_writer(ScrubbedStderr)
@@ -278,5 +340,47 @@ mod tests {
         let cut = cut_middle(long);
         assert!(cut.len() < 4200);
         assert!(cut.contains("...TRUNCATED 904 CHARACTERS..."));
+    }
+
+    #[test]
+    fn third_party_crates_stay_at_info_unless_named() {
+        let d = filter_directives(None, "comfy_worker=info");
+        assert!(d.starts_with("comfy_worker=info,"), "{d}");
+        assert!(
+            d.contains("tungstenite=info") && d.contains("hyper=info"),
+            "{d}"
+        );
+        let d = filter_directives(Some("trace"), "comfy_worker=info");
+        assert!(d.starts_with("trace,"), "{d}");
+        assert!(
+            d.contains(",tungstenite=info") && d.contains(",reqwest=info"),
+            "{d}"
+        );
+        // Named: the user's level stands, except trace for the WebSocket library.
+        let d = filter_directives(Some("debug,hyper=trace,tungstenite=trace"), "x=info");
+        assert!(
+            d.contains("hyper=trace") && !d.contains("hyper=info"),
+            "{d}"
+        );
+        assert!(
+            d.contains("tungstenite=debug") && !d.contains("tungstenite=trace"),
+            "{d}"
+        );
+        assert!(!d.split(',').any(|x| x == "tungstenite=info"), "{d}");
+        assert_eq!(
+            filter_directives(Some("  "), "comfy_worker=warn")
+                .split(',')
+                .next(),
+            Some("comfy_worker=warn")
+        );
+        // Every result is a filter tracing accepts.
+        for given in [
+            None,
+            Some("trace"),
+            Some("comfy_worker=debug,comfy_sim=debug"),
+        ] {
+            let d = filter_directives(given, "comfy_worker=info");
+            assert!(EnvFilter::try_new(&d).is_ok(), "{d}");
+        }
     }
 }

@@ -424,3 +424,29 @@ async fn serve_refuses_a_public_address_without_a_key_unless_insecure() {
         assert_eq!(serve.exited().await.code(), Some(0));
     }
 }
+
+/// `RUST_LOG=trace` for every crate: the WebSocket library logs each frame (its payload in hex)
+/// at trace, past the secret scrubber. Those lines never appear, while the worker's own trace
+/// level does.
+#[test]
+fn trace_logging_for_every_crate_never_prints_websocket_frames() {
+    let dir = crate::cli::job_dir();
+    let out = crate::harness::clear_worker_env(&mut std::process::Command::new(crate::cli::bin()))
+        .args(["run", "--simulate", "--quiet"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "trace")
+        .output()
+        .expect("run comfy-worker");
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("DEBUG"),
+        "the worker's own debug lines are there"
+    );
+    for frame_line in ["received frame", "writing frame", "Received message"] {
+        assert!(
+            !log.contains(frame_line),
+            "a WebSocket frame was logged ({frame_line}):\n{log}"
+        );
+    }
+}
