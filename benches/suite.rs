@@ -12,6 +12,15 @@
 //! | completion overhead, 4 × ~2 MB PNGs | moving the bytes: view download + base64 + result upload at loopback and base64 speed, plus three round trips |
 //! | peak RSS above idle, 4 × ~2 MB job | the output held once raw and once as base64 |
 //! | jobs per second, instant workflow | one job = 8 sequential loopback round trips (take, readiness, socket, prompt, queue, history, view, result) |
+//! | bookkeeping of a 5,000-node job, in process | the target: well under a second, and linear (twice the nodes, twice the time) |
+//!
+//! The bookkeeping figure is the worker's own per-job work for a graph of 5,000 output nodes,
+//! without ComfyUI: reading the job, decoding ComfyUI's frames (executing, executed, one
+//! `progress_state` per node change), turning them into progress snapshots and their JSON,
+//! reading the history entry and selecting the outputs. Real ComfyUI's `progress_state` is
+//! cumulative (every node so far, in each frame), so the bytes it sends grow with the square of
+//! the node count whatever a worker does; the frames here carry the changed node only, so the
+//! figure measures the worker, not that protocol cost.
 
 #[allow(dead_code)]
 #[path = "../tests/it/fake_platform.rs"]
@@ -252,6 +261,99 @@ fn completion_overheads(sim: &Simulator, platform: &FakePlatform, ids: &[String]
     out
 }
 
+/// The worker's bookkeeping for one job of `n` PreviewImage nodes, in process (see the module
+/// docs): the median of three runs.
+fn graph_bookkeeping(n: usize) -> Duration {
+    use comfy_worker::comfy::messages::WsEvent;
+    use comfy_worker::comfy::{HistoryEntry, PromptEvent};
+    use comfy_worker::job::collect::select;
+    use comfy_worker::job::{Job, JobRequest, OutputOptions};
+    use comfy_worker::progress::ProgressTracker;
+
+    let mut graph = serde_json::Map::new();
+    graph.insert(
+        "1".into(),
+        json!({"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}),
+    );
+    for i in 0..n {
+        graph.insert(
+            (i + 2).to_string(),
+            json!({"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}),
+        );
+    }
+    let input = json!({"workflow": graph});
+    let pid = "8c5b9d8e-3c59-4c3e-9d39-3c1d6f6a2b11";
+    let mut frames = Vec::with_capacity(4 * n);
+    for i in 0..n {
+        let id = (i + 2).to_string();
+        let node = |state: &str, v: f64| json!({"prompt_id": pid, "nodes": {&id: {"value": v, "max": 1.0, "state": state, "node_id": &id, "prompt_id": pid, "display_node_id": &id, "parent_node_id": null, "real_node_id": &id}}});
+        frames.push(json!({"type": "executing", "data": {"node": &id, "display_node": &id, "prompt_id": pid}}).to_string());
+        frames.push(json!({"type": "progress_state", "data": node("running", 0.0)}).to_string());
+        frames.push(json!({"type": "progress_state", "data": node("finished", 1.0)}).to_string());
+        frames.push(json!({"type": "executed", "data": {"node": &id, "display_node": &id, "prompt_id": pid,
+            "output": {"images": [{"filename": format!("ComfyUI_temp_{i:05}_.png"), "subfolder": "", "type": "temp"}]}}}).to_string());
+    }
+    let outputs: serde_json::Map<String, Value> = (0..n)
+        .map(|i| {
+            (
+                (i + 2).to_string(),
+                json!({"images": [{"filename": format!("ComfyUI_temp_{i:05}_.png"), "subfolder": "", "type": "temp"}]}),
+            )
+        })
+        .collect();
+    let history = json!({"prompt": [], "outputs": outputs,
+        "status": {"status_str": "success", "completed": true, "messages": []}, "meta": {}});
+
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let request = JobRequest::new("bench", Some(input.clone()));
+        let job = Job::parse(&request).expect("a valid job");
+        let comfy_worker::comfy::WorkflowInput::Api(workflow) = &job.input.workflow else {
+            panic!("an API-format workflow");
+        };
+        let mut tracker = ProgressTracker::new(workflow, started);
+        let mut snapshots = 0usize;
+        for frame in &frames {
+            let event = match WsEvent::parse(frame).expect("a frame") {
+                WsEvent::Executing(e) => PromptEvent::Executing {
+                    node: e.node.unwrap_or_default(),
+                },
+                WsEvent::ProgressState(s) => PromptEvent::NodeStates {
+                    nodes: s
+                        .nodes
+                        .into_iter()
+                        .map(|(id, p)| comfy_worker::comfy::NodeState {
+                            node: id,
+                            value: p.value,
+                            max: p.max,
+                            finished: p.state == "finished",
+                        })
+                        .collect(),
+                },
+                WsEvent::Executed(e) => PromptEvent::Executed {
+                    node: e.node,
+                    files: 1,
+                },
+                _ => continue,
+            };
+            if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
+                snapshots += snapshot.to_json().to_string().len().min(1);
+            }
+        }
+        let entry = HistoryEntry::parse(&history);
+        let options = OutputOptions {
+            include_temp: true,
+            ..OutputOptions::default()
+        };
+        let selected = select(&entry.outputs, &options);
+        assert_eq!(selected.files.len(), n);
+        assert!(snapshots >= n);
+        runs.push(started.elapsed().as_secs_f64());
+    }
+    Duration::from_secs_f64(median(runs))
+}
+
 fn line(name: &str, value: String, floor: String, ratio: f64) {
     println!("| {name:<58} | {value:>16} | {floor:>16} | {ratio:>7.1}× |");
 }
@@ -381,6 +483,19 @@ async fn main() {
         format!("{rate:.1} /s"),
         format!("{rate_ceiling:.0} /s"),
         rate_ceiling / rate,
+    );
+    let (small_graph, large_graph) = (graph_bookkeeping(2_500), graph_bookkeeping(5_000));
+    line(
+        "bookkeeping of a 5,000-node job, in process",
+        format!("{:.1} ms", ms(large_graph)),
+        "< 1000 ms".to_owned(),
+        ms(large_graph) / 1000.0,
+    );
+    line(
+        "  the same for 2,500 nodes (linear: about half)",
+        format!("{:.1} ms", ms(small_graph)),
+        format!("{:.1} ms", ms(large_graph) / 2.0),
+        small_graph.as_secs_f64() / (large_graph.as_secs_f64() / 2.0),
     );
     let _ = f.memcpy_bytes_per_ms;
 }

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// One decoded text frame from `/ws`.
@@ -55,32 +56,47 @@ pub enum WsEvent {
     },
 }
 
+/// A frame's envelope, its `data` left unparsed: each message type is then read straight into
+/// its own struct, in one pass (a large graph's `progress_state` frames are big, and many).
 #[derive(Deserialize)]
-struct Envelope {
+struct Envelope<'a> {
     #[serde(rename = "type")]
     kind: String,
-    #[serde(default)]
-    data: Value,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// An error's message without serde_json's " at line L column C" (the message a payload read
+/// as a value gets).
+fn strip_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    match text.strip_suffix(&suffix) {
+        Some(bare) => bare.to_owned(),
+        None => text,
+    }
 }
 
 impl WsEvent {
     /// Decodes one text frame. Fails only when the text is not a JSON envelope at all.
     pub fn parse(text: &str) -> Result<WsEvent, serde_json::Error> {
         let envelope: Envelope = serde_json::from_str(text)?;
-        Ok(Self::from_envelope(envelope.kind, envelope.data))
+        let data = envelope.data.map_or("null", RawValue::get);
+        Ok(Self::from_envelope(envelope.kind, data))
     }
 
-    fn from_envelope(kind: String, data: Value) -> WsEvent {
+    fn from_envelope(kind: String, data: &str) -> WsEvent {
         fn typed<T: DeserializeOwned>(
             kind: String,
-            data: Value,
+            data: &str,
             wrap: impl FnOnce(T) -> WsEvent,
         ) -> WsEvent {
-            match serde_json::from_value::<T>(data) {
+            match serde_json::from_str::<T>(data) {
                 Ok(v) => wrap(v),
                 Err(e) => WsEvent::Malformed {
                     kind,
-                    error: e.to_string(),
+                    // As serde_json words it for a value: without the position in the frame.
+                    error: strip_position(&e),
                 },
             }
         }
@@ -96,7 +112,10 @@ impl WsEvent {
             "execution_success" => typed(kind, data, WsEvent::ExecutionSuccess),
             "execution_error" => typed(kind, data, WsEvent::ExecutionError),
             "execution_interrupted" => typed(kind, data, WsEvent::ExecutionInterrupted),
-            _ => WsEvent::Unknown { kind, data },
+            _ => WsEvent::Unknown {
+                kind,
+                data: serde_json::from_str(data).unwrap_or(Value::Null),
+            },
         }
     }
 

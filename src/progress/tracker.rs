@@ -32,6 +32,9 @@ pub struct ProgressTracker {
     total_weight: f64,
     nodes_total: usize,
     done: HashSet<String>,
+    /// The weight of the nodes in `done`, kept as they are added (every snapshot needs it: a
+    /// sum over `done` there would make a job's progress quadratic in its node count).
+    done_weight: f64,
     cached: HashSet<String>,
     current: Option<(String, Instant)>,
     step: Option<StepState>,
@@ -71,6 +74,7 @@ impl ProgressTracker {
             total_weight,
             nodes_total: workflow.len(),
             done: HashSet::new(),
+            done_weight: 0.0,
             cached: HashSet::new(),
             current: None,
             step: None,
@@ -92,8 +96,9 @@ impl ProgressTracker {
     }
 
     fn mark_done(&mut self, id: &str) {
-        if self.is_node(id) {
+        if self.is_node(id) && !self.done.contains(id) {
             self.done.insert(id.to_owned());
+            self.done_weight += self.weight_of.get(id).copied().unwrap_or(0.0);
         }
     }
 
@@ -157,7 +162,7 @@ impl ProgressTracker {
         };
         let nodes_done = self.done.len();
         let weight = |n: &str| self.weight_of.get(n).copied().unwrap_or(0.0);
-        let done_weight: f64 = self.done.iter().map(|n| weight(n)).sum();
+        let done_weight = self.done_weight;
         let running_weight = match &node {
             Some(n) if !self.done.contains(n) && max > 0.0 => {
                 weight(n) * (value / max).clamp(0.0, 1.0)
@@ -227,7 +232,7 @@ impl ProgressTracker {
                 for n in nodes {
                     if self.is_node(n) {
                         self.cached.insert(n.clone());
-                        self.done.insert(n.clone());
+                        self.mark_done(n);
                     }
                 }
                 // ComfyUI always sends the list, usually empty: report only actual cache hits.
