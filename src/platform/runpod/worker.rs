@@ -14,7 +14,7 @@ use tracing::{error, info, warn, Instrument};
 use super::client::{Delivery, PlatformClient, Take};
 use super::job::PlatformJob;
 use super::relay::Relay;
-use crate::housekeeping::warmup::WarmupState;
+use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
 use crate::progress::ProgressSnapshot;
@@ -85,7 +85,7 @@ impl Worker {
     /// job-take (as the SDK's start-up checks do). If it fails, no job is taken: one
     /// `status=unhealthy&check=warmup` ping is sent (the SDK's fitness-check report) and the
     /// error is returned, for the process to exit non-zero so the platform replaces the worker.
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), String> {
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WarmupError> {
         let settings = self.client.settings().clone();
         info!(
             worker_id = %settings.worker_id,
@@ -95,12 +95,14 @@ impl Worker {
             "RunPod worker started"
         );
         let warmed = self.runner.warm_up(&shutdown).await;
-        if shutdown.is_cancelled() && self.runner.warmup_state() != WarmupState::Off {
+        if shutdown.is_cancelled() && !matches!(self.runner.warmup_state(), WarmupState::Off) {
             info!("RunPod worker stopped during the warm-up");
             return Ok(());
         }
         if let Err(why) = warmed {
-            self.client.report_unhealthy("warmup", &why).await;
+            self.client
+                .report_unhealthy("warmup", &why.to_string())
+                .await;
             error!(error = %why, "the worker is unhealthy and takes no job; exiting");
             return Err(why);
         }
