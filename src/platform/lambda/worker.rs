@@ -80,9 +80,9 @@ impl LambdaWorker {
         let (payload, context) = event.into_parts();
         let job = match decode_event(payload) {
             Ok(job) => job,
-            Err(message) => {
-                info!(error = %message, "the event cannot be read");
-                return Err(diagnostic(error_type::INVALID_INPUT, &message, None));
+            Err(e) => {
+                info!(error = %e, "the event cannot be read");
+                return Err(diagnostic(error_type::INVALID_INPUT, &e.to_string(), None));
             }
         };
         let request = job.request(&context.request_id);
@@ -114,9 +114,9 @@ impl LambdaWorker {
         let (payload, context) = event.into_parts();
         let job = match decode_event(payload) {
             Ok(job) => job,
-            Err(message) => {
-                info!(error = %message, "the event cannot be read");
-                return Err(diagnostic(error_type::INVALID_INPUT, &message, None));
+            Err(e) => {
+                info!(error = %e, "the event cannot be read");
+                return Err(diagnostic(error_type::INVALID_INPUT, &e.to_string(), None));
             }
         };
         let deadline = deadline_of(context.deadline);
@@ -338,8 +338,19 @@ mod tests {
             LambdaJob::default()
         );
         let bad = decode_event(json!({"requestContext": {}, "body": "{nope"})).unwrap_err();
+        assert!(matches!(bad, EventError::NotJson(_)), "{bad:?}");
+        assert_eq!(
+            bad.to_string(),
+            "The request body is not valid JSON: key must be a string at line 1 column 2"
+        );
+        let bad = decode_event(
+            json!({"requestContext": {}, "body": "not base64!", "isBase64Encoded": true}),
+        )
+        .unwrap_err();
+        assert!(matches!(bad, EventError::NotBase64(_)), "{bad:?}");
         assert!(
-            bad.starts_with("The request body is not valid JSON"),
+            bad.to_string()
+                .starts_with("The request body is not valid base64: "),
             "{bad}"
         );
     }
