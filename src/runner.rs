@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument, Span};
 
-use crate::housekeeping::warmup::{self, WarmupDone, WarmupState};
+use crate::housekeeping::warmup::{self, WarmupDone, WarmupError, WarmupState};
 use crate::job::{
     Completed, DeadlineSource, Engine, Job, JobFailure, JobFiles, JobRequest, Report,
 };
@@ -265,7 +265,7 @@ impl Runner {
 
     /// `WARMUP_WORKFLOW`: runs it once (no-op without it) and logs its outcome in one line.
     /// `Err` is the reason the worker is unhealthy. `shutdown` cancels it.
-    pub async fn warm_up(&self, shutdown: &CancellationToken) -> Result<(), String> {
+    pub async fn warm_up(&self, shutdown: &CancellationToken) -> Result<(), WarmupError> {
         let Some(path) = self.engine.settings().housekeeping.warmup_workflow.clone() else {
             return Ok(());
         };
@@ -289,7 +289,6 @@ impl Runner {
                 WarmupState::Done(WarmupDone { elapsed, files })
             }
             Err(why) => {
-                let why = format!("warm-up failed: {why}");
                 error!(
                     file = %path.display(),
                     ok = false,
@@ -313,7 +312,7 @@ impl Runner {
         &self,
         path: &std::path::Path,
         shutdown: &CancellationToken,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, WarmupError> {
         let input = warmup::load(path)?;
         let request = JobRequest::new(WARMUP_JOB_ID, Some(input));
         let controls = Controls {
@@ -331,7 +330,7 @@ impl Runner {
         match self.run(&request, controls, &mut [&mut log]).await {
             // The outputs (base64 perhaps) are dropped here, unlogged.
             Ok(completed) => Ok(completed.files().len()),
-            Err(failure) => Err(warmup::one_line_failure(&failure)),
+            Err(failure) => Err(WarmupError::Job(failure)),
         }
     }
 

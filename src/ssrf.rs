@@ -44,6 +44,37 @@ pub enum UrlError {
     Refused(String),
 }
 
+/// Why a name lookup gave no addresses.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// No answer within the lookup timeout.
+    #[error("no answer within {} s", .0.as_secs_f64())]
+    TimedOut(Duration),
+    /// The resolver failed (no such name, no DNS server).
+    #[error("{0}")]
+    Failed(std::io::Error),
+}
+
+/// An HTTP client that could not be built; every request meant for it fails with this.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot build the {purpose} HTTP client: {}", error_chain(.source.as_ref()))]
+pub struct ClientBuildError {
+    /// What the client is for (`"webhook"`, `"download"`).
+    purpose: &'static str,
+    /// reqwest's error, shared by the clones.
+    source: Arc<reqwest::Error>,
+}
+
+impl ClientBuildError {
+    /// The client `purpose` is for could not be built: `error`.
+    pub fn new(purpose: &'static str, error: reqwest::Error) -> ClientBuildError {
+        ClientBuildError {
+            purpose,
+            source: Arc::new(error),
+        }
+    }
+}
+
 /// How addresses are looked up: the system resolver, or a fixed table (unit tests).
 #[derive(Debug, Clone)]
 enum Lookup {
@@ -200,14 +231,19 @@ impl Guard {
     }
 
     /// Resolves `name`, bounded by the lookup timeout.
-    async fn resolve(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    async fn resolve(&self, name: &str, port: u16) -> Result<Vec<SocketAddr>, LookupError> {
         match &self.lookup {
             Lookup::System => lookup(name, port, self.lookup_timeout).await,
             #[cfg(test)]
             Lookup::Fixed(table) => table
                 .get(&normalise_name(name))
                 .map(|ips| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
-                .ok_or_else(|| "no such host (fixed lookup)".to_owned()),
+                .ok_or_else(|| {
+                    LookupError::Failed(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no such host (fixed lookup)",
+                    ))
+                }),
         }
     }
 
@@ -245,10 +281,10 @@ fn normalise_name(name: &str) -> String {
 }
 
 /// Resolves `name` with the system resolver, bounded by `timeout`.
-async fn lookup(name: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, String> {
+async fn lookup(name: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, LookupError> {
     match tokio::time::timeout(timeout, tokio::net::lookup_host((name, port))).await {
-        Err(_) => Err(format!("no answer within {} s", timeout.as_secs_f64())),
-        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(LookupError::TimedOut(timeout)),
+        Ok(Err(e)) => Err(LookupError::Failed(e)),
         Ok(Ok(addrs)) => Ok(addrs.collect()),
     }
 }
@@ -295,7 +331,7 @@ enum ResolveError {
     /// The guard refused the name or every address it has.
     Refused(HostRefused),
     /// The lookup itself failed.
-    Lookup(String),
+    Lookup(LookupError),
 }
 
 impl GuardedResolver {
@@ -513,7 +549,7 @@ pub struct Downloader {
     guard: Guard,
     limits: Limits,
     /// `Err` when the HTTP client could not be built (then every download fails).
-    http: Result<reqwest::Client, String>,
+    http: Result<reqwest::Client, ClientBuildError>,
 }
 
 impl Downloader {
@@ -525,7 +561,7 @@ impl Downloader {
         let http = guard
             .client(builder, label)
             .build()
-            .map_err(|e| format!("cannot build the download HTTP client: {}", error_chain(&e)));
+            .map_err(|e| ClientBuildError::new("download", e));
         Downloader {
             guard,
             limits,
@@ -552,7 +588,7 @@ impl Downloader {
         let http = self
             .http
             .as_ref()
-            .map_err(|e| FetchError::Transport(e.clone()))?;
+            .map_err(|e| FetchError::Transport(e.to_string()))?;
         let mut current = self.guard.check(url).await.map_err(|e| match e {
             UrlError::Invalid(reason) => FetchError::Invalid {
                 redirect: None,
@@ -859,6 +895,24 @@ mod tests {
         // Allowed private targets are not even resolved.
         assert!(faked(true).check("http://loopback.example/").await.is_ok());
         assert!(faked(true).check("http://unknown.example/").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn lookup_failures() {
+        assert_eq!(
+            LookupError::TimedOut(Duration::from_millis(1500)).to_string(),
+            "no answer within 1.5 s"
+        );
+        assert!(matches!(
+            faked(false).resolve("unknown.example", 80).await,
+            Err(LookupError::Failed(e)) if e.kind() == std::io::ErrorKind::NotFound
+        ));
+        assert_eq!(
+            faked(false).check("http://unknown.example/").await,
+            Err(UrlError::Invalid(
+                "cannot resolve unknown.example: no such host (fixed lookup)".into()
+            ))
+        );
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, HeaderValue, USER_AGENT};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -30,7 +31,7 @@ use crate::config::EnvReader;
 use crate::error_chain::error_chain;
 use crate::job::{Completed, JobFailure};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};
-use crate::ssrf::{Guard, UrlError};
+use crate::ssrf::{ClientBuildError, Guard, UrlError};
 
 /// How webhooks are checked and delivered.
 #[derive(Debug, Clone)]
@@ -126,13 +127,27 @@ pub enum WebhookError {
     },
 }
 
+/// Why a webhook POST failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The HTTP client could not be built, so nothing is delivered.
+    #[error(transparent)]
+    NoClient(ClientBuildError),
+    /// The connection (the SSRF guard's refusals included) or the transfer failed.
+    #[error("{}", error_chain(.0))]
+    Transport(reqwest::Error),
+    /// The target answered with a status other than 2xx.
+    #[error("HTTP {0}")]
+    Status(StatusCode),
+}
+
 /// Delivers webhooks; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Webhooks {
     policy: WebhookPolicy,
     guard: Guard,
     /// `Err` when the HTTP client could not be built (then every delivery fails, logged).
-    http: Result<reqwest::Client, String>,
+    http: Result<reqwest::Client, ClientBuildError>,
 }
 
 /// How to ask for a refused target anyway.
@@ -178,7 +193,7 @@ impl Webhooks {
             .connect_timeout(policy.timeout);
         let builder = guard.client(builder, "webhook host");
         let http = builder.build().map_err(|e| {
-            let e = format!("cannot build the webhook HTTP client: {}", error_chain(&e));
+            let e = ClientBuildError::new("webhook", e);
             error!(error = %e, "webhooks disabled");
             e
         });
@@ -259,24 +274,27 @@ impl Webhooks {
     }
 
     /// One POST; `Err` says why it failed.
-    async fn post(&self, url: &WebhookUrl, body: &Value) -> Result<(), String> {
-        let http = self.http.as_ref().map_err(Clone::clone)?;
+    async fn post(&self, url: &WebhookUrl, body: &Value) -> Result<(), DeliveryError> {
+        let http = self
+            .http
+            .as_ref()
+            .map_err(|e| DeliveryError::NoClient(e.clone()))?;
         let resp = http
             .post(url.as_str())
             .json(body)
             .send()
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(DeliveryError::Transport)?;
         let status = resp.status();
         if status.is_success() {
             Ok(())
         } else {
-            Err(format!("HTTP {status}"))
+            Err(DeliveryError::Status(status))
         }
     }
 
     /// POSTs with the policy's retries; `Ok` carries the attempt that succeeded.
-    async fn post_retrying(&self, url: &WebhookUrl, body: &Value) -> Result<u32, String> {
+    async fn post_retrying(&self, url: &WebhookUrl, body: &Value) -> Result<u32, DeliveryError> {
         let attempts = self.policy.attempts.max(1);
         let mut attempt = 1;
         loop {
@@ -660,7 +678,16 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let url = WebhookUrl(format!("http://localhost:{port}/hook"));
         let err = hooks(false).post(&url, &json!({})).await.unwrap_err();
-        assert!(err.contains("localhost is a local host name"), "{err}");
+        let DeliveryError::Transport(e) = &err else {
+            panic!("{err:?}");
+        };
+        let refused = crate::ssrf::refused_host(e).expect("refused by the guard");
+        assert_eq!(refused.why, "localhost is a local host name");
+        assert!(
+            err.to_string()
+                .contains("webhook host refused: localhost is a local host name"),
+            "{err}"
+        );
         let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
         assert!(accepted.is_err(), "a connection reached the listener");
         // The same target with private targets allowed does connect.

@@ -9,10 +9,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::Value;
 
-use crate::comfy::workflow::ui_message;
-use crate::comfy::{ClientOptions, ComfyClient, ObjectInfo, WorkflowInput};
+use super::json_file::{self, JsonFileError};
+use crate::comfy::workflow::{ui_message, WorkflowError};
+use crate::comfy::{
+    ClientOptions, ComfyClient, ComfyError, ConvertError, ObjectInfo, WorkflowInput,
+};
 
 /// Options of `convert`.
 #[derive(Debug, Clone, Args)]
@@ -32,32 +34,58 @@ pub struct ConvertArgs {
     pub seed: Option<u64>,
 }
 
-fn read_input(path: &Path) -> Result<String, String> {
+/// Why `convert` printed no workflow.
+#[derive(Debug, thiserror::Error)]
+enum ConvertCommandError {
+    /// The workflow or the `--object-info` file cannot be read as JSON.
+    #[error(transparent)]
+    Input(#[from] JsonFileError),
+    /// `--object-info` is JSON, but not an object.
+    #[error("{} is not an /object_info reply (a JSON object of node classes)", .0.display())]
+    NotObjectInfo(PathBuf),
+    /// `--comfy` (or `COMFY_HOST`) is not a usable address.
+    #[error(transparent)]
+    Host(ComfyError),
+    /// ComfyUI's `/object_info` could not be had.
+    #[error("cannot get /object_info from ComfyUI at {host}: {source} (start ComfyUI, or pass --object-info FILE)")]
+    ObjectInfo {
+        /// The ComfyUI asked.
+        host: String,
+        /// Why it gave none.
+        source: ComfyError,
+    },
+    /// The workflow is neither API nor UI format.
+    #[error(transparent)]
+    Workflow(WorkflowError),
+    /// The UI-format workflow cannot be converted.
+    #[error("{}", ui_message(.0))]
+    Conversion(ConvertError),
+    /// The result cannot be serialised.
+    #[error("{0}")]
+    Print(serde_json::Error),
+}
+
+fn read_input(path: &Path) -> Result<String, JsonFileError> {
     if path == Path::new("-") {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
-            .map_err(|e| format!("cannot read stdin: {e}"))?;
+            .map_err(|source| JsonFileError::Read {
+                what: "stdin".into(),
+                source,
+            })?;
         Ok(text)
     } else {
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        json_file::read(path)
     }
 }
 
-fn parse_json(text: &str, what: &str) -> Result<Value, String> {
-    serde_json::from_str(text).map_err(|e| format!("{what} is not valid JSON: {e}"))
-}
-
-async fn object_info(args: &ConvertArgs) -> Result<ObjectInfo, String> {
+async fn object_info(args: &ConvertArgs) -> Result<ObjectInfo, ConvertCommandError> {
     if let Some(path) = &args.object_info {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let value = parse_json(&text, &path.display().to_string())?;
+        let text = json_file::read(path)?;
+        let value = json_file::parse(&text, &path.display().to_string())?;
         if !value.is_object() {
-            return Err(format!(
-                "{} is not an /object_info reply (a JSON object of node classes)",
-                path.display()
-            ));
+            return Err(ConvertCommandError::NotObjectInfo(path.clone()));
         }
         return Ok(ObjectInfo::from_value(value));
     }
@@ -78,11 +106,11 @@ async fn object_info(args: &ConvertArgs) -> Result<ObjectInfo, String> {
             ..ClientOptions::default()
         },
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(ConvertCommandError::Host)?;
     client
         .object_info()
         .await
-        .map_err(|e| format!("cannot get /object_info from ComfyUI at {host}: {e} (start ComfyUI, or pass --object-info FILE)"))
+        .map_err(|source| ConvertCommandError::ObjectInfo { host, source })
 }
 
 /// Runs `convert`: 0 with the API JSON on stdout, 1 with the reason on stderr.
@@ -99,17 +127,18 @@ pub async fn run(args: ConvertArgs) -> ExitCode {
     }
 }
 
-async fn convert(args: &ConvertArgs) -> Result<String, String> {
+async fn convert(args: &ConvertArgs) -> Result<String, ConvertCommandError> {
     let text = read_input(&args.file)?;
-    let mut value = parse_json(&text, "the workflow")?;
+    let mut value = json_file::parse(&text, "the workflow")?;
     // A test input (`{"input": {"workflow": ...}}`) works too.
     if let Some(inner) = value.pointer("/input/workflow") {
         value = inner.clone();
     }
-    let ui = match WorkflowInput::from_value(value).map_err(|e| e.to_string())? {
+    let ui = match WorkflowInput::from_value(value).map_err(ConvertCommandError::Workflow)? {
         WorkflowInput::Api(workflow) => {
             eprintln!("comfy-worker convert: already in API format; printed as it is");
-            return serde_json::to_string_pretty(workflow.as_json()).map_err(|e| e.to_string());
+            return serde_json::to_string_pretty(workflow.as_json())
+                .map_err(ConvertCommandError::Print);
         }
         WorkflowInput::Ui(ui) => ui,
     };
@@ -117,6 +146,6 @@ async fn convert(args: &ConvertArgs) -> Result<String, String> {
     let options = crate::comfy::ConvertOptions { seed: args.seed };
     let graph = ui
         .convert_with(&info, &options)
-        .map_err(|e| ui_message(&e))?;
-    serde_json::to_string_pretty(&graph).map_err(|e| e.to_string())
+        .map_err(ConvertCommandError::Conversion)?;
+    serde_json::to_string_pretty(&graph).map_err(ConvertCommandError::Print)
 }

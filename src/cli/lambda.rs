@@ -63,7 +63,7 @@ pub(crate) async fn run() -> ExitCode {
     // WARMUP_WORKFLOW runs in the init phase; a failure is an init error, as in the other modes.
     if let Err(why) = runner.warm_up(&shutdown).await {
         if !shutdown.is_cancelled() {
-            init_error("WarmupFailed", &why).await;
+            init_error("WarmupFailed", &why.to_string()).await;
             return ExitCode::FAILURE;
         }
     }

@@ -5,6 +5,7 @@
 
 mod convert;
 mod health;
+mod json_file;
 mod lambda;
 mod run;
 mod serve;

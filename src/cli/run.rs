@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::Instrument;
 
+use super::json_file::{self, JsonFileError};
 use super::view::{ProgressMode, ProgressView};
 use super::RunArgs;
 use crate::config::StorageSettings;
@@ -18,31 +19,80 @@ use crate::runner::{job_span, Controls, Deadline, Runner};
 /// The SDK's job id for local test runs.
 const LOCAL_JOB_ID: &str = "local_test";
 
+/// Why the job to run cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TestInputError {
+    /// No file, no `--test_input`, and no `./test_input.json`.
+    #[error(
+        "test_input.json not found in the current directory; pass a file or --test_input '<json>'"
+    )]
+    NoDefaultFile,
+    /// The file cannot be read, or the JSON parsed.
+    #[error(transparent)]
+    Unreadable(JsonFileError),
+    /// JSON without an `input`; `origin` names the file or `--test_input`.
+    #[error("{origin} must be a JSON object with an 'input' key, like {{\"input\": {{\"workflow\": {{...}}}}}}")]
+    NoInput {
+        /// Where the JSON came from.
+        origin: String,
+    },
+}
+
+/// Why the output files were not all written into `--output-dir`.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    /// The directory cannot be created.
+    #[error("cannot create {}: {source}", dir.display())]
+    CreateDir {
+        /// `--output-dir`.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An output's name has no base name to write it under.
+    #[error("output file name {0:?} is not usable")]
+    BadName(String),
+    /// An output's data is not base64.
+    #[error("output {name} is not valid base64: {reason}")]
+    NotBase64 {
+        /// The output's file name.
+        name: String,
+        /// The decoder's reason.
+        reason: String,
+    },
+    /// A file cannot be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// Reads the job: `--test_input` JSON, else the file, else `./test_input.json`.
-pub(crate) fn load_test_input(args: &RunArgs) -> Result<Value, String> {
+pub(crate) fn load_test_input(args: &RunArgs) -> Result<Value, TestInputError> {
     let (text, origin) = match (&args.test_input, &args.file) {
         (Some(json), _) => (json.clone(), "--test_input".to_owned()),
         (None, file) => {
             let path = file
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("test_input.json"));
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                if file.is_none() && e.kind() == std::io::ErrorKind::NotFound {
-                    "test_input.json not found in the current directory; pass a file or --test_input '<json>'".to_owned()
-                } else {
-                    format!("cannot read {}: {e}", path.display())
+            let text = json_file::read(&path).map_err(|e| match e {
+                JsonFileError::Read { source, .. }
+                    if file.is_none() && source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    TestInputError::NoDefaultFile
                 }
+                other => TestInputError::Unreadable(other),
             })?;
             (text, path.display().to_string())
         }
     };
-    let job: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{origin} is not valid JSON: {e}"))?;
+    let job = json_file::parse(&text, &origin).map_err(TestInputError::Unreadable)?;
     match &job {
         Value::Object(o) if o.contains_key("input") => Ok(job),
-        _ => Err(format!(
-            "{origin} must be a JSON object with an 'input' key, like {{\"input\": {{\"workflow\": {{...}}}}}}"
-        )),
+        _ => Err(TestInputError::NoInput { origin }),
     }
 }
 
@@ -61,23 +111,30 @@ fn fail(message: String) -> ExitCode {
 
 /// Writes the decoded output files (images, videos, audio, other keys) into `dir`, under
 /// their base names.
-fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, String> {
+fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, WriteError> {
     let files = output.files();
     if files.is_empty() {
         return Ok(Vec::new());
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|source| WriteError::CreateDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
     let mut written = Vec::new();
     for image in files.into_iter().filter(|i| i.kind == "base64") {
         let name = Path::new(&image.filename)
             .file_name()
             .map(|n| n.to_owned())
-            .ok_or_else(|| format!("output file name {:?} is not usable", image.filename))?;
-        let bytes = codec::decode_input(&image.data)
-            .map_err(|e| format!("output {} is not valid base64: {e}", image.filename))?;
+            .ok_or_else(|| WriteError::BadName(image.filename.clone()))?;
+        let bytes = codec::decode_input(&image.data).map_err(|reason| WriteError::NotBase64 {
+            name: image.filename.clone(),
+            reason,
+        })?;
         let path = dir.join(name);
-        std::fs::write(&path, bytes)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(&path, bytes).map_err(|source| WriteError::Write {
+            path: path.clone(),
+            source,
+        })?;
         written.push(path);
     }
     Ok(written)
@@ -102,7 +159,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
     );
     let job = match load_test_input(&args) {
         Ok(job) => job,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let mut settings = match settings_for_run(|k| std::env::var(k).ok()) {
         Ok(s) => s,
@@ -113,7 +170,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
     }
     let simulator = match args.sim.start(&mut settings).await {
         Ok(sim) => sim,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let engine = match Engine::new(settings) {
         Ok(e) => e,
@@ -220,14 +277,32 @@ mod tests {
     fn test_input_must_have_input() {
         let mut a = args();
         a.test_input = Some(r#"{"workflow": {}}"#.into());
-        assert!(load_test_input(&a).unwrap_err().contains("'input' key"));
+        assert_eq!(
+            load_test_input(&a).unwrap_err().to_string(),
+            r#"--test_input must be a JSON object with an 'input' key, like {"input": {"workflow": {...}}}"#
+        );
         a.test_input = Some("[".into());
-        assert!(load_test_input(&a).unwrap_err().contains("not valid JSON"));
+        let e = load_test_input(&a).unwrap_err();
+        assert!(
+            matches!(e, TestInputError::Unreadable(JsonFileError::NotJson { .. })),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "--test_input is not valid JSON: EOF while parsing a list at line 1 column 1"
+        );
         a.test_input = Some(r#"{"input": {"workflow": {}}}"#.into());
         assert!(load_test_input(&a).is_ok());
         let mut b = args();
         b.file = Some(PathBuf::from("/nonexistent/x.json"));
-        assert!(load_test_input(&b).unwrap_err().contains("cannot read"));
+        assert_eq!(
+            load_test_input(&b).unwrap_err().to_string(),
+            "cannot read /nonexistent/x.json: No such file or directory (os error 2)"
+        );
+        assert_eq!(
+            TestInputError::NoDefaultFile.to_string(),
+            "test_input.json not found in the current directory; pass a file or --test_input '<json>'"
+        );
     }
 
     #[test]

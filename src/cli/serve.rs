@@ -160,7 +160,7 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
     }
     let simulator = match args.sim.start(&mut settings).await {
         Ok(sim) => sim,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let engine = match Engine::new(settings) {
         Ok(e) => e.with_test_hooks_from_env(),

@@ -48,26 +48,31 @@ mod with_simulator {
     /// A simulator started for `--simulate`; shut it down when the command is done.
     pub(crate) struct Running(Simulator);
 
+    /// Why `--simulate` could not start the simulator (no loopback port, or it failed to start).
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot start the simulator: {0}")]
+    pub(crate) struct StartError(std::io::Error);
+
     impl SimulateArgs {
         /// With `--simulate`: starts a simulator on a free loopback port and points `settings`
         /// at it. The error is a sentence for the user.
         pub(crate) async fn start(
             &self,
             settings: &mut Settings,
-        ) -> Result<Option<Running>, String> {
+        ) -> Result<Option<Running>, StartError> {
             if !self.simulate {
                 return Ok(None);
             }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
-                .map_err(|e| format!("cannot start the simulator: {e}"))?;
+                .map_err(StartError)?;
             let config = SimConfig {
                 step_delay: Duration::from_millis(self.sim_step_ms),
                 ..SimConfig::default()
             };
             let sim = Simulator::start(listener, config)
                 .await
-                .map_err(|e| format!("cannot start the simulator: {e}"))?;
+                .map_err(StartError)?;
             settings.comfy_host = sim.host();
             // A PID file of some other ComfyUI must not decide readiness here.
             settings.comfy_pid_file = PathBuf::from("/nonexistent/comfy-worker-simulator.pid");
@@ -143,7 +148,11 @@ mod without_simulator {
     pub(crate) enum Running {}
 
     impl SimulateArgs {
-        pub(crate) async fn start(&self, _: &mut Settings) -> Result<Option<Running>, String> {
+        /// Nothing to start: never fails.
+        pub(crate) async fn start(
+            &self,
+            _: &mut Settings,
+        ) -> Result<Option<Running>, std::convert::Infallible> {
             Ok(None)
         }
     }

@@ -19,12 +19,14 @@ use clap::Args;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::json_file::{self, JsonFileError};
 use crate::comfy::describe::{binary_summary, clock, Describer, Line};
 use crate::comfy::prompt_watcher::reconnect_delay;
 use crate::comfy::socket::{Incoming, WsConnection};
+use crate::comfy::workflow::WorkflowError;
 use crate::comfy::{
-    ClientOptions, ComfyClient, ComfyError, Outcome, PromptEvent, WatchOptions, Workflow,
-    WorkflowInput,
+    ClientOptions, ComfyClient, ComfyError, ConvertError, Outcome, PromptEvent, WatchOptions,
+    Workflow, WorkflowInput,
 };
 use crate::config::Settings;
 use crate::job::report;
@@ -184,13 +186,39 @@ pub(crate) async fn run(args: WatchArgs) -> ExitCode {
     }
 }
 
+/// Why `--submit` has no workflow to queue.
+#[derive(Debug, thiserror::Error)]
+enum SubmitError {
+    /// The file cannot be read as JSON.
+    #[error(transparent)]
+    File(#[from] JsonFileError),
+    /// A test input without a workflow.
+    #[error("{} has an 'input' without a 'workflow'", .0.display())]
+    NoWorkflow(PathBuf),
+    /// The file's workflow is neither API nor UI format.
+    #[error("{}: {source}", path.display())]
+    NotAWorkflow {
+        /// `--submit`.
+        path: PathBuf,
+        /// Why.
+        source: WorkflowError,
+    },
+    /// ComfyUI's `/object_info`, which the UI format's conversion needs, could not be had.
+    #[error("cannot convert the UI-format workflow: GET /object_info failed: {0}")]
+    ObjectInfo(ComfyError),
+    /// The UI-format workflow cannot be converted.
+    #[error("cannot convert the UI-format workflow: {0}")]
+    Conversion(ConvertError),
+    /// The converted workflow is not a usable API-format workflow.
+    #[error(transparent)]
+    Converted(WorkflowError),
+}
+
 /// The workflow of a test-input file (`{"input": {"workflow": …}}`) or a bare workflow (API or
 /// UI format), and how many input images the file has (they are not uploaded).
-fn load_workflow(path: &Path) -> Result<(WorkflowInput, usize), String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let value: Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+fn load_workflow(path: &Path) -> Result<(WorkflowInput, usize), SubmitError> {
+    let text = json_file::read(path)?;
+    let value = json_file::parse(&text, &path.display().to_string())?;
     let images = value
         .get("input")
         .and_then(|i| i.get("images"))
@@ -200,28 +228,30 @@ fn load_workflow(path: &Path) -> Result<(WorkflowInput, usize), String> {
         Some(input) => input
             .get("workflow")
             .cloned()
-            .ok_or_else(|| format!("{} has an 'input' without a 'workflow'", path.display()))?,
+            .ok_or_else(|| SubmitError::NoWorkflow(path.to_owned()))?,
         None => value,
     };
     let workflow =
-        WorkflowInput::from_value(graph).map_err(|e| format!("{}: {e}", path.display()))?;
+        WorkflowInput::from_value(graph).map_err(|source| SubmitError::NotAWorkflow {
+            path: path.to_owned(),
+            source,
+        })?;
     Ok((workflow, images))
 }
 
 /// An API-format workflow as it is; a UI-format one converted with ComfyUI's `/object_info`, as
 /// a job's would be.
-async fn to_api(client: &ComfyClient, workflow: WorkflowInput) -> Result<Workflow, String> {
+async fn to_api(client: &ComfyClient, workflow: WorkflowInput) -> Result<Workflow, SubmitError> {
     let ui = match workflow {
         WorkflowInput::Api(w) => return Ok(w),
         WorkflowInput::Ui(ui) => ui,
     };
-    let info = client.object_info().await.map_err(|e| {
-        format!("cannot convert the UI-format workflow: GET /object_info failed: {e}")
-    })?;
-    let graph = ui
-        .convert(&info)
-        .map_err(|e| format!("cannot convert the UI-format workflow: {e}"))?;
-    Workflow::from_value(Value::Object(graph)).map_err(|e| e.to_string())
+    let info = client
+        .object_info()
+        .await
+        .map_err(SubmitError::ObjectInfo)?;
+    let graph = ui.convert(&info).map_err(SubmitError::Conversion)?;
+    Workflow::from_value(Value::Object(graph)).map_err(SubmitError::Converted)
 }
 
 /// `--submit`: queue the workflow on our own socket and show its whole stream.
@@ -467,11 +497,31 @@ mod tests {
         assert_eq!(load_workflow(&wrapped).unwrap().0.len(), 1);
         let no_wf = dir.path().join("no.json");
         std::fs::write(&no_wf, r#"{"input": {"images": []}}"#).unwrap();
-        assert!(load_workflow(&no_wf)
-            .unwrap_err()
-            .contains("without a 'workflow'"));
-        assert!(load_workflow(&dir.path().join("missing.json"))
-            .unwrap_err()
-            .contains("cannot read"));
+        assert_eq!(
+            load_workflow(&no_wf).unwrap_err().to_string(),
+            format!("{} has an 'input' without a 'workflow'", no_wf.display())
+        );
+        let missing = dir.path().join("missing.json");
+        let e = load_workflow(&missing).unwrap_err();
+        assert!(
+            matches!(e, SubmitError::File(JsonFileError::Read { .. })),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        let list = dir.path().join("list.json");
+        std::fs::write(&list, "[1]").unwrap();
+        assert_eq!(
+            load_workflow(&list).unwrap_err().to_string(),
+            format!(
+                "{}: 'workflow' must be a JSON object in ComfyUI API format (node id -> {{\"class_type\", \"inputs\"}}), got an array",
+                list.display()
+            )
+        );
     }
 }

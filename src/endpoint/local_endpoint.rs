@@ -395,7 +395,7 @@ async fn queue_runner(inner: Arc<Inner>) {
         if !healthy {
             // Unhealthy: jobs queued during the warm-up fail with its error, new ones are refused.
             if let WarmupState::Failed(why) = inner.runner.warmup_state() {
-                end_queued(&inner, &why);
+                end_queued(&inner, &why.to_string());
             }
             tokio::select! {
                 _ = inner.closing.cancelled() => break,

@@ -245,7 +245,7 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
         "warmup": warmup.to_json(),
     });
     if let WarmupState::Failed(why) = &warmup {
-        body["error"] = json!(why);
+        body["error"] = json!(why.to_string());
     }
     (code, Json(body)).into_response()
 }

@@ -24,9 +24,20 @@ impl LambdaJob {
     }
 }
 
+/// Why an invocation event cannot be read: its text is an `InvalidInput` message.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// An HTTP event's `body` is marked base64 and is not.
+    #[error("The request body is not valid base64: {0}")]
+    NotBase64(String),
+    /// An HTTP event's `body` is not JSON.
+    #[error("The request body is not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+}
+
 /// Reads an invocation event: `{"input": ...}`, the bare input, or an HTTP event (function URL,
-/// API Gateway) whose `body` holds either. `Err` is an `InvalidInput` message.
-pub fn decode_event(event: Value) -> Result<LambdaJob, String> {
+/// API Gateway) whose `body` holds either.
+pub fn decode_event(event: Value) -> Result<LambdaJob, EventError> {
     let event = match http_body(&event) {
         Some(body) => body?,
         None => event,
@@ -45,7 +56,7 @@ pub fn decode_event(event: Value) -> Result<LambdaJob, String> {
 }
 
 /// The JSON body of an HTTP event (`requestContext` plus a string `body`), if it is one.
-fn http_body(event: &Value) -> Option<Result<Value, String>> {
+fn http_body(event: &Value) -> Option<Result<Value, EventError>> {
     let obj = event.as_object()?;
     if !obj.contains_key("requestContext") {
         return None;
@@ -58,7 +69,7 @@ fn http_body(event: &Value) -> Option<Result<Value, String>> {
     let bytes = if obj.get("isBase64Encoded") == Some(&Value::Bool(true)) {
         match codec::decode_input(body) {
             Ok(b) => b,
-            Err(e) => return Some(Err(format!("The request body is not valid base64: {e}"))),
+            Err(e) => return Some(Err(EventError::NotBase64(e))),
         }
     } else {
         body.as_bytes().to_vec()
@@ -66,10 +77,7 @@ fn http_body(event: &Value) -> Option<Result<Value, String>> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Some(Ok(Value::Null));
     }
-    Some(
-        serde_json::from_slice(&bytes)
-            .map_err(|e| format!("The request body is not valid JSON: {e}")),
-    )
+    Some(serde_json::from_slice(&bytes).map_err(EventError::NotJson))
 }
 
 /// Values of `Lambda-Runtime-Deadline-Ms` below this are durations, not instants (2001-09-09).

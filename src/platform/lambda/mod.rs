@@ -24,7 +24,7 @@ pub mod response;
 pub mod settings;
 mod worker;
 
-pub use event::{decode_event, LambdaJob};
+pub use event::{decode_event, EventError, LambdaJob};
 pub use response::{error_type, Finished};
 pub use settings::{LambdaConfigError, LambdaSettings, ResponseMode};
 pub use worker::LambdaWorker;

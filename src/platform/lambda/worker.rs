@@ -238,9 +238,9 @@ fn read_event(event: LambdaEvent<Value>) -> Result<(JobRequest, Option<SystemTim
             job.request(&context.request_id),
             deadline_of(context.deadline),
         )),
-        Err(message) => {
-            info!(error = %message, "the event cannot be read");
-            Err(diagnostic(error_type::INVALID_INPUT, &message, None))
+        Err(e) => {
+            info!(error = %e, "the event cannot be read");
+            Err(diagnostic(error_type::INVALID_INPUT, &e.to_string(), None))
         }
     }
 }
@@ -337,8 +337,19 @@ mod tests {
             LambdaJob::default()
         );
         let bad = decode_event(json!({"requestContext": {}, "body": "{nope"})).unwrap_err();
+        assert!(matches!(bad, EventError::NotJson(_)), "{bad:?}");
+        assert_eq!(
+            bad.to_string(),
+            "The request body is not valid JSON: key must be a string at line 1 column 2"
+        );
+        let bad = decode_event(
+            json!({"requestContext": {}, "body": "not base64!", "isBase64Encoded": true}),
+        )
+        .unwrap_err();
+        assert!(matches!(bad, EventError::NotBase64(_)), "{bad:?}");
         assert!(
-            bad.starts_with("The request body is not valid JSON"),
+            bad.to_string()
+                .starts_with("The request body is not valid base64: "),
             "{bad}"
         );
     }

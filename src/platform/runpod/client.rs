@@ -12,6 +12,126 @@ use super::job::{parse_jobs, short, PlatformJob};
 use super::settings::RunPodSettings;
 use crate::error_chain::error_chain;
 
+/// Why the platform client cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The API key cannot be sent in a header.
+    #[error("RUNPOD_AI_API_KEY is not a valid header value")]
+    InvalidApiKey,
+    /// reqwest could not build the client.
+    #[error("cannot build the HTTP client: {0}")]
+    Build(reqwest::Error),
+}
+
+/// Why a job-take failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// No answer: the connection or the transfer failed.
+    #[error("{}", error_chain(.0))]
+    Transport(reqwest::Error),
+    /// The platform answered with an error status.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// The status (neither 2xx, 204, 400 nor 429).
+        status: StatusCode,
+        /// The start of the reply's body.
+        body: String,
+    },
+}
+
+/// Why a result was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    /// The result cannot be serialised.
+    #[error("cannot serialise the result: {0}")]
+    Encode(serde_json::Error),
+    /// The connection or the transfer failed.
+    #[error("{}", error_chain(.0))]
+    Transport(reqwest::Error),
+    /// The platform refused it.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// The start of the reply's body.
+        body: String,
+    },
+    /// The platform received it and did not answer in time: not sent again, since the
+    /// platform may have it.
+    #[error("no answer within {} s (RUNPOD_RESULT_TIMEOUT_S); the platform may have the result, so it is not sent again", .0.as_secs_f64())]
+    Unanswered(Duration),
+    /// The result was refused as too large, and the short error posted instead was refused too.
+    #[error("{result}; the short error was refused too: {short_error}")]
+    ShortErrorRefused {
+        /// Why the result was refused.
+        result: Box<PostError>,
+        /// Why the short error was.
+        short_error: Box<PostError>,
+    },
+}
+
+impl PostError {
+    /// Whether the post may be tried again: connection problems, 5xx and 429.
+    fn retryable(&self) -> bool {
+        match self {
+            PostError::Transport(_) => true,
+            PostError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            PostError::Encode(_)
+            | PostError::Unanswered(_)
+            | PostError::ShortErrorRefused { .. } => false,
+        }
+    }
+}
+
+/// Why a progress update was not posted (it is not retried: the next one supersedes it).
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    /// The update cannot be serialised.
+    #[error("{0}")]
+    Encode(serde_json::Error),
+    /// No answer: the connection or the transfer failed.
+    #[error("{}", error_chain(.0))]
+    Transport(reqwest::Error),
+    /// The platform refused it.
+    #[error("HTTP {0}")]
+    Status(StatusCode),
+}
+
+/// Why a job-stop poll gave no ids; [`StopPollError::retry_after`] says when to poll again.
+#[derive(Debug, thiserror::Error)]
+pub enum StopPollError {
+    /// The stop channel is not configured.
+    #[error("no job-stop URL")]
+    NoUrl,
+    /// No answer: the connection or the transfer failed.
+    #[error("{}", error_chain(.0))]
+    Transport(reqwest::Error),
+    /// HTTP 429.
+    #[error("HTTP 429")]
+    RateLimited,
+    /// Another error status.
+    #[error("HTTP {0}")]
+    Status(StatusCode),
+    /// The reply's body is not JSON.
+    #[error("job-stop reply is not JSON: {0}")]
+    NotJson(reqwest::Error),
+}
+
+impl StopPollError {
+    /// How long to wait before the next poll (`Duration::MAX`: never poll).
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            StopPollError::NoUrl => Duration::MAX,
+            StopPollError::RateLimited => Duration::from_secs(5),
+            StopPollError::Transport(_) | StopPollError::Status(_) | StopPollError::NotJson(_) => {
+                Duration::from_secs(1)
+            }
+        }
+    }
+}
+
 /// What one job-take poll gave.
 #[derive(Debug)]
 pub enum Take {
@@ -22,16 +142,16 @@ pub enum Take {
     /// HTTP 429: wait before polling again.
     RateLimited,
     /// Anything else; retried with backoff.
-    Failed(String),
+    Failed(TakeError),
 }
 
 /// How a result post ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Delivery {
     /// The platform accepted it.
     Delivered,
     /// The platform refused it or never answered; nothing more can be done.
-    Lost(String),
+    Lost(PostError),
 }
 
 /// The platform client.
@@ -39,14 +159,6 @@ pub enum Delivery {
 pub struct PlatformClient {
     http: reqwest::Client,
     settings: RunPodSettings,
-}
-
-/// Errors a post may be retried after: connection problems, 5xx and 429.
-fn retryable(status: Option<StatusCode>) -> bool {
-    match status {
-        None => true,
-        Some(s) => s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS,
-    }
 }
 
 /// The platform received the whole request and did not answer in time: sending it again could
@@ -57,11 +169,11 @@ fn unanswered(e: &reqwest::Error) -> bool {
 
 impl PlatformClient {
     /// A client for the platform in `settings`.
-    pub fn new(settings: RunPodSettings) -> Result<PlatformClient, String> {
+    pub fn new(settings: RunPodSettings) -> Result<PlatformClient, ClientError> {
         let mut headers = HeaderMap::new();
         if let Some(key) = &settings.api_key {
-            let mut value = HeaderValue::from_str(key.expose())
-                .map_err(|_| "RUNPOD_AI_API_KEY is not a valid header value".to_owned())?;
+            let mut value =
+                HeaderValue::from_str(key.expose()).map_err(|_| ClientError::InvalidApiKey)?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
@@ -74,7 +186,7 @@ impl PlatformClient {
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .map_err(ClientError::Build)?;
         Ok(PlatformClient { http, settings })
     }
 
@@ -95,14 +207,17 @@ impl PlatformClient {
         {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Take::NoJob,
-            Err(e) => return Take::Failed(error_chain(&e)),
+            Err(e) => return Take::Failed(TakeError::Transport(e)),
         };
         match resp.status() {
             StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => return Take::NoJob,
             StatusCode::TOO_MANY_REQUESTS => return Take::RateLimited,
-            s if !s.is_success() => {
+            status if !status.is_success() => {
                 let body = resp.text().await.unwrap_or_default();
-                return Take::Failed(format!("HTTP {s}: {}", short(&body)));
+                return Take::Failed(TakeError::Status {
+                    status,
+                    body: short(&body),
+                });
             }
             _ => {}
         }
@@ -113,7 +228,7 @@ impl PlatformClient {
             .is_some_and(|v| v.starts_with("application/json"));
         let body = match resp.bytes().await {
             Ok(b) => b,
-            Err(e) => return Take::Failed(error_chain(&e)),
+            Err(e) => return Take::Failed(TakeError::Transport(e)),
         };
         if !is_json || body.is_empty() {
             return Take::NoJob;
@@ -141,20 +256,20 @@ impl PlatformClient {
     }
 
     /// Posts one progress update (`{"status": "IN_PROGRESS", "output": ...}`); best effort.
-    pub async fn post_progress(&self, job_id: &str, output: &Value) -> Result<(), String> {
+    pub async fn post_progress(&self, job_id: &str, output: &Value) -> Result<(), ProgressError> {
         let body =
             serde_json::to_vec(&serde_json::json!({"status": "IN_PROGRESS", "output": output}))
-                .map_err(|e| e.to_string())?;
+                .map_err(ProgressError::Encode)?;
         let resp = self
             .job_done(job_id, body)
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| error_chain(&e))?;
+            .map_err(ProgressError::Transport)?;
         if resp.status().is_success() {
             Ok(())
         } else {
-            Err(format!("HTTP {}", resp.status()))
+            Err(ProgressError::Status(resp.status()))
         }
     }
 
@@ -165,12 +280,17 @@ impl PlatformClient {
     pub async fn post_result(&self, job_id: &str, body: &Value) -> Delivery {
         let bytes = match serde_json::to_vec(body) {
             Ok(b) => b,
-            Err(e) => return Delivery::Lost(format!("cannot serialise the result: {e}")),
+            Err(e) => return Delivery::Lost(PostError::Encode(e)),
         };
         // `Bytes`: a retry re-sends the same buffer instead of copying it.
         let bytes = bytes::Bytes::from(bytes);
         match self.post_with_retries(job_id, bytes.clone()).await {
-            Err((Some(StatusCode::BAD_REQUEST), why)) if bytes.len() > 1 << 20 => {
+            Err(
+                why @ PostError::Status {
+                    status: StatusCode::BAD_REQUEST,
+                    ..
+                },
+            ) if bytes.len() > 1 << 20 => {
                 let mb = bytes.len() as f64 / 1_048_576.0;
                 warn!(
                     bytes = bytes.len(),
@@ -185,54 +305,49 @@ impl PlatformClient {
                 let bytes = serde_json::to_vec(&fallback).unwrap_or_default();
                 match self.post_with_retries(job_id, bytes.into()).await {
                     Ok(()) => Delivery::Delivered,
-                    Err((_, e)) => {
-                        Delivery::Lost(format!("{why}; the short error was refused too: {e}"))
-                    }
+                    Err(e) => Delivery::Lost(PostError::ShortErrorRefused {
+                        result: Box::new(why),
+                        short_error: Box::new(e),
+                    }),
                 }
             }
-            Err((_, why)) => Delivery::Lost(why),
+            Err(why) => Delivery::Lost(why),
             Ok(()) => Delivery::Delivered,
         }
     }
 
-    async fn post_with_retries(
-        &self,
-        job_id: &str,
-        bytes: bytes::Bytes,
-    ) -> Result<(), (Option<StatusCode>, String)> {
+    async fn post_with_retries(&self, job_id: &str, bytes: bytes::Bytes) -> Result<(), PostError> {
         let attempts = self.settings.result_attempts.max(1);
         let mut delay = self.settings.result_retry_delay;
         let timeout = self.settings.result_timeout;
-        let mut last = (None, String::new());
-        for attempt in 1..=attempts {
+        let mut attempt = 1;
+        loop {
             let sent = self
                 .job_done(job_id, bytes.clone())
                 .timeout(timeout)
                 .send()
                 .await;
-            last = match sent {
+            let failed = match sent {
                 Ok(resp) if resp.status().is_success() => return Ok(()),
                 Ok(resp) => {
                     let status = resp.status();
                     let text = resp.text().await.unwrap_or_default();
-                    (Some(status), format!("HTTP {status}: {}", short(&text)))
+                    PostError::Status {
+                        status,
+                        body: short(&text),
+                    }
                 }
-                Err(e) if unanswered(&e) => {
-                    return Err((None, format!(
-                        "no answer within {} s (RUNPOD_RESULT_TIMEOUT_S); the platform may have the result, so it is not sent again",
-                        timeout.as_secs_f64()
-                    )))
-                }
-                Err(e) => (None, error_chain(&e)),
+                Err(e) if unanswered(&e) => return Err(PostError::Unanswered(timeout)),
+                Err(e) => PostError::Transport(e),
             };
-            if !retryable(last.0) || attempt == attempts {
-                break;
+            if !failed.retryable() || attempt == attempts {
+                return Err(failed);
             }
-            warn!(attempt, error = %last.1, retry_in_ms = delay.as_millis() as u64, "posting the result failed; retrying");
+            warn!(attempt, error = %failed, retry_in_ms = delay.as_millis() as u64, "posting the result failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
+            attempt += 1;
         }
-        Err(last)
     }
 
     /// One heartbeat; the reply is ignored.
@@ -276,10 +391,11 @@ impl PlatformClient {
         }
     }
 
-    /// One job-stop long poll: the ids to stop, or why not (and how long to wait before the next).
-    pub async fn stopped_jobs(&self) -> Result<Vec<String>, (String, Duration)> {
+    /// One job-stop long poll: the ids to stop, or why not (which says how long to wait before
+    /// the next).
+    pub async fn stopped_jobs(&self) -> Result<Vec<String>, StopPollError> {
         let Some(url) = self.settings.stop_url() else {
-            return Err(("no job-stop URL".into(), Duration::MAX));
+            return Err(StopPollError::NoUrl);
         };
         let resp = match self
             .http
@@ -290,25 +406,15 @@ impl PlatformClient {
         {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Ok(Vec::new()),
-            Err(e) => return Err((error_chain(&e), Duration::from_secs(1))),
+            Err(e) => return Err(StopPollError::Transport(e)),
         };
         match resp.status() {
             StatusCode::NO_CONTENT => return Ok(Vec::new()),
-            StatusCode::TOO_MANY_REQUESTS => {
-                return Err(("HTTP 429".into(), Duration::from_secs(5)))
-            }
-            s if !s.is_success() => return Err((format!("HTTP {s}"), Duration::from_secs(1))),
+            StatusCode::TOO_MANY_REQUESTS => return Err(StopPollError::RateLimited),
+            s if !s.is_success() => return Err(StopPollError::Status(s)),
             _ => {}
         }
-        let body: Value = match resp.json().await {
-            Ok(v) => v,
-            Err(e) => {
-                return Err((
-                    format!("job-stop reply is not JSON: {e}"),
-                    Duration::from_secs(1),
-                ))
-            }
-        };
+        let body: Value = resp.json().await.map_err(StopPollError::NotJson)?;
         Ok(body
             .get("jobsToStop")
             .and_then(Value::as_array)
@@ -318,5 +424,65 @@ impl PlatformClient {
                     .collect()
             })
             .unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_texts() {
+        let take = TakeError::Status {
+            status: StatusCode::BAD_GATEWAY,
+            body: "upstream".into(),
+        };
+        assert_eq!(take.to_string(), "HTTP 502 Bad Gateway: upstream");
+        assert_eq!(
+            ProgressError::Status(StatusCode::NOT_FOUND).to_string(),
+            "HTTP 404 Not Found"
+        );
+        let refused = PostError::Status {
+            status: StatusCode::BAD_REQUEST,
+            body: "too big".into(),
+        };
+        assert!(!refused.retryable());
+        assert_eq!(
+            PostError::ShortErrorRefused {
+                result: Box::new(refused),
+                short_error: Box::new(PostError::Unanswered(Duration::from_millis(1500))),
+            }
+            .to_string(),
+            "HTTP 400 Bad Request: too big; the short error was refused too: no answer within 1.5 s (RUNPOD_RESULT_TIMEOUT_S); the platform may have the result, so it is not sent again"
+        );
+        for (status, retry) in [
+            (StatusCode::INTERNAL_SERVER_ERROR, true),
+            (StatusCode::TOO_MANY_REQUESTS, true),
+            (StatusCode::UNAUTHORIZED, false),
+        ] {
+            let e = PostError::Status {
+                status,
+                body: String::new(),
+            };
+            assert_eq!(e.retryable(), retry, "{status}");
+        }
+        assert_eq!(
+            ClientError::InvalidApiKey.to_string(),
+            "RUNPOD_AI_API_KEY is not a valid header value"
+        );
+    }
+
+    #[test]
+    fn stop_poll_errors_say_when_to_poll_again() {
+        assert_eq!(StopPollError::NoUrl.to_string(), "no job-stop URL");
+        assert_eq!(StopPollError::NoUrl.retry_after(), Duration::MAX);
+        assert_eq!(StopPollError::RateLimited.to_string(), "HTTP 429");
+        assert_eq!(
+            StopPollError::RateLimited.retry_after(),
+            Duration::from_secs(5)
+        );
+        let status = StopPollError::Status(StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status.to_string(), "HTTP 503 Service Unavailable");
+        assert_eq!(status.retry_after(), Duration::from_secs(1));
     }
 }

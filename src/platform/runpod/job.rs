@@ -21,7 +21,29 @@ pub struct PlatformJob {
     pub s3_config: Option<Value>,
     /// Why the job cannot be run although its id could be read (its JSON is nested too deeply or
     /// holds invalid strings): the job is answered with this error instead of being lost.
-    pub unreadable: Option<String>,
+    pub unreadable: Option<Unreadable>,
+}
+
+/// Why a job whose id could be read cannot be run; its text is the job's error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    /// Nested deeper than serde_json's recursion limit.
+    #[error("The job's JSON is nested more than 128 levels deep, so it was not run ({0})")]
+    TooDeep(String),
+    /// Invalid UTF-8 or a lone surrogate in a string, or a number out of range.
+    #[error("The job's JSON cannot be read, so it was not run ({0})")]
+    Invalid(String),
+}
+
+/// Why a job-take reply gave no job (it is ignored and the next job-take follows).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// Not JSON, and not even the shape of a job whose id can be read.
+    #[error("job-take reply is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    /// JSON, but neither a job nor a batch of jobs.
+    #[error("job-take reply is not a job: {0}")]
+    NotAJob(String),
 }
 
 impl PlatformJob {
@@ -34,20 +56,15 @@ impl PlatformJob {
 }
 
 /// Parses a job-take reply body.
-pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
+pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, ReplyError> {
     let value: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return unreadable_jobs(body, &e),
+        Err(e) => return unreadable_jobs(body, e),
     };
     let items = match value {
         Value::Array(items) => items,
         Value::Object(_) => vec![value],
-        other => {
-            return Err(format!(
-                "job-take reply is not a job: {}",
-                short(&other.to_string())
-            ))
-        }
+        other => return Err(ReplyError::NotAJob(short(&other.to_string()))),
     };
     let mut jobs = Vec::new();
     for item in items {
@@ -81,29 +98,28 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, String> {
 /// a batch) whose `id` can be read, skipping everything else without recursion, each such job is
 /// answered with an error rather than lost (in a batch, all of them: which one is bad is not
 /// known); otherwise the reply is refused as a whole.
-fn unreadable_jobs(body: &[u8], error: &serde_json::Error) -> Result<Vec<PlatformJob>, String> {
+fn unreadable_jobs(body: &[u8], error: serde_json::Error) -> Result<Vec<PlatformJob>, ReplyError> {
     #[derive(serde::Deserialize)]
     struct Shallow {
         #[serde(default)]
         id: Option<Value>,
     }
-    let not_json = || format!("job-take reply is not JSON: {error}");
     if error.classify() != serde_json::error::Category::Syntax {
-        return Err(not_json());
+        return Err(ReplyError::NotJson(error));
     }
     // serde_json skips the fields not named here without recursion (`ignore_value`).
     let items = match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => serde_json::from_slice::<Shallow>(body).map(|one| vec![one]),
         Some(b'[') => serde_json::from_slice::<Vec<Shallow>>(body),
-        _ => return Err(not_json()),
+        _ => return Err(ReplyError::NotJson(error)),
     };
     let Ok(items) = items else {
-        return Err(not_json());
+        return Err(ReplyError::NotJson(error));
     };
-    let why = if error.to_string().starts_with("recursion limit exceeded") {
-        format!("The job's JSON is nested more than 128 levels deep, so it was not run ({error})")
+    let why = if hit_depth_limit(body, &error) {
+        Unreadable::TooDeep(error.to_string())
     } else {
-        format!("The job's JSON cannot be read, so it was not run ({error})")
+        Unreadable::Invalid(error.to_string())
     };
     let jobs: Vec<PlatformJob> = items
         .into_iter()
@@ -121,10 +137,75 @@ fn unreadable_jobs(body: &[u8], error: &serde_json::Error) -> Result<Vec<Platfor
         })
         .collect();
     if jobs.is_empty() {
-        return Err(not_json());
+        return Err(ReplyError::NotJson(error));
     }
     warn!(jobs = jobs.len(), error = %error, "job-take reply cannot be read; answering its jobs with an error");
     Ok(jobs)
+}
+
+/// The nesting serde_json refuses: its recursion limit lets it open 127 nested arrays or
+/// objects, not a 128th.
+const SERDE_JSON_DEPTH_LIMIT: usize = 128;
+
+/// Whether serde_json refused `body` for its recursion limit. serde_json has no public error
+/// code, so this is told from where the error is, not from its message: the limit is reported
+/// at the bracket that opens the 128th level, and in a reply whose structure is valid (it was
+/// read shallowly) no other error can be reported there: the others are inside a string or a
+/// number.
+fn hit_depth_limit(body: &[u8], error: &serde_json::Error) -> bool {
+    match (
+        too_deep_at(body),
+        offset_of(body, error.line(), error.column()),
+    ) {
+        (Some(limit), Some(at)) => limit == at,
+        _ => false,
+    }
+}
+
+/// The offset of the bracket that opens the 128th nested level (counted outside strings), if
+/// `body` has one.
+fn too_deep_at(body: &[u8]) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in body.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth == SERDE_JSON_DEPTH_LIMIT {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The offset of the byte at serde_json's `line` and `column` (both from 1; a byte's column is
+/// its offset in the line plus one).
+fn offset_of(body: &[u8], line: usize, column: usize) -> Option<usize> {
+    let line_start = match line.checked_sub(2) {
+        None => 0,
+        Some(newlines) => {
+            body.iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .nth(newlines)?
+                .0
+                + 1
+        }
+    };
+    (line_start + column).checked_sub(1)
 }
 
 /// The job's `progress_webhook`, top-level first, then in `input` (an object, or a JSON string as
@@ -195,18 +276,23 @@ mod tests {
         let jobs = parse_jobs(deep.as_bytes()).unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!((jobs[0].id.as_str(), &jobs[0].input), ("deep", &None));
-        let why = jobs[0].unreadable.as_deref().unwrap();
-        assert!(why.contains("nested more than 128 levels"), "{why}");
+        let why = jobs[0].unreadable.as_ref().unwrap();
+        assert!(matches!(why, Unreadable::TooDeep(_)), "{why:?}");
+        assert_eq!(
+            why.to_string(),
+            "The job's JSON is nested more than 128 levels deep, so it was not run (recursion limit exceeded at line 1 column 156)"
+        );
 
         let batch = br#"[{"id": "a", "input": {"s": "\udc80"}}, {"id": 7}, {"input": 1}]"#;
         let jobs = parse_jobs(batch).unwrap();
         let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
         assert_eq!(ids, ["a", "7"]);
-        assert!(jobs[0]
-            .unreadable
-            .as_deref()
-            .unwrap()
-            .contains("cannot be read"));
+        let why = jobs[0].unreadable.as_ref().unwrap();
+        assert!(matches!(why, Unreadable::Invalid(_)), "{why:?}");
+        assert_eq!(
+            why.to_string(),
+            "The job's JSON cannot be read, so it was not run (lone leading surrogate in hex escape at line 1 column 35)"
+        );
 
         let mut raw = br#"{"id": "u", "input": {"image": ""#.to_vec();
         raw.extend_from_slice(&[0xff, 0xfe]);
@@ -221,6 +307,65 @@ mod tests {
         ] {
             assert!(parse_jobs(garbage).is_err(), "{garbage:?}");
         }
+    }
+
+    /// The recursion limit is told from where serde_json reports it; its message (read here
+    /// only) says the same, wherever the deep part is and whatever comes before it.
+    #[test]
+    fn the_depth_limit_is_told_without_reading_the_message() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let cases = [
+            // The job's object is a level of its own: 1 + 127 levels is too deep.
+            (format!(r#"{{"id": "a", "input": {}}}"#, nested(127)), true),
+            (
+                format!("{{\n\"id\": \"a\",\r\n \"input\":\n{}}}", nested(200)),
+                true,
+            ),
+            // Brackets and escaped quotes in strings are not levels.
+            (
+                format!(
+                    r#"{{"id": "[[{{", "s": "\"[[[", "input": {}}}"#,
+                    nested(127)
+                ),
+                true,
+            ),
+            // An invalid string before the deep part is what serde_json reports.
+            (
+                format!(r#"{{"id": "a", "s": "\udc80", "input": {}}}"#, nested(300)),
+                false,
+            ),
+            (
+                format!(
+                    r#"[{{"id": "a", "input": {}}}, {{"id": "\udc80"}}]"#,
+                    nested(126)
+                ),
+                true,
+            ),
+        ];
+        for (body, deep) in cases {
+            let error = serde_json::from_slice::<Value>(body.as_bytes()).unwrap_err();
+            let said = error.to_string().starts_with("recursion limit exceeded");
+            assert_eq!(said, deep, "{error}");
+            assert_eq!(hit_depth_limit(body.as_bytes(), &error), deep, "{error}");
+        }
+        let ok = format!(r#"{{"id": "a", "input": {}}}"#, nested(126));
+        assert!(serde_json::from_str::<Value>(&ok).is_ok());
+        assert_eq!(offset_of(b"ab\ncd\nef", 3, 2), Some(7));
+        assert_eq!(offset_of(b"ab", 1, 1), Some(0));
+        assert_eq!(offset_of(b"ab", 2, 1), None);
+    }
+
+    #[test]
+    fn reply_errors() {
+        let e = parse_jobs(b"42").unwrap_err();
+        assert!(matches!(e, ReplyError::NotAJob(_)), "{e:?}");
+        assert_eq!(e.to_string(), "job-take reply is not a job: 42");
+        let e = parse_jobs(b"{not json").unwrap_err();
+        assert!(matches!(e, ReplyError::NotJson(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "job-take reply is not JSON: key must be a string at line 1 column 2"
+        );
     }
 
     #[test]

@@ -8,8 +8,10 @@ pub mod relay;
 pub mod settings;
 mod worker;
 
-pub use client::{Delivery, PlatformClient, Take};
-pub use job::PlatformJob;
+pub use client::{
+    ClientError, Delivery, PlatformClient, PostError, ProgressError, StopPollError, Take, TakeError,
+};
+pub use job::{PlatformJob, ReplyError, Unreadable};
 pub use relay::{Relay, RelayStats};
 pub use settings::RunPodSettings;
 pub use worker::{JobEnd, Step, Worker};

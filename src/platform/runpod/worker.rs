@@ -11,10 +11,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use super::client::{Delivery, PlatformClient, Take};
+use super::client::{Delivery, PlatformClient, Take, TakeError};
 use super::job::PlatformJob;
 use super::relay::Relay;
-use crate::housekeeping::warmup::WarmupState;
+use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
 use crate::progress::ProgressSnapshot;
@@ -22,7 +22,7 @@ use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
 
 /// How a job ended, for logs and tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum JobEnd {
     /// The result was posted.
     Posted(Delivery),
@@ -31,7 +31,7 @@ pub enum JobEnd {
 }
 
 /// What one turn of the loop did ([`Worker::step`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Step {
     /// Jobs were taken and run, each to its end.
     Ran(Vec<JobEnd>),
@@ -40,7 +40,7 @@ pub enum Step {
     /// HTTP 429: wait before polling again.
     RateLimited,
     /// The job-take failed; retried with backoff.
-    Failed(String),
+    Failed(TakeError),
     /// Shutdown came during the job-take.
     ShutDown,
 }
@@ -85,7 +85,7 @@ impl Worker {
     /// job-take (as the SDK's start-up checks do). If it fails, no job is taken: one
     /// `status=unhealthy&check=warmup` ping is sent (the SDK's fitness-check report) and the
     /// error is returned, for the process to exit non-zero so the platform replaces the worker.
-    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), String> {
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WarmupError> {
         let settings = self.client.settings().clone();
         info!(
             worker_id = %settings.worker_id,
@@ -95,12 +95,14 @@ impl Worker {
             "RunPod worker started"
         );
         let warmed = self.runner.warm_up(&shutdown).await;
-        if shutdown.is_cancelled() && self.runner.warmup_state() != WarmupState::Off {
+        if shutdown.is_cancelled() && !matches!(self.runner.warmup_state(), WarmupState::Off) {
             info!("RunPod worker stopped during the warm-up");
             return Ok(());
         }
         if let Err(why) = warmed {
-            self.client.report_unhealthy("warmup", &why).await;
+            self.client
+                .report_unhealthy("warmup", &why.to_string())
+                .await;
             error!(error = %why, "the worker is unhealthy and takes no job; exiting");
             return Err(why);
         }
@@ -230,9 +232,9 @@ impl Worker {
                         // The SDK's 1 s floor between polls that return at once.
                         Duration::from_secs(1).saturating_sub(polled.elapsed())
                     }
-                    Err((why, wait)) => {
+                    Err(why) => {
                         warn!(error = %why, "job-stop poll failed");
-                        wait.min(Duration::from_secs(30))
+                        why.retry_after().min(Duration::from_secs(30))
                     }
                 };
                 tokio::select! {
@@ -265,7 +267,9 @@ impl Worker {
         if let Some(why) = &job.unreadable {
             // Its id is all that could be read: answer it at once rather than leave it hanging.
             warn!(error = %why, "the job cannot be read; answering it with an error");
-            return self.post_result(job, JobOutput::error(why.clone())).await;
+            return self
+                .post_result(job, JobOutput::error(why.to_string()))
+                .await;
         }
         if shutdown.is_cancelled() {
             // The rest of a batch taken before SIGTERM: answered at once, so no job is left
