@@ -20,7 +20,7 @@ mod media;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-pub use fetcher::{Fetcher, DOWNLOAD_CONCURRENCY, MAX_REDIRECTS};
+pub use fetcher::{DownloadError, DownloadFailure, Fetcher, DOWNLOAD_CONCURRENCY, MAX_REDIRECTS};
 pub use file_name::{check_image_name, check_subfolder, name_from_url, sanitize_file_name};
 
 use super::codec;
