@@ -7,16 +7,31 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::client::ComfyClient;
+use super::error::ComfyError;
 use super::queue::QueueSnapshot;
 use super::system_stats::SystemStats;
 
+/// Why `/system_stats` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The call failed.
+    #[error(transparent)]
+    Comfy(#[from] ComfyError),
+    /// No answer within the probe's bound.
+    #[error("GET /system_stats did not answer within {} s", .after.as_secs_f64())]
+    TimedOut {
+        /// The bound.
+        after: Duration,
+    },
+}
+
 /// What one probe found.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct ComfyHealth {
     /// The address probed.
     pub host: String,
     /// `/system_stats`, or why it could not be read.
-    pub stats: Result<SystemStats, String>,
+    pub stats: Result<SystemStats, ProbeError>,
     /// `/queue`, when it could be read.
     pub queue: Option<QueueSnapshot>,
 }
@@ -29,11 +44,8 @@ pub async fn probe(client: &ComfyClient, timeout: Duration) -> ComfyHealth {
     );
     let stats = match stats {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "GET /system_stats did not answer within {} s",
-            timeout.as_secs_f64()
-        )),
+        Ok(Err(e)) => Err(ProbeError::Comfy(e)),
+        Err(_) => Err(ProbeError::TimedOut { after: timeout }),
     };
     ComfyHealth {
         host: client.host().to_owned(),
@@ -54,7 +66,7 @@ impl ComfyHealth {
     pub fn to_json(&self) -> Value {
         let mut out = json!({ "reachable": self.reachable(), "host": self.host });
         match &self.stats {
-            Err(e) => out["error"] = json!(e),
+            Err(e) => out["error"] = json!(e.to_string()),
             Ok(stats) => {
                 let system = &stats.system;
                 for (key, value) in [
@@ -175,14 +187,30 @@ mod tests {
 
         let down = ComfyHealth {
             host: "h:1".into(),
-            stats: Err("connection refused".into()),
+            stats: Err(ProbeError::Comfy(ComfyError::Unreachable {
+                host: "h:1".into(),
+                what: "GET /system_stats".into(),
+                detail: "connection refused".into(),
+            })),
             queue: None,
         };
+        let error = "ComfyUI at h:1 is not reachable (GET /system_stats): connection refused";
         assert_eq!(down.to_json()["reachable"], false);
-        assert_eq!(down.to_json()["error"], "connection refused");
+        assert_eq!(down.to_json()["error"], error);
         assert_eq!(
             down.lines(),
-            vec!["ComfyUI at h:1: unreachable (connection refused)"]
+            vec![format!("ComfyUI at h:1: unreachable ({error})")]
+        );
+        let slow = ComfyHealth {
+            host: "h:1".into(),
+            stats: Err(ProbeError::TimedOut {
+                after: Duration::from_millis(1500),
+            }),
+            queue: None,
+        };
+        assert_eq!(
+            slow.to_json()["error"],
+            "GET /system_stats did not answer within 1.5 s"
         );
     }
 }

@@ -147,6 +147,78 @@ impl ConvertError {
     }
 }
 
+/// Why an entry of `links` cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    /// An array entry without the six fields.
+    #[error("expected [id, origin_id, origin_slot, target_id, target_slot, type]")]
+    ArrayShape,
+    /// An object entry without the fields (serde's message).
+    #[error("{0}")]
+    ObjectShape(serde_json::Error),
+    /// An object entry whose ends are not node ids.
+    #[error("origin_id and target_id must be node ids")]
+    NodeIds,
+    /// Neither an array nor an object.
+    #[error("expected an array or an object, got {0}")]
+    NotALink(&'static str),
+}
+
+/// Why a node cannot be converted, as the node's [`ConvertError`] says it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum NodeProblem {
+    /// An input only the frontend can fill in.
+    #[error("input '{name}' is a {kind} widget, which only the ComfyUI frontend can fill in; export the workflow with \"Save (API Format)\"")]
+    FrontendOnlyWidget { name: String, kind: String },
+    /// `widgets_values` of another JSON type.
+    #[error("'widgets_values' must be a list or an object, got {0}")]
+    WidgetValuesType(&'static str),
+    /// A `widgets_values` count the class does not take.
+    #[error(
+        "has {count} widget values, but {class} takes {} ({}); was it saved with a different version of the node? Re-save it in this ComfyUI, or export with \"Save (API Format)\"",
+        count_range(*.min, *.max),
+        if .slots.is_empty() { "none".to_owned() } else { .slots.join(", ") }
+    )]
+    WidgetCount {
+        count: usize,
+        class: String,
+        min: usize,
+        max: usize,
+        /// The class's slot names, in order.
+        slots: Vec<String>,
+    },
+    /// A dynamic prompt the frontend would not expand.
+    #[error("widget '{widget}': {error}")]
+    DynamicPrompt {
+        widget: String,
+        error: PromptTooDeep,
+    },
+    /// A `GetNode` without a name.
+    #[error("is a GetNode without a constant name")]
+    UnnamedGetNode,
+    /// A `GetNode` whose name no `SetNode` sets.
+    #[error("is a GetNode for '{0}', but no SetNode sets '{0}'")]
+    NoSetNode(String),
+}
+
+fn count_range(min: usize, max: usize) -> String {
+    if min == max {
+        max.to_string()
+    } else {
+        format!("{min} to {max}")
+    }
+}
+
+/// A dynamic prompt nested deeper than [`MAX_PROMPT_NESTING`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "dynamic-prompt braces nested {depth} deep (at most {})",
+    MAX_PROMPT_NESTING
+)]
+struct PromptTooDeep {
+    depth: usize,
+}
+
 /// Options of a conversion.
 #[derive(Debug, Clone, Default)]
 pub struct ConvertOptions {
@@ -300,7 +372,7 @@ pub fn is_ui_format(graph: &Map<String, Value>) -> bool {
     nodes_array && ui_keys
 }
 
-fn parse_link(entry: &Value) -> Result<Option<(i64, Link)>, String> {
+fn parse_link(entry: &Value) -> Result<Option<(i64, Link)>, LinkError> {
     match entry {
         Value::Null => Ok(None),
         Value::Array(a) => {
@@ -324,14 +396,12 @@ fn parse_link(entry: &Value) -> Result<Option<(i64, Link)>, String> {
                         },
                     )))
                 }
-                _ => Err(
-                    "expected [id, origin_id, origin_slot, target_id, target_slot, type]".into(),
-                ),
+                _ => Err(LinkError::ArrayShape),
             }
         }
         Value::Object(_) => {
             let raw: RawLinkObject =
-                serde_json::from_value(entry.clone()).map_err(|e| e.to_string())?;
+                serde_json::from_value(entry.clone()).map_err(LinkError::ObjectShape)?;
             match (id_text(&raw.origin_id), id_text(&raw.target_id)) {
                 (Some(origin), Some(target)) => Ok(Some((
                     raw.id,
@@ -342,13 +412,10 @@ fn parse_link(entry: &Value) -> Result<Option<(i64, Link)>, String> {
                         target_slot: raw.target_slot,
                     },
                 ))),
-                _ => Err("origin_id and target_id must be node ids".into()),
+                _ => Err(LinkError::NodeIds),
             }
         }
-        other => Err(format!(
-            "expected an array or an object, got {}",
-            json_type(other)
-        )),
+        other => Err(LinkError::NotALink(json_type(other))),
     }
 }
 
@@ -541,10 +608,10 @@ impl UiWorkflow {
                     )
                 });
             };
-            let layout = layout(def, &node.class).map_err(|m| self.error(node, info, m))?;
+            let layout = layout(def, &node.class).map_err(|p| self.problem(node, info, p))?;
             let mut inputs = self
                 .widget_inputs(node, &layout, def, &primitives, &mut rng)
-                .map_err(|m| self.error(node, info, m))?;
+                .map_err(|p| self.problem(node, info, p))?;
             for (slot, input) in node.inputs.iter().enumerate() {
                 let mut visited = HashSet::new();
                 if let Some((origin, origin_slot)) =
@@ -627,6 +694,11 @@ impl UiWorkflow {
         }
     }
 
+    /// The node's error for a [`NodeProblem`].
+    fn problem(&self, node: &Node, info: &ObjectInfo, problem: NodeProblem) -> ConvertError {
+        self.error(node, info, problem.to_string())
+    }
+
     /// The value each `PrimitiveNode` writes into the widgets it feeds (`applyToGraph`), by
     /// (target node id, widget name). Reroutes between them are followed.
     fn primitive_values(
@@ -692,7 +764,7 @@ impl UiWorkflow {
         def: &Map<String, Value>,
         primitives: &HashMap<(String, String), Value>,
         rng: &mut Rng,
-    ) -> Result<Map<String, Value>, String> {
+    ) -> Result<Map<String, Value>, NodeProblem> {
         enum Saved<'a> {
             Missing,
             Positional(&'a [Value]),
@@ -702,12 +774,7 @@ impl UiWorkflow {
             Value::Null => Saved::Missing,
             Value::Array(list) => Saved::Positional(list),
             Value::Object(map) => Saved::Named(map),
-            other => {
-                return Err(format!(
-                    "'widgets_values' must be a list or an object, got {}",
-                    json_type(other)
-                ))
-            }
+            other => return Err(NodeProblem::WidgetValuesType(json_type(other))),
         };
         if let Saved::Positional(list) = saved {
             // Trailing optional widgets (added to the class after the workflow was saved) and
@@ -718,18 +785,13 @@ impl UiWorkflow {
                 .map_or(0, |i| i + 1);
             let max = layout.len();
             if list.len() < min || list.len() > max {
-                let names: Vec<&str> = layout.iter().map(Slot::name).collect();
-                let expected = if min == max {
-                    max.to_string()
-                } else {
-                    format!("{min} to {max}")
-                };
-                return Err(format!(
-                    "has {} widget values, but {} takes {expected} ({}); was it saved with a different version of the node? Re-save it in this ComfyUI, or export with \"Save (API Format)\"",
-                    list.len(),
-                    node.class,
-                    if names.is_empty() { "none".to_owned() } else { names.join(", ") }
-                ));
+                return Err(NodeProblem::WidgetCount {
+                    count: list.len(),
+                    class: node.class.clone(),
+                    min,
+                    max,
+                    slots: layout.iter().map(|s| s.name().to_owned()).collect(),
+                });
             }
         }
         let mut inputs = Map::new();
@@ -751,10 +813,12 @@ impl UiWorkflow {
             };
             if w.dynamic_prompts {
                 if let Value::String(text) = &value {
-                    value = Value::String(
-                        dynamic_prompt(text, rng)
-                            .map_err(|e| format!("widget '{}': {e}", w.name))?,
-                    );
+                    value = Value::String(dynamic_prompt(text, rng).map_err(|error| {
+                        NodeProblem::DynamicPrompt {
+                            widget: w.name.clone(),
+                            error,
+                        }
+                    })?);
                 }
             }
             inputs.insert(w.name.clone(), wrap(value));
@@ -869,7 +933,7 @@ impl UiWorkflow {
         if node.class == GET_NODE {
             let setter = self
                 .setter_for(node)
-                .map_err(|m| self.error(node, info, m))?;
+                .map_err(|p| self.problem(node, info, p))?;
             return self.resolve_input(setter, slot, Some(ty), visited, info);
         }
         if is_virtual(&node.class) {
@@ -882,7 +946,7 @@ impl UiWorkflow {
     }
 
     /// The `SetNode` a `GetNode` reads: the first one whose name (first widget) is the same.
-    fn setter_for(&self, getter: &Node) -> Result<usize, String> {
+    fn setter_for(&self, getter: &Node) -> Result<usize, NodeProblem> {
         let name_of = |n: &Node| {
             n.widgets_values
                 .get(0)
@@ -891,12 +955,12 @@ impl UiWorkflow {
                 .map(str::to_owned)
         };
         let Some(name) = name_of(getter) else {
-            return Err("is a GetNode without a constant name".into());
+            return Err(NodeProblem::UnnamedGetNode);
         };
         self.nodes
             .iter()
             .position(|n| n.class == SET_NODE && name_of(n).as_deref() == Some(name.as_str()))
-            .ok_or_else(|| format!("is a GetNode for '{name}', but no SetNode sets '{name}'"))
+            .ok_or(NodeProblem::NoSetNode(name))
     }
 
     /// `getBypassSlotIndex`: which input a bypassed node passes to output `slot`.
@@ -1010,7 +1074,7 @@ struct WidgetSpec {
 }
 
 /// The `widgets_values` layout of a class, as the frontend builds its widgets.
-fn layout(def: &Map<String, Value>, class: &str) -> Result<Vec<Slot>, String> {
+fn layout(def: &Map<String, Value>, class: &str) -> Result<Vec<Slot>, NodeProblem> {
     let input = def.get("input").and_then(Value::as_object);
     let section = |name: &str| input.and_then(|i| i.get(name)).and_then(Value::as_object);
     let mut slots = Vec::new();
@@ -1061,7 +1125,7 @@ fn push_input(
     name: &str,
     spec: &Value,
     optional: bool,
-) -> Result<(), String> {
+) -> Result<(), NodeProblem> {
     let Some(spec) = spec.as_array() else {
         return Ok(());
     };
@@ -1077,9 +1141,10 @@ fn push_input(
         _ => return Ok(()),
     };
     if FRONTEND_ONLY_WIDGETS.contains(&kind.as_str()) {
-        return Err(format!(
-            "input '{name}' is a {kind} widget, which only the ComfyUI frontend can fill in; export the workflow with \"Save (API Format)\""
-        ));
+        return Err(NodeProblem::FrontendOnlyWidget {
+            name: name.to_owned(),
+            kind,
+        });
     }
     let default = opt("default").filter(|v| !v.is_null()).cloned();
     let default = match kind.as_str() {
@@ -1189,7 +1254,7 @@ fn strip_comments(text: &str) -> String {
 
 /// The frontend's `processDynamicPrompt`: comments stripped, one option of each `{a|b|...}`
 /// picked (nested groups too), `\{`, `\}` and `\|` unescaped.
-fn dynamic_prompt(text: &str, rng: &mut Rng) -> Result<String, String> {
+fn dynamic_prompt(text: &str, rng: &mut Rng) -> Result<String, PromptTooDeep> {
     let mut depth = 0usize;
     let mut max = 0usize;
     for c in text.chars() {
@@ -1203,9 +1268,7 @@ fn dynamic_prompt(text: &str, rng: &mut Rng) -> Result<String, String> {
         }
     }
     if max > MAX_PROMPT_NESTING {
-        return Err(format!(
-            "dynamic-prompt braces nested {max} deep (at most {MAX_PROMPT_NESTING})"
-        ));
+        return Err(PromptTooDeep { depth: max });
     }
     Ok(process_prompt(text, rng))
 }

@@ -19,8 +19,9 @@ pub use inputs::InputPolicy;
 pub use shutdown::{shutdown_grace_from, DEFAULT_SHUTDOWN_GRACE};
 pub(crate) use storage::{locate, Names, ENV_NAMES, JOB_NAMES};
 pub use storage::{
-    BucketLocation, BucketSettings, StorageSettings, UploadMode, DEFAULT_MAX_INLINE_OUTPUT_BYTES,
-    DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE, MAX_URL_EXPIRY,
+    BucketLocation, BucketSettings, LocateError, StorageSettings, UploadMode,
+    DEFAULT_MAX_INLINE_OUTPUT_BYTES, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE,
+    MAX_URL_EXPIRY,
 };
 
 use crate::secret::Secret;

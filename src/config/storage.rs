@@ -219,6 +219,40 @@ pub struct BucketLocation {
     pub path_prefix: String,
 }
 
+/// Why an endpoint URL (with its optional bucket name) does not say where a bucket is; the
+/// messages name the variables of `names` (the worker's `BUCKET_*` or a job's `s3Config`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocateError {
+    /// The endpoint does not parse as a URL.
+    #[error("not a URL ({0})")]
+    NotAUrl(url::ParseError),
+    /// Not `http` or `https`.
+    #[error("the scheme must be http or https, not {0}")]
+    Scheme(String),
+    /// `user:password@` in the URL.
+    #[error("put the keys in the access key variables, not in {endpoint}")]
+    CredentialsInUrl {
+        /// The endpoint's variable (`BUCKET_ENDPOINT_URL`, `s3Config.endpointUrl`).
+        endpoint: &'static str,
+    },
+    /// A `?query` or `#fragment`.
+    #[error("the URL must not have a query or fragment")]
+    QueryOrFragment,
+    /// No host.
+    #[error("the URL has no host")]
+    NoHost,
+    /// A service's bare endpoint, no bucket in the path and no bucket name.
+    #[error(
+        "{endpoint} names no bucket: use the bucket's own endpoint (https://<bucket>.s3.<region>.amazonaws.com), put the bucket in the path (http://host:9000/<bucket>), or set {bucket}"
+    )]
+    NoBucket {
+        /// The endpoint's variable.
+        endpoint: &'static str,
+        /// The bucket name's variable (`BUCKET_NAME`, `s3Config.bucketName`).
+        bucket: &'static str,
+    },
+}
+
 /// Maps an endpoint URL and optional bucket name onto object_store's terms.
 ///
 /// * With a bucket name: virtual-hosted style when the host starts with `<bucket>.`, else path
@@ -231,26 +265,22 @@ pub struct BucketLocation {
 ///   bucket and are refused.
 /// * The region is the configured one, else the one in the host (`.s3.<region>.`,
 ///   `s3-<region>.`, `<region>.digitaloceanspaces.com`, `auto` for R2), else `us-east-1`.
-pub(crate) fn locate(bucket: &BucketSettings, names: Names) -> Result<BucketLocation, String> {
+pub(crate) fn locate(bucket: &BucketSettings, names: Names) -> Result<BucketLocation, LocateError> {
     let raw = bucket.endpoint_url.trim();
-    let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+    let url = url::Url::parse(raw).map_err(LocateError::NotAUrl)?;
     if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(format!(
-            "the scheme must be http or https, not {}",
-            url.scheme()
-        ));
+        return Err(LocateError::Scheme(url.scheme().to_owned()));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!(
-            "put the keys in the access key variables, not in {}",
-            names.endpoint
-        ));
+        return Err(LocateError::CredentialsInUrl {
+            endpoint: names.endpoint,
+        });
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err("the URL must not have a query or fragment".into());
+        return Err(LocateError::QueryOrFragment);
     }
     let Some(host) = url.host_str().map(|h| h.to_ascii_lowercase()) else {
-        return Err("the URL has no host".into());
+        return Err(LocateError::NoHost);
     };
     let origin = match url.port() {
         Some(port) => format!("{}://{host}:{port}", url.scheme()),
@@ -316,10 +346,10 @@ pub(crate) fn locate(bucket: &BucketSettings, names: Names) -> Result<BucketLoca
         || (host.ends_with(".r2.cloudflarestorage.com") && labels.len() == 4)
         || (host.ends_with(".digitaloceanspaces.com") && labels.len() == 3);
     if bare_service {
-        return Err(format!(
-            "{} names no bucket: use the bucket's own endpoint (https://<bucket>.s3.<region>.amazonaws.com), put the bucket in the path (http://host:9000/<bucket>), or set {}",
-            names.endpoint, names.bucket
-        ));
+        return Err(LocateError::NoBucket {
+            endpoint: names.endpoint,
+            bucket: names.bucket,
+        });
     }
     Ok(BucketLocation {
         endpoint: origin,
@@ -385,7 +415,7 @@ mod tests {
         StorageSettings::from_lookup(&|k| map.get(k).cloned())
     }
 
-    fn loc(endpoint: &str, name: Option<&str>) -> Result<BucketLocation, String> {
+    fn loc(endpoint: &str, name: Option<&str>) -> Result<BucketLocation, LocateError> {
         locate(&bucket(endpoint, name, None), ENV_NAMES)
     }
 
@@ -489,16 +519,35 @@ mod tests {
             "https://nyc3.digitaloceanspaces.com",
         ] {
             let err = loc(url, None).unwrap_err();
+            assert_eq!(
+                err,
+                LocateError::NoBucket {
+                    endpoint: "BUCKET_ENDPOINT_URL",
+                    bucket: "BUCKET_NAME"
+                }
+            );
+            let err = err.to_string();
             assert!(
                 err.contains("names no bucket") && err.contains("BUCKET_NAME"),
                 "{url}: {err}"
             );
         }
-        assert!(loc("ftp://host/b", None).unwrap_err().contains("scheme"));
+        assert_eq!(
+            loc("ftp://host/b", None).unwrap_err(),
+            LocateError::Scheme("ftp".into())
+        );
+        assert!(loc("ftp://host/b", None)
+            .unwrap_err()
+            .to_string()
+            .contains("scheme"));
         assert!(loc("https://k:s@host/b", None)
             .unwrap_err()
+            .to_string()
             .contains("keys"));
-        assert!(loc("not a url", None).unwrap_err().contains("not a URL"));
+        assert!(loc("not a url", None)
+            .unwrap_err()
+            .to_string()
+            .contains("not a URL"));
     }
 
     #[test]

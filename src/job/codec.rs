@@ -29,9 +29,14 @@ pub fn encode(data: &[u8]) -> String {
     ENCODER.encode(data)
 }
 
+/// Base64 that does not decode (the base64 crate's reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(transparent)]
+pub struct InvalidBase64(#[from] base64::DecodeError);
+
 /// Decodes client input: strips a `data:...;base64,` prefix (anything up to the first comma,
 /// like worker-comfyui) and ASCII whitespace (MIME line breaks), accepts missing padding.
-pub fn decode_input(text: &str) -> Result<Vec<u8>, String> {
+pub fn decode_input(text: &str) -> Result<Vec<u8>, InvalidBase64> {
     let payload = match text.split_once(',') {
         Some((_, rest)) => rest,
         None => text,
@@ -45,7 +50,7 @@ pub fn decode_input(text: &str) -> Result<Vec<u8>, String> {
     } else {
         DECODER.decode(payload)
     };
-    result.map_err(|e| e.to_string())
+    result.map_err(InvalidBase64)
 }
 
 #[cfg(test)]

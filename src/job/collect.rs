@@ -18,9 +18,9 @@ use tracing::debug;
 
 use super::collected_file::{CollectedFile, WEBSOCKET_FOLDER};
 use super::output::{OutputKind, OutputOptions, Outputs, TEXT_KIND};
-use super::storage::JobStorage;
+use super::storage::{JobStorage, OverLimit};
 use super::Engine;
-use crate::comfy::{FileKind, FileRef, NodeOutput, PromptEvent};
+use crate::comfy::{ComfyError, FileKind, FileRef, NodeOutput, PromptEvent};
 use crate::media_type::content_type_for;
 
 /// Output files fetched from `/view` at once.
@@ -82,6 +82,21 @@ pub fn select(outputs: &[NodeOutput], options: &OutputOptions) -> Selection {
     selection
 }
 
+/// An output file `/view` did not give: a line in the result's `errors`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "Failed to fetch {} data for {filename} from /view endpoint: {error}",
+    noun(.kind)
+)]
+pub struct ViewError {
+    /// Where the file would have gone.
+    pub kind: OutputKind,
+    /// The file.
+    pub filename: String,
+    /// What ComfyUI's `/view` call gave.
+    pub error: ComfyError,
+}
+
 fn noun(kind: &OutputKind) -> &'static str {
     match kind {
         OutputKind::Images => "image",
@@ -99,7 +114,7 @@ impl Engine {
         wanted: Vec<WantedFile>,
         errors: &mut Vec<String>,
     ) -> Vec<CollectedFile> {
-        let fetched: Vec<Result<CollectedFile, String>> = futures_util::stream::iter(wanted)
+        let fetched: Vec<Result<CollectedFile, ViewError>> = futures_util::stream::iter(wanted)
             .map(|wanted| {
                 let comfy = self.comfy.clone();
                 async move {
@@ -117,11 +132,11 @@ impl Engine {
                             frame_rate: wanted.frame_rate,
                             bytes,
                         }),
-                        Err(e) => Err(format!(
-                            "Failed to fetch {} data for {} from /view endpoint: {e}",
-                            noun(&wanted.kind),
-                            wanted.file.filename
-                        )),
+                        Err(error) => Err(ViewError {
+                            kind: wanted.kind,
+                            filename: wanted.file.filename,
+                            error,
+                        }),
                     }
                 }
             })
@@ -132,7 +147,7 @@ impl Engine {
         for f in fetched {
             match f {
                 Ok(file) => files.push(file),
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         files
@@ -155,7 +170,7 @@ impl Engine {
         files: Vec<CollectedFile>,
         texts: Vec<String>,
         errors: &mut Vec<String>,
-    ) -> Result<Outputs, String> {
+    ) -> Result<Outputs, OverLimit> {
         let reserved = serde_json::to_vec(&texts).map_or(0, |t| t.len())
             + serde_json::to_vec(&*errors).map_or(0, |e| e.len());
         let kinds: Vec<OutputKind> = files.iter().map(|f| f.kind.clone()).collect();
@@ -164,7 +179,7 @@ impl Engine {
         for (kind, entry) in kinds.iter().zip(placed) {
             match entry {
                 Ok(entry) => outputs.push(kind, entry),
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         outputs.more.text = texts;

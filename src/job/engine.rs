@@ -147,9 +147,9 @@ impl Engine {
         // `s3://` inputs come from and outputs may go. An unusable s3Config fails the job here.
         let storage = match self.storage.for_job(&job.id, job.s3_config.as_ref()).await {
             Ok(s) => s,
-            Err(message) => {
-                info!(error = %message, "job s3Config rejected");
-                return Err(JobFailure::Storage(Report::new(message)));
+            Err(e) => {
+                info!(error = %e, "job s3Config rejected");
+                return Err(JobFailure::Storage(Report::new(e.to_string())));
             }
         };
         // Input files are downloaded while ComfyUI may still be starting; a bad URL fails the
@@ -353,7 +353,8 @@ impl Engine {
             // Over the inline limit with nowhere to upload to: the platform would refuse it.
             Err(too_large) => {
                 return Err(JobFailure::OutputTooLarge(Report::with_details_if_any(
-                    too_large, errors,
+                    too_large.to_string(),
+                    errors,
                 )))
             }
         };

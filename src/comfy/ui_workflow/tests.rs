@@ -105,6 +105,11 @@ fn layout_follows_the_frontends_widgets_and_pseudo_widgets() {
     assert_eq!(names, ["audio", "audioUI", "upload"]);
     let webcam = info().class("Webcam").unwrap().clone();
     let err = layout(&webcam, "Webcam").unwrap_err();
+    assert!(
+        matches!(&err, NodeProblem::FrontendOnlyWidget { kind, .. } if kind == "WEBCAM"),
+        "{err}"
+    );
+    let err = err.to_string();
     assert!(err.contains("'image' is a WEBCAM widget"), "{err}");
 }
 
@@ -372,9 +377,9 @@ fn dynamic_prompts_strip_comments_and_pick_options_like_the_frontend() {
             .into()
     );
     let deep = format!("{}x{}", "{".repeat(500), "}".repeat(500));
-    assert!(dynamic_prompt(&deep, &mut rng)
-        .unwrap_err()
-        .contains("nested 500 deep"));
+    let err = dynamic_prompt(&deep, &mut rng).unwrap_err();
+    assert_eq!(err, PromptTooDeep { depth: 500 });
+    assert!(err.to_string().contains("nested 500 deep"));
     let unbalanced = "}}}{{{".repeat(1000);
     let _ = dynamic_prompt(&unbalanced, &mut rng);
 }

@@ -3,7 +3,7 @@
 //! job's bucket within the same size limit, a few at a time; one failure fails them all, so a
 //! bad URL fails the job before ComfyUI sees any of it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -15,7 +15,7 @@ use super::{InputFile, Source};
 use crate::comfy::Upload;
 use crate::config::InputPolicy;
 use crate::job::failure::{JobFailure, Report};
-use crate::job::storage::JobStorage;
+use crate::job::storage::{JobStorage, ReadError};
 use crate::media_type::{extension_for, sniff_media_type};
 use crate::ssrf::{Downloader, FetchError, Guard, Limits};
 
@@ -27,6 +27,42 @@ pub const DOWNLOAD_CONCURRENCY: usize = 4;
 
 /// How to ask for a refused URL anyway.
 const ALLOW_HINT: &str = "(set ALLOW_PRIVATE_INPUT_URLS=true to allow it)";
+
+/// An input file that could not be fetched: a line in the job's `details`.
+#[derive(Debug, thiserror::Error)]
+#[error("Error downloading {name} from {from}: {failure}")]
+pub struct DownloadError {
+    /// The file's name.
+    pub name: String,
+    /// Where from, as it may be shown (a URL without its query, or `s3://bucket/key`).
+    pub from: String,
+    /// Why.
+    pub failure: DownloadFailure,
+}
+
+/// Why an input file could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadFailure {
+    /// The URL could not be downloaded.
+    #[error("{}", describe(.error, *.max_bytes, *.timeout))]
+    Url {
+        /// What the guarded download gave.
+        error: FetchError,
+        /// `INPUT_URL_MAX_BYTES`, for the message.
+        max_bytes: u64,
+        /// `INPUT_URL_TIMEOUT_S`, for the message.
+        timeout: Duration,
+    },
+    /// The `s3://` object could not be read from the job's bucket.
+    #[error(transparent)]
+    S3(#[from] ReadError),
+    /// Reading the `s3://` object took longer than `INPUT_URL_TIMEOUT_S`.
+    #[error("timed out after {} s (INPUT_URL_TIMEOUT_S)", .0.as_secs_f64())]
+    TimedOut(Duration),
+    /// It came empty.
+    #[error("the file is empty")]
+    Empty,
+}
 
 /// Gets the bytes of input files: decoded ones as they are, URL inputs downloaded through the
 /// SSRF guard within the [`InputPolicy`]; cheap to clone.
@@ -88,7 +124,7 @@ impl Fetcher {
         for r in results {
             match r {
                 Ok(upload) => uploads.push(upload),
-                Err(problem) => problems.push(problem),
+                Err(problem) => problems.push(problem.to_string()),
             }
         }
         if problems.is_empty() {
@@ -101,19 +137,25 @@ impl Fetcher {
         }
     }
 
-    async fn fetch_one(&self, file: &InputFile, storage: &JobStorage) -> Result<Upload, String> {
+    async fn fetch_one(
+        &self,
+        file: &InputFile,
+        storage: &JobStorage,
+    ) -> Result<Upload, DownloadError> {
+        let fail = |failure: DownloadFailure| DownloadError {
+            name: file.name.clone(),
+            from: file.source.describe(),
+            failure,
+        };
         let (data, declared) = match &file.source {
             Source::Inline { data, media_type } => (data.clone(), media_type.clone()),
             Source::Url(url) => {
                 let started = Instant::now();
-                let fetched = self.downloader.get(url).await.map_err(|e| {
-                    format!(
-                        "Error downloading {} from {}: {}",
-                        file.name,
-                        file.source.describe(),
-                        self.describe(e)
-                    )
-                })?;
+                let fetched = self
+                    .downloader
+                    .get(url)
+                    .await
+                    .map_err(|e| fail(self.failure(e)))?;
                 info!(
                     name = %file.name,
                     url = %file.source.describe(),
@@ -132,13 +174,7 @@ impl Fetcher {
             }
             Source::S3 { bucket, key } => {
                 let started = Instant::now();
-                let data = self.fetch_s3(bucket, key, storage).await.map_err(|e| {
-                    format!(
-                        "Error downloading {} from {}: {e}",
-                        file.name,
-                        file.source.describe()
-                    )
-                })?;
+                let data = self.fetch_s3(bucket, key, storage).await.map_err(fail)?;
                 info!(
                     name = %file.name,
                     url = %file.source.describe(),
@@ -150,11 +186,7 @@ impl Fetcher {
             }
         };
         if data.is_empty() {
-            return Err(format!(
-                "Error downloading {} from {}: the file is empty",
-                file.name,
-                file.source.describe()
-            ));
+            return Err(fail(DownloadFailure::Empty));
         }
         let mut name = file.name.clone();
         if file.name_derived && !name.contains('.') {
@@ -181,53 +213,58 @@ impl Fetcher {
         bucket: &str,
         key: &str,
         storage: &JobStorage,
-    ) -> Result<Bytes, String> {
+    ) -> Result<Bytes, DownloadFailure> {
         let read = storage.read(bucket, key, self.policy.max_bytes);
         match tokio::time::timeout(self.policy.timeout, read).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "timed out after {} s (INPUT_URL_TIMEOUT_S)",
-                self.policy.timeout.as_secs_f64()
-            )),
+            Ok(result) => Ok(result?),
+            Err(_) => Err(DownloadFailure::TimedOut(self.policy.timeout)),
         }
     }
 
-    /// A download failure, in words.
-    fn describe(&self, e: FetchError) -> String {
-        let max = self.policy.max_bytes;
-        match e {
-            FetchError::Invalid {
-                redirect: None,
-                reason,
-            } => format!("invalid URL: {reason}"),
-            FetchError::Invalid {
-                redirect: Some(to),
-                reason,
-            } => format!("invalid redirect to {to}: {reason}"),
-            FetchError::Refused {
-                redirect: None,
-                reason,
-            } => format!("refused: {reason} {ALLOW_HINT}"),
-            FetchError::Refused {
-                redirect: Some(to),
-                reason,
-            } => format!("redirect to {to} refused: {reason} {ALLOW_HINT}"),
-            FetchError::TooLarge {
-                announced: Some(len),
-            } => format!(
-                "the server announces {len} bytes, larger than INPUT_URL_MAX_BYTES ({max} bytes)"
-            ),
-            FetchError::TooLarge { announced: None } => {
-                format!("the file is larger than INPUT_URL_MAX_BYTES ({max} bytes)")
-            }
-            FetchError::TimedOut => format!(
-                "timed out after {} s (INPUT_URL_TIMEOUT_S)",
-                self.policy.timeout.as_secs_f64()
-            ),
-            FetchError::TooManyRedirects => format!("more than {MAX_REDIRECTS} redirects"),
-            FetchError::Status(status) => format!("the server answered {status}"),
-            FetchError::Transport(e) => e,
+    /// A download failure, with the limits its message names.
+    fn failure(&self, error: FetchError) -> DownloadFailure {
+        DownloadFailure::Url {
+            error,
+            max_bytes: self.policy.max_bytes,
+            timeout: self.policy.timeout,
         }
+    }
+}
+
+/// A download failure, in words.
+fn describe(e: &FetchError, max: u64, timeout: Duration) -> String {
+    match e {
+        FetchError::Invalid {
+            redirect: None,
+            reason,
+        } => format!("invalid URL: {reason}"),
+        FetchError::Invalid {
+            redirect: Some(to),
+            reason,
+        } => format!("invalid redirect to {to}: {reason}"),
+        FetchError::Refused {
+            redirect: None,
+            reason,
+        } => format!("refused: {reason} {ALLOW_HINT}"),
+        FetchError::Refused {
+            redirect: Some(to),
+            reason,
+        } => format!("redirect to {to} refused: {reason} {ALLOW_HINT}"),
+        FetchError::TooLarge {
+            announced: Some(len),
+        } => format!(
+            "the server announces {len} bytes, larger than INPUT_URL_MAX_BYTES ({max} bytes)"
+        ),
+        FetchError::TooLarge { announced: None } => {
+            format!("the file is larger than INPUT_URL_MAX_BYTES ({max} bytes)")
+        }
+        FetchError::TimedOut => format!(
+            "timed out after {} s (INPUT_URL_TIMEOUT_S)",
+            timeout.as_secs_f64()
+        ),
+        FetchError::TooManyRedirects => format!("more than {MAX_REDIRECTS} redirects"),
+        FetchError::Status(status) => format!("the server answered {status}"),
+        FetchError::Transport(e) => e.clone(),
     }
 }
 

@@ -34,6 +34,93 @@ pub(super) fn fold_lookalikes(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// A file name refused for ComfyUI's input folder ([`check_image_name`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Invalid image name {:?}: {why}; use a plain file name such as \"input.png\"",
+    truncate_chars(.name, 80)
+)]
+pub struct InvalidImageName {
+    /// The name as given.
+    pub name: String,
+    /// Why it is refused.
+    pub why: NameProblem,
+}
+
+/// Why a file name is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NameProblem {
+    /// Empty or only whitespace.
+    #[error("it is empty")]
+    Empty,
+    /// A `/` or `\`.
+    #[error("it contains a path separator ('/' or '\\')")]
+    PathSeparator,
+    /// A character that folds to `/` or `\`.
+    #[error("it contains a character that looks like a path separator")]
+    LooksLikePathSeparator,
+    /// `.`, or `..` anywhere.
+    #[error("it contains '..'")]
+    DotDot,
+    /// Characters that fold to `..`.
+    #[error("it contains characters that look like '..'")]
+    LooksLikeDotDot,
+    /// Only dots and spaces (Windows trims them).
+    #[error("it is only dots and spaces")]
+    OnlyDotsAndSpaces,
+    /// A `:` (or a look-alike).
+    #[error("it contains ':' (a drive or stream separator on Windows)")]
+    Colon,
+    /// Control characters (NUL included).
+    #[error("it contains control characters")]
+    ControlCharacters,
+    /// More than 255 bytes.
+    #[error("it is longer than 255 bytes")]
+    TooLong,
+}
+
+/// A subfolder refused for ComfyUI's folders ([`check_subfolder`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Invalid subfolder {:?}: {why}; use a relative folder such as \"uploads/job-1\"",
+    truncate_chars(.subfolder, 80)
+)]
+pub struct InvalidSubfolder {
+    /// The subfolder as given.
+    pub subfolder: String,
+    /// Why it is refused.
+    pub why: SubfolderProblem,
+}
+
+/// Why a subfolder is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubfolderProblem {
+    /// Absolute.
+    #[error("it starts with '/' (it must be relative)")]
+    Absolute,
+    /// A `\`.
+    #[error("it contains '\\' (separate folders with '/')")]
+    Backslash,
+    /// `..` anywhere.
+    #[error("it contains '..'")]
+    DotDot,
+    /// Characters that fold to `/`, `\` or `..`.
+    #[error("it contains characters that look like '/', '\\' or '..'")]
+    LookAlikes,
+    /// A `:` (or a look-alike).
+    #[error("it contains ':' (a drive or stream separator on Windows)")]
+    Colon,
+    /// Control characters.
+    #[error("it contains control characters")]
+    ControlCharacters,
+    /// More than 255 bytes.
+    #[error("it is longer than 255 bytes")]
+    TooLong,
+    /// A folder name of only dots and spaces.
+    #[error("a folder name is only dots and spaces")]
+    OnlyDotsAndSpaces,
+}
+
 /// Checks a file name for ComfyUI's input folder; returns why it is refused.
 ///
 /// An accepted name is one plain path segment on every platform ComfyUI runs on: not empty,
@@ -41,43 +128,43 @@ pub(super) fn fold_lookalikes(s: &str) -> std::borrow::Cow<'_, str> {
 /// dots and spaces), no `/`, `\` or `:` (a drive or stream on Windows), no control characters
 /// (NUL included), at most 255 bytes, and none of that through look-alike characters (`．．`,
 /// `／`, `＼`, `‥`).
-pub fn check_image_name(name: &str) -> Result<(), String> {
+pub fn check_image_name(name: &str) -> Result<(), InvalidImageName> {
     let folded = fold_lookalikes(name);
     let lookalike = matches!(folded, std::borrow::Cow::Owned(_));
     let n: &str = &folded;
     let why = if name.trim().is_empty() {
-        Some("it is empty")
+        Some(NameProblem::Empty)
     } else if n.contains('/') || n.contains('\\') {
         Some(if lookalike {
-            "it contains a character that looks like a path separator"
+            NameProblem::LooksLikePathSeparator
         } else {
-            "it contains a path separator ('/' or '\\')"
+            NameProblem::PathSeparator
         })
     } else if n == "." || n.contains("..") {
         Some(if lookalike {
-            "it contains characters that look like '..'"
+            NameProblem::LooksLikeDotDot
         } else {
-            "it contains '..'"
+            NameProblem::DotDot
         })
     } else if n
         .trim_matches(|c: char| c == '.' || c.is_whitespace())
         .is_empty()
     {
-        Some("it is only dots and spaces")
+        Some(NameProblem::OnlyDotsAndSpaces)
     } else if n.contains(':') {
-        Some("it contains ':' (a drive or stream separator on Windows)")
+        Some(NameProblem::Colon)
     } else if name.chars().any(char::is_control) {
-        Some("it contains control characters")
+        Some(NameProblem::ControlCharacters)
     } else if name.len() > 255 {
-        Some("it is longer than 255 bytes")
+        Some(NameProblem::TooLong)
     } else {
         None
     };
     match why {
-        Some(why) => Err(format!(
-            "Invalid image name {:?}: {why}; use a plain file name such as \"input.png\"",
-            truncate_chars(name, 80)
-        )),
+        Some(why) => Err(InvalidImageName {
+            name: name.to_owned(),
+            why,
+        }),
         None => Ok(()),
     }
 }
@@ -85,25 +172,25 @@ pub fn check_image_name(name: &str) -> Result<(), String> {
 /// Checks a `subfolder`: relative, no `..`, no `\`, no `:`, no control characters, no look-alikes
 /// of those, each folder a valid name. Returns it normalised (empty and `.` segments dropped, so
 /// `a//b/` is `a/b`), or why it is refused.
-pub fn check_subfolder(subfolder: &str) -> Result<String, String> {
+pub fn check_subfolder(subfolder: &str) -> Result<String, InvalidSubfolder> {
     let s = subfolder.trim();
     let folded = fold_lookalikes(s);
     let lookalike = matches!(folded, std::borrow::Cow::Owned(_));
     let f: &str = &folded;
     let why = if s.starts_with('/') {
-        Some("it starts with '/' (it must be relative)")
+        Some(SubfolderProblem::Absolute)
     } else if s.contains('\\') {
-        Some("it contains '\\' (separate folders with '/')")
+        Some(SubfolderProblem::Backslash)
     } else if s.contains("..") {
-        Some("it contains '..'")
+        Some(SubfolderProblem::DotDot)
     } else if lookalike && (f.contains('/') || f.contains('\\') || f.contains("..")) {
-        Some("it contains characters that look like '/', '\\' or '..'")
+        Some(SubfolderProblem::LookAlikes)
     } else if f.contains(':') {
-        Some("it contains ':' (a drive or stream separator on Windows)")
+        Some(SubfolderProblem::Colon)
     } else if s.chars().any(char::is_control) {
-        Some("it contains control characters")
+        Some(SubfolderProblem::ControlCharacters)
     } else if s.len() > 255 {
-        Some("it is longer than 255 bytes")
+        Some(SubfolderProblem::TooLong)
     } else if s.split('/').any(|seg| {
         seg != "."
             && !seg.is_empty()
@@ -111,15 +198,15 @@ pub fn check_subfolder(subfolder: &str) -> Result<String, String> {
                 .trim_matches(|c: char| c == '.' || c.is_whitespace())
                 .is_empty()
     }) {
-        Some("a folder name is only dots and spaces")
+        Some(SubfolderProblem::OnlyDotsAndSpaces)
     } else {
         None
     };
     match why {
-        Some(why) => Err(format!(
-            "Invalid subfolder {:?}: {why}; use a relative folder such as \"uploads/job-1\"",
-            truncate_chars(subfolder, 80)
-        )),
+        Some(why) => Err(InvalidSubfolder {
+            subfolder: subfolder.to_owned(),
+            why,
+        }),
         // Trimmed again: `a /` must give what `a` gives (and what `a` normalises to), so
         // normalising twice changes nothing.
         None => Ok(s
@@ -286,6 +373,8 @@ mod tests {
             ("a\u{7}b", "control characters"),
         ] {
             let err = check_subfolder(raw).unwrap_err();
+            assert_eq!(err.subfolder, raw);
+            let err = err.to_string();
             assert!(err.starts_with("Invalid subfolder"), "{err}");
             assert!(err.contains(why), "{raw:?}: {err}");
         }

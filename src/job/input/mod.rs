@@ -20,8 +20,11 @@ mod media;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-pub use fetcher::{Fetcher, DOWNLOAD_CONCURRENCY, MAX_REDIRECTS};
-pub use file_name::{check_image_name, check_subfolder, name_from_url, sanitize_file_name};
+pub use fetcher::{DownloadError, DownloadFailure, Fetcher, DOWNLOAD_CONCURRENCY, MAX_REDIRECTS};
+pub use file_name::{
+    check_image_name, check_subfolder, name_from_url, sanitize_file_name, InvalidImageName,
+    InvalidSubfolder, NameProblem, SubfolderProblem,
+};
 
 use super::codec;
 use super::failure::{JobFailure, Report};
@@ -229,7 +232,7 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobFailure> {
         let content = classify(item.image);
         let (name, name_derived) = match (item.name, &content) {
             (Some(n), _) => {
-                check_image_name(n).map_err(bad_input)?;
+                check_image_name(n).map_err(|e| bad_input(e.to_string()))?;
                 (n.to_owned(), false)
             }
             (None, Content::Url(u)) => (name_from_url(u), true),

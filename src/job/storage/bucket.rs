@@ -7,7 +7,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{HttpClient, HttpConnector};
 use object_store::{BackoffConfig, ClientOptions, RetryConfig};
 
-use crate::config::{locate, BucketLocation, BucketSettings, Names};
+use crate::config::{locate, BucketLocation, BucketSettings, LocateError, Names};
 use crate::secret::Secret;
 use crate::ssrf::Guard;
 
@@ -16,6 +16,17 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bound for one request to a bucket.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Why a bucket's client cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BucketError {
+    /// The endpoint URL does not say where the bucket is.
+    #[error(transparent)]
+    Location(#[from] LocateError),
+    /// object_store refused the settings (its message, scrubbed of the secret).
+    #[error("{0}")]
+    Client(String),
+}
 
 /// A bucket a job writes to and reads from, with its client.
 #[derive(Debug)]
@@ -57,7 +68,7 @@ impl Target {
         bucket: &BucketSettings,
         names: Names,
         guard: Option<Guard>,
-    ) -> Result<Target, String> {
+    ) -> Result<Target, BucketError> {
         let location = locate(bucket, names)?;
         let mut builder = AmazonS3Builder::new();
         if let Some(guard) = guard {
@@ -82,7 +93,7 @@ impl Target {
                 retry_timeout: Duration::from_secs(60),
             })
             .build()
-            .map_err(|e| scrub(&e.to_string(), &bucket.secret_access_key))?;
+            .map_err(|e| BucketError::Client(scrub(&e.to_string(), &bucket.secret_access_key)))?;
         Ok(Target {
             store,
             location,

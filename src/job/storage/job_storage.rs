@@ -13,7 +13,7 @@ use object_store::{
 };
 use tracing::{debug, info, warn};
 
-use super::bucket::{describe_error, Target};
+use super::bucket::{describe_error, BucketError, Target};
 use crate::config::{BucketLocation, StorageSettings, UploadMode};
 use crate::job::collected_file::{base64_entry, CollectedFile};
 use crate::job::output::FileEntry;
@@ -33,11 +33,100 @@ const RESULT_OVERHEAD: u64 = 4096;
 pub struct JobStorage {
     pub(super) settings: Arc<StorageSettings>,
     pub(super) job_id: String,
-    pub(super) target: Option<Result<Arc<Target>, String>>,
+    pub(super) target: Option<Result<Arc<Target>, BucketError>>,
 }
 
-/// How the over-limit error of [`JobStorage::place`] begins.
-pub(super) const OVER_LIMIT_PREFIX: &str = "The job output is ";
+/// The result would be over `MAX_INLINE_OUTPUT_BYTES` with nowhere to upload the files to (no
+/// bucket, or `OUTPUT_UPLOAD=never`): the platform would refuse it, so the job fails with this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "The job output is {} MB as base64, over the {} MB the platform accepts in a result (MAX_INLINE_OUTPUT_BYTES); {}",
+    mb(*.bytes),
+    mb(*.limit),
+    if *.uploads_off { UPLOADS_OFF_FIX } else { NO_BUCKET_FIX }
+)]
+pub struct OverLimit {
+    /// The whole result inline, in JSON bytes (an estimate, generous).
+    pub bytes: u64,
+    /// `MAX_INLINE_OUTPUT_BYTES`.
+    pub limit: u64,
+    /// A bucket is configured but `OUTPUT_UPLOAD=never` keeps everything inline.
+    pub uploads_off: bool,
+}
+
+const UPLOADS_OFF_FIX: &str = "OUTPUT_UPLOAD=never keeps every output inline; set OUTPUT_UPLOAD=auto to upload large outputs to the configured bucket";
+const NO_BUCKET_FIX: &str = "set BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config) to return large outputs as URLs";
+
+/// An output file that could not be uploaded: worker-comfyui's line in the result's `errors`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Error uploading {filename} to S3: {failure}")]
+pub struct UploadError {
+    /// The file.
+    pub filename: String,
+    /// Why.
+    pub failure: UploadFailure,
+}
+
+/// Why an upload failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UploadFailure {
+    /// The job's bucket cannot be used.
+    #[error(transparent)]
+    Bucket(BucketError),
+    /// The job has no bucket.
+    #[error("no bucket is configured")]
+    NoBucket,
+    /// The bucket refused it or could not be reached (object_store's message, scrubbed of the
+    /// secret, with a hint when the credentials were refused).
+    #[error("{0}")]
+    S3(String),
+}
+
+/// Why an `s3://bucket/key` input cannot be read ([`JobStorage::read`]): a phrase for
+/// `Error downloading {name} from s3://…: {e}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The job's bucket cannot be used.
+    #[error("the bucket cannot be used: {0}")]
+    Bucket(BucketError),
+    /// The job has no bucket.
+    #[error("no bucket is configured: s3:// inputs are read from the worker's bucket (BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY) or the job's s3Config")]
+    NoBucket,
+    /// The URL names another bucket than the job's.
+    #[error("the bucket {bucket:?} is not the configured one ({configured:?}); s3:// inputs are read from the job's bucket only")]
+    OtherBucket {
+        /// The bucket in the URL.
+        bucket: String,
+        /// The job's bucket.
+        configured: String,
+    },
+    /// The key is not a valid object path.
+    #[error("invalid object key: {0}")]
+    InvalidKey(object_store::path::Error),
+    /// The URL has no key.
+    #[error("the URL names no object key")]
+    NoKey,
+    /// The bucket has no such object.
+    #[error("no such object in the bucket")]
+    NotFound,
+    /// The object's announced size is over the limit.
+    #[error("the object is {size} bytes, larger than INPUT_URL_MAX_BYTES ({max_bytes} bytes)")]
+    TooLarge {
+        /// The object's size.
+        size: u64,
+        /// `INPUT_URL_MAX_BYTES`.
+        max_bytes: u64,
+    },
+    /// More bytes came than the limit allows.
+    #[error("the object is larger than INPUT_URL_MAX_BYTES ({max_bytes} bytes)")]
+    LargerThan {
+        /// `INPUT_URL_MAX_BYTES`.
+        max_bytes: u64,
+    },
+    /// The bucket refused the read or could not be reached (object_store's message, scrubbed).
+    #[error("{0}")]
+    S3(String),
+}
 
 /// Base64 length of `n` bytes (padded).
 pub(super) fn base64_len(n: usize) -> u64 {
@@ -72,7 +161,7 @@ impl JobStorage {
         &self,
         files: Vec<CollectedFile>,
         reserved: u64,
-    ) -> Result<Vec<Result<FileEntry, String>>, String> {
+    ) -> Result<Vec<Result<FileEntry, UploadError>>, OverLimit> {
         let s = &self.settings;
         let all_inline: u64 =
             RESULT_OVERHEAD + reserved + files.iter().map(inline_size).sum::<u64>();
@@ -87,21 +176,16 @@ impl JobStorage {
             UploadMode::Always => upload.iter_mut().for_each(|u| *u = true),
             UploadMode::Never => {
                 if over_limit(all_inline) {
-                    let fix = if self.target.is_some() {
-                        "OUTPUT_UPLOAD=never keeps every output inline; set OUTPUT_UPLOAD=auto to upload large outputs to the configured bucket"
-                    } else {
-                        "set BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY (or send s3Config) to return large outputs as URLs"
-                    };
                     let limit = s.max_inline_bytes.unwrap_or_default();
                     warn!(
                         bytes = all_inline,
                         limit, "the output is too large to return inline"
                     );
-                    return Err(format!(
-                        "{OVER_LIMIT_PREFIX}{} MB as base64, over the {} MB the platform accepts in a result (MAX_INLINE_OUTPUT_BYTES); {fix}",
-                        mb(all_inline),
-                        mb(limit)
-                    ));
+                    return Err(OverLimit {
+                        bytes: all_inline,
+                        limit,
+                        uploads_off: self.target.is_some(),
+                    });
                 }
             }
             UploadMode::Auto => {
@@ -152,12 +236,15 @@ impl JobStorage {
     }
 
     /// Uploads one file and returns its `s3_url` entry, or worker-comfyui's error line.
-    async fn upload(&self, file: CollectedFile) -> Result<FileEntry, String> {
-        let fail = |e: String| format!("Error uploading {} to S3: {e}", file.filename);
+    async fn upload(&self, file: CollectedFile) -> Result<FileEntry, UploadError> {
+        let fail = |failure: UploadFailure| UploadError {
+            filename: file.filename.clone(),
+            failure,
+        };
         let target = match &self.target {
             Some(Ok(t)) => t,
-            Some(Err(e)) => return Err(fail(e.clone())),
-            None => return Err(fail("no bucket is configured".into())),
+            Some(Err(e)) => return Err(fail(UploadFailure::Bucket(e.clone()))),
+            None => return Err(fail(UploadFailure::NoBucket)),
         };
         let key = self.key(&target.location, &file.subfolder, &file.filename);
         let started = std::time::Instant::now();
@@ -189,7 +276,7 @@ impl JobStorage {
             Err(e) => {
                 let message = describe_error(&e, &target.secret);
                 warn!(key = %key, error = %message, "output upload failed");
-                Err(fail(message))
+                Err(fail(UploadFailure::S3(message)))
             }
         }
     }
@@ -274,25 +361,21 @@ impl JobStorage {
     /// larger than `max_bytes` (`INPUT_URL_MAX_BYTES`, by its size before reading and by
     /// counting while reading). The key is the object's full key (no prefix is added). The
     /// error is a phrase for `Error downloading {name} from s3://…: {e}`.
-    pub async fn read(&self, bucket: &str, key: &str, max_bytes: u64) -> Result<Bytes, String> {
+    pub async fn read(&self, bucket: &str, key: &str, max_bytes: u64) -> Result<Bytes, ReadError> {
         let target = match &self.target {
             Some(Ok(t)) => t,
-            Some(Err(e)) => return Err(format!("the bucket cannot be used: {e}")),
-            None => {
-                return Err(
-                    "no bucket is configured: s3:// inputs are read from the worker's bucket (BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY) or the job's s3Config".into(),
-                )
-            }
+            Some(Err(e)) => return Err(ReadError::Bucket(e.clone())),
+            None => return Err(ReadError::NoBucket),
         };
         if bucket != target.location.bucket {
-            return Err(format!(
-                "the bucket {bucket:?} is not the configured one ({:?}); s3:// inputs are read from the job's bucket only",
-                target.location.bucket
-            ));
+            return Err(ReadError::OtherBucket {
+                bucket: bucket.to_owned(),
+                configured: target.location.bucket.clone(),
+            });
         }
-        let path = ObjectPath::parse(key).map_err(|e| format!("invalid object key: {e}"))?;
+        let path = ObjectPath::parse(key).map_err(ReadError::InvalidKey)?;
         if path.as_ref().is_empty() {
-            return Err("the URL names no object key".into());
+            return Err(ReadError::NoKey);
         }
         let started = std::time::Instant::now();
         let result = target
@@ -300,24 +383,20 @@ impl JobStorage {
             .get_opts(&path, GetOptions::default())
             .await
             .map_err(|e| match e {
-                object_store::Error::NotFound { .. } => "no such object in the bucket".to_owned(),
-                e => describe_error(&e, &target.secret),
+                object_store::Error::NotFound { .. } => ReadError::NotFound,
+                e => ReadError::S3(describe_error(&e, &target.secret)),
             })?;
         let size = result.meta.size;
         if size > max_bytes {
-            return Err(format!(
-                "the object is {size} bytes, larger than INPUT_URL_MAX_BYTES ({max_bytes} bytes)"
-            ));
+            return Err(ReadError::TooLarge { size, max_bytes });
         }
-        let too_large =
-            || format!("the object is larger than INPUT_URL_MAX_BYTES ({max_bytes} bytes)");
         // Reserved up front only up to 8 MiB: the announced size is a claim, not bytes.
         let mut buf = BytesMut::with_capacity(size.min(8 * 1024 * 1024) as usize);
         let mut stream = result.into_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| describe_error(&e, &target.secret))?;
+            let chunk = chunk.map_err(|e| ReadError::S3(describe_error(&e, &target.secret)))?;
             if (buf.len() + chunk.len()) as u64 > max_bytes {
-                return Err(too_large());
+                return Err(ReadError::LargerThan { max_bytes });
             }
             buf.extend_from_slice(&chunk);
         }

@@ -32,23 +32,21 @@ use std::sync::Arc;
 use serde_json::Value;
 use tracing::{info, warn};
 
-pub use job_storage::JobStorage;
-pub use s3_config::job_s3_config;
+pub use bucket::BucketError;
+pub use job_storage::{JobStorage, OverLimit, ReadError, UploadError, UploadFailure};
+pub use s3_config::{job_s3_config, S3ConfigError};
 
 use crate::config::{locate, StorageSettings, UploadMode, ENV_NAMES, JOB_NAMES};
-use crate::ssrf::{Guard, UrlError};
+use crate::ssrf::Guard;
 use bucket::{Target, CONNECT_TIMEOUT};
 use s3_config::parse_s3_config;
-
-/// How to allow a job's private endpoint anyway.
-const ALLOW_HINT: &str = "(set ALLOW_PRIVATE_S3_ENDPOINTS=true to allow it)";
 
 /// Places output files for every job; built once from the settings.
 #[derive(Debug, Clone)]
 pub struct Storage {
     settings: Arc<StorageSettings>,
     /// The env bucket's client, or why it could not be built.
-    env_target: Option<Result<Arc<Target>, String>>,
+    env_target: Option<Result<Arc<Target>, BucketError>>,
 }
 
 impl Storage {
@@ -84,32 +82,22 @@ impl Storage {
 
     /// The bucket of one job: the job's `s3Config` (see [`job_s3_config`]) replaces the env
     /// bucket. Its endpoint must pass the SSRF guard (unless `ALLOW_PRIVATE_S3_ENDPOINTS`), and
-    /// the guard stays on its connections. An invalid or refused `s3Config` is an error message
-    /// for the job's output.
+    /// the guard stays on its connections. An invalid or refused `s3Config` fails the job.
     pub async fn for_job(
         &self,
         job_id: &str,
         s3_config: Option<&Value>,
-    ) -> Result<JobStorage, String> {
+    ) -> Result<JobStorage, S3ConfigError> {
         let target = match s3_config {
             Some(value) => {
                 let bucket = parse_s3_config(value)?;
-                locate(&bucket, JOB_NAMES).map_err(|e| format!("Invalid s3Config: {e}"))?;
+                locate(&bucket, JOB_NAMES).map_err(BucketError::from)?;
                 let guard = Guard::new(self.settings.allow_private_endpoints, CONNECT_TIMEOUT);
                 guard
                     .check(&bucket.endpoint_url)
                     .await
-                    .map_err(|e| match e {
-                        UrlError::Refused(why) => format!(
-                            "Invalid s3Config: {} refused: {why} {ALLOW_HINT}",
-                            JOB_NAMES.endpoint
-                        ),
-                        UrlError::Invalid(why) => {
-                            format!("Invalid s3Config: {}: {why}", JOB_NAMES.endpoint)
-                        }
-                    })?;
-                let target = Target::build(&bucket, JOB_NAMES, Some(guard))
-                    .map_err(|e| format!("Invalid s3Config: {e}"))?;
+                    .map_err(S3ConfigError::Endpoint)?;
+                let target = Target::build(&bucket, JOB_NAMES, Some(guard))?;
                 info!(bucket = %target.location.bucket, endpoint = %target.location.endpoint, "the job uses its s3Config bucket");
                 Some(Ok(Arc::new(target)))
             }
@@ -133,6 +121,7 @@ mod tests {
     use crate::job::collected_file::CollectedFile;
     use crate::job::OutputKind;
     use crate::secret::Secret;
+    use crate::ssrf::UrlError;
     use bytes::Bytes;
     use std::collections::HashMap;
     use std::time::Duration;
@@ -211,6 +200,8 @@ mod tests {
             vec![7u8; 300]
         );
         let err = job.place(files(&[60_000, 40_000]), 0).await.unwrap_err();
+        assert_eq!((err.limit, err.uploads_off), (100_000, false));
+        let err = err.to_string();
         assert!(
             err.starts_with("The job output is 0.1 MB as base64, over the 0.1 MB"),
             "{err}"
@@ -250,6 +241,9 @@ mod tests {
         .expect("bounded");
         let placed = placed.unwrap();
         let err = placed[0].as_ref().unwrap_err();
+        assert_eq!(err.filename, "f0.png");
+        assert!(matches!(err.failure, UploadFailure::S3(_)), "{err}");
+        let err = err.to_string();
         assert!(err.starts_with("Error uploading f0.png to S3: "), "{err}");
         assert!(!err.contains("job-secret-123"));
         assert_eq!(placed[1].as_ref().unwrap().kind, "base64");
@@ -257,6 +251,14 @@ mod tests {
             .for_job("job-3", Some(&serde_json::json!({"accessId": "a", "accessSecret": "s", "endpointUrl": "http://127.0.0.1:9"})))
             .await
             .unwrap_err();
+        assert!(
+            matches!(
+                bad,
+                S3ConfigError::Bucket(BucketError::Location(LocateError::NoBucket { .. }))
+            ),
+            "{bad}"
+        );
+        let bad = bad.to_string();
         assert!(
             bad.starts_with("Invalid s3Config: s3Config.endpointUrl names no bucket"),
             "{bad}"
@@ -287,6 +289,11 @@ mod tests {
                 .for_job("job", Some(&cfg(endpoint)))
                 .await
                 .unwrap_err();
+            assert!(
+                matches!(err, S3ConfigError::Endpoint(UrlError::Refused(_))),
+                "{err}"
+            );
+            let err = err.to_string();
             assert!(
                 err.starts_with(&format!(
                     "Invalid s3Config: s3Config.endpointUrl refused: {why}"
@@ -349,6 +356,8 @@ mod tests {
             .await
             .expect("bounded")
             .unwrap_err();
+        assert!(matches!(err, ReadError::S3(_)), "{err}");
+        let err = err.to_string();
         assert!(
             err.contains("S3 endpoint host refused: bucket.example.test resolves to 127.0.0.1, a loopback address"),
             "{err}"
@@ -362,6 +371,8 @@ mod tests {
             .await
             .unwrap();
         let err = none.read("b", "in/a.png", 100).await.unwrap_err();
+        assert!(matches!(err, ReadError::NoBucket), "{err}");
+        let err = err.to_string();
         assert!(err.starts_with("no bucket is configured"), "{err}");
         let env = Storage::new(StorageSettings {
             bucket: Some(bucket("http://127.0.0.1:9", Some("b"), None)),
@@ -371,11 +382,14 @@ mod tests {
         .await
         .unwrap();
         let err = env.read("other", "in/a.png", 100).await.unwrap_err();
+        assert!(matches!(err, ReadError::OtherBucket { .. }), "{err}");
         assert_eq!(
-            err,
+            err.to_string(),
             "the bucket \"other\" is not the configured one (\"b\"); s3:// inputs are read from the job's bucket only"
         );
         let err = env.read("b", "in/../a.png", 100).await.unwrap_err();
+        assert!(matches!(err, ReadError::InvalidKey(_)), "{err}");
+        let err = err.to_string();
         assert!(err.starts_with("invalid object key"), "{err}");
     }
 

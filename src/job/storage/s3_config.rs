@@ -3,8 +3,43 @@
 
 use serde_json::Value;
 
-use crate::config::BucketSettings;
+use super::bucket::BucketError;
+use crate::config::{BucketSettings, JOB_NAMES};
 use crate::secret::Secret;
+use crate::ssrf::UrlError;
+
+/// What an `s3Config` looks like, for its messages.
+const USAGE: &str = "expected {\"accessId\", \"accessSecret\", \"endpointUrl\", \"bucketName\"?}";
+
+/// How to allow a job's private endpoint anyway.
+const ALLOW_HINT: &str = "(set ALLOW_PRIVATE_S3_ENDPOINTS=true to allow it)";
+
+/// Why a job's `s3Config` cannot be used (the job fails with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum S3ConfigError {
+    /// `s3Config` is not a JSON object.
+    #[error("Invalid s3Config: not an object; {}", USAGE)]
+    NotAnObject,
+    /// A field is missing or not a non-empty string.
+    #[error("Invalid s3Config: '{key}' must be a non-empty string; {}", USAGE)]
+    Field {
+        /// The field (`accessId`, `endpointUrl`, ...).
+        key: &'static str,
+    },
+    /// The bucket's location or client cannot be made from it.
+    #[error("Invalid s3Config: {0}")]
+    Bucket(#[from] BucketError),
+    /// The SSRF guard refuses `endpointUrl`, or it is not a usable URL.
+    #[error("Invalid s3Config: {}", endpoint_problem(.0))]
+    Endpoint(UrlError),
+}
+
+fn endpoint_problem(e: &UrlError) -> String {
+    match e {
+        UrlError::Refused(why) => format!("{} refused: {why} {ALLOW_HINT}", JOB_NAMES.endpoint),
+        UrlError::Invalid(why) => format!("{}: {why}", JOB_NAMES.endpoint),
+    }
+}
 
 /// A job's `s3Config`: top level on the job (`top`) first, then inside `input` (an object, or a
 /// JSON string holding one). `null` counts as absent.
@@ -23,20 +58,16 @@ pub fn job_s3_config(top: Option<&Value>, input: Option<&Value>) -> Option<Value
 }
 
 /// Parses `{accessId, accessSecret, bucketName?, endpointUrl, region?}`.
-pub(super) fn parse_s3_config(value: &Value) -> Result<BucketSettings, String> {
-    const USAGE: &str =
-        "expected {\"accessId\", \"accessSecret\", \"endpointUrl\", \"bucketName\"?}";
+pub(super) fn parse_s3_config(value: &Value) -> Result<BucketSettings, S3ConfigError> {
     let Value::Object(map) = value else {
-        return Err(format!("Invalid s3Config: not an object; {USAGE}"));
+        return Err(S3ConfigError::NotAnObject);
     };
-    let field = |key: &str, required: bool| -> Result<Option<String>, String> {
+    let field = |key: &'static str, required: bool| -> Result<Option<String>, S3ConfigError> {
         match map.get(key) {
             None | Some(Value::Null) if !required => Ok(None),
             Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
             Some(Value::String(_)) if !required => Ok(None),
-            _ => Err(format!(
-                "Invalid s3Config: '{key}' must be a non-empty string; {USAGE}"
-            )),
+            _ => Err(S3ConfigError::Field { key }),
         }
     };
     Ok(BucketSettings {
@@ -81,7 +112,16 @@ mod tests {
         let err =
             parse_s3_config(&serde_json::json!({"accessId": "a", "endpointUrl": "http://h/b"}))
                 .unwrap_err();
-        assert!(err.contains("'accessSecret'"), "{err}");
-        assert!(parse_s3_config(&serde_json::json!("x")).is_err());
+        assert_eq!(
+            err,
+            S3ConfigError::Field {
+                key: "accessSecret"
+            }
+        );
+        assert!(err.to_string().contains("'accessSecret'"), "{err}");
+        assert_eq!(
+            parse_s3_config(&serde_json::json!("x")).unwrap_err(),
+            S3ConfigError::NotAnObject
+        );
     }
 }
