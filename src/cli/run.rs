@@ -58,7 +58,7 @@ enum WriteError {
         /// The output's file name.
         name: String,
         /// The decoder's reason.
-        reason: String,
+        reason: codec::InvalidBase64,
     },
     /// A file cannot be written.
     #[error("cannot write {}: {source}", path.display())]

@@ -29,7 +29,7 @@ impl LambdaJob {
 pub enum EventError {
     /// An HTTP event's `body` is marked base64 and is not.
     #[error("The request body is not valid base64: {0}")]
-    NotBase64(String),
+    NotBase64(codec::InvalidBase64),
     /// An HTTP event's `body` is not JSON.
     #[error("The request body is not valid JSON: {0}")]
     NotJson(serde_json::Error),
