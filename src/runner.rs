@@ -92,9 +92,14 @@ enum Cut {
 }
 
 /// The job span every front end logs a job's lines under (`job_id` is what the JSON log
-/// format reports as `requestId`).
+/// format reports as `requestId`). An id with control characters is shown escaped, so it cannot
+/// break a text log line or forge one.
 pub fn job_span(job_id: &str) -> Span {
-    tracing::info_span!("job", job_id = %job_id)
+    if job_id.chars().any(char::is_control) {
+        tracing::info_span!("job", job_id = %job_id.escape_debug())
+    } else {
+        tracing::info_span!("job", job_id = %job_id)
+    }
 }
 
 /// Runs jobs on one engine; cheap to clone.

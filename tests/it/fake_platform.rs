@@ -120,6 +120,9 @@ pub struct Post {
     pub url_query: String,
     /// The HTTP status answered; `None` while a delayed answer is pending or after a reset.
     pub response: Option<u16>,
+    /// A final post repeating the result the job already has (sent again after an unanswered
+    /// post): answered and not applied.
+    pub repeat: bool,
 }
 
 /// One heartbeat.
@@ -153,6 +156,9 @@ pub struct StopPoll {
 pub struct FakePlatform {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The result spool of the workers that talk to this platform ([`FakePlatform::env`]), so a
+    /// result one test could not deliver never reaches another test's platform.
+    spool: tempfile::TempDir,
 }
 
 impl FakePlatform {
@@ -187,7 +193,11 @@ impl FakePlatform {
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
         });
-        FakePlatform { shared, addr }
+        FakePlatform {
+            shared,
+            addr,
+            spool: tempfile::tempdir().expect("a spool directory"),
+        }
     }
 
     /// `http://127.0.0.1:PORT`, e.g. for `GET {base_url}/status/{id}`.
@@ -219,6 +229,10 @@ impl FakePlatform {
             ("RUNPOD_POD_ID", self.shared.worker_id.clone()),
             ("RUNPOD_AI_API_KEY", self.shared.api_key.clone()),
             ("RUNPOD_PING_INTERVAL", "100".to_string()),
+            (
+                "RUNPOD_RESULT_SPOOL_DIR",
+                self.spool.path().display().to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -256,6 +270,11 @@ impl FakePlatform {
     /// replies a `Value` cannot hold: invalid JSON, invalid UTF-8, nesting too deep to build.
     /// `ids` become known jobs, as [`FakePlatform::push_raw_job`]'s ids do.
     pub fn push_raw_bytes(&self, body: Vec<u8>, ids: &[&str]) {
+        self.push_raw_typed(body, ids, Some("application/json"));
+    }
+
+    /// [`FakePlatform::push_raw_bytes`] answered with this `Content-Type` (`None`: none at all).
+    pub fn push_raw_typed(&self, body: Vec<u8>, ids: &[&str], content_type: Option<&str>) {
         let now = Instant::now();
         {
             let mut st = self.shared.lock();
@@ -263,9 +282,33 @@ impl FakePlatform {
                 st.jobs.insert(id.to_string(), JobRecord::queued(now));
             }
             let ids = ids.iter().map(|id| id.to_string()).collect();
-            st.queue.push_back(Reply::Raw { body, ids });
+            st.queue.push_back(Reply::Raw {
+                body,
+                ids,
+                content_type: content_type.map(str::to_owned),
+            });
         }
         self.shared.bump();
+    }
+
+    /// Adds `n` copies of `fault` for the next result posts.
+    pub fn push_fault_run(&self, fault: Fault, n: usize) {
+        let mut st = self.shared.lock();
+        st.faults.extend(std::iter::repeat_n(fault, n));
+    }
+
+    /// Drops the result-post faults not consumed yet: the platform is healthy from now on.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
+    }
+
+    /// Final posts for the job that repeated a result the platform already had (answered, not
+    /// applied again: the platform keeps a job's first final result).
+    pub fn repeated_finals(&self, id: &str) -> usize {
+        self.posts(id)
+            .iter()
+            .filter(|p| p.kind == PostKind::Final && p.repeat)
+            .count()
     }
 
     /// Makes the next job-stop poll answer `{"jobsToStop": [id]}` (with any other pending ids),
@@ -459,7 +502,12 @@ struct PlatformState {
 /// A queued job-take reply.
 enum Reply {
     Json(Value),
-    Raw { body: Vec<u8>, ids: Vec<String> },
+    Raw {
+        body: Vec<u8>,
+        ids: Vec<String>,
+        /// The `Content-Type` to answer with (`None`: no header at all).
+        content_type: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -722,13 +770,15 @@ async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
     loop {
         match take_next(&sh) {
             Some(Reply::Json(body)) => return json_response(StatusCode::OK, &body),
-            Some(Reply::Raw { body, .. }) => {
-                return (
-                    StatusCode::OK,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    body,
-                )
-                    .into_response()
+            Some(Reply::Raw {
+                body, content_type, ..
+            }) => {
+                let mut response = (StatusCode::OK, body).into_response();
+                response.headers_mut().remove(header::CONTENT_TYPE);
+                if let Some(value) = content_type.and_then(|v| v.parse().ok()) {
+                    response.headers_mut().insert(header::CONTENT_TYPE, value);
+                }
+                return response;
             }
             None => {}
         }
@@ -888,6 +938,7 @@ async fn post(
                 at,
                 url_query: query.clone(),
                 response,
+                repeat: false,
             },
         ));
         st.posts.len() - 1
@@ -1057,6 +1108,15 @@ fn accept(sh: &Shared, ctx: &Ctx, index: usize, job_id: &str, kind: PostKind, bo
                     job.error = None;
                 }
             }
+            PostKind::Final if job.finals.first() == Some(body) => {
+                // The same result again (its first post went unanswered): kept once.
+                let post = &mut st.posts[index].1;
+                post.accepted = false;
+                post.repeat = true;
+                drop(st);
+                sh.bump();
+                return;
+            }
             PostKind::Final => {
                 if !job.finals.is_empty() {
                     violations.push(format!("result delivered twice for job {job_id:?}"));
@@ -1102,12 +1162,23 @@ fn check_post_headers(sh: &Shared, ctx: &Ctx, headers: &HeaderMap, job_id: &str)
             _ => Err(()),
         }
     };
+    // An id no header can carry goes without `X-Request-ID`.
+    let header_id = axum::http::HeaderValue::from_str(job_id).is_ok();
     let expect = [
         ("content-type", "application/x-www-form-urlencoded"),
         ("charset", "utf-8"),
         ("x-request-id", job_id),
     ];
     for (name, want) in expect {
+        if name == "x-request-id" && !header_id {
+            if one(name) != Ok(None) {
+                ctx.violation(
+                    sh,
+                    format!("an `{name}` header for an id no header can carry"),
+                );
+            }
+            continue;
+        }
         match one(name) {
             Ok(Some(v)) if v == want => {}
             Ok(Some(v)) => ctx.violation(sh, format!("header `{name}: {v}`, expected {want:?}")),

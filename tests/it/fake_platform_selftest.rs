@@ -194,7 +194,8 @@ async fn env_holds_the_platform_templates() {
         assert_eq!(env["RUNPOD_POD_ID"], fake.worker_id());
         assert_eq!(env["RUNPOD_AI_API_KEY"], fake.api_key());
         assert_eq!(env["RUNPOD_PING_INTERVAL"], "100");
-        assert_eq!(env.len(), 7);
+        assert!(std::path::Path::new(&env["RUNPOD_RESULT_SPOOL_DIR"]).is_dir());
+        assert_eq!(env.len(), 8);
     })
     .await;
 }
@@ -479,8 +480,14 @@ async fn result_faults_apply_in_order_then_posts_succeed() {
         assert_eq!(fake.status_history("job-f").len(), 1);
         assert_no_violations(&fake);
 
-        // The faults are used up; a second delivery is accepted and is a violation.
+        // The faults are used up. The same result again (as after an unanswered post) is
+        // answered and kept once; another result is a violation.
         assert_eq!(sdk.result("job-f", &body).await.unwrap(), 200);
+        assert_eq!(fake.repeated_finals("job-f"), 1);
+        assert_eq!(fake.status_history("job-f").len(), 1);
+        assert_no_violations(&fake);
+        let other = json!({"output": {"n": 2}});
+        assert_eq!(sdk.result("job-f", &other).await.unwrap(), 200);
         assert!(has_violation(&fake, "result delivered twice"));
     })
     .await;

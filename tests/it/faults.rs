@@ -478,6 +478,10 @@ async fn a_job_cancelled_while_queued_behind_another_prompt_leaves_the_queue() {
 /// One platform fault plan entry, for the counts.
 #[derive(Default, Debug)]
 struct FaultCounts {
+    /// Results planned (each ends with an attempt that is taken).
+    attempts_planned: usize,
+    /// Attempts that failed (HTTP errors, resets, no answer in time).
+    faulty_attempts: usize,
     status: usize,
     resets: usize,
     slow_answers: usize,
@@ -490,54 +494,72 @@ struct FaultCounts {
 async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
     const JOBS: usize = 1000;
     /// The worker's `RUNPOD_RESULT_TIMEOUT_S`, and a delay beyond it.
-    const RESULT_TIMEOUT: &str = "0.3";
-    const BEYOND_TIMEOUT: Duration = Duration::from_millis(500);
+    const RESULT_TIMEOUT: &str = "0.1";
+    const BEYOND_TIMEOUT: Duration = Duration::from_millis(150);
     let mut rng = Rng(SEED ^ 0x1000);
     let mut counts = FaultCounts::default();
     let mut faults = Vec::new();
     // Faults are consumed one per result post attempt, in order, and the worker posts one
-    // result at a time, so each job's attempts meet exactly the faults planned for it.
+    // result at a time, so each job's attempts meet exactly the faults planned for it. Every
+    // attempt fails half the time (up to 10 in a row), so half the results meet at least one
+    // fault and some meet many; the worker keeps trying within its retry window.
     let mut plan_result = |rng: &mut Rng, counts: &mut FaultCounts| {
-        if rng.chance(88) {
+        for _ in 0..10 {
+            if !rng.chance(50) {
+                break;
+            }
+            counts.faulty_attempts += 1;
+            match rng.below(20) {
+                0..=8 => {
+                    counts.status += 1;
+                    faults.push(Fault::Status([500, 502, 503, 429][rng.below(4) as usize]));
+                }
+                9..=17 => {
+                    counts.resets += 1;
+                    faults.push(Fault::Reset);
+                }
+                _ => {
+                    // Not answered in time: the platform has it; the worker sends it again,
+                    // and the platform keeps it once.
+                    counts.timeouts += 1;
+                    faults.push(Fault::Delay(BEYOND_TIMEOUT));
+                }
+            }
+        }
+        counts.attempts_planned += 1;
+        if rng.chance(70) {
             faults.push(Fault::Delay(Duration::ZERO));
-            return;
-        }
-        for _ in 0..rng.below(3) {
-            if rng.chance(50) {
-                counts.status += 1;
-                faults.push(Fault::Status([500, 502, 503, 429][rng.below(4) as usize]));
-            } else {
-                counts.resets += 1;
-                faults.push(Fault::Reset);
-            }
-        }
-        match rng.below(20) {
-            0..=9 => faults.push(Fault::Delay(Duration::ZERO)),
-            10..=16 => {
-                counts.slow_answers += 1;
-                faults.push(Fault::Delay(Duration::from_millis(20 + rng.below(60))));
-            }
-            _ => {
-                // Not answered in time: the platform has it, and the worker must not send it
-                // again, or it lands twice.
-                counts.timeouts += 1;
-                faults.push(Fault::Delay(BEYOND_TIMEOUT));
-            }
+        } else {
+            counts.slow_answers += 1;
+            faults.push(Fault::Delay(Duration::from_millis(10 + rng.below(40))));
         }
     };
 
     enum Push {
         Job(String, Value),
         Raw(Value),
-        Bytes(Vec<u8>),
+        /// Bytes, and the ids of the jobs the platform knows in them.
+        Bytes(Vec<u8>, Vec<String>),
     }
     let mut pushes = Vec::new();
     let mut with_result: Vec<(String, Option<&'static str>)> = Vec::new();
     for job in 0..JOBS {
         if job % 100 == 25 {
             let garbage: Push = match (job / 100) % 5 {
-                0 => Push::Bytes(b"{\"id\": \"nope\", \"input\": ".to_vec()),
-                1 => Push::Bytes(b"<html><body>502 Bad Gateway</body></html>".to_vec()),
+                0 => {
+                    // Cut short after its id: answered for that id, with an error.
+                    let id = format!("cut-{job}");
+                    plan_result(&mut rng, &mut counts);
+                    with_result.push((id.clone(), Some("cannot be read, so it was not run")));
+                    Push::Bytes(
+                        format!("{{\"id\": \"{id}\", \"input\": ").into_bytes(),
+                        vec![id],
+                    )
+                }
+                1 => Push::Bytes(
+                    b"<html><body>502 Bad Gateway</body></html>".to_vec(),
+                    vec![],
+                ),
                 2 => Push::Raw(json!("garbage")),
                 3 => Push::Raw(json!([42, {"no_id": true}, {"id": ""}])),
                 _ => Push::Raw(json!({"input": {"workflow": {}}})),
@@ -579,7 +601,10 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
         match push {
             Push::Job(id, input) => platform.push_job(&id, input),
             Push::Raw(body) => platform.push_raw_job(body),
-            Push::Bytes(bytes) => platform.push_raw_bytes(bytes, &[]),
+            Push::Bytes(bytes, ids) => {
+                let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                platform.push_raw_bytes(bytes, &ids)
+            }
         }
     }
     let started = Instant::now();
@@ -589,7 +614,6 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
         &[
             ("RUST_LOG", "comfy_worker=info"),
             ("RUNPOD_RESULT_RETRY_DELAY_MS", "2"),
-            ("RUNPOD_RESULT_ATTEMPTS", "6"),
             ("RUNPOD_RESULT_TIMEOUT_S", RESULT_TIMEOUT),
             // A ping every 50 ms, answered after 300 ms: every ping times out (at 2 × 50 ms).
             ("RUNPOD_PING_INTERVAL", "50"),
@@ -643,19 +667,33 @@ async fn platform_faults_over_1000_jobs_deliver_every_result_exactly_once() {
     assert_clean(&platform);
     let pings = platform.pings().len();
     assert!(pings > 0, "the heartbeat kept going");
+    // A result sent again after an unanswered post is the same result, kept once: no job's
+    // result changed, and the repeats are no more than the unanswered posts.
+    let repeats: usize = with_result
+        .iter()
+        .map(|(id, _)| platform.repeated_finals(id))
+        .sum();
+    assert!(
+        repeats <= counts.timeouts,
+        "{repeats} repeats for {} timeouts",
+        counts.timeouts
+    );
+    let fault_rate =
+        counts.faulty_attempts as f64 / (counts.faulty_attempts + counts.attempts_planned) as f64;
     eprintln!(
         "platform faults: {JOBS} jobs + {} wrong-shaped jobs, {} results delivered exactly \
-         once, {planned_faults} result-post fault slots ({} HTTP errors, {} connection resets, \
-         {} slow answers, {} answers beyond the timeout), {} garbage job-take replies, \
-         {progress_posts} progress posts ({late_progress} after a result), {pings} slow pings; \
-         {:.1} s \
-         ({:.1} ms per job)",
+         once (0 lost, 0 applied twice, {repeats} repeats of a result the platform had), \
+         {planned_faults} result-post attempts of which {:.0} % failed ({} HTTP errors, {} \
+         connection resets, {} answers beyond the timeout; {} slow answers), {} garbage \
+         job-take replies, {progress_posts} progress posts ({late_progress} after a result), \
+         {pings} slow pings; {:.1} s ({:.1} ms per job)",
         counts.wrong_shapes,
         with_result.len(),
+        fault_rate * 100.0,
         counts.status,
         counts.resets,
-        counts.slow_answers,
         counts.timeouts,
+        counts.slow_answers,
         counts.garbage_takes,
         elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1000.0 / with_result.len() as f64,

@@ -5,6 +5,7 @@ mod cdp;
 mod cli;
 mod convert;
 mod corpus;
+mod delivery;
 mod fake_platform;
 mod fake_platform_selftest;
 mod faults;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use reqwest::StatusCode;
 use serde_json::Value;
-use tracing::{debug, warn};
+use tracing::{debug, error, info, warn};
 
 use super::job::{parse_jobs, short, PlatformJob};
 use super::settings::RunPodSettings;
@@ -56,9 +56,9 @@ pub enum PostError {
         /// The start of the reply's body.
         body: String,
     },
-    /// The platform received it and did not answer in time: not sent again, since the
-    /// platform may have it.
-    #[error("no answer within {} s (RUNPOD_RESULT_TIMEOUT_S); the platform may have the result, so it is not sent again", .0.as_secs_f64())]
+    /// The platform received it and did not answer in time (it may have it: a post sent again
+    /// after this is the same result, which the platform keeps once).
+    #[error("no answer within {} s (RUNPOD_RESULT_TIMEOUT_S)", .0.as_secs_f64())]
     Unanswered(Duration),
     /// The result was refused as too large, and the short error posted instead was refused too.
     #[error("{result}; the short error was refused too: {short_error}")]
@@ -71,16 +71,14 @@ pub enum PostError {
 }
 
 impl PostError {
-    /// Whether the post may be tried again: connection problems, 5xx and 429.
+    /// Whether the post may be tried again: connection problems, resets, timeouts, 5xx and 429.
     fn retryable(&self) -> bool {
         match self {
-            PostError::Transport(_) => true,
+            PostError::Transport(_) | PostError::Unanswered(_) => true,
             PostError::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            PostError::Encode(_)
-            | PostError::Unanswered(_)
-            | PostError::ShortErrorRefused { .. } => false,
+            PostError::Encode(_) | PostError::ShortErrorRefused { .. } => false,
         }
     }
 }
@@ -167,6 +165,24 @@ fn unanswered(e: &reqwest::Error) -> bool {
     e.is_timeout() && !e.is_connect()
 }
 
+/// Whether a reply's `Content-Type` can be read as JSON: `application/json`, `text/json` or any
+/// `+json` type, in any case, with or without parameters; a reply without one is read too.
+fn is_json_media_type(header: Option<&HeaderValue>) -> bool {
+    let Some(value) = header else {
+        return true;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    matches!(essence.as_str(), "application/json" | "text/json") || essence.ends_with("+json")
+}
+
 impl PlatformClient {
     /// A client for the platform in `settings`.
     pub fn new(settings: RunPodSettings) -> Result<PlatformClient, ClientError> {
@@ -221,11 +237,7 @@ impl PlatformClient {
             }
             _ => {}
         }
-        let is_json = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
+        let is_json = is_json_media_type(resp.headers().get(CONTENT_TYPE));
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => return Take::Failed(TakeError::Transport(e)),
@@ -246,13 +258,18 @@ impl PlatformClient {
     }
 
     fn job_done(&self, job_id: &str, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
-        self.http
+        let request = self
+            .http
             .post(self.settings.result_url(job_id))
             // The SDK's headers, byte for byte: a form content type although the body is JSON.
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header("charset", "utf-8")
-            .header("X-Request-ID", job_id)
-            .body(body)
+            .header("charset", "utf-8");
+        // An id no header can carry is answered without it (job.rs refuses to run such a job).
+        match HeaderValue::from_str(job_id) {
+            Ok(id) => request.header("X-Request-ID", id),
+            Err(_) => request,
+        }
+        .body(body)
     }
 
     /// Posts one progress update (`{"status": "IN_PROGRESS", "output": ...}`); best effort.
@@ -273,10 +290,13 @@ impl PlatformClient {
         }
     }
 
-    /// Posts a final result, retrying connection errors, 5xx and 429 with backoff. A post the
-    /// platform received but did not answer within `RUNPOD_RESULT_TIMEOUT_S` is not sent again, so
-    /// a result is never delivered twice. A 400 for a body over 1 MiB (the platform's size limit)
-    /// is replaced by a short error so the job ends.
+    /// Posts a final result, retrying what the platform did not take (connection errors,
+    /// resets, no answer within `RUNPOD_RESULT_TIMEOUT_S`, 5xx, 429) with capped exponential
+    /// backoff for `RUNPOD_RESULT_RETRY_WINDOW_S`. A post sent again after an unanswered one is
+    /// the same result, which the platform keeps once. A 400 for our own request (a body over
+    /// 1 MiB, the platform's size limit) is answered with the smallest valid body instead, a
+    /// short error, so the job ends. A result still not delivered is written to the spool
+    /// (`RUNPOD_RESULT_SPOOL_DIR`) and posted again when the worker starts.
     pub async fn post_result(&self, job_id: &str, body: &Value) -> Delivery {
         let bytes = match serde_json::to_vec(body) {
             Ok(b) => b,
@@ -284,7 +304,7 @@ impl PlatformClient {
         };
         // `Bytes`: a retry re-sends the same buffer instead of copying it.
         let bytes = bytes::Bytes::from(bytes);
-        match self.post_with_retries(job_id, bytes.clone()).await {
+        let delivery = match self.post_with_retries(job_id, bytes.clone()).await {
             Err(
                 why @ PostError::Status {
                     status: StatusCode::BAD_REQUEST,
@@ -313,14 +333,23 @@ impl PlatformClient {
             }
             Err(why) => Delivery::Lost(why),
             Ok(()) => Delivery::Delivered,
+        };
+        if let Delivery::Lost(why) = &delivery {
+            if why.retryable() {
+                self.spool(job_id, &bytes);
+            }
         }
+        delivery
     }
 
     async fn post_with_retries(&self, job_id: &str, bytes: bytes::Bytes) -> Result<(), PostError> {
-        let attempts = self.settings.result_attempts.max(1);
+        let attempts = self.settings.result_attempts;
+        let window = self.settings.result_window;
         let mut delay = self.settings.result_retry_delay;
         let timeout = self.settings.result_timeout;
+        let started = std::time::Instant::now();
         let mut attempt = 1;
+        let mut unanswered_before = false;
         loop {
             let sent = self
                 .job_done(job_id, bytes.clone())
@@ -329,6 +358,11 @@ impl PlatformClient {
                 .await;
             let failed = match sent {
                 Ok(resp) if resp.status().is_success() => return Ok(()),
+                // The platform refuses a result it already has: the unanswered post got there.
+                Ok(resp) if unanswered_before && resp.status().is_client_error() => {
+                    info!(status = %resp.status(), "the platform already has the result (an earlier post went unanswered)");
+                    return Ok(());
+                }
                 Ok(resp) => {
                     let status = resp.status();
                     let text = resp.text().await.unwrap_or_default();
@@ -337,16 +371,62 @@ impl PlatformClient {
                         body: short(&text),
                     }
                 }
-                Err(e) if unanswered(&e) => return Err(PostError::Unanswered(timeout)),
+                Err(e) if unanswered(&e) => PostError::Unanswered(timeout),
                 Err(e) => PostError::Transport(e),
             };
-            if !failed.retryable() || attempt == attempts {
+            unanswered_before |= matches!(failed, PostError::Unanswered(_));
+            let out_of_attempts = attempts.is_some_and(|n| attempt >= n);
+            let out_of_time = started.elapsed() + delay >= window;
+            if !failed.retryable() || out_of_attempts || out_of_time {
                 return Err(failed);
             }
             warn!(attempt, error = %failed, retry_in_ms = delay.as_millis() as u64, "posting the result failed; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
             attempt += 1;
+        }
+    }
+
+    /// Keeps a result that could not be delivered, to post it again when the worker starts.
+    fn spool(&self, job_id: &str, body: &[u8]) {
+        let Some(dir) = &self.settings.result_spool else {
+            return;
+        };
+        match super::spool::write(dir, job_id, body) {
+            Ok(path) => {
+                warn!(path = %path.display(), "the result is kept in the spool; it is posted again when the worker starts")
+            }
+            Err(e) => error!(error = %e, "the result could not be kept in the spool either"),
+        }
+    }
+
+    /// Posts the results kept in the spool (each with the same retries as a new one); a result
+    /// delivered, or refused for good, leaves the spool.
+    pub async fn redeliver_spooled(&self) {
+        let Some(dir) = &self.settings.result_spool else {
+            return;
+        };
+        for kept in super::spool::read_all(dir) {
+            let delivered = match self
+                .post_with_retries(&kept.job_id, kept.body.clone())
+                .await
+            {
+                Ok(()) => {
+                    info!(job_id = %kept.job_id, "a result kept in the spool was delivered");
+                    true
+                }
+                Err(e) if e.retryable() => {
+                    warn!(job_id = %kept.job_id, error = %e, "a result kept in the spool is still not delivered; kept");
+                    false
+                }
+                Err(e) => {
+                    warn!(job_id = %kept.job_id, error = %e, "the platform refuses a result kept in the spool; dropped");
+                    true
+                }
+            };
+            if delivered {
+                super::spool::remove(&kept);
+            }
         }
     }
 

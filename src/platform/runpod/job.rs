@@ -33,6 +33,9 @@ pub enum Unreadable {
     /// Invalid UTF-8 or a lone surrogate in a string, or a number out of range.
     #[error("The job's JSON cannot be read, so it was not run ({0})")]
     Invalid(String),
+    /// An id that cannot be sent in an HTTP header (it holds a control character).
+    #[error("The job's id cannot be sent in an HTTP header (it holds a control character or a byte HTTP does not allow there), so the job was not run")]
+    Id,
 }
 
 /// Why a job-take reply gave no job (it is ignored and the next job-take follows).
@@ -47,6 +50,17 @@ pub enum ReplyError {
 }
 
 impl PlatformJob {
+    /// A job that is only an id, to be answered with `why`.
+    fn unreadable(id: String, why: Unreadable) -> PlatformJob {
+        PlatformJob {
+            id,
+            input: None,
+            progress_webhook: None,
+            s3_config: None,
+            unreadable: Some(why),
+        }
+    }
+
     /// The job as the runner takes it.
     pub fn request(&self) -> JobRequest {
         JobRequest::new(self.id.clone(), self.input.clone())
@@ -66,11 +80,23 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, ReplyError> {
         Value::Object(_) => vec![value],
         other => return Err(ReplyError::NotAJob(short(&other.to_string()))),
     };
+    // Numbers as the platform wrote them: `1e3` or a 25-digit id is not re-rendered as a float
+    // (when every item is a job object, so the text's jobs line up with the items).
+    let written = ids_in_text(body);
+    let written = if written.len() == items.len() {
+        written
+    } else {
+        Vec::new()
+    };
     let mut jobs = Vec::new();
-    for item in items {
+    for (i, item) in items.into_iter().enumerate() {
         let id = match item.get("id") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::Number(n)) => written
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| n.to_string()),
             _ => {
                 // The job may carry secrets (`comfy_org_api_key`, ...): logged redacted.
                 let shown = crate::secret::redact_json(&item).to_string();
@@ -78,6 +104,10 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, ReplyError> {
                 continue;
             }
         };
+        if !usable_in_header(&id) {
+            jobs.push(PlatformJob::unreadable(id, Unreadable::Id));
+            continue;
+        }
         let input = item.get("input").cloned();
         let progress_webhook = progress_webhook(&item, input.as_ref());
         let s3_config = item.get("s3Config").filter(|v| !v.is_null()).cloned();
@@ -99,48 +129,121 @@ pub(crate) fn parse_jobs(body: &[u8]) -> Result<Vec<PlatformJob>, ReplyError> {
 /// answered with an error rather than lost (in a batch, all of them: which one is bad is not
 /// known); otherwise the reply is refused as a whole.
 fn unreadable_jobs(body: &[u8], error: serde_json::Error) -> Result<Vec<PlatformJob>, ReplyError> {
-    #[derive(serde::Deserialize)]
-    struct Shallow {
-        #[serde(default)]
-        id: Option<Value>,
-    }
-    if error.classify() != serde_json::error::Category::Syntax {
-        return Err(ReplyError::NotJson(error));
-    }
-    // serde_json skips the fields not named here without recursion (`ignore_value`).
-    let items = match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => serde_json::from_slice::<Shallow>(body).map(|one| vec![one]),
-        Some(b'[') => serde_json::from_slice::<Vec<Shallow>>(body),
-        _ => return Err(ReplyError::NotJson(error)),
-    };
-    let Ok(items) = items else {
-        return Err(ReplyError::NotJson(error));
-    };
     let why = if hit_depth_limit(body, &error) {
         Unreadable::TooDeep(error.to_string())
     } else {
         Unreadable::Invalid(error.to_string())
     };
-    let jobs: Vec<PlatformJob> = items
+    let jobs: Vec<PlatformJob> = ids_in_text(body)
         .into_iter()
-        .filter_map(|item| match item.id {
-            Some(Value::String(s)) if !s.is_empty() => Some(s),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        })
-        .map(|id| PlatformJob {
-            id,
-            input: None,
-            progress_webhook: None,
-            s3_config: None,
-            unreadable: Some(why.clone()),
-        })
+        .flatten()
+        .filter(|id| !id.is_empty())
+        .map(|id| PlatformJob::unreadable(id, why.clone()))
         .collect();
     if jobs.is_empty() {
         return Err(ReplyError::NotJson(error));
     }
     warn!(jobs = jobs.len(), error = %error, "job-take reply cannot be read; answering its jobs with an error");
     Ok(jobs)
+}
+
+/// Whether an id can be sent as it is in the `X-Request-ID` header of its result post (no
+/// control characters, no bytes outside visible ASCII and spaces... as `http` allows).
+fn usable_in_header(id: &str) -> bool {
+    reqwest::header::HeaderValue::from_str(id).is_ok()
+}
+
+/// Each job's `id` in a job-take reply, read from the text itself, so a reply serde_json
+/// refuses (a `NaN`, a byte-order mark, bytes after the job, a second job object, a body cut
+/// short after the id, nesting past the limit) still names the jobs to answer: the reply's
+/// first value (a job object, or an array of them), and in each job object the value of its
+/// own top-level `"id"` key, a string (unescaped) or a number exactly as written. `None` for a
+/// job without a readable id.
+fn ids_in_text(body: &[u8]) -> Vec<Option<String>> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let start = body.iter().position(|b| !b.is_ascii_whitespace());
+    let (job_depth, mut i) = match start.map(|s| (body[s], s)) {
+        Some((b'{', s)) => (1, s),
+        Some((b'[', s)) => (2, s),
+        _ => return Vec::new(),
+    };
+    let mut ids: Vec<Option<String>> = Vec::new();
+    let mut depth = 0usize;
+    // At the job's own depth: whether the next string is a key.
+    let mut expect_key = false;
+    let mut last_key_is_id = false;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                let end = string_end(body, i);
+                let token = &body[i..end.min(body.len())];
+                if depth == job_depth {
+                    if expect_key {
+                        last_key_is_id = token == b"\"id\"";
+                        expect_key = false;
+                    } else if last_key_is_id {
+                        if let (Some(slot), Ok(text)) = (ids.last_mut(), std::str::from_utf8(token))
+                        {
+                            *slot = serde_json::from_str::<String>(text).ok();
+                        }
+                        last_key_is_id = false;
+                    }
+                }
+                i = end;
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth == job_depth && body[i] == b'{' {
+                    ids.push(None);
+                    expect_key = true;
+                }
+            }
+            b'}' | b']' => {
+                if depth == job_depth && job_depth == 1 {
+                    break;
+                }
+                if depth == 1 && job_depth == 2 && body[i] == b']' {
+                    break;
+                }
+                depth = depth.saturating_sub(1);
+            }
+            b',' if depth == job_depth => {
+                expect_key = true;
+                last_key_is_id = false;
+            }
+            b'-' | b'0'..=b'9' if depth == job_depth && last_key_is_id => {
+                let end = body[i..]
+                    .iter()
+                    .position(|b| !matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                    .map_or(body.len(), |n| i + n);
+                if let (Some(slot), Ok(text)) = (ids.last_mut(), std::str::from_utf8(&body[i..end]))
+                {
+                    *slot = Some(text.to_owned());
+                }
+                last_key_is_id = false;
+                i = end;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    ids
+}
+
+/// The offset just after the string that starts at `start` (a `"`), escapes skipped; the end of
+/// `body` when it is cut short.
+fn string_end(body: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < body.len() {
+        match body[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    body.len()
 }
 
 /// The nesting serde_json refuses: its recursion limit lets it open 127 nested arrays or

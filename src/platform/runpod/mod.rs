@@ -6,6 +6,7 @@ pub mod client;
 pub mod job;
 pub mod relay;
 pub mod settings;
+pub mod spool;
 mod worker;
 
 pub use client::{

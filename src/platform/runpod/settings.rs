@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+
 use crate::config::{ConfigError, EnvReader};
 use crate::secret::Secret;
 
@@ -31,8 +33,15 @@ pub struct RunPodSettings {
     pub job_timeout: Option<Duration>,
     /// `RUNPOD_RESULT_RETRY_DELAY_MS`: first retry delay for result posts (doubles, capped at 30 s).
     pub result_retry_delay: Duration,
-    /// `RUNPOD_RESULT_ATTEMPTS`: result post attempts in all.
-    pub result_attempts: u32,
+    /// `RUNPOD_RESULT_ATTEMPTS`: result post attempts in all; `None` (the default, or 0): as
+    /// many as [`RunPodSettings::result_window`] allows.
+    pub result_attempts: Option<u32>,
+    /// `RUNPOD_RESULT_RETRY_WINDOW_S` (600, the platform's default execution timeout, after which
+    /// it takes no result): how long a result post is retried.
+    pub result_window: Duration,
+    /// `RUNPOD_RESULT_SPOOL_DIR` (`/tmp/comfy-worker/results`; `off` for none): where a result
+    /// that could not be delivered is kept, to be posted again when the worker starts.
+    pub result_spool: Option<std::path::PathBuf>,
     /// `RUNPOD_RESULT_TIMEOUT_S` (120): how long one result post may wait for the platform's answer.
     pub result_timeout: Duration,
     /// `RUNPOD_PROGRESS=false` turns the progress relay off.
@@ -82,10 +91,27 @@ impl RunPodSettings {
         let attempts = env
             .parse(
                 "RUNPOD_RESULT_ATTEMPTS",
-                "a whole number of at least 1",
-                |v| v.parse::<u32>().ok().filter(|n| *n >= 1),
+                "a whole number (0 = as many as RUNPOD_RESULT_RETRY_WINDOW_S allows)",
+                |v| v.parse::<u32>().ok(),
             )?
-            .unwrap_or(6);
+            .filter(|n| *n >= 1);
+        let result_window = env
+            .parse(
+                "RUNPOD_RESULT_RETRY_WINDOW_S",
+                "a number of seconds above 0",
+                |v| {
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .map(|s| Duration::from_secs_f64(s.min(7.0 * 86_400.0)))
+                },
+            )?
+            .unwrap_or(DEFAULT_RESULT_WINDOW);
+        let result_spool = match get("RUNPOD_RESULT_SPOOL_DIR") {
+            Some(v) if matches!(v.to_ascii_lowercase().as_str(), "off" | "false" | "none") => None,
+            Some(v) => Some(std::path::PathBuf::from(v)),
+            None => Some(std::path::PathBuf::from(DEFAULT_RESULT_SPOOL)),
+        };
         let result_timeout = env
             .parse(
                 "RUNPOD_RESULT_TIMEOUT_S",
@@ -113,6 +139,8 @@ impl RunPodSettings {
             job_timeout,
             result_retry_delay: Duration::from_millis(ms("RUNPOD_RESULT_RETRY_DELAY_MS", 1000)?),
             result_attempts: attempts,
+            result_window,
+            result_spool,
             result_timeout,
             relay_progress: get("RUNPOD_PROGRESS").is_none_or(|v| truthy(&v)),
             long_poll_timeout: Duration::from_secs(90),
@@ -142,12 +170,16 @@ impl RunPodSettings {
             .then(|| base.replace("/job-take/", "/job-stop/"))
     }
 
-    /// The job-done URL for a job (results and progress).
+    /// The job-done URL for a job (results and progress); the id is percent-encoded as a path
+    /// segment, so `/`, `?`, `#` or a newline in it cannot change where the result goes.
     pub fn result_url(&self, job_id: &str) -> String {
         let base = self
             .post_output_url
             .replace("$RUNPOD_POD_ID", &self.worker_id)
-            .replace("$ID", job_id);
+            .replace(
+                "$ID",
+                &utf8_percent_encode(job_id, PATH_SEGMENT).to_string(),
+            );
         with_param(&base, "isStream", "false")
     }
 
@@ -161,12 +193,43 @@ impl RunPodSettings {
             .as_ref()?
             .replace("$RUNPOD_POD_ID", &self.worker_id);
         if !job_ids.is_empty() {
-            // `,` is sent as %2C, as `requests` encodes it.
-            url = with_param(&url, "job_id", &job_ids.join("%2C"));
+            // `,` is sent as %2C, as `requests` encodes it; each id is encoded for a query.
+            let ids: Vec<String> = job_ids
+                .iter()
+                .map(|id| utf8_percent_encode(id, QUERY_VALUE).to_string())
+                .collect();
+            url = with_param(&url, "job_id", &ids.join("%2C"));
         }
         Some(with_param(&url, "runpod_version", SDK_PROTOCOL_VERSION))
     }
 }
+
+/// What a job id may not hold as it is in a URL path segment: controls, space, and the
+/// characters that end or restructure a segment (`/`, `?`, `#`, `%`, ...).
+const PATH_SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// A query value: a path segment's set plus `&`, `=`, `+` and `,` (the ids' separator).
+const QUERY_VALUE: &AsciiSet = &PATH_SEGMENT.add(b'&').add(b'=').add(b'+').add(b',');
+
+/// The default of `RUNPOD_RESULT_RETRY_WINDOW_S`: the platform's default execution timeout.
+pub const DEFAULT_RESULT_WINDOW: Duration = Duration::from_secs(600);
+
+/// The default of `RUNPOD_RESULT_SPOOL_DIR`.
+pub const DEFAULT_RESULT_SPOOL: &str = "/tmp/comfy-worker/results";
 
 /// Appends `k=v` with `&`, or `?` when the URL has no query yet.
 pub(crate) fn with_param(url: &str, key: &str, value: &str) -> String {

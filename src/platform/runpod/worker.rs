@@ -107,6 +107,11 @@ impl Worker {
             return Err(why);
         }
         // No `/free` after the warm-up: the point is to keep what it loaded.
+        // Results an earlier run could not deliver go out beside the new jobs.
+        let spooled = {
+            let client = self.client.clone();
+            tokio::spawn(async move { client.redeliver_spooled().await })
+        };
         let companions = CancellationToken::new();
         let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
         let stops = tokio::spawn(self.stop_channel(companions.clone()));
@@ -147,6 +152,7 @@ impl Worker {
             }
         }
         companions.cancel();
+        spooled.abort();
         let _ = heartbeat.await;
         let _ = stops.await;
         info!("RunPod worker stopped");
