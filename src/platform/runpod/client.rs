@@ -533,7 +533,7 @@ mod tests {
                 short_error: Box::new(PostError::Unanswered(Duration::from_millis(1500))),
             }
             .to_string(),
-            "HTTP 400 Bad Request: too big; the short error was refused too: no answer within 1.5 s (RUNPOD_RESULT_TIMEOUT_S); the platform may have the result, so it is not sent again"
+            "HTTP 400 Bad Request: too big; the short error was refused too: no answer within 1.5 s (RUNPOD_RESULT_TIMEOUT_S)"
         );
         for (status, retry) in [
             (StatusCode::INTERNAL_SERVER_ERROR, true),
