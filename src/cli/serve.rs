@@ -138,7 +138,21 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         Ok(g) => g,
         Err(e) => return fail(e.to_string()),
     };
-    let options = args.options(grace);
+    let limits = match crate::endpoint::ConnectionLimits::from_lookup(|k| std::env::var(k).ok()) {
+        Ok(l) => l,
+        Err(e) => return fail(e.to_string()),
+    };
+    let cors_origins: Vec<String> = std::env::var("SERVE_CORS_ORIGINS")
+        .unwrap_or_default()
+        .split(',')
+        .map(|o| o.trim().trim_end_matches('/').to_owned())
+        .filter(|o| !o.is_empty())
+        .collect();
+    let options = ServeOptions {
+        limits,
+        cors_origins,
+        ..args.options(grace)
+    };
     let listener = match tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {}:{}: {e}", args.host, args.port)),

@@ -13,10 +13,12 @@
 //! serverless mode's result mapping ([`crate::job::output::result_body`]) so both modes report a
 //! job the same way.
 
+mod cross_site;
 mod error;
 mod job_status;
 mod local_endpoint;
 mod routes;
+mod server;
 mod store;
 mod submission;
 
@@ -32,6 +34,7 @@ use crate::webhook::Webhooks;
 pub use job_status::JobStatus;
 pub use local_endpoint::LocalEndpoint;
 pub use routes::router;
+pub use server::ConnectionLimits;
 
 /// How the local endpoint behaves; [`ServeOptions::default`] matches the cloud's limits.
 #[derive(Debug, Clone)]
@@ -54,6 +57,14 @@ pub struct ServeOptions {
     /// After shutdown began, how long the running job may take to finish before it is
     /// interrupted and failed (`SHUTDOWN_GRACE_S`, 20 s).
     pub shutdown_grace: Duration,
+    /// Every connection's timeouts and the connection cap.
+    pub limits: ConnectionLimits,
+    /// `SERVE_CORS_ORIGINS`: web origins (`https://app.example`) allowed to call the API from a
+    /// browser; without an API key, the only cross-site callers accepted.
+    pub cors_origins: Vec<String>,
+    /// The address the endpoint listens on (set by [`serve`]): a keyless endpoint accepts it in
+    /// `Host` beside the loopback names.
+    pub bound: Option<std::net::SocketAddr>,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +77,9 @@ impl Default for ServeOptions {
             max_runsync_bytes: 20 * 1000 * 1000,
             runsync_default_wait: Duration::from_secs(90),
             shutdown_grace: crate::config::DEFAULT_SHUTDOWN_GRACE,
+            limits: ConnectionLimits::default(),
+            cors_origins: Vec::new(),
+            bound: None,
         }
     }
 }
@@ -82,6 +96,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
+    let options = ServeOptions {
+        bound: Some(addr),
+        ..options
+    };
     let endpoint = LocalEndpoint::new(engine, webhooks, options);
     let app = router(endpoint.clone());
     let closing = {
@@ -95,9 +113,8 @@ pub async fn serve(
         }
     };
     info!(%addr, auth = endpoint.options().api_key.is_some(), "local endpoint listening");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(closing)
-        .await;
+    let limits = endpoint.options().limits.clone();
+    let served = server::serve_http(listener, app, &limits, closing).await;
     // Also when the server failed: the runner must not outlive it.
     endpoint.close();
     // The grace, the interrupt's confirmation (at most 15 s) and the webhooks' hand-over.

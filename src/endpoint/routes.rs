@@ -48,11 +48,21 @@ pub fn router(endpoint: LocalEndpoint) -> Router {
     let protected = Router::new()
         .route(
             "/run",
-            post(run).layer(DefaultBodyLimit::max(options.max_run_bytes)),
+            post(run)
+                .layer(DefaultBodyLimit::max(options.max_run_bytes))
+                .layer(middleware::from_fn_with_state(
+                    options.max_run_bytes,
+                    refuse_announced_oversize,
+                )),
         )
         .route(
             "/runsync",
-            post(runsync).layer(DefaultBodyLimit::max(options.max_runsync_bytes)),
+            post(runsync)
+                .layer(DefaultBodyLimit::max(options.max_runsync_bytes))
+                .layer(middleware::from_fn_with_state(
+                    options.max_runsync_bytes,
+                    refuse_announced_oversize,
+                )),
         )
         .route("/status/{id}", get(status).post(status))
         .route("/stream/{id}", get(stream).post(stream))
@@ -63,18 +73,43 @@ pub fn router(endpoint: LocalEndpoint) -> Router {
         .route_layer(middleware::from_fn_with_state(
             endpoint.clone(),
             require_api_key,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            endpoint.clone(),
+            super::cross_site::refuse_cross_site,
         ));
     let api = Router::new()
         .route("/", get(page))
         .route("/openapi.json", get(openapi))
         .merge(protected);
-    Router::new()
+    let router = Router::new()
         .route("/v2/{endpoint_id}/", get(page))
         .nest("/v2/{endpoint_id}", api.clone())
         .merge(api)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(endpoint)
+        .with_state(endpoint);
+    match cors(&options.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// CORS for the origins in `SERVE_CORS_ORIGINS` (none: no CORS headers, so browsers keep
+/// other sites' pages from reading any reply).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<header::HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
+    (!origins.is_empty()).then(|| {
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::HEAD])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("idempotency-key"),
+            ])
+    })
 }
 
 /// The `{id}` of a job route; by name, so the `{endpoint_id}` of the prefix does not matter.
@@ -96,12 +131,52 @@ fn json_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the request body is larger than this route's limit of {limit} bytes"),
             )
+        } else if body_timed_out(&rejection) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stopped arriving (SERVE_BODY_TIMEOUT_S)",
+            )
         } else {
             ApiError::new(rejection.status(), rejection.body_text())
         }
     })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// Refuses a body that announces more than the route takes (`Content-Length`) before it is
+/// read: 413 at once, not after the body timeout. (`DefaultBodyLimit` catches one that turns
+/// out larger as it is read.)
+async fn refuse_announced_oversize(
+    State(limit): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than this route's limit of {limit} bytes"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether reading the body failed for the body timeout (the server's `TimeoutBody`).
+fn body_timed_out(rejection: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Accepts `Authorization: Bearer <key>` or the raw key, when a key is configured.

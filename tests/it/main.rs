@@ -24,6 +24,7 @@ mod runpod_client;
 mod s3;
 mod security;
 mod serve;
+mod serve_hardening;
 mod serve_process;
 mod serverless;
 mod shutdown;

@@ -380,10 +380,24 @@ async fn client_errors_are_json() {
     assert!(body["error"].is_string());
 
     let (code, body) = ep
-        .send(ep.http.post(ep.url("/run")).body("{not json"))
+        .send(
+            ep.http
+                .post(ep.url("/run"))
+                .header("content-type", "application/json")
+                .body("{not json"),
+        )
         .await;
     assert_eq!(code, 400);
     assert!(body["error"].as_str().unwrap().contains("not valid JSON"));
+    // Without a key, a body must say it is JSON (a web page's form or text/plain cannot).
+    let (code, body) = ep
+        .send(ep.http.post(ep.url("/run")).body("{\"input\": {}}"))
+        .await;
+    assert_eq!(code, 415, "{body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("Content-Type: application/json"));
     let (code, body) = ep.post("/run", json!({"workflow": {}})).await;
     assert_eq!(code, 400);
     assert!(body["error"].as_str().unwrap().contains("missing 'input'"));
