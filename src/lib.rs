@@ -27,8 +27,7 @@
 //!
 //! Leaves, which import nothing from the crate:
 //! * [`secret`]: `Secret`, the live-secret registry and the scrubber.
-//! * [`redact`]: URLs as messages may show them.
-//! * [`error_chain`]: an error and its causes on one line.
+//! * [`redact`]: URLs as messages may show them, also inside error chains.
 //! * [`media_type`]: media types from names and bytes.
 //! * [`json_type`]: a JSON value's type, named for messages.
 //! * [`eta`]: a node's remaining time from its step rate.
@@ -42,7 +41,6 @@ pub mod cli;
 pub mod comfy;
 pub mod config;
 pub mod endpoint;
-pub mod error_chain;
 pub mod eta;
 pub mod housekeeping;
 pub mod job;

@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use tracing::debug;
 
-use crate::error_chain::error_chain;
+use crate::redact::error_chain;
 use crate::redact::{display_parsed, display_url};
 
 /// Why a URL cannot be called.

@@ -28,9 +28,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::EnvReader;
-use crate::error_chain::error_chain;
 use crate::job::{Completed, JobFailure};
 use crate::progress::{Num, ProgressKind, ProgressSnapshot};
+use crate::redact::error_chain;
 use crate::ssrf::{ClientBuildError, Guard, UrlError};
 
 /// How webhooks are checked and delivered.

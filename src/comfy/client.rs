@@ -15,8 +15,8 @@ use super::queue::QueueSnapshot;
 use super::rejection::{parse_node_errors, NodeErrors, PromptRejection};
 use super::system_stats::SystemStats;
 use super::upload::{Upload, UploadedFile};
-use crate::error_chain::error_chain;
 use crate::media_type::media_type_for_name;
+use crate::redact::error_chain;
 use crate::secret::Secret;
 
 /// How long HTTP calls may take.

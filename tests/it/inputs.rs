@@ -500,3 +500,67 @@ async fn subfolder_type_and_masks_reach_the_right_place() {
     );
     assert!(uploads[0].original_ref.is_none());
 }
+
+/// Every way a URL input can fail, each URL carrying a token in its query: the token reaches
+/// no error or detail of the job (the HTTP client's own errors name the URL, query and all).
+#[tokio::test]
+async fn no_url_query_reaches_any_error() {
+    const TOKEN: &str = "QUERYSECRET7781";
+    let files = FileServer::start().await;
+    let sim = simulator(1).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let secret = |url: String| format!("{url}?token={TOKEN}&X-Amz-Signature={TOKEN}");
+    let open = engine(
+        &sim,
+        &[
+            ("ALLOW_PRIVATE_INPUT_URLS", "true"),
+            ("INPUT_URL_MAX_BYTES", "100000"),
+            ("INPUT_URL_TIMEOUT_S", "1"),
+        ],
+    );
+    let guarded = engine(&sim, &[("INPUT_URL_TIMEOUT_S", "1")]);
+    let failing = [
+        "/big.bin",
+        "/stream-big.bin",
+        "/slow.png",
+        "/missing.png",
+        "/empty.png",
+        "/to-metadata",
+        "/to-ftp",
+        "/r/9",
+    ];
+    let mut items: Vec<Value> = failing
+        .iter()
+        .enumerate()
+        .map(|(i, path)| json!({"name": format!("f{i}.png"), "image": secret(files.url(path))}))
+        .collect();
+    // Connection refused: the HTTP client's error names the URL.
+    items.push(json!({"name": "refused.png", "image": secret(format!("http://127.0.0.1:{closed_port}/x.png"))}));
+    let mut outputs = Vec::new();
+    for item in items {
+        let (out, _) = run_job(&open, job(json!([item]))).await;
+        outputs.push(out.to_json());
+    }
+    // Refused by the guard before any connection, and a name that does not resolve.
+    for url in [
+        secret(files.url("/image.png")),
+        secret("http://no-such-host.example.invalid/x.png".into()),
+    ] {
+        let (out, _) = run_job(&guarded, job(json!([{"name": "g.png", "image": url}]))).await;
+        outputs.push(out.to_json());
+    }
+    for out in &outputs {
+        let text = out.to_string();
+        assert!(out["error"].is_string(), "every case fails: {text}");
+        assert!(!text.contains(TOKEN), "the query leaked: {text}");
+    }
+    // The URLs are still named, up to their path.
+    assert!(
+        outputs.iter().any(|o| o
+            .to_string()
+            .contains(&format!("http://127.0.0.1:{closed_port}/x.png?…"))),
+        "{outputs:?}"
+    );
+}

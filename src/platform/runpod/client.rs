@@ -10,7 +10,7 @@ use tracing::{debug, error, info, warn};
 
 use super::job::{parse_jobs, short, PlatformJob};
 use super::settings::RunPodSettings;
-use crate::error_chain::error_chain;
+use crate::redact::error_chain;
 
 /// Why the platform client cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum ClientError {
     #[error("RUNPOD_AI_API_KEY is not a valid header value")]
     InvalidApiKey,
     /// reqwest could not build the client.
-    #[error("cannot build the HTTP client: {0}")]
+    #[error("cannot build the HTTP client: {}", error_chain(.0))]
     Build(reqwest::Error),
 }
 
@@ -113,7 +113,7 @@ pub enum StopPollError {
     #[error("HTTP {0}")]
     Status(StatusCode),
     /// The reply's body is not JSON.
-    #[error("job-stop reply is not JSON: {0}")]
+    #[error("job-stop reply is not JSON: {}", error_chain(.0))]
     NotJson(reqwest::Error),
 }
 
