@@ -31,6 +31,7 @@
 //! * [`media_type`]: media types from names and bytes.
 //! * [`json_type`]: a JSON value's type, named for messages.
 //! * [`eta`]: a node's remaining time from its step rate.
+//! * [`comfy_address`]: where ComfyUI listens, checked before anything connects.
 //!
 //! The fake ComfyUI (real protocol, no GPU) that `simulate-comfyui` and `--simulate` run and the
 //! tests use is not in this library: it is the workspace's `comfy-sim` crate
@@ -39,6 +40,7 @@
 
 pub mod cli;
 pub mod comfy;
+pub mod comfy_address;
 pub mod config;
 pub mod endpoint;
 pub mod eta;

@@ -435,6 +435,7 @@ impl LastProgress {
 /// `currentStep` for a snapshot that names no node (queued, started, finished).
 fn kind_label(kind: ProgressKind) -> &'static str {
     match kind {
+        ProgressKind::Waiting => "Waiting for ComfyUI",
         ProgressKind::Queued => "Queued",
         ProgressKind::Started => "Started",
         ProgressKind::Cached => "Cached",

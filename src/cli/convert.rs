@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::comfy_arg::ComfyArg;
+use super::exit_code::{exit, FAILED, SUCCESS, USAGE};
 use super::json_file::{self, JsonFileError};
+use super::terminal;
 use crate::comfy::workflow::{ui_message, WorkflowError};
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, ConvertError, ObjectInfo, WorkflowInput,
 };
+use crate::config::Settings;
 
 /// Options of `convert`.
 #[derive(Debug, Clone, Args)]
@@ -22,12 +26,11 @@ pub struct ConvertArgs {
     /// The workflow file (`-` for stdin): a UI-format export, or a test input with it under
     /// `input.workflow`.
     pub file: PathBuf,
-    /// ComfyUI address whose /object_info describes the nodes [default: COMFY_HOST, else
-    /// 127.0.0.1:8188].
-    #[arg(long, value_name = "HOST:PORT", conflicts_with = "object_info")]
-    pub comfy: Option<String>,
+    /// `--comfy ADDR`: the ComfyUI whose /object_info describes the nodes.
+    #[command(flatten)]
+    pub comfy: ComfyArg,
     /// A saved /object_info reply (JSON) instead of asking a ComfyUI.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "comfy")]
     pub object_info: Option<PathBuf>,
     /// Seed for dynamic-prompt choices (`{a|b}` in prompts), for a reproducible output.
     #[arg(long, value_name = "N")]
@@ -43,9 +46,12 @@ enum ConvertCommandError {
     /// `--object-info` is JSON, but not an object.
     #[error("{} is not an /object_info reply (a JSON object of node classes)", .0.display())]
     NotObjectInfo(PathBuf),
-    /// `--comfy` (or `COMFY_HOST`) is not a usable address.
+    /// A setting (`COMFY_HOST`) that cannot work.
     #[error(transparent)]
-    Host(ComfyError),
+    Config(#[from] crate::config::ConfigError),
+    /// The HTTP client cannot be built.
+    #[error(transparent)]
+    Client(ComfyError),
     /// ComfyUI's `/object_info` could not be had.
     #[error("cannot get /object_info from ComfyUI at {host}: {source} (start ComfyUI, or pass --object-info FILE)")]
     ObjectInfo {
@@ -89,40 +95,44 @@ async fn object_info(args: &ConvertArgs) -> Result<ObjectInfo, ConvertCommandErr
         }
         return Ok(ObjectInfo::from_value(value));
     }
-    let host = args
-        .comfy
-        .clone()
-        .or_else(|| {
-            std::env::var("COMFY_HOST")
-                .ok()
-                .filter(|h| !h.trim().is_empty())
-        })
-        .unwrap_or_else(|| "127.0.0.1:8188".to_owned());
+    let mut settings = Settings::from_env()?;
+    args.comfy.apply(&mut settings);
+    let host = settings.comfy_host.shown();
     let client = ComfyClient::new(
-        &host,
+        &settings.comfy_host,
         ClientOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
             ..ClientOptions::default()
         },
     )
-    .map_err(ConvertCommandError::Host)?;
+    .map_err(ConvertCommandError::Client)?;
     client
         .object_info()
         .await
         .map_err(|source| ConvertCommandError::ObjectInfo { host, source })
 }
 
-/// Runs `convert`: 0 with the API JSON on stdout, 1 with the reason on stderr.
+/// Runs `convert`: 0 with the API JSON on stdout; else the reason on stderr, 2 when the input
+/// or a setting is unusable, 1 when the conversion itself failed.
 pub async fn run(args: ConvertArgs) -> ExitCode {
     match convert(&args).await {
         Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
+            terminal::out(&text);
+            exit(SUCCESS)
         }
         Err(e) => {
-            eprintln!("comfy-worker convert: {e}");
-            ExitCode::FAILURE
+            terminal::error("convert", &e);
+            exit(match e {
+                ConvertCommandError::Input(_)
+                | ConvertCommandError::NotObjectInfo(_)
+                | ConvertCommandError::Config(_)
+                | ConvertCommandError::Workflow(_) => USAGE,
+                ConvertCommandError::Client(_)
+                | ConvertCommandError::ObjectInfo { .. }
+                | ConvertCommandError::Conversion(_)
+                | ConvertCommandError::Print(_) => FAILED,
+            })
         }
     }
 }
@@ -136,7 +146,7 @@ async fn convert(args: &ConvertArgs) -> Result<String, ConvertCommandError> {
     }
     let ui = match WorkflowInput::from_value(value).map_err(ConvertCommandError::Workflow)? {
         WorkflowInput::Api(workflow) => {
-            eprintln!("comfy-worker convert: already in API format; printed as it is");
+            terminal::error("convert", &"already in API format; printed as it is");
             return serde_json::to_string_pretty(workflow.as_json())
                 .map_err(ConvertCommandError::Print);
         }

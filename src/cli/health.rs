@@ -7,41 +7,47 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::comfy_arg::ComfyArg;
+use super::exit_code::{exit, FAILED, SUCCESS, USAGE};
+use super::terminal;
 use crate::comfy::{ClientOptions, ComfyClient};
 use crate::config::Settings;
 
 /// Options of `health`.
 #[derive(Debug, Clone, Args)]
 pub struct HealthArgs {
-    /// ComfyUI address (overrides COMFY_HOST).
-    #[arg(long, visible_alias = "comfy-host", value_name = "HOST:PORT")]
-    pub comfy: Option<String>,
+    /// `--comfy ADDR`.
+    #[command(flatten)]
+    pub comfy: ComfyArg,
     /// Print one JSON object (the `comfyui` object of `serve`'s /health) instead of lines.
     #[arg(long)]
     pub json: bool,
     /// How long to wait for ComfyUI's answers, in seconds.
-    #[arg(long = "timeout-s", value_name = "S", default_value_t = 5.0)]
+    #[arg(long = "timeout-s", value_name = "S", default_value_t = 5.0, value_parser = positive_seconds)]
     pub timeout_s: f64,
+}
+
+/// A number of seconds above 0, at most a day.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err("expected a number of seconds above 0 (at most 86400)".into()),
+    }
 }
 
 pub(crate) async fn run(args: HealthArgs) -> ExitCode {
     crate::telemetry::init("comfy_worker=warn", crate::telemetry::json_requested());
-    let host = match args.comfy {
-        Some(h) => h,
-        None => match Settings::from_env() {
-            Ok(s) => s.comfy_host,
-            Err(e) => {
-                eprintln!("comfy-worker health: {e}");
-                return ExitCode::from(2);
-            }
-        },
+    let mut settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            terminal::error("health", &e);
+            return exit(USAGE);
+        }
     };
-    let timeout = Duration::try_from_secs_f64(args.timeout_s)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .unwrap_or(Duration::from_secs(5));
+    args.comfy.apply(&mut settings);
+    let timeout = Duration::from_secs_f64(args.timeout_s);
     let client = match ComfyClient::new(
-        &host,
+        &settings.comfy_host,
         ClientOptions {
             connect_timeout: timeout,
             request_timeout: timeout,
@@ -50,21 +56,21 @@ pub(crate) async fn run(args: HealthArgs) -> ExitCode {
     ) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("comfy-worker health: {e}");
-            return ExitCode::from(2);
+            terminal::error("health", &e);
+            return exit(FAILED);
         }
     };
     let health = crate::comfy::health::probe(&client, timeout).await;
     if args.json {
-        println!("{}", health.to_json());
+        terminal::out(&health.to_json().to_string());
     } else {
         for line in health.lines() {
-            println!("{line}");
+            terminal::out(&line);
         }
     }
     if health.reachable() {
-        ExitCode::SUCCESS
+        exit(SUCCESS)
     } else {
-        ExitCode::FAILURE
+        exit(FAILED)
     }
 }

@@ -4,8 +4,23 @@
 
 use std::process::ExitCode;
 
+use clap::Args;
+
+use super::comfy_arg::ComfyArg;
 #[cfg(feature = "lambda")]
-pub(crate) async fn run() -> ExitCode {
+use super::exit_code::FAILED;
+use super::exit_code::{exit, USAGE};
+
+/// Options of `lambda`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LambdaArgs {
+    /// `--comfy ADDR`.
+    #[command(flatten)]
+    pub comfy: ComfyArg,
+}
+
+#[cfg(feature = "lambda")]
+pub(crate) async fn run(args: LambdaArgs) -> ExitCode {
     use tokio_util::sync::CancellationToken;
     use tracing::{error, info};
 
@@ -28,7 +43,7 @@ pub(crate) async fn run() -> ExitCode {
             {
                 init_error("InvalidConfiguration", &e.to_string()).await;
             }
-            return ExitCode::FAILURE;
+            return exit(USAGE);
         }
     };
     let mut settings = match Settings::from_env() {
@@ -36,9 +51,10 @@ pub(crate) async fn run() -> ExitCode {
         Err(e) => {
             error!(error = %e, "invalid configuration");
             init_error("InvalidConfiguration", &e.to_string()).await;
-            return ExitCode::FAILURE;
+            return exit(USAGE);
         }
     };
+    args.comfy.apply(&mut settings);
     // Lambda's response limits, unless the operator chose a limit.
     if !StorageSettings::inline_limit_is_set(&lookup) {
         settings.storage.max_inline_bytes = Some(lambda.response_mode.inline_limit());
@@ -48,7 +64,7 @@ pub(crate) async fn run() -> ExitCode {
         Err(e) => {
             error!(error = %e, "invalid ComfyUI configuration");
             init_error("InvalidConfiguration", &e.to_string()).await;
-            return ExitCode::FAILURE;
+            return exit(USAGE);
         }
     };
     let shutdown = CancellationToken::new();
@@ -64,14 +80,14 @@ pub(crate) async fn run() -> ExitCode {
     if let Err(why) = runner.warm_up(&shutdown).await {
         if !shutdown.is_cancelled() {
             init_error("WarmupFailed", &why.to_string()).await;
-            return ExitCode::FAILURE;
+            return exit(FAILED);
         }
     }
     match LambdaWorker::new(runner, lambda).run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "the Lambda Runtime API failed");
-            ExitCode::FAILURE
+            exit(FAILED)
         }
     }
 }
@@ -116,11 +132,12 @@ async fn init_error(error_type: &str, message: &str) {
 
 /// Without the `lambda` feature: a clear error.
 #[cfg(not(feature = "lambda"))]
-pub(crate) async fn run() -> ExitCode {
-    eprintln!(
-        "comfy-worker: Lambda mode is not in this build (it was built without the `lambda` cargo feature); rebuild with default features, e.g. `cargo build --release`, or use the Docker image"
+pub(crate) async fn run(_args: LambdaArgs) -> ExitCode {
+    super::terminal::error(
+        "lambda",
+        &"Lambda mode is not in this build (it was built without the `lambda` cargo feature); rebuild with default features, e.g. `cargo build --release`, or use the Docker image",
     );
-    ExitCode::FAILURE
+    exit(USAGE)
 }
 
 /// [`selected`] for the process environment.

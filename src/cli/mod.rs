@@ -3,13 +3,16 @@
 //! `convert` (UI-format workflow to API format), `watch` (ComfyUI's events, readable), and the
 //! default mode.
 
+mod comfy_arg;
 mod convert;
+mod exit_code;
 mod health;
 mod json_file;
 mod lambda;
 mod run;
 mod serve;
 mod sim;
+mod terminal;
 mod view;
 mod watch;
 mod worker;
@@ -19,6 +22,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use comfy_arg::ComfyArg;
 pub use serve::ServeArgs;
 pub use sim::SimulateArgs;
 pub use watch::WatchArgs;
@@ -29,7 +33,8 @@ pub use watch::WatchArgs;
     name = "comfy-worker",
     version,
     about,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = exit_code::TABLE
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -63,33 +68,45 @@ struct SdkServeArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run one job from a test-input file and print its output JSON on stdout.
+    /// Run one job (a test input, or a workflow saved in API or UI format) with live progress;
+    /// on a terminal its outputs go to ./outputs/<job id>/, piped (or with --json) the output
+    /// JSON goes to stdout.
+    #[command(after_help = exit_code::TABLE)]
     Run(RunArgs),
-    /// Take jobs from the RunPod platform (needs RUNPOD_WEBHOOK_GET_JOB and friends).
-    Worker,
+    /// Take jobs from the RunPod platform (needs RUNPOD_WEBHOOK_GET_JOB and friends, or
+    /// --platform pointing at `serve --workers external`).
+    #[command(after_help = exit_code::TABLE)]
+    Worker(worker::WorkerArgs),
     /// Serve a local endpoint that behaves like a RunPod cloud endpoint (/run, /runsync, /status,
     /// /stream, /cancel, /health, live progress on /events/{id}).
+    #[command(after_help = exit_code::TABLE)]
     Serve(ServeArgs),
     /// Take invocations from AWS Lambda's Runtime API (needs AWS_LAMBDA_RUNTIME_API and the
     /// function variables Lambda sets; LAMBDA_RESPONSE_MODE=buffered|streaming).
-    Lambda,
+    #[command(after_help = exit_code::TABLE)]
+    Lambda(lambda::LambdaArgs),
     /// Check ComfyUI: version, devices and VRAM, queue length (exit 0 when reachable, 1 when not).
+    #[command(after_help = exit_code::TABLE)]
     Health(health::HealthArgs),
     /// Serve a simulated ComfyUI (real protocol, fake images) for trying the worker without a GPU.
     #[cfg(feature = "simulator")]
-    #[command(name = "simulate-comfyui")]
+    #[command(name = "simulate-comfyui", after_help = exit_code::TABLE)]
     SimulateComfyui(sim::SimArgs),
     /// Convert a workflow saved with the UI's plain "Save" to API format and print it.
+    #[command(after_help = exit_code::TABLE)]
     Convert(convert::ConvertArgs),
     /// Print ComfyUI's WebSocket events readably, one line each (broadcasts only, or a prompt of
     /// your own with --submit).
+    #[command(after_help = exit_code::TABLE)]
     Watch(WatchArgs),
 }
 
 /// Options of `run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Test-input file, shaped `{"input": {...}}` [default: ./test_input.json].
+    /// The job: a test input `{"input": {...}}`, or a workflow saved with "Save (API Format)" or
+    /// the plain "Save" [default: ./test_input.json].
+    #[arg(conflicts_with = "test_input")]
     pub file: Option<PathBuf>,
     /// The test input as a JSON string instead of a file (RunPod SDK flag).
     #[arg(long = "test_input", visible_alias = "test-input", value_name = "JSON")]
@@ -103,12 +120,16 @@ pub struct RunArgs {
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
-    /// Also write the decoded output files into this directory.
+    /// Print the job output JSON on stdout even on a terminal (what happens when stdout is piped).
+    #[arg(long)]
+    pub json: bool,
+    /// Write the decoded output files into this directory [default on a terminal:
+    /// ./outputs/<job id>/].
     #[arg(long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
-    /// ComfyUI address (overrides COMFY_HOST).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub comfy_host: Option<String>,
+    /// `--comfy ADDR`.
+    #[command(flatten)]
+    pub comfy: ComfyArg,
 }
 
 /// Entry point of the binary.
@@ -121,23 +142,16 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("comfy-worker: cannot start the async runtime: {e}");
+            terminal::error("", &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async move {
         match cli.command {
             Some(Command::Run(args)) => run::run(args).await,
-            Some(Command::Worker) => match runpod_settings() {
-                Ok(Some(settings)) => worker::run(settings).await,
-                Ok(None) => {
-                    eprintln!("comfy-worker worker: RUNPOD_WEBHOOK_GET_JOB is not set; it is the platform's job-take URL");
-                    ExitCode::FAILURE
-                }
-                Err(code) => code,
-            },
+            Some(Command::Worker(args)) => worker::run(args).await,
             Some(Command::Serve(args)) => serve::run(args).await,
-            Some(Command::Lambda) => lambda::run().await,
+            Some(Command::Lambda(args)) => lambda::run(args).await,
             Some(Command::Health(args)) => health::run(args).await,
             #[cfg(feature = "simulator")]
             Some(Command::SimulateComfyui(args)) => sim::serve(args).await,
@@ -150,35 +164,26 @@ pub fn main() -> ExitCode {
                     cli.sdk_serve.insecure,
                 );
                 args.sim = cli.run.sim;
-                args.comfy_host = cli.run.comfy_host;
+                args.comfy = cli.run.comfy;
                 serve::run(args).await
             }
             // Like the SDK: the platform's variables select the job loop; without them, a local test run.
-            // `--test_input` always means a local run.
-            None if cli.run.test_input.is_none() => match runpod_settings() {
-                Ok(Some(settings)) => worker::run(settings).await,
-                Ok(None) if lambda::selected_by_env() => lambda::run().await,
-                Ok(None) => run::run(cli.run).await,
-                Err(code) => code,
-            },
+            // A file or `--test_input` always means a local run.
+            None if cli.run.test_input.is_none() && cli.run.file.is_none() => {
+                if worker::selected_by_env() {
+                    worker::run(worker::WorkerArgs::from_run(cli.run)).await
+                } else if lambda::selected_by_env() {
+                    lambda::run(lambda::LambdaArgs {
+                        comfy: cli.run.comfy,
+                    })
+                    .await
+                } else {
+                    run::run(cli.run).await
+                }
+            }
             None => run::run(cli.run).await,
         }
     })
-}
-
-/// The RunPod settings (None in local mode); logs are set up here, as JSON on the platform.
-fn runpod_settings() -> Result<Option<crate::platform::runpod::RunPodSettings>, ExitCode> {
-    match crate::platform::runpod::RunPodSettings::from_env() {
-        Ok(Some(s)) => {
-            crate::telemetry::init("comfy_worker=info", crate::telemetry::json_requested());
-            Ok(Some(s))
-        }
-        Ok(None) => Ok(None),
-        Err(e) => {
-            eprintln!("comfy-worker: {e}");
-            Err(ExitCode::FAILURE)
-        }
-    }
 }
 
 /// Resolves on Ctrl+C or SIGTERM.
@@ -222,14 +227,63 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let cli = Cli::try_parse_from(["comfy-worker", "lambda"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Lambda)));
+        assert!(matches!(cli.command, Some(Command::Lambda(_))));
         assert!(
             Cli::try_parse_from(["comfy-worker", "run", "--quiet", "--json-progress"]).is_err()
         );
         let cli =
             Cli::try_parse_from(["comfy-worker", "health", "--comfy", "h:1", "--json"]).unwrap();
         assert!(
-            matches!(cli.command, Some(Command::Health(ref h)) if h.json && h.comfy.as_deref() == Some("h:1"))
+            matches!(cli.command, Some(Command::Health(ref h)) if h.json && h.comfy.shown().as_deref() == Some("h:1"))
+        );
+    }
+
+    /// Every subcommand that talks to ComfyUI takes `--comfy` and `--comfy-host` alike, with the
+    /// same help text; bad addresses are usage errors naming the flag.
+    #[test]
+    fn one_comfy_flag_everywhere() {
+        use clap::CommandFactory;
+        let mut helps = Vec::new();
+        for sub in [
+            "run", "worker", "serve", "lambda", "health", "watch", "convert",
+        ] {
+            let extra: &[&str] = if sub == "convert" { &["w.json"] } else { &[] };
+            for flag in ["--comfy", "--comfy-host"] {
+                let mut argv = vec!["comfy-worker", sub, flag, "10.0.0.2:8188"];
+                argv.extend(extra);
+                Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            }
+            for bad in ["127.0.0.1:99999", "ftp://x:1", "http://", "localhost"] {
+                let mut argv = vec!["comfy-worker", sub, "--comfy", bad];
+                argv.extend(extra);
+                let e = Cli::try_parse_from(&argv).unwrap_err();
+                assert_eq!(e.exit_code(), 2, "{argv:?}");
+                assert!(e.to_string().contains("--comfy <ADDR>"), "{e}");
+            }
+            let mut cmd = Cli::command();
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .unwrap()
+                .render_help()
+                .to_string();
+            let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            let start = flat.find("--comfy <ADDR>").expect("--comfy in help");
+            let end = flat[start..]
+                .find("[alias: --comfy-host]")
+                .expect("alias shown");
+            let line = flat[start..start + end].to_owned();
+            assert!(
+                line.contains("127.0.0.1:8188") && line.contains("COMFY_HOST"),
+                "{sub}: {help}"
+            );
+            assert!(help.contains("Exit codes"), "{sub}");
+            helps.push(line);
+        }
+        assert!(helps.windows(2).all(|w| w[0] == w[1]), "{helps:#?}");
+        // The top level and the no-subcommand mode too.
+        assert!(Cli::try_parse_from(["comfy-worker", "--comfy", "h:1"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["comfy-worker", "run", "f.json", "--test_input", "{}"]).is_err()
         );
     }
 
@@ -249,7 +303,7 @@ mod tests {
             Some(Command::Convert(a)) => {
                 assert_eq!(a.file, PathBuf::from("-"));
                 assert_eq!(a.object_info, Some(PathBuf::from("info.json")));
-                assert_eq!((a.comfy, a.seed), (None, Some(4)));
+                assert_eq!((a.comfy.shown(), a.seed), (None, Some(4)));
             }
             other => panic!("{other:?}"),
         }
@@ -280,7 +334,7 @@ mod tests {
         .unwrap();
         match cli.command {
             Some(Command::Watch(a)) => {
-                assert_eq!(a.comfy.as_deref(), Some("10.0.0.2:8188"));
+                assert_eq!(a.comfy.shown().as_deref(), Some("10.0.0.2:8188"));
                 assert!(a.json);
                 assert_eq!(a.submit, Some(PathBuf::from("wf.json")));
             }
@@ -288,7 +342,7 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["comfy-worker", "watch", "--comfy-host", "h:1"]).unwrap();
         assert!(
-            matches!(cli.command, Some(Command::Watch(ref a)) if a.comfy.as_deref() == Some("h:1") && a.submit.is_none())
+            matches!(cli.command, Some(Command::Watch(ref a)) if a.comfy.shown().as_deref() == Some("h:1") && a.submit.is_none())
         );
     }
 

@@ -4,13 +4,15 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::SimulateArgs;
+use super::comfy_arg::ComfyArg;
+use super::exit_code::{exit, FAILED, USAGE};
+use super::{terminal, SimulateArgs};
 use crate::config::{shutdown_grace_from, Settings};
-use crate::endpoint::{self, ServeOptions};
+use crate::endpoint::{self, ServeOptions, WorkerMode};
 use crate::job::Engine;
 use crate::secret::Secret;
 use crate::webhook::{WebhookPolicy, Webhooks};
@@ -42,12 +44,26 @@ pub struct ServeArgs {
     /// `--simulate`, `--sim-step-ms` (none without the `simulator` feature).
     #[command(flatten)]
     pub sim: SimulateArgs,
-    /// ComfyUI address (overrides COMFY_HOST).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub comfy_host: Option<String>,
+    /// `--comfy ADDR`.
+    #[command(flatten)]
+    pub comfy: ComfyArg,
     /// Listen beyond loopback without an API key (anyone who reaches the port can run jobs).
     #[arg(long)]
     pub insecure: bool,
+    /// Who runs the jobs: this process (`internal`), or `comfy-worker worker --platform URL`
+    /// processes taking them over RunPod's worker protocol (`external`), as on RunPod.
+    #[arg(long, value_enum, value_name = "WHO", default_value_t = Workers::Internal)]
+    pub workers: Workers,
+}
+
+/// `--workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Workers {
+    /// This process runs the jobs on its ComfyUI.
+    #[default]
+    Internal,
+    /// Worker processes take the jobs from /worker/job-take/{worker id} (RunPod's protocol).
+    External,
 }
 
 /// Hand-written so the API key never reaches a log or a panic message.
@@ -60,8 +76,9 @@ impl std::fmt::Debug for ServeArgs {
             .field("job_ttl_s", &self.job_ttl_s)
             .field("max_jobs", &self.max_jobs)
             .field("sim", &self.sim)
-            .field("comfy_host", &self.comfy_host)
+            .field("comfy", &self.comfy)
             .field("insecure", &self.insecure)
+            .field("workers", &self.workers)
             .finish()
     }
 }
@@ -87,8 +104,9 @@ impl ServeArgs {
             job_ttl_s: 1800,
             max_jobs: 1000,
             sim: SimulateArgs::default(),
-            comfy_host: None,
+            comfy: ComfyArg::default(),
             insecure,
+            workers: Workers::Internal,
         }
     }
 
@@ -103,19 +121,25 @@ impl ServeArgs {
             job_ttl: Duration::from_secs(self.job_ttl_s),
             max_jobs: self.max_jobs,
             shutdown_grace,
+            workers: match self.workers {
+                Workers::Internal => WorkerMode::Internal,
+                Workers::External => WorkerMode::External,
+            },
             ..ServeOptions::default()
         }
     }
 }
 
-fn fail(message: String) -> ExitCode {
-    error!("{message}");
-    eprintln!("comfy-worker serve: {message}");
-    ExitCode::FAILURE
+/// An error that stops `serve`, said once: a log line when logs are JSON (a collector reads
+/// them), else one plain line.
+fn fail(code: u8, message: String) -> ExitCode {
+    if crate::telemetry::json_requested() {
+        error!("{message}");
+    } else {
+        terminal::error("serve", &message);
+    }
+    exit(code)
 }
-
-/// Exit code of a refused command line (as clap uses for usage errors).
-const USAGE: u8 = 2;
 
 /// Serves until Ctrl+C / SIGTERM; the running job is given time to finish.
 pub(crate) async fn run(args: ServeArgs) -> ExitCode {
@@ -125,22 +149,20 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
     );
     let mut settings = match Settings::from_env() {
         Ok(s) => s,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(USAGE, e.to_string()),
     };
-    if let Some(host) = &args.comfy_host {
-        settings.comfy_host = host.clone();
-    }
+    args.comfy.apply(&mut settings);
     let policy = match WebhookPolicy::from_lookup(|k| std::env::var(k).ok()) {
         Ok(p) => p,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(USAGE, e.to_string()),
     };
     let grace = match shutdown_grace_from(|k| std::env::var(k).ok()) {
         Ok(g) => g,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(USAGE, e.to_string()),
     };
     let limits = match crate::endpoint::ConnectionLimits::from_lookup(|k| std::env::var(k).ok()) {
         Ok(l) => l,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(USAGE, e.to_string()),
     };
     let cors_origins: Vec<String> = std::env::var("SERVE_CORS_ORIGINS")
         .unwrap_or_default()
@@ -155,35 +177,43 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
     };
     let listener = match tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await {
         Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}:{}: {e}", args.host, args.port)),
+        Err(e) => {
+            return fail(
+                FAILED,
+                format!("cannot listen on {}:{}: {e}", args.host, args.port),
+            )
+        }
     };
     let addr = match listener.local_addr() {
         Ok(a) => a,
-        Err(e) => return fail(format!("cannot read the listening address: {e}")),
+        Err(e) => return fail(FAILED, format!("cannot read the listening address: {e}")),
     };
     if !addr.ip().is_loopback() && options.api_key.is_none() {
         if !args.insecure {
             let message = format!(
                 "refusing to listen on {addr} without an API key: anyone who can reach that address could run jobs on this machine. Set --api-key or SERVE_API_KEY, listen on 127.0.0.1, or pass --insecure to accept the risk (e.g. in a container whose port is not published)"
             );
-            error!("{message}");
-            eprintln!("comfy-worker serve: {message}");
-            return ExitCode::from(USAGE);
+            return fail(USAGE, message);
         }
         warn!(%addr, "--insecure: listening beyond loopback without an API key; anyone who reaches this port can run jobs");
     }
     let simulator = match args.sim.start(&mut settings).await {
         Ok(sim) => sim,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(FAILED, e.to_string()),
     };
     let engine = match Engine::new(settings) {
         Ok(e) => e.with_test_hooks_from_env(),
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(USAGE, e.to_string()),
     };
-    eprintln!(
-        "comfy-worker: local endpoint on http://{addr} (ComfyUI at {}; Ctrl+C to stop)",
-        engine.comfy().host()
-    );
+    terminal::err(&match args.workers {
+        Workers::Internal => format!(
+            "comfy-worker: local endpoint on http://{addr} (ComfyUI at {}; Ctrl+C to stop)",
+            engine.comfy().host()
+        ),
+        Workers::External => format!(
+            "comfy-worker: local endpoint on http://{addr}, jobs taken by workers (start them with `comfy-worker worker --platform http://{addr}`; Ctrl+C to stop)"
+        ),
+    });
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     let signals = tokio::spawn(async move {
@@ -197,6 +227,6 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
     }
     match served {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(format!("the server failed: {e}")),
+        Err(e) => fail(FAILED, format!("the server failed: {e}")),
     }
 }

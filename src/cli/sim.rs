@@ -73,9 +73,12 @@ mod with_simulator {
             let sim = Simulator::start(listener, config)
                 .await
                 .map_err(StartError)?;
-            settings.comfy_host = sim.host();
+            settings.comfy_host = sim
+                .host()
+                .parse()
+                .map_err(|e| StartError(std::io::Error::other(e)))?;
             // A PID file of some other ComfyUI must not decide readiness here.
-            settings.comfy_pid_file = PathBuf::from("/nonexistent/comfy-worker-simulator.pid");
+            settings.comfy_pid_file = None;
             Ok(Some(Running(sim)))
         }
     }

@@ -33,63 +33,60 @@ impl ProgressMode {
     }
 }
 
-/// One `--json-progress` line.
+/// One `--json-progress` line: the snapshot exactly as `/status` shows it (`step` is the label,
+/// `value`/`max` the step numbers), plus the names this line used before, kept as aliases:
+/// `stage` (= `step`) and `max_steps` (= `max`).
 #[derive(Debug, Serialize)]
 pub(crate) struct JsonLine<'a> {
-    #[serde(rename = "type")]
-    kind: ProgressKind,
-    step: Num,
-    max_steps: Num,
-    percent: f64,
-    eta_seconds: Option<f64>,
-    node: Option<&'a str>,
-    node_type: Option<&'a str>,
+    #[serde(flatten)]
+    snapshot: &'a ProgressSnapshot,
+    /// Alias of `step`.
     stage: Option<&'a str>,
-    overall_percent: f64,
-    nodes_done: usize,
-    nodes_total: usize,
-    nodes_cached: usize,
-    elapsed_seconds: f64,
-    prompt_id: Option<&'a str>,
-    queue_position: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<&'a str>,
+    /// Alias of `max`.
+    max_steps: Num,
 }
 
 impl<'a> JsonLine<'a> {
     pub(crate) fn from_snapshot(s: &'a ProgressSnapshot) -> JsonLine<'a> {
         JsonLine {
-            kind: s.kind,
-            step: s.value,
-            max_steps: s.max,
-            percent: s.percent,
-            eta_seconds: s.eta_seconds,
-            node: s.node.as_deref(),
-            node_type: s.node_type.as_deref(),
+            snapshot: s,
             stage: s.step.as_deref(),
-            overall_percent: s.overall_percent,
-            nodes_done: s.nodes_done,
-            nodes_total: s.nodes_total,
-            nodes_cached: s.nodes_cached,
-            elapsed_seconds: s.elapsed_seconds,
-            prompt_id: s.prompt_id.as_deref(),
-            queue_position: s.queue_position,
-            message: s.message.as_deref(),
+            max_steps: s.max,
         }
     }
 }
 
-/// A readable description: `Sampling (KSampler, node 3) step 12/25 48% · ETA 3.1s`.
+/// The widest a progress line gets (a classic terminal).
+pub(crate) const LINE_WIDTH: usize = 80;
+
+/// At most `max` characters of `text`, with `…` when cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// What the job does now, after its overall percentage: `Sampling #3 12/25 · node 48% · ETA 3.1s`.
+/// Names are cut so a line stays within [`LINE_WIDTH`].
 pub(crate) fn describe(s: &ProgressSnapshot) -> String {
-    let what = match (&s.step, &s.node_type, &s.node) {
+    let node = s.node.as_deref().map(|n| format!("#{}", cut(n, 12)));
+    let what = match (&s.step, &s.node_type, &node) {
         (Some(step), Some(class), Some(node)) if step != class => {
-            format!("{step} ({class}, node {node})")
+            format!("{} {node} ({})", cut(step, 20), cut(class, 20))
         }
-        (_, Some(class), Some(node)) => format!("{class} (node {node})"),
+        (_, Some(class), Some(node)) => format!("{} {node}", cut(class, 28)),
         (_, _, Some(node)) => format!("node {node}"),
         _ => String::new(),
     };
     let mut text = match s.kind {
+        ProgressKind::Waiting => s
+            .message
+            .clone()
+            .unwrap_or_else(|| "waiting for ComfyUI".into()),
         ProgressKind::Queued => match s.queue_position {
             Some(0) | None => "queued".to_owned(),
             Some(n) => format!("queued, {n} prompt(s) ahead"),
@@ -97,12 +94,18 @@ pub(crate) fn describe(s: &ProgressSnapshot) -> String {
         ProgressKind::Started => "started".to_owned(),
         ProgressKind::Cached => format!("{} node(s) cached", s.nodes_cached),
         ProgressKind::Executing => what,
-        ProgressKind::Progress => format!(
-            "{what} step {}/{} {:.0}%",
-            fmt_num(s.value),
-            fmt_num(s.max),
-            s.percent
-        ),
+        ProgressKind::Progress => {
+            let short = match (&s.step, &node) {
+                (Some(step), Some(node)) => format!("{} {node}", cut(step, 20)),
+                _ => what,
+            };
+            format!(
+                "{short} {}/{} · node {:.0}%",
+                fmt_num(s.value),
+                fmt_num(s.max),
+                s.percent
+            )
+        }
         ProgressKind::Executed => format!("{what} done"),
         ProgressKind::Error => format!("{what} failed"),
         ProgressKind::Interrupted => "interrupted".to_owned(),
@@ -112,6 +115,18 @@ pub(crate) fn describe(s: &ProgressSnapshot) -> String {
         text.push_str(&format!(" · ETA {eta:.1}s"));
     }
     text
+}
+
+/// One plain progress line: `job  40% · Sampling #3 12/25 · node 48% · ETA 3.1s`, at most
+/// [`LINE_WIDTH`] characters (a wait for ComfyUI is said in full).
+pub(crate) fn line(s: &ProgressSnapshot) -> String {
+    match s.kind {
+        ProgressKind::Waiting => describe(s),
+        _ => cut(
+            &format!("job {:>3.0}% · {}", s.overall_percent.floor(), describe(s)),
+            LINE_WIDTH,
+        ),
+    }
 }
 
 fn fmt_num(n: Num) -> String {
@@ -135,8 +150,10 @@ impl ProgressView {
     pub(crate) async fn drive(self, mut rx: UnboundedReceiver<ProgressSnapshot>) {
         let bar = (self.mode == ProgressMode::Bar).then(|| {
             let bar = ProgressBar::with_draw_target(Some(1000), ProgressDrawTarget::stderr());
+            // 1 + 1 + 8 + 1 + 22 + 10 = 43 columns, so the message gets the rest of 80 (and is
+            // cut to the terminal's width when it is narrower).
             let style = ProgressStyle::with_template(
-                "{spinner:.green} [{elapsed_precise}] [{bar:30.cyan/blue}] {percent:>3}% {msg}",
+                "{spinner:.green} {elapsed_precise} [{bar:20.cyan/blue}] job {percent:>3}% · {wide_msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> ");
@@ -154,18 +171,13 @@ impl ProgressView {
                     }
                 }
                 ProgressMode::Lines => {
-                    let _ = writeln!(stderr, "[{:>5.1}%] {}", s.overall_percent, describe(&s));
+                    let _ = writeln!(stderr, "{}", line(&s));
                 }
                 ProgressMode::Bar => {
                     if let Some(bar) = &bar {
-                        bar.set_position((s.overall_percent * 10.0).round() as u64);
+                        bar.set_position((s.overall_percent * 10.0).floor() as u64);
+                        // The failure itself is said once, in the command's summary.
                         bar.set_message(describe(&s));
-                        if s.kind == ProgressKind::Error {
-                            bar.println(format!(
-                                "error: {}",
-                                s.message.as_deref().unwrap_or("node failed")
-                            ));
-                        }
                     }
                 }
             }
@@ -204,23 +216,49 @@ mod tests {
     }
 
     #[test]
-    fn json_line_fields() {
+    fn json_line_is_the_status_snapshot_plus_aliases() {
         let s = snapshot();
         let v = serde_json::to_value(JsonLine::from_snapshot(&s)).unwrap();
-        assert_eq!(v["step"], json!(12));
-        assert_eq!(v["max_steps"], json!(25));
-        assert_eq!(v["percent"], json!(48.0));
-        assert_eq!(v["eta_seconds"], json!(3.1));
-        assert_eq!(v["node"], json!("3"));
-        assert_eq!(v["node_type"], json!("KSampler"));
+        let mut status = s.to_json();
+        assert_eq!(
+            v["step"],
+            json!("Sampling"),
+            "one meaning of step everywhere"
+        );
+        assert_eq!(
+            (v["value"].clone(), v["max"].clone()),
+            (json!(12), json!(25))
+        );
         assert_eq!(v["stage"], json!("Sampling"));
+        assert_eq!(v["max_steps"], json!(25));
+        let line = v.as_object().unwrap();
+        for (k, val) in status.as_object_mut().unwrap() {
+            assert_eq!(line.get(k), Some(&*val), "{k}");
+        }
     }
 
     #[test]
-    fn readable_description() {
+    fn readable_lines_fit_80_columns_and_label_both_percentages() {
         assert_eq!(
-            describe(&snapshot()),
-            "Sampling (KSampler, node 3) step 12/25 48% · ETA 3.1s"
+            line(&snapshot()),
+            "job  40% · Sampling #3 12/25 · node 48% · ETA 3.1s"
         );
+        let mut long = snapshot();
+        long.node = Some("1234:5678:91011:1213".into());
+        long.node_type = Some("KSamplerAdvancedEfficientWithAVeryLongName".into());
+        long.step = long.node_type.clone();
+        long.value = Num(1234.0);
+        long.max = Num(10000.0);
+        long.eta_seconds = Some(12345.6);
+        for kind in [
+            ProgressKind::Progress,
+            ProgressKind::Executing,
+            ProgressKind::Executed,
+        ] {
+            long.kind = kind;
+            let l = line(&long);
+            assert!(l.chars().count() <= LINE_WIDTH, "{l}");
+            assert!(l.starts_with("job  40% · "), "{l}");
+        }
     }
 }

@@ -19,7 +19,10 @@ use clap::Args;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::comfy_arg::ComfyArg;
+use super::exit_code::{exit, FAILED, INTERRUPTED, SUCCESS, USAGE};
 use super::json_file::{self, JsonFileError};
+use super::terminal::{self, out};
 use crate::comfy::describe::{binary_summary, clock, Describer, Line};
 use crate::comfy::prompt_watcher::reconnect_delay;
 use crate::comfy::socket::{Incoming, WsConnection};
@@ -28,11 +31,8 @@ use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, ConvertError, Outcome, PromptEvent, WatchOptions,
     Workflow, WorkflowInput,
 };
-use crate::config::Settings;
+use crate::config::{Settings, RUN_READY_TIMEOUT};
 use crate::job::report;
-
-/// The exit code of a submitted prompt stopped by Ctrl+C (128 + SIGINT).
-const EXIT_INTERRUPTED: u8 = 130;
 
 /// Bound for reading a broadcast prompt's workflow from `/queue`.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,9 +40,9 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Options of `watch`.
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
-    /// ComfyUI address (overrides COMFY_HOST) [default: 127.0.0.1:8188].
-    #[arg(long, visible_alias = "comfy-host", value_name = "HOST:PORT")]
-    pub comfy: Option<String>,
+    /// `--comfy ADDR`.
+    #[command(flatten)]
+    pub comfy: ComfyArg,
     /// Print the raw events as NDJSON (text frames as received; binary frames as a summary).
     #[arg(long)]
     pub json: bool,
@@ -62,7 +62,7 @@ impl Printer {
     fn line(&self, line: &Line) {
         let prefix = format!("{}  ", clock(SystemTime::now()));
         for l in line.to_lines(&prefix) {
-            println!("{l}");
+            out(&l);
         }
     }
 
@@ -75,7 +75,7 @@ impl Printer {
             detail: Vec::new(),
         };
         if self.json {
-            eprintln!("comfy-worker watch: {}", line.text);
+            terminal::error("watch", &line.text);
         } else {
             self.line(&line);
         }
@@ -84,9 +84,9 @@ impl Printer {
     fn note_with(&self, kind: &'static str, text: String, detail: Vec<String>) {
         let line = Line { kind, text, detail };
         if self.json {
-            eprintln!("comfy-worker watch: {}", line.text);
+            terminal::error("watch", &line.text);
             for d in &line.detail {
-                eprintln!("  {d}");
+                terminal::err(&format!("  {d}"));
             }
         } else {
             self.line(&line);
@@ -97,14 +97,14 @@ impl Printer {
         if self.json {
             match (incoming, text) {
                 // ComfyUI's frames are one line of JSON; anything else is re-encoded compactly.
-                (_, Some(t)) if !t.contains('\n') => println!("{t}"),
+                (_, Some(t)) if !t.contains('\n') => out(t),
                 (_, Some(t)) => match serde_json::from_str::<Value>(t) {
-                    Ok(v) => println!("{v}"),
-                    Err(e) => println!("{}", serde_json::json!({"garbled": e.to_string()})),
+                    Ok(v) => out(&v.to_string()),
+                    Err(e) => out(&serde_json::json!({"garbled": e.to_string()}).to_string()),
                 },
-                (Incoming::Binary(frame), None) => println!("{}", binary_summary(frame)),
+                (Incoming::Binary(frame), None) => out(&binary_summary(frame).to_string()),
                 (Incoming::Garbled(why), None) => {
-                    println!("{}", serde_json::json!({"garbled": why}))
+                    out(&serde_json::json!({"garbled": why}).to_string())
                 }
                 (Incoming::Event(_), None) => {}
             }
@@ -128,16 +128,16 @@ impl Printer {
 /// Runs the command.
 pub(crate) async fn run(args: WatchArgs) -> ExitCode {
     crate::telemetry::init("comfy_worker=warn", crate::telemetry::json_requested());
-    let settings = match Settings::from_env() {
+    let mut settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("comfy-worker watch: {e}");
-            return ExitCode::from(2);
+            terminal::error("watch", &e);
+            return exit(USAGE);
         }
     };
-    let host = args.comfy.clone().unwrap_or(settings.comfy_host.clone());
+    args.comfy.apply(&mut settings);
     let client = match ComfyClient::new(
-        &host,
+        &settings.comfy_host,
         ClientOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: settings.http_timeout,
@@ -146,8 +146,8 @@ pub(crate) async fn run(args: WatchArgs) -> ExitCode {
     ) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("comfy-worker watch: {e}");
-            return ExitCode::from(2);
+            terminal::error("watch", &e);
+            return exit(FAILED);
         }
     };
     let opts = WatchOptions {
@@ -162,27 +162,38 @@ pub(crate) async fn run(args: WatchArgs) -> ExitCode {
             let workflow = match load_workflow(file) {
                 Ok((w, 0)) => w,
                 Ok((w, images)) => {
-                    eprintln!(
-                        "comfy-worker watch: {} has {images} input image(s); --submit sends the workflow only (upload them first, or use `comfy-worker run`)",
-                        file.display()
+                    terminal::error(
+                        "watch",
+                        &format!(
+                            "{} has {images} input image(s); --submit sends the workflow only (upload them first, or use `comfy-worker run`)",
+                            file.display()
+                        ),
                     );
                     w
                 }
                 Err(e) => {
-                    eprintln!("comfy-worker watch: {e}");
-                    return ExitCode::from(2);
+                    terminal::error("watch", &e);
+                    return exit(USAGE);
                 }
             };
             let workflow = match to_api(&client, workflow).await {
                 Ok(w) => w,
                 Err(e) => {
-                    eprintln!("comfy-worker watch: {e}");
-                    return ExitCode::FAILURE;
+                    terminal::error("watch", &e);
+                    return exit(FAILED);
                 }
             };
             submit(&client, workflow, file, &opts, args.json).await
         }
-        None => broadcasts(&client, &opts, args.json).await,
+        None => {
+            broadcasts(
+                &client,
+                &opts,
+                args.json,
+                settings.ready_timeout.unwrap_or(RUN_READY_TIMEOUT),
+            )
+            .await
+        }
     }
 }
 
@@ -313,7 +324,7 @@ async fn submit(
                 cancel.cancel();
                 tokio::select! {
                     r = &mut run => r,
-                    _ = super::shutdown_signal() => return ExitCode::from(EXIT_INTERRUPTED),
+                    _ = super::shutdown_signal() => return exit(INTERRUPTED),
                 }
             }
         }
@@ -321,7 +332,7 @@ async fn submit(
     match result {
         Ok(r) => {
             let code = if r.cancelled {
-                ExitCode::from(EXIT_INTERRUPTED)
+                exit(INTERRUPTED)
             } else if matches!(r.outcome, Outcome::Success) {
                 ExitCode::SUCCESS
             } else {
@@ -371,8 +382,18 @@ fn note_stderr_or_out(json: bool, kind: &'static str, text: String) {
     .note(kind, text);
 }
 
-/// Without `--submit`: every broadcast, reconnecting on its own, until Ctrl+C.
-async fn broadcasts(client: &ComfyClient, opts: &WatchOptions, json: bool) -> ExitCode {
+/// Without `--submit`: every broadcast, reconnecting on its own, until Ctrl+C. A ComfyUI that
+/// never answered within `first_contact` (`COMFY_READY_TIMEOUT_S`) ends the watch with 1: the
+/// address is probably wrong. Once connected, it reconnects for as long as it runs (ComfyUI
+/// restarts are what one watches for).
+async fn broadcasts(
+    client: &ComfyClient,
+    opts: &WatchOptions,
+    json: bool,
+    first_contact: Duration,
+) -> ExitCode {
+    let started = Instant::now();
+    let mut ever_connected = false;
     let mut printer = Printer {
         json,
         describer: Describer::new(),
@@ -395,11 +416,12 @@ async fn broadcasts(client: &ComfyClient, opts: &WatchOptions, json: bool) -> Ex
         let connect = WsConnection::connect(&url, &client_id, opts.connect_timeout);
         let socket = tokio::select! {
             s = connect => s,
-            _ = &mut signal => return ExitCode::SUCCESS,
+            _ = &mut signal => return exit(SUCCESS),
         };
         match socket {
             Ok(mut socket) => {
                 attempt = 0;
+                ever_connected = true;
                 printer.note(
                     "watch",
                     format!(
@@ -412,7 +434,7 @@ async fn broadcasts(client: &ComfyClient, opts: &WatchOptions, json: bool) -> Ex
                         f = socket.next_with_text() => f,
                         _ = &mut signal => {
                             socket.close().await;
-                            return ExitCode::SUCCESS;
+                            return exit(SUCCESS);
                         }
                     };
                     match frame {
@@ -434,9 +456,26 @@ async fn broadcasts(client: &ComfyClient, opts: &WatchOptions, json: bool) -> Ex
                     }
                 }
             }
-            Err(e) => printer.note("watch", format!("cannot connect: {e}")),
+            Err(e) => {
+                printer.note("watch", format!("cannot connect: {e}"));
+                if !ever_connected && started.elapsed() >= first_contact {
+                    printer.note(
+                        "watch",
+                        format!(
+                            "no ComfyUI answered at {} within {:.0} s (COMFY_READY_TIMEOUT_S); check the address (--comfy or COMFY_HOST)",
+                            client.host(),
+                            first_contact.as_secs_f64()
+                        ),
+                    );
+                    return exit(FAILED);
+                }
+            }
         }
-        let delay = reconnect_delay(opts.reconnect_delay, attempt);
+        let mut delay = reconnect_delay(opts.reconnect_delay, attempt);
+        if !ever_connected {
+            // The last try comes when the first-contact bound ends, not after it.
+            delay = delay.min(first_contact.saturating_sub(started.elapsed()));
+        }
         attempt = attempt.saturating_add(1);
         printer.note(
             "watch",
@@ -447,7 +486,7 @@ async fn broadcasts(client: &ComfyClient, opts: &WatchOptions, json: bool) -> Ex
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = &mut signal => return ExitCode::SUCCESS,
+            _ = &mut signal => return exit(SUCCESS),
         }
     }
 }

@@ -15,6 +15,7 @@ use super::queue::QueueSnapshot;
 use super::rejection::{parse_node_errors, NodeErrors, PromptRejection};
 use super::system_stats::SystemStats;
 use super::upload::{Upload, UploadedFile};
+use crate::comfy_address::ComfyAddress;
 use crate::media_type::media_type_for_name;
 use crate::redact::error_chain;
 use crate::secret::Secret;
@@ -96,42 +97,8 @@ fn mime_for(name: &str) -> &'static str {
 }
 
 impl ComfyClient {
-    /// A client for `host` (`host:port`, or a full `http://host:port` URL).
-    pub fn new(host: &str, options: ClientOptions) -> Result<ComfyClient, ComfyError> {
-        let trimmed = host.trim().trim_end_matches('/');
-        let (scheme, authority) = match trimmed.split_once("://") {
-            Some((s, rest)) => (s.to_ascii_lowercase(), rest.to_owned()),
-            None => ("http".to_owned(), trimmed.to_owned()),
-        };
-        if authority.is_empty() || !(scheme == "http" || scheme == "https") {
-            return Err(ComfyError::Protocol {
-                what: "COMFY_HOST".into(),
-                detail: format!(
-                    "'{}' is not host:port or an http(s) URL",
-                    match host.rsplit_once('@') {
-                        Some((_, rest)) => format!("…@{rest}"),
-                        None => host.to_owned(),
-                    }
-                ),
-            });
-        }
-        // `user:password@host:port/prefix`: the credentials stay out of every shown form.
-        let (hostport, path) = match authority.find('/') {
-            Some(i) => authority.split_at(i),
-            None => (authority.as_str(), ""),
-        };
-        let (credentials, hostport) = match hostport.rsplit_once('@') {
-            Some((userinfo, rest)) => (Some(Secret::new(userinfo)), rest),
-            None => (None, hostport),
-        };
-        if hostport.is_empty() {
-            return Err(ComfyError::Protocol {
-                what: "COMFY_HOST".into(),
-                detail: "no host after the credentials".into(),
-            });
-        }
-        let shown = format!("{hostport}{path}");
-        let ws_scheme = if scheme == "https" { "wss" } else { "ws" };
+    /// A client for ComfyUI at `address`.
+    pub fn new(address: &ComfyAddress, options: ClientOptions) -> Result<ComfyClient, ComfyError> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(options.connect_timeout)
@@ -142,11 +109,11 @@ impl ComfyClient {
             })?;
         Ok(ComfyClient {
             http,
-            base: format!("{scheme}://{authority}"),
-            ws_base: format!("{ws_scheme}://{shown}"),
-            host: shown,
+            base: address.base_url(),
+            ws_base: address.ws_base(),
+            host: address.shown(),
             options,
-            _credentials: credentials,
+            _credentials: address.userinfo().map(Secret::new),
         })
     }
 
@@ -467,16 +434,12 @@ mod tests {
 
     #[test]
     fn host_forms() {
-        let c = ComfyClient::new("127.0.0.1:8188", ClientOptions::default()).unwrap();
+        let at = |t: &str| ComfyClient::new(&t.parse().unwrap(), ClientOptions::default()).unwrap();
+        let c = at("127.0.0.1:8188");
         assert_eq!(c.ws_url("abc"), "ws://127.0.0.1:8188/ws?clientId=abc");
-        let c = ComfyClient::new("https://comfy.example/", ClientOptions::default()).unwrap();
+        let c = at("https://comfy.example/");
         assert_eq!(c.ws_url("x"), "wss://comfy.example/ws?clientId=x");
-        assert!(ComfyClient::new("ftp://x", ClientOptions::default()).is_err());
-        let c = ComfyClient::new(
-            "http://comfy:pw-host-secret@10.0.0.2:8188",
-            ClientOptions::default(),
-        )
-        .unwrap();
+        let c = at("http://comfy:pw-host-secret@10.0.0.2:8188");
         assert_eq!(c.host(), "10.0.0.2:8188");
         assert_eq!(c.ws_url("x"), "ws://10.0.0.2:8188/ws?clientId=x");
         assert_eq!(
@@ -484,9 +447,5 @@ mod tests {
             "http://comfy:pw-host-secret@10.0.0.2:8188/prompt"
         );
         assert!(!format!("{c:?}").contains("pw-host-secret"));
-        let e = ComfyClient::new("ftp://u:pw-host-secret@x", ClientOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("pw-host-secret"), "{e}");
     }
 }

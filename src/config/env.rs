@@ -13,8 +13,8 @@ pub struct ConfigError {
     pub name: &'static str,
     /// The value found.
     pub value: String,
-    /// What was expected.
-    pub expected: &'static str,
+    /// What was expected, or why the value cannot work.
+    pub expected: std::borrow::Cow<'static, str>,
 }
 
 /// Reads variables through a lookup (the environment, or a map in tests): values are trimmed,
@@ -49,7 +49,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
                 None => Err(ConfigError {
                     name,
                     value: v,
-                    expected,
+                    expected: expected.into(),
                 }),
             },
         }
@@ -63,7 +63,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
                 _ => Err(ConfigError {
                     name,
                     value: v,
-                    expected: "a non-negative number",
+                    expected: "a non-negative number".into(),
                 }),
             },
         }
@@ -109,7 +109,7 @@ impl<F: Fn(&str) -> Option<String>> EnvReader<F> {
             Some(v) => v.parse::<u32>().map_err(|_| ConfigError {
                 name,
                 value: v,
-                expected: "a non-negative integer",
+                expected: "a non-negative integer".into(),
             }),
         }
     }

@@ -77,7 +77,7 @@ impl Housekeeping {
                     return Err(ConfigError {
                         name: "FREE_MEMORY_AFTER_JOB",
                         value: v,
-                        expected: "models, memory or off",
+                        expected: "models, memory or off".into(),
                     })
                 }
             },

@@ -24,19 +24,35 @@ pub use storage::{
     MAX_URL_EXPIRY,
 };
 
+use crate::comfy_address::{self, ComfyAddress, DEFAULT_COMFY_ADDRESS};
 use crate::secret::Secret;
+
+/// How long `worker`, `serve` and `lambda` wait for ComfyUI to answer when no live ComfyUI
+/// process stands behind the wait (`COMFY_READY_TIMEOUT_S` unset): what worker-comfyui's 500
+/// polls every 50 ms came to.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// The same for `run`, `health`, `watch` and `convert`, where someone waits at a terminal.
+pub const RUN_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Worker settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// `COMFY_HOST`: where ComfyUI listens (`host:port` or an http URL).
-    pub comfy_host: String,
+    /// `COMFY_HOST`: where ComfyUI listens (`host:port` or an http(s) URL), checked.
+    pub comfy_host: ComfyAddress,
     /// `COMFY_API_AVAILABLE_INTERVAL_MS`: readiness poll interval.
     pub api_available_interval: Duration,
-    /// `COMFY_API_AVAILABLE_MAX_RETRIES`: readiness polls when there is no PID file (0 = 500).
-    pub api_available_max_retries: u32,
-    /// `COMFY_PID_FILE`: the PID file the start script writes; while that process lives, readiness waits without limit.
-    pub comfy_pid_file: PathBuf,
+    /// `COMFY_READY_TIMEOUT_S`: how long a job waits for ComfyUI to answer when no live ComfyUI
+    /// process stands behind the wait; `None`: the command's default ([`DEFAULT_READY_TIMEOUT`]
+    /// for the long-running modes, [`RUN_READY_TIMEOUT`] for `run`). The older
+    /// `COMFY_API_AVAILABLE_MAX_RETRIES` (polls, worker-comfyui's name) still sets it as polls
+    /// times the interval when `COMFY_READY_TIMEOUT_S` is unset.
+    pub ready_timeout: Option<Duration>,
+    /// `COMFY_PID_FILE`: the PID file of the ComfyUI the start script launched (it sets the
+    /// variable). While that process lives, a job waits for it without limit; once it is gone,
+    /// not at all. Without the variable, or with an address given on the command line, no PID
+    /// file counts.
+    pub comfy_pid_file: Option<PathBuf>,
     /// `WEBSOCKET_RECONNECT_ATTEMPTS`: reconnects after the socket drops during a job.
     pub ws_reconnect_attempts: u32,
     /// `WEBSOCKET_RECONNECT_DELAY_S`: base delay between reconnects (doubles each time, capped at 30 s).
@@ -65,10 +81,12 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            comfy_host: "127.0.0.1:8188".into(),
+            comfy_host: DEFAULT_COMFY_ADDRESS
+                .parse()
+                .expect("the default address is valid"),
             api_available_interval: Duration::from_millis(50),
-            api_available_max_retries: 0,
-            comfy_pid_file: PathBuf::from("/tmp/comfyui.pid"),
+            ready_timeout: None,
+            comfy_pid_file: None,
             ws_reconnect_attempts: 5,
             ws_reconnect_delay: Duration::from_secs(3),
             ws_silence_timeout: Duration::from_secs(5),
@@ -96,17 +114,27 @@ impl Settings {
         let r = EnvReader::new(lookup);
         let d = Settings::default();
         Ok(Settings {
-            comfy_host: r.get("COMFY_HOST").unwrap_or(d.comfy_host),
+            comfy_host: match r.get("COMFY_HOST") {
+                None => d.comfy_host,
+                Some(v) => ComfyAddress::parse(&v).map_err(|e| ConfigError {
+                    name: "COMFY_HOST",
+                    value: comfy_address::without_credentials(&v),
+                    expected: e.to_string().into(),
+                })?,
+            },
             api_available_interval: r
                 .millis("COMFY_API_AVAILABLE_INTERVAL_MS", d.api_available_interval)?,
-            api_available_max_retries: r.count(
-                "COMFY_API_AVAILABLE_MAX_RETRIES",
-                d.api_available_max_retries,
-            )?,
-            comfy_pid_file: r
-                .get("COMFY_PID_FILE")
-                .map(PathBuf::from)
-                .unwrap_or(d.comfy_pid_file),
+            ready_timeout: match r.get("COMFY_READY_TIMEOUT_S") {
+                Some(_) => Some(r.secs("COMFY_READY_TIMEOUT_S", Duration::ZERO)?),
+                None => match r.count("COMFY_API_AVAILABLE_MAX_RETRIES", 0)? {
+                    0 => None,
+                    polls => Some(
+                        r.millis("COMFY_API_AVAILABLE_INTERVAL_MS", d.api_available_interval)?
+                            * polls,
+                    ),
+                },
+            },
+            comfy_pid_file: r.get("COMFY_PID_FILE").map(PathBuf::from),
             ws_reconnect_attempts: r
                 .count("WEBSOCKET_RECONNECT_ATTEMPTS", d.ws_reconnect_attempts)?,
             ws_reconnect_delay: r.secs("WEBSOCKET_RECONNECT_DELAY_S", d.ws_reconnect_delay)?,
@@ -122,13 +150,9 @@ impl Settings {
         })
     }
 
-    /// Readiness polls allowed when there is no PID file.
-    pub fn readiness_attempts(&self) -> u32 {
-        if self.api_available_max_retries == 0 {
-            500
-        } else {
-            self.api_available_max_retries
-        }
+    /// How long a job waits for ComfyUI without a live ComfyUI process behind the wait.
+    pub fn ready_timeout(&self) -> Duration {
+        self.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT)
     }
 }
 
@@ -148,9 +172,17 @@ mod tests {
     #[test]
     fn defaults_match_worker_comfyui() {
         let s = from(&[]).unwrap();
-        assert_eq!(s.comfy_host, "127.0.0.1:8188");
+        assert_eq!(s.comfy_host.shown(), "127.0.0.1:8188");
         assert_eq!(s.api_available_interval, Duration::from_millis(50));
-        assert_eq!(s.readiness_attempts(), 500);
+        assert_eq!(
+            s.ready_timeout(),
+            Duration::from_secs(25),
+            "500 polls of 50 ms"
+        );
+        assert_eq!(
+            s.comfy_pid_file, None,
+            "only the start script's variable names one"
+        );
         assert_eq!(s.ws_reconnect_attempts, 5);
         assert_eq!(s.ws_reconnect_delay, Duration::from_secs(3));
     }
@@ -163,9 +195,32 @@ mod tests {
             ("COMFY_ORG_API_KEY", "sk-secret"),
         ])
         .unwrap();
-        assert_eq!(s.comfy_host, "10.0.0.2:9000");
+        assert_eq!(s.comfy_host.shown(), "10.0.0.2:9000");
         assert_eq!(s.ws_reconnect_delay, Duration::from_millis(500));
         assert!(!format!("{s:?}").contains("sk-secret"));
+        let s = from(&[
+            ("COMFY_READY_TIMEOUT_S", "3"),
+            ("COMFY_PID_FILE", "/run/c.pid"),
+        ])
+        .unwrap();
+        assert_eq!(s.ready_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(s.comfy_pid_file, Some(PathBuf::from("/run/c.pid")));
+        let s = from(&[
+            ("COMFY_API_AVAILABLE_MAX_RETRIES", "10"),
+            ("COMFY_API_AVAILABLE_INTERVAL_MS", "200"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.ready_timeout,
+            Some(Duration::from_secs(2)),
+            "worker-comfyui's polls"
+        );
+        for bad in ["localhost", "127.0.0.1:99999", "ftp://x:1", "http://"] {
+            let err = from(&[("COMFY_HOST", bad)]).unwrap_err();
+            assert_eq!(err.name, "COMFY_HOST", "{bad}");
+        }
+        let err = from(&[("COMFY_HOST", "ftp://user:pw-in-host@x")]).unwrap_err();
+        assert!(!err.to_string().contains("pw-in-host"), "{err}");
         let err = from(&[("WEBSOCKET_RECONNECT_ATTEMPTS", "many")]).unwrap_err();
         assert_eq!(err.name, "WEBSOCKET_RECONNECT_ATTEMPTS");
         assert!(err.to_string().contains("'many'"));

@@ -100,7 +100,7 @@ impl StorageSettings {
                 return Err(ConfigError {
                     name: "OUTPUT_UPLOAD",
                     value: v,
-                    expected: "auto, always or never",
+                    expected: "auto, always or never".into(),
                 })
             }
         };
@@ -129,7 +129,7 @@ impl StorageSettings {
                 let missing = |name: &'static str| ConfigError {
                     name,
                     value: String::new(),
-                    expected: "required when BUCKET_ENDPOINT_URL is set",
+                    expected: "required when BUCKET_ENDPOINT_URL is set".into(),
                 };
                 let access_key_id =
                     get("BUCKET_ACCESS_KEY_ID").ok_or_else(|| missing("BUCKET_ACCESS_KEY_ID"))?;
@@ -148,7 +148,7 @@ impl StorageSettings {
                     return Err(ConfigError {
                         name: "BUCKET_ENDPOINT_URL",
                         value: without_credentials(&bucket.endpoint_url),
-                        expected: "an http(s) URL that names the bucket, like https://<bucket>.s3.<region>.amazonaws.com or http://host:9000/<bucket>, or any endpoint with BUCKET_NAME set",
+                        expected: "an http(s) URL that names the bucket, like https://<bucket>.s3.<region>.amazonaws.com or http://host:9000/<bucket>, or any endpoint with BUCKET_NAME set".into(),
                     });
                 }
                 Some(bucket)

@@ -65,6 +65,19 @@ pub struct ServeOptions {
     /// The address the endpoint listens on (set by [`serve`]): a keyless endpoint accepts it in
     /// `Host` beside the loopback names.
     pub bound: Option<std::net::SocketAddr>,
+    /// Who runs the jobs.
+    pub workers: WorkerMode,
+}
+
+/// Who runs the local endpoint's jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerMode {
+    /// This process, on its ComfyUI, one at a time.
+    #[default]
+    Internal,
+    /// Worker processes (`comfy-worker worker --platform URL`), which take them over RunPod's
+    /// worker protocol under `/worker/` (job-take, job-stop, job-done, ping), as on RunPod.
+    External,
 }
 
 impl Default for ServeOptions {
@@ -80,6 +93,7 @@ impl Default for ServeOptions {
             limits: ConnectionLimits::default(),
             cors_origins: Vec::new(),
             bound: None,
+            workers: WorkerMode::Internal,
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::comfy::{
 };
 use crate::comfy::{FileRef, Upload};
 use crate::config::Settings;
-use crate::progress::{ProgressSender, ProgressTracker};
+use crate::progress::{ProgressSender, ProgressSnapshot, ProgressTracker};
 
 /// What one run of the engine gave: the job's result, and the files it left in ComfyUI's
 /// folders (for `CLEANUP_FILES`).
@@ -156,7 +156,10 @@ impl Engine {
         // job before anything is uploaded.
         let fetch = self.inputs.fetch_all(&input.files, &storage, cancel);
         let ready = async {
-            readiness::wait_until_ready(&self.comfy, &self.settings, cancel)
+            let mut on_wait = |w: &readiness::Waiting| {
+                progress.send(ProgressSnapshot::waiting(w.to_string(), started.elapsed()))
+            };
+            readiness::wait_until_ready(&self.comfy, &self.settings, cancel, &mut on_wait)
                 .await
                 .map_err(|e| match e {
                     NotReady::Cancelled => JobFailure::Cancelled(Report::new(e.to_string())),
@@ -193,7 +196,7 @@ impl Engine {
                 .map(str::to_owned)
                 .collect(),
         );
-        let process = ProcessWatch::start(&self.settings.comfy_pid_file);
+        let process = ProcessWatch::start(self.settings.comfy_pid_file.as_deref());
         let watch_options = self.watch_options();
         let mut on_event = |event: PromptEvent| {
             if let (Some(class), PromptEvent::Executing { node }) = (&self.panic_on_class, &event) {

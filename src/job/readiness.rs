@@ -1,15 +1,20 @@
-//! Waiting for ComfyUI to answer before a job's prompt is queued, with the start script's PID
-//! file deciding how long: while the ComfyUI process lives, without limit; once it is gone, not
-//! at all.
+//! Waiting for ComfyUI to answer before a job's prompt is queued. How long: while the ComfyUI
+//! process of the start script's PID file (`COMFY_PID_FILE`) lives, without limit; once it is
+//! gone, not at all; without one, `COMFY_READY_TIMEOUT_S`. From the first failed call on, the
+//! wait is reported ([`Waiting`]) so nobody stares at a silent screen.
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::comfy::ComfyClient;
+use crate::comfy::{ComfyClient, ComfyError};
 use crate::config::Settings;
+
+/// How long the last call of a wait may run past its deadline.
+const LAST_TRY: Duration = Duration::from_secs(2);
 
 /// Why ComfyUI never became ready.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,13 +29,13 @@ pub enum NotReady {
         /// The PID file.
         pid_file: String,
     },
-    /// Without a PID file: every retry failed.
-    #[error(
-        "ComfyUI server ({host}) not reachable after multiple retries. Last error: {last_error}"
-    )]
+    /// Without a live ComfyUI process: no answer within the readiness timeout.
+    #[error("ComfyUI server ({host}) not reachable after {} (COMFY_READY_TIMEOUT_S). Last error: {last_error}", seconds(*.waited))]
     GaveUp {
         /// `host:port`.
         host: String,
+        /// How long it was tried.
+        waited: Duration,
         /// The last call's error.
         last_error: String,
     },
@@ -39,57 +44,148 @@ pub enum NotReady {
     Cancelled,
 }
 
-/// Waits until ComfyUI answers `/system_stats`.
-///
-/// With a PID file (written by the start script) it waits as long as that process lives
-/// and fails at once when it dies; without one it tries `COMFY_API_AVAILABLE_MAX_RETRIES`
-/// times (500 when 0), every `COMFY_API_AVAILABLE_INTERVAL_MS`.
+/// `10 s`, `2.5 s`.
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1.0 {
+        format!("{} ms", d.as_millis())
+    } else if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// A wait in progress, as users are told about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// `host:port`.
+    pub host: String,
+    /// Why the last call failed, shortly (`connection refused`).
+    pub reason: String,
+    /// How long the wait may last.
+    pub limit: WaitLimit,
+}
+
+/// How long a wait for ComfyUI may last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitLimit {
+    /// As long as this ComfyUI process lives (it is probably still loading).
+    WhileProcessLives(u32),
+    /// This long in all.
+    For(Duration),
+}
+
+impl fmt::Display for Waiting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "waiting for ComfyUI at {} ({}; ", self.host, self.reason)?;
+        match &self.limit {
+            WaitLimit::WhileProcessLives(pid) => write!(f, "its process {pid} is starting)"),
+            WaitLimit::For(d) => write!(f, "up to {})", seconds(*d)),
+        }
+    }
+}
+
+/// Waits until ComfyUI answers `/system_stats`; `on_wait` hears of the wait at the first failed
+/// call and whenever its reason changes.
 pub async fn wait_until_ready(
     comfy: &ComfyClient,
     settings: &Settings,
     cancel: &CancellationToken,
+    on_wait: &mut (dyn FnMut(&Waiting) + Send),
 ) -> Result<(), NotReady> {
     let host = comfy.host().to_owned();
     let started = Instant::now();
+    let timeout = settings.ready_timeout();
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut last_log = Instant::now();
-    let mut attempts: u32 = 0;
+    let mut told: Option<Waiting> = None;
     loop {
-        let err = match comfy.system_stats().await {
-            Ok(_) => {
-                if attempts > 0 {
-                    info!(host = %host, waited_ms = started.elapsed().as_millis() as u64, "ComfyUI is ready");
+        // The last try may outlive the deadline a little, so a refused or failed call is
+        // reported with its own reason rather than as a cut-off one.
+        let bound = deadline.max(tokio::time::Instant::now() + LAST_TRY);
+        let call = tokio::time::timeout_at(bound, comfy.system_stats());
+        let err = tokio::select! {
+            _ = cancel.cancelled() => return Err(NotReady::Cancelled),
+            answer = call => match answer {
+                Ok(Ok(_)) => {
+                    if told.is_some() {
+                        info!(host = %host, waited_ms = started.elapsed().as_millis() as u64, "ComfyUI is ready");
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            Err(e) => e,
+                Ok(Err(e)) => short_reason(&e),
+                Err(_) => "no answer".to_owned(),
+            },
         };
-        attempts += 1;
-        match comfy_process_state(&settings.comfy_pid_file) {
+        let process = settings
+            .comfy_pid_file
+            .as_deref()
+            .map_or(ProcessState::NoPidFile, comfy_process_state);
+        let limit = match process {
             ProcessState::Dead(pid) => {
                 return Err(NotReady::ProcessExited {
                     host,
                     pid,
-                    pid_file: settings.comfy_pid_file.display().to_string(),
+                    pid_file: settings
+                        .comfy_pid_file
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                 })
             }
-            ProcessState::Alive => {}
+            ProcessState::Alive(pid) => WaitLimit::WhileProcessLives(pid),
             ProcessState::NoPidFile => {
-                if attempts >= settings.readiness_attempts() {
+                if tokio::time::Instant::now() >= deadline {
                     return Err(NotReady::GaveUp {
                         host,
-                        last_error: err.to_string(),
+                        waited: timeout,
+                        last_error: err,
                     });
                 }
+                WaitLimit::For(timeout)
             }
-        }
-        if last_log.elapsed() >= Duration::from_secs(10) {
-            info!(host = %host, waited_s = started.elapsed().as_secs(), error = %err, "still waiting for ComfyUI");
+        };
+        let waiting = Waiting {
+            host: host.clone(),
+            reason: err,
+            limit,
+        };
+        if told.as_ref() != Some(&waiting) {
+            if told.is_none() {
+                info!(host = %host, reason = %waiting.reason, "waiting for ComfyUI");
+            }
+            on_wait(&waiting);
+            told = Some(waiting);
+        } else if last_log.elapsed() >= Duration::from_secs(10) {
+            info!(host = %host, waited_s = started.elapsed().as_secs(), reason = %waiting.reason, "still waiting for ComfyUI");
             last_log = Instant::now();
         }
+        let pause = tokio::time::sleep(settings.api_available_interval);
         tokio::select! {
             _ = cancel.cancelled() => return Err(NotReady::Cancelled),
-            _ = tokio::time::sleep(settings.api_available_interval) => {}
+            _ = pause => {}
         }
+    }
+}
+
+/// The gist of a failed call: its innermost cause, without the OS error number
+/// (`connection refused`), or the HTTP status.
+fn short_reason(e: &ComfyError) -> String {
+    match e {
+        ComfyError::Unreachable { detail, .. } => {
+            let last = detail.rsplit(": ").next().unwrap_or(detail);
+            let last = match last.find(" (os error") {
+                Some(i) => &last[..i],
+                None => last,
+            };
+            let mut chars = last.trim().chars();
+            match chars.next() {
+                Some(first) => first.to_lowercase().chain(chars).collect(),
+                None => "no answer".to_owned(),
+            }
+        }
+        other => other.to_string(),
     }
 }
 
@@ -98,7 +194,7 @@ pub async fn wait_until_ready(
 /// after the reconnect window.
 #[derive(Debug, Clone)]
 pub struct ProcessWatch {
-    pid_file: std::path::PathBuf,
+    pid_file: PathBuf,
     pid: Option<u32>,
 }
 
@@ -126,11 +222,12 @@ pub enum ProcessEnded {
 }
 
 impl ProcessWatch {
-    /// The process the PID file names now (none without a readable PID file: nothing to watch).
-    pub fn start(pid_file: &Path) -> ProcessWatch {
+    /// The process the PID file names now (none without a PID file or a readable one: nothing
+    /// to watch).
+    pub fn start(pid_file: Option<&Path>) -> ProcessWatch {
         ProcessWatch {
-            pid_file: pid_file.to_owned(),
-            pid: read_pid(pid_file),
+            pid_file: pid_file.map(Path::to_owned).unwrap_or_default(),
+            pid: pid_file.and_then(read_pid),
         }
     }
 
@@ -171,7 +268,7 @@ fn read_pid(pid_file: &Path) -> Option<u32> {
 
 enum ProcessState {
     NoPidFile,
-    Alive,
+    Alive(u32),
     Dead(u32),
 }
 
@@ -179,7 +276,7 @@ enum ProcessState {
 fn comfy_process_state(pid_file: &Path) -> ProcessState {
     match read_pid(pid_file) {
         None => ProcessState::NoPidFile,
-        Some(pid) if process_alive(pid) => ProcessState::Alive,
+        Some(pid) if process_alive(pid) => ProcessState::Alive(pid),
         Some(pid) => ProcessState::Dead(pid),
     }
 }
@@ -214,7 +311,7 @@ mod tests {
             ProcessState::NoPidFile
         ));
         std::fs::write(&file, std::process::id().to_string()).unwrap();
-        assert!(matches!(comfy_process_state(&file), ProcessState::Alive));
+        assert!(matches!(comfy_process_state(&file), ProcessState::Alive(_)));
         std::fs::write(&file, "999999999").unwrap();
         assert!(matches!(
             comfy_process_state(&file),

@@ -8,6 +8,9 @@ use serde::{Serialize, Serializer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ProgressKind {
+    /// Waiting for ComfyUI to answer at all (starting, restarting or unreachable); `message`
+    /// says where and for how long.
+    Waiting,
     /// Waiting in ComfyUI's queue.
     Queued,
     /// Execution began.
@@ -86,6 +89,30 @@ pub struct ProgressSnapshot {
 }
 
 impl ProgressSnapshot {
+    /// Before the prompt is queued: the job waits for ComfyUI to answer (`message` says where,
+    /// why and for how long).
+    pub fn waiting(message: String, elapsed: std::time::Duration) -> ProgressSnapshot {
+        ProgressSnapshot {
+            kind: ProgressKind::Waiting,
+            value: Num(0.0),
+            max: Num(1.0),
+            percent: 0.0,
+            node: None,
+            node_type: None,
+            step: None,
+            overall_percent: 0.0,
+            nodes_done: 0,
+            nodes_total: 0,
+            nodes_cached: 0,
+            eta_seconds: None,
+            elapsed_seconds: (elapsed.as_secs_f64() * 100.0).round() / 100.0,
+            prompt_id: None,
+            queue_remaining: None,
+            queue_position: None,
+            message: Some(message),
+        }
+    }
+
     /// The snapshot as a JSON value (what the platform's `/status` shows as `output`).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)

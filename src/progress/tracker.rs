@@ -216,14 +216,13 @@ impl ProgressTracker {
                 queue_remaining,
             } => {
                 self.prompt_id = Some(prompt_id.clone());
-                let remaining = queue_remaining.or(self.queue_remaining);
-                let changed = self.queue_position != *position
-                    || self.queue_remaining != remaining
-                    || !self.queued_reported;
-                self.queue_position = *position;
-                self.queue_remaining = remaining;
+                // Reported once, then only when the place in the queue moves: the `status`
+                // broadcasts that follow a queueing repeat it, or change only the queue's length.
+                let position = position.or(self.queue_position);
+                let changed = !self.queued_reported || position != self.queue_position;
+                self.queue_position = position;
+                self.queue_remaining = queue_remaining.or(self.queue_remaining);
                 self.queued_reported = true;
-                // Several `status` broadcasts often repeat the same queue state.
                 changed.then(|| self.snapshot(ProgressKind::Queued, now))
             }
             PromptEvent::Started => Some(self.snapshot(ProgressKind::Started, now)),

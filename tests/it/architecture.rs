@@ -18,7 +18,14 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     // Leaves: no import from the crate.
-    &["secret", "media_type", "json_type", "eta", "redact"],
+    &[
+        "secret",
+        "media_type",
+        "json_type",
+        "eta",
+        "redact",
+        "comfy_address",
+    ],
     // Settings, logs, the SSRF guard and the ComfyUI client: leaves only.
     &["config", "telemetry", "ssrf", "comfy"],
     // Progress: prompt events in, snapshots out.

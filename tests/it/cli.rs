@@ -71,9 +71,13 @@ fn run_simulate_prints_step_lines_and_png_outputs() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect();
     let steps: Vec<&Value> = lines.iter().filter(|l| l["type"] == "progress").collect();
-    let numbers: Vec<u64> = steps.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    let numbers: Vec<u64> = steps.iter().map(|l| l["value"].as_u64().unwrap()).collect();
     assert_eq!(numbers, (1..=25).collect::<Vec<_>>());
     for l in &steps {
+        // One vocabulary with /status: `step` is the label, `value`/`max` the numbers; the
+        // line's older names stay as aliases.
+        assert_eq!(l["step"], "Sampling");
+        assert_eq!(l["max"], 25);
         assert_eq!(l["max_steps"], 25);
         assert_eq!(l["node"], "3");
         assert_eq!(l["node_type"], "KSampler");
@@ -134,8 +138,9 @@ fn an_error_output_exits_1() {
         serde_json::json!({"error": "Missing 'workflow' parameter"})
     );
 
+    // No job at all is unreadable input: 2, as for usage errors.
     let out = run_in(dir.path(), &["run", "-q"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(stdout_json(&out)["error"]
         .as_str()
         .unwrap()

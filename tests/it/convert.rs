@@ -148,7 +148,7 @@ fn without_meta(mut workflow: Value) -> Value {
 #[tokio::test]
 async fn the_ui_version_of_ok_json_round_trips_through_the_simulators_object_info() {
     let sim = simulator(1).await;
-    let client = ComfyClient::new(&sim.host(), ClientOptions::default()).unwrap();
+    let client = ComfyClient::new(&sim.host().parse().unwrap(), ClientOptions::default()).unwrap();
     let info = client.object_info().await.unwrap();
     let raw_info: Value = reqwest::get(format!("http://{}/object_info", sim.host()))
         .await

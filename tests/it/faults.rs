@@ -261,7 +261,7 @@ async fn comfyui_killed_mid_job_fails_in_bounded_time_and_the_next_job_runs_afte
         ws_reconnect_attempts: 3,
         ws_reconnect_delay: Duration::from_millis(100),
         history_poll_interval: Duration::from_millis(50),
-        api_available_max_retries: 500,
+        ready_timeout: Some(Duration::from_secs(5)),
         ..harness::settings(&host)
     };
     let bound = stopped_bound(&settings);
@@ -350,9 +350,9 @@ async fn a_dead_pid_in_the_pid_file_fails_the_job_at_once() {
     comfy.kill();
     let interval = Duration::from_secs(5);
     let settings = Settings {
-        comfy_pid_file: pid_file.clone(),
+        comfy_pid_file: Some(pid_file.clone()),
         api_available_interval: interval,
-        api_available_max_retries: 0,
+        ready_timeout: None,
         ..harness::settings(&format!("127.0.0.1:{port}"))
     };
     let engine = Engine::new(settings).unwrap();
@@ -454,7 +454,8 @@ async fn a_job_cancelled_while_queued_behind_another_prompt_leaves_the_queue() {
     waiting.cancel.cancel();
     let (output, _) = waiting.finish().await;
     // At the next poll: a prompt taken off the queue has no history entry to wait for.
-    let bound = harness::settings("").history_poll_interval + Duration::from_millis(1500);
+    let bound =
+        harness::settings("127.0.0.1:1").history_poll_interval + Duration::from_millis(1500);
     assert!(cancelled.elapsed() < bound, "{:?}", cancelled.elapsed());
     assert!(
         error_text(&output).starts_with("Job cancelled"),

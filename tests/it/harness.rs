@@ -17,10 +17,10 @@ pub const LIMIT: Duration = Duration::from_secs(30);
 /// Settings pointing at `host` with timings suited to tests (fast reconnects and polls).
 pub fn settings(host: &str) -> Settings {
     Settings {
-        comfy_host: host.to_owned(),
+        comfy_host: host.parse().expect("a valid ComfyUI address"),
         api_available_interval: Duration::from_millis(10),
-        api_available_max_retries: 3,
-        comfy_pid_file: PathBuf::from("/nonexistent/comfy-worker-test.pid"),
+        ready_timeout: Some(Duration::from_millis(30)),
+        comfy_pid_file: None,
         ws_reconnect_attempts: 3,
         ws_reconnect_delay: Duration::from_millis(20),
         ws_silence_timeout: Duration::from_millis(300),

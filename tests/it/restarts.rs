@@ -29,7 +29,7 @@ fn patient(host: &str) -> Settings {
         ws_reconnect_attempts: 10,
         ws_reconnect_delay: Duration::from_millis(100),
         history_poll_interval: Duration::from_millis(50),
-        api_available_max_retries: 500,
+        ready_timeout: Some(Duration::from_secs(5)),
         ..harness::settings(host)
     }
 }
@@ -78,7 +78,7 @@ async fn a_new_pid_in_the_pid_file_ends_the_job_at_once() {
     std::fs::write(&pid_file, format!("{}\n", comfy.pid())).unwrap();
     let old = comfy.pid();
     let engine = Engine::new(Settings {
-        comfy_pid_file: pid_file.clone(),
+        comfy_pid_file: Some(pid_file.clone()),
         ..patient(&host)
     })
     .unwrap();
@@ -110,7 +110,7 @@ async fn a_comfyui_that_exits_mid_job_is_seen_in_the_pid_file_at_once() {
     std::fs::write(&pid_file, format!("{}\n", comfy.pid())).unwrap();
     let pid = comfy.pid();
     let engine = Engine::new(Settings {
-        comfy_pid_file: pid_file,
+        comfy_pid_file: Some(pid_file),
         ws_reconnect_attempts: 10,
         ws_reconnect_delay: Duration::from_secs(5),
         ..patient(&format!("127.0.0.1:{port}"))

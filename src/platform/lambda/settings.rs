@@ -102,7 +102,7 @@ impl LambdaSettings {
                 return Err(ConfigError {
                     name: "LAMBDA_RESPONSE_MODE",
                     value: v,
-                    expected: "buffered or streaming",
+                    expected: "buffered or streaming".into(),
                 }
                 .into())
             }
