@@ -68,6 +68,9 @@ fi
 
 if [ "$START_COMFYUI" != "true" ]; then
     log "not starting ComfyUI (START_COMFYUI=false, or AWS Lambda mode): using COMFY_HOST=${COMFY_HOST:-127.0.0.1:8188}"
+    # No ComfyUI of ours: a PID file left by someone else must not decide how long jobs wait
+    # (COMFY_READY_TIMEOUT_S does).
+    unset COMFY_PID_FILE
     exec "$COMFY_WORKER_BIN" "$@"
 fi
 

@@ -102,6 +102,14 @@ pub fn job_span(job_id: &str) -> Span {
     }
 }
 
+/// Whether the current span is a job's ([`job_span`]): a line logged there shows the job id in
+/// its prefix already, so it does not repeat it as a field.
+pub fn in_job_span() -> bool {
+    Span::current()
+        .metadata()
+        .is_some_and(|m| m.name() == "job")
+}
+
 /// Runs jobs on one engine; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Runner {

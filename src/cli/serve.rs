@@ -211,7 +211,7 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
             engine.comfy().host()
         ),
         Workers::External => format!(
-            "comfy-worker: local endpoint on http://{addr}, jobs taken by workers (start them with `comfy-worker worker --platform http://{addr}`; Ctrl+C to stop)"
+            "comfy-worker: local endpoint on http://{addr} (jobs are taken by workers: start them with `comfy-worker worker --platform http://{addr}`; Ctrl+C to stop)"
         ),
     });
     let shutdown = CancellationToken::new();

@@ -17,7 +17,7 @@ use super::store::{
     lock, Counts, End, Ending, Job, JobEvent, LastEvent, Started, State, EVENT_BUFFER,
 };
 use super::submission::Submission;
-use super::ServeOptions;
+use super::{worker_hub, ServeOptions, WorkerMode};
 use crate::housekeeping::warmup::WarmupState;
 use crate::job::{DeadlineSource, Engine, JobRequest};
 use crate::progress::ProgressSnapshot;
@@ -25,7 +25,8 @@ use crate::runner::{job_span, Controls, Deadline, Runner};
 use crate::webhook::Webhooks;
 
 /// The error of a job still queued when the endpoint shut down.
-const NOT_STARTED: &str = "The endpoint shut down before the job started; submit it again";
+pub(super) const NOT_STARTED: &str =
+    "The endpoint shut down before the job started; submit it again";
 
 /// The local endpoint's jobs and their runner; cheap to clone.
 ///
@@ -33,7 +34,7 @@ const NOT_STARTED: &str = "The endpoint shut down before the job started; submit
 /// (the running one gets the shutdown grace to finish, then it is interrupted).
 #[derive(Clone)]
 pub struct LocalEndpoint {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for LocalEndpoint {
@@ -44,23 +45,26 @@ impl std::fmt::Debug for LocalEndpoint {
     }
 }
 
-struct Inner {
+pub(super) struct Inner {
     runner: Runner,
     webhooks: Webhooks,
-    options: ServeOptions,
-    state: Mutex<State>,
+    pub(super) options: ServeOptions,
+    pub(super) state: Mutex<State>,
     /// Wakes the runner when a job is queued.
     wake: Notify,
     /// Cancelled by [`LocalEndpoint::close`]: the runner takes no new job, long replies end.
-    closing: CancellationToken,
+    pub(super) closing: CancellationToken,
     /// Cancelled when the runner task has ended.
-    stopped: CancellationToken,
+    pub(super) stopped: CancellationToken,
     /// Progress-webhook deliveries still finishing, awaited (bounded) at shutdown.
     hooks: TaskTracker,
+    /// Bumped when a job is queued or an external worker has a job to stop: wakes every
+    /// long-polling job-take and job-stop (`serve --workers external`).
+    pub(super) changes: watch::Sender<()>,
 }
 
 impl Ending {
-    fn deliver(self, inner: &Inner) {
+    pub(super) fn deliver(self, inner: &Inner) {
         if let Some(url) = self.webhook {
             // Tracked, so a shutdown waits (bounded) for the final call to go out.
             let delivery = inner.webhooks.final_delivery(url, (*self.body).clone());
@@ -88,8 +92,12 @@ impl LocalEndpoint {
             closing: CancellationToken::new(),
             stopped: CancellationToken::new(),
             hooks: TaskTracker::new(),
+            changes: watch::Sender::new(()),
         });
-        tokio::spawn(queue_runner(inner.clone()));
+        match inner.options.workers {
+            WorkerMode::Internal => tokio::spawn(queue_runner(inner.clone())),
+            WorkerMode::External => tokio::spawn(worker_hub::watch_jobs(inner.clone())),
+        };
         LocalEndpoint { inner }
     }
 
@@ -186,8 +194,18 @@ impl LocalEndpoint {
         let (done, done_rx) = watch::channel(None);
         let seq = state.next_seq;
         state.next_seq += 1;
-        let request = JobRequest::new(id.clone(), Some(submission.input))
+        let external = self.inner.options.workers == WorkerMode::External;
+        let mut request = JobRequest::new(id.clone(), Some(submission.input))
             .with_s3_config(submission.s3_config);
+        // An external worker delivers the progress webhook itself, as on RunPod.
+        let progress_hook = match progress_webhook {
+            Some(_) if external => {
+                request = request.with_progress_webhook(submission.progress_webhook.clone());
+                None
+            }
+            Some(url) => Some(webhooks.progress(url, &id)),
+            None => None,
+        };
         let job = Job {
             seq,
             request: Some(request),
@@ -201,9 +219,10 @@ impl LocalEndpoint {
             execution_timeout: submission.execution_timeout,
             ttl: submission.ttl.unwrap_or(self.inner.options.job_ttl),
             webhook,
-            progress_hook: progress_webhook.map(|url| webhooks.progress(url, &id)),
+            progress_hook,
             events,
             done,
+            worker: None,
         };
         state.jobs.insert(id.clone(), job);
         state.queue.push_back(id.clone());
@@ -212,6 +231,7 @@ impl LocalEndpoint {
         drop(state);
         info!(job_id = %id, queued, "job queued");
         self.inner.wake.notify_one();
+        self.inner.changes.send_replace(());
         Ok((id, done_rx))
     }
 
@@ -279,7 +299,13 @@ impl LocalEndpoint {
                 JobStatus::InQueue => {
                     state.queue.retain(|q| q != id);
                 }
-                JobStatus::InProgress => job.cancel.cancel(),
+                JobStatus::InProgress => {
+                    job.cancel.cancel();
+                    if let Some(worker) = job.worker.clone() {
+                        state.stops.entry(worker).or_default().push(id.to_owned());
+                        self.inner.changes.send_replace(());
+                    }
+                }
                 done => return Ok(done),
             }
             info!(job_id = %id, "job cancelled by the client");
@@ -327,14 +353,23 @@ impl LocalEndpoint {
             in_progress: 0,
             in_queue: 0,
             worker_busy: state.running.is_some(),
+            workers: state.workers.len(),
+            workers_busy: 0,
         };
+        let mut busy = std::collections::HashSet::new();
         for job in state.jobs.values() {
             match job.status {
                 JobStatus::InQueue => counts.in_queue += 1,
-                JobStatus::InProgress => counts.in_progress += 1,
+                JobStatus::InProgress => {
+                    counts.in_progress += 1;
+                    if let Some(w) = &job.worker {
+                        busy.insert(w.as_str());
+                    }
+                }
                 _ => {}
             }
         }
+        counts.workers_busy = busy.len();
         counts
     }
 }
@@ -355,6 +390,7 @@ impl LocalEndpoint {
                 closing: CancellationToken::new(),
                 stopped: CancellationToken::new(),
                 hooks: TaskTracker::new(),
+                changes: watch::Sender::new(()),
             }),
         }
     }
@@ -362,7 +398,7 @@ impl LocalEndpoint {
     /// What the runner does when it takes the next job.
     pub(crate) fn start_next_by_hand(&self) -> Option<String> {
         lock(&self.inner.state)
-            .start_next(Instant::now())
+            .start_next(Instant::now(), None)
             .map(|s| s.request.id)
     }
 
@@ -402,7 +438,7 @@ async fn queue_runner(inner: Arc<Inner>) {
                 _ = inner.wake.notified() => continue,
             }
         }
-        let next = lock(&inner.state).start_next(Instant::now());
+        let next = lock(&inner.state).start_next(Instant::now(), None);
         match next {
             Some(job) => {
                 let span = job_span(&job.request.id);
@@ -422,7 +458,7 @@ async fn queue_runner(inner: Arc<Inner>) {
 }
 
 /// Ends every queued job as failed with `why`; returns how many.
-fn end_queued(inner: &Inner, why: &str) -> usize {
+pub(super) fn end_queued(inner: &Inner, why: &str) -> usize {
     let endings: Vec<Ending> = {
         let mut state = lock(&inner.state);
         let ids: Vec<String> = state.queue.drain(..).collect();

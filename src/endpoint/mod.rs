@@ -7,6 +7,8 @@
 //! * `store.rs`: the job store (statuses, timings, retention, event channels);
 //! * `submission.rs`: a `/run` body, checked; `job_status.rs`: `IN_QUEUE`, `COMPLETED`, ...;
 //! * `routes.rs`: the axum router (auth, body limits, SSE, JSON errors); `error.rs`: `ApiError`;
+//! * `worker_hub.rs` and `worker_routes.rs`: with `--workers external`, the endpoint as the
+//!   platform of worker processes (RunPod's worker protocol under `/worker/`);
 //! * `openapi.json` and `page.html`, served as they are.
 //!
 //! Only this module knows the endpoint's wire format; it reports a job's end with the
@@ -21,6 +23,8 @@ mod routes;
 mod server;
 mod store;
 mod submission;
+mod worker_hub;
+mod worker_routes;
 
 use std::time::Duration;
 
@@ -35,6 +39,7 @@ pub use job_status::JobStatus;
 pub use local_endpoint::LocalEndpoint;
 pub use routes::router;
 pub use server::ConnectionLimits;
+pub use worker_hub::{LONG_POLL, WORKER_LOST_AFTER};
 
 /// How the local endpoint behaves; [`ServeOptions::default`] matches the cloud's limits.
 #[derive(Debug, Clone)]
@@ -67,6 +72,9 @@ pub struct ServeOptions {
     pub bound: Option<std::net::SocketAddr>,
     /// Who runs the jobs.
     pub workers: WorkerMode,
+    /// With external workers: a job whose worker was not heard from (no job-take, ping or
+    /// post) for this long fails ([`WORKER_LOST_AFTER`], 60 s; workers ping every 10 s).
+    pub worker_lost_after: Duration,
 }
 
 /// Who runs the local endpoint's jobs.
@@ -94,6 +102,7 @@ impl Default for ServeOptions {
             cors_origins: Vec::new(),
             bound: None,
             workers: WorkerMode::Internal,
+            worker_lost_after: WORKER_LOST_AFTER,
         }
     }
 }

@@ -27,6 +27,7 @@ use super::job_status::body_is_final;
 use super::local_endpoint::LocalEndpoint;
 use super::store::JobEvent;
 use super::submission::Submission;
+use super::WorkerMode;
 use crate::housekeeping::warmup::WarmupState;
 
 /// The page served at `GET /`.
@@ -69,7 +70,12 @@ pub fn router(endpoint: LocalEndpoint) -> Router {
         .route("/cancel/{id}", post(cancel))
         .route("/health", get(health))
         .route("/purge-queue", post(purge_queue))
-        .route("/events/{id}", get(events))
+        .route("/events/{id}", get(events));
+    let protected = match options.workers {
+        WorkerMode::Internal => protected,
+        WorkerMode::External => protected.merge(super::worker_routes::routes()),
+    };
+    let protected = protected
         .route_layer(middleware::from_fn_with_state(
             endpoint.clone(),
             require_api_key,
@@ -298,13 +304,26 @@ async fn purge_queue(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
 /// the warm-up runs or after it failed (the worker takes no jobs then), 200 otherwise.
 async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     let counts = endpoint.counts();
-    let comfyui = crate::comfy::health::probe(endpoint.engine().comfy(), HEALTH_PROBE).await;
+    let external = endpoint.options().workers == WorkerMode::External;
+    // With external workers, ComfyUI is theirs: nothing to ask here.
+    let comfyui = match external {
+        true => None,
+        false => Some(crate::comfy::health::probe(endpoint.engine().comfy(), HEALTH_PROBE).await),
+    };
+    let reachable = comfyui.as_ref().is_none_or(|c| c.reachable());
     let warmup = endpoint.warmup();
     let busy = u8::from(counts.worker_busy);
     let (code, status) = match &warmup {
         WarmupState::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
         WarmupState::Running => (StatusCode::SERVICE_UNAVAILABLE, "warming_up"),
+        // Jobs would only wait: say so. (With external workers, ComfyUI is theirs.)
+        _ if !reachable => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
         WarmupState::Off | WarmupState::Done(_) => (StatusCode::OK, "healthy"),
+    };
+    let workers = if external {
+        json!({ "idle": counts.workers - counts.workers_busy.min(counts.workers), "running": counts.workers_busy })
+    } else {
+        json!({ "idle": 1 - busy, "running": busy })
     };
     let mut body = json!({
         "status": status,
@@ -315,12 +334,17 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
             "inQueue": counts.in_queue,
             "retried": 0,
         },
-        "workers": { "idle": 1 - busy, "running": busy },
-        "comfyui": comfyui.to_json(),
+        "workers": workers,
+        "comfyui": comfyui.map(|c| c.to_json()),
         "warmup": warmup.to_json(),
     });
     if let WarmupState::Failed(why) = &warmup {
         body["error"] = json!(why.to_string());
+    } else if status == "degraded" {
+        body["error"] = json!(format!(
+            "ComfyUI at {} does not answer; jobs wait for it (COMFY_READY_TIMEOUT_S), then fail",
+            endpoint.engine().comfy().host()
+        ));
     }
     (code, Json(body)).into_response()
 }

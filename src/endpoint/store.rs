@@ -18,7 +18,7 @@ use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput, JobRequest};
 use crate::webhook::{ProgressHook, WebhookUrl};
 
-/// What `/status` reports as `workerId`: there is one worker, this process.
+/// What `/status` reports as `workerId` for jobs this process runs.
 const WORKER_ID: &str = "local";
 
 /// Events buffered per job for `/events` subscribers; one that falls further behind skips.
@@ -44,6 +44,10 @@ pub(crate) struct Counts {
     pub(crate) in_queue: usize,
     /// The runner is busy (also while a cancelled job is still being interrupted).
     pub(crate) worker_busy: bool,
+    /// External workers heard from (`serve --workers external`).
+    pub(crate) workers: usize,
+    /// Those of them holding a job.
+    pub(crate) workers_busy: usize,
 }
 
 #[derive(Default)]
@@ -56,6 +60,10 @@ pub(super) struct State {
     pub(super) next_seq: u64,
     pub(super) completed: u64,
     pub(super) failed: u64,
+    /// External workers (`serve --workers external`) by id: when each was last heard from.
+    pub(super) workers: HashMap<String, Instant>,
+    /// Jobs each external worker must stop (cancelled, timed out), not yet handed over.
+    pub(super) stops: HashMap<String, Vec<String>>,
 }
 
 pub(super) struct Job {
@@ -79,6 +87,8 @@ pub(super) struct Job {
     pub(super) progress_hook: Option<ProgressHook>,
     pub(super) events: broadcast::Sender<JobEvent>,
     pub(super) done: watch::Sender<Option<Arc<Value>>>,
+    /// The external worker that took the job (`serve --workers external`).
+    pub(super) worker: Option<String>,
 }
 
 pub(super) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -115,7 +125,10 @@ impl Job {
         body.insert("status".into(), json!(self.status.as_str()));
         body.insert("delayTime".into(), json!(millis(delay)));
         body.insert("executionTime".into(), json!(millis(execution)));
-        body.insert("workerId".into(), json!(WORKER_ID));
+        body.insert(
+            "workerId".into(),
+            json!(self.worker.as_deref().unwrap_or(WORKER_ID)),
+        );
         if let Some(output) = output {
             body.insert("output".into(), output.clone());
         }
@@ -138,8 +151,11 @@ pub(super) enum End {
     Ran(Result<Completed, JobFailure>),
     /// Cancelled by the client (`/cancel`, `/purge-queue`).
     Cancelled,
-    /// Never run, with this error: the endpoint shut down, or the warm-up failed.
+    /// Never run, with this error: the endpoint shut down, or the warm-up failed; or lost with
+    /// the external worker that took it.
     NotRun(String),
+    /// An external worker's final post: RunPod's result body, `{"output"?, "error"?}`.
+    Delivered(Value),
 }
 
 /// The final event of a job's progress webhook.
@@ -175,6 +191,41 @@ impl State {
                 Some(json!(why)),
                 LastEvent::Failed(why, None),
             ),
+            End::Delivered(body) => {
+                let error = body.get("error").filter(|e| truthy(e)).cloned();
+                let output = body.get("output").cloned();
+                match error {
+                    Some(error) => {
+                        let message = match &error {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        let details = output
+                            .as_ref()
+                            .and_then(|o| o.get("details"))
+                            .and_then(Value::as_array)
+                            .map(|d| {
+                                d.iter()
+                                    .map(|v| {
+                                        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+                                    })
+                                    .collect()
+                            });
+                        (
+                            JobStatus::Failed,
+                            output,
+                            Some(error),
+                            LastEvent::Failed(message, details),
+                        )
+                    }
+                    None => (
+                        JobStatus::Completed,
+                        output,
+                        None,
+                        LastEvent::Completed(Value::Null),
+                    ),
+                }
+            }
             End::Ran(result) => {
                 let (status, failed) = match &result {
                     Ok(_) => (JobStatus::Completed, None),
@@ -222,7 +273,11 @@ impl State {
             JobStatus::Failed | JobStatus::TimedOut => self.failed += 1,
             _ => {}
         }
-        info!(job_id = %id, status = status.as_str(), "job ended");
+        if crate::runner::in_job_span() {
+            info!(status = status.as_str(), "job ended");
+        } else {
+            info!(job_id = %id, status = status.as_str(), "job ended");
+        }
         Some(ending)
     }
 
@@ -247,8 +302,9 @@ impl State {
         }
     }
 
-    /// Takes the next queued job and marks it running.
-    pub(super) fn start_next(&mut self, now: Instant) -> Option<Started> {
+    /// Takes the next queued job and marks it running: on this process's runner, or on the
+    /// external `worker` that took it.
+    pub(super) fn start_next(&mut self, now: Instant, worker: Option<&str>) -> Option<Started> {
         while let Some(id) = self.queue.pop_front() {
             let Some(job) = self.jobs.get_mut(&id) else {
                 continue;
@@ -258,16 +314,32 @@ impl State {
             }
             job.status = JobStatus::InProgress;
             job.started = Some(now);
+            job.worker = worker.map(str::to_owned);
             job.publish_status(&id, now);
             let started = Started {
                 request: job.request.take().unwrap_or_default(),
                 cancel: job.cancel.clone(),
                 execution_timeout: job.execution_timeout,
             };
-            self.running = Some(id);
+            if worker.is_none() {
+                self.running = Some(id);
+            }
             return Some(started);
         }
         None
+    }
+}
+
+/// A result's `error` counts when it is truthy, as the RunPod SDK reads it (`""`, `null`,
+/// `false`, `0`, `[]` and `{}` do not).
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
     }
 }
 

@@ -571,18 +571,23 @@ async fn health_counts_jobs_and_probes_comfyui() {
 }
 
 /// A Server-Sent Events reader: `(event, data as JSON)` until the stream ends.
-struct Events {
+/// A job's `/events` stream, read event by event.
+pub(crate) struct Events {
     response: reqwest::Response,
     buffer: Vec<u8>,
 }
 
 impl Events {
     async fn open(ep: &Endpoint, id: &str) -> Events {
-        let response =
-            tokio::time::timeout(LIMIT, ep.http.get(ep.url(&format!("/events/{id}"))).send())
-                .await
-                .unwrap()
-                .unwrap();
+        Events::at(&ep.http, &ep.url(&format!("/events/{id}"))).await
+    }
+
+    /// The stream at `url` (`…/events/{id}`).
+    pub(crate) async fn at(http: &reqwest::Client, url: &str) -> Events {
+        let response = tokio::time::timeout(LIMIT, http.get(url).send())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(
             response.headers()["content-type"],
@@ -596,7 +601,7 @@ impl Events {
         }
     }
 
-    async fn next(&mut self) -> Option<(String, Value)> {
+    pub(crate) async fn next(&mut self) -> Option<(String, Value)> {
         loop {
             if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
                 let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
@@ -623,7 +628,7 @@ impl Events {
         }
     }
 
-    async fn rest(mut self) -> Vec<(String, Value)> {
+    pub(crate) async fn rest(mut self) -> Vec<(String, Value)> {
         let mut all = Vec::new();
         while let Some(event) = self.next().await {
             all.push(event);

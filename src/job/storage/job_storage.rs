@@ -139,7 +139,7 @@ pub(super) fn mb(bytes: u64) -> String {
     if tenths == 0 && bytes > 0 {
         return format!("{:.3}", bytes as f64 / 1_048_576.0);
     }
-    if tenths % 10 == 0 {
+    if tenths.is_multiple_of(10) {
         format!("{}", tenths / 10)
     } else {
         format!("{}.{}", tenths / 10, tenths % 10)
