@@ -6,6 +6,7 @@ mod cli;
 mod convert;
 mod corpus;
 mod delivery;
+mod docs;
 mod fake_platform;
 mod fake_platform_selftest;
 mod faults;
