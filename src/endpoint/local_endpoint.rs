@@ -17,7 +17,7 @@ use super::store::{
     lock, Counts, End, Ending, Job, JobEvent, LastEvent, Started, State, EVENT_BUFFER,
 };
 use super::submission::Submission;
-use super::{worker_hub, ServeOptions, WorkerMode};
+use super::{ServeOptions, WorkerMode};
 use crate::housekeeping::warmup::WarmupState;
 use crate::job::{DeadlineSource, Engine, JobRequest};
 use crate::progress::ProgressSnapshot;
@@ -81,7 +81,8 @@ impl Ending {
 }
 
 impl LocalEndpoint {
-    /// A store for `engine`'s jobs; starts the runner task (call inside a tokio runtime).
+    /// A store for `engine`'s jobs; starts the runner task (call inside a tokio runtime), unless
+    /// the jobs are for external workers: then call `worker_hub::start`.
     pub fn new(engine: Engine, webhooks: Webhooks, options: ServeOptions) -> LocalEndpoint {
         let inner = Arc::new(Inner {
             runner: Runner::new(engine, options.shutdown_grace),
@@ -94,10 +95,10 @@ impl LocalEndpoint {
             hooks: TaskTracker::new(),
             changes: watch::Sender::new(()),
         });
-        match inner.options.workers {
-            WorkerMode::Internal => tokio::spawn(queue_runner(inner.clone())),
-            WorkerMode::External => tokio::spawn(worker_hub::watch_jobs(inner.clone())),
-        };
+        // With external workers the hub (`worker_hub::start`) takes the runner's place.
+        if inner.options.workers == WorkerMode::Internal {
+            tokio::spawn(queue_runner(inner.clone()));
+        }
         LocalEndpoint { inner }
     }
 

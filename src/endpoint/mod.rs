@@ -123,7 +123,11 @@ pub async fn serve(
         bound: Some(addr),
         ..options
     };
+    let external = options.workers == WorkerMode::External;
     let endpoint = LocalEndpoint::new(engine, webhooks, options);
+    if external {
+        worker_hub::start(&endpoint);
+    }
     let app = router(endpoint.clone());
     let closing = {
         let endpoint = endpoint.clone();

@@ -166,10 +166,15 @@ fn seen(state: &mut State, worker: &str) {
     state.workers.insert(worker.to_owned(), Instant::now());
 }
 
+/// Starts the endpoint's task in external mode ([`watch_jobs`]).
+pub(super) fn start(endpoint: &LocalEndpoint) {
+    tokio::spawn(watch_jobs(endpoint.inner.clone()));
+}
+
 /// The endpoint's task in external mode: times out jobs past `policy.executionTimeout`, fails
 /// those whose worker went silent (telling the worker to stop), and at shutdown ends every job
 /// still queued or held.
-pub(super) async fn watch_jobs(inner: Arc<Inner>) {
+async fn watch_jobs(inner: Arc<Inner>) {
     let _stopped = inner.stopped.clone().drop_guard();
     let every = SWEEP_EVERY
         .min(inner.options.worker_lost_after / 4)

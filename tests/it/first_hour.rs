@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::cli::{bin, job_dir};
-use crate::faults::{free_port, ComfyProcess};
+use crate::faults::ComfyProcess;
 use crate::harness::{clear_worker_env, png_size, LIMIT};
 use crate::serve::Events;
 use crate::serve_process::ServeProcess;
@@ -38,9 +38,15 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// An address where nothing listens (a port just freed).
-fn refusing_address() -> String {
-    format!("127.0.0.1:{}", free_port())
+/// An address that refuses connections, reserved for as long as the guard lives: a socket
+/// bound to it that does not listen (a port merely freed could be taken by a concurrent test).
+fn refusing() -> (String, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (
+        format!("127.0.0.1:{}", socket.local_addr().unwrap().port()),
+        socket,
+    )
 }
 
 /// `run` against an address that refuses connections: the first line on stderr says it waits
@@ -52,7 +58,7 @@ fn run_against_a_refusing_address_says_it_waits_and_gives_up_in_10_s() {
     let dir = job_dir();
     let pid_file = dir.path().join("comfyui.pid");
     std::fs::write(&pid_file, std::process::id().to_string()).unwrap();
-    let address = refusing_address();
+    let (address, _reserved) = refusing();
     let started = Instant::now();
     let mut child = worker_cmd(dir.path())
         .args(["run", "test_input.json", "--comfy", &address])
@@ -107,7 +113,7 @@ fn the_pid_file_counts_only_for_the_containers_own_comfyui() {
     let dir = job_dir();
     let pid_file = dir.path().join("comfyui.pid");
     std::fs::write(&pid_file, std::process::id().to_string()).unwrap();
-    let address = refusing_address();
+    let (address, _reserved) = refusing();
     let mut child = worker_cmd(dir.path())
         .args(["run", "test_input.json"])
         .env("COMFY_HOST", &address)
@@ -481,8 +487,8 @@ fn progress_says_queued_once_and_fits_80_columns() {
 /// meanwhile says it waits for ComfyUI; once ComfyUI answers, /health is 200 and the job runs.
 #[tokio::test]
 async fn serve_health_tells_the_truth_about_comfyui() {
-    let port = free_port();
-    let address = format!("127.0.0.1:{port}");
+    let (address, reserved) = refusing();
+    let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
     let serve =
         ServeProcess::start(&["--comfy", &address], &[("COMFY_READY_TIMEOUT_S", "120")]).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -517,8 +523,11 @@ async fn serve_health_tells_the_truth_about_comfyui() {
             .next()
             .await
             .expect("the stream goes on while it waits");
-        if name == "progress" {
-            break body;
+        // The wait may have begun before the subscription: then the first status carries it.
+        match name.as_str() {
+            "progress" => break body,
+            "status" if body["output"]["type"] == "waiting" => break body["output"].clone(),
+            _ => {}
         }
     };
     assert_eq!(waiting["type"], "waiting", "{waiting}");
@@ -537,6 +546,7 @@ async fn serve_health_tells_the_truth_about_comfyui() {
         .unwrap();
     assert_eq!(status["output"]["type"], "waiting", "{status}");
 
+    drop(reserved);
     let _comfy = ComfyProcess::start(port, 1).await;
     let health = http
         .get(format!("{}/health", serve.base()))
@@ -670,5 +680,93 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// `health`, `watch` and `convert` against an address that refuses: each ends on its own,
+/// quickly, with 1 and a sentence naming the address.
+#[test]
+fn health_watch_and_convert_fail_fast_on_a_refusing_address() {
+    let dir = job_dir();
+    std::fs::copy(
+        repo().join("tests/fixtures/ui_workflows/note.json"),
+        dir.path().join("ui.json"),
+    )
+    .unwrap();
+    let (address, _reserved) = refusing();
+    let commands: &[&[&str]] = &[&["health"], &["watch"], &["convert", "ui.json"]];
+    for command in commands {
+        let started = Instant::now();
+        let out = output(
+            worker_cmd(dir.path())
+                .args(*command)
+                .args(["--comfy", &address])
+                .env("COMFY_READY_TIMEOUT_S", "1"),
+        );
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {all}");
+        assert!(all.contains(&address), "{command:?}: {all}");
+        assert!(!all.contains("panicked"), "{command:?}: {all}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{command:?}");
+    }
+}
+
+/// A failure is said once: `run`'s JSON holds it and stderr does not repeat it; `serve` says
+/// why it cannot start in one line; a job's log lines name the job once.
+#[tokio::test]
+async fn errors_are_said_once_and_log_lines_name_the_job_once() {
+    let dir = job_dir();
+    let bad = r#"{"input": {"workflow": {"1": {"class_type": "NoSuchNode", "inputs": {}}}}}"#;
+    let out = output(worker_cmd(dir.path()).args([
+        "run",
+        "--simulate",
+        "--sim-step-ms",
+        "1",
+        "--test_input",
+        bad,
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let result: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(result["error"]
+        .as_str()
+        .unwrap()
+        .contains("NoSuchNode does not exist"));
+    let err = text(&out.stderr);
+    assert!(
+        !err.contains("NoSuchNode"),
+        "the output JSON says it, stderr does not: {err}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = output(worker_cmd(dir.path()).args(["serve", "--port", &port]));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("cannot listen on").count(), 1, "{err}");
+
+    let serve = ServeProcess::start(&["--simulate", "--sim-step-ms", "1"], &[]).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let reply: Value = http
+        .post(format!("{}/runsync", serve.base()))
+        .json(&serde_json::from_str::<Value>(bad).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["status"], "FAILED", "{reply}");
+    let id = reply["id"].as_str().unwrap();
+    serve.wait_log("job ended").await;
+    let log = serve.log();
+    let job_lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
+    assert!(job_lines.len() >= 3, "{log}");
+    for line in job_lines {
+        assert_eq!(line.matches(id).count(), 1, "the job named once: {line}");
+        assert_eq!(
+            line.matches("job{").count(),
+            line.contains("job{") as usize,
+            "{line}"
+        );
     }
 }

@@ -13,10 +13,15 @@ fn engine(sim: &Simulator) -> Engine {
     harness::engine(&sim.host())
 }
 
+/// A 32×32 PNG as a data URL.
+const TEST_PNG: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAKklEQVR42mM4YaNBU8QwasGoBaMWjFowasGoBaMWjFowasGoBaMWDBULADahsD1yPRQZAAAAAElFTkSuQmCC";
+
 #[tokio::test]
 async fn test_input_runs_end_to_end_with_every_step() {
     let sim = simulator(1).await;
-    let job = harness::test_input();
+    let mut job = harness::test_input();
+    // With an input image beside it (the bundled job needs none), uploaded before the prompt.
+    job["input"]["images"] = json!([{"name": "test.png", "image": TEST_PNG}]);
     let (output, progress) = run_job(&engine(&sim), job["input"].clone()).await;
     let imgs = images(&output);
     assert_eq!(imgs.len(), 1, "{}", output.to_json());
@@ -40,11 +45,7 @@ async fn test_input_runs_end_to_end_with_every_step() {
         (ProgressKind::Finished, 100.0, 7)
     );
     // The input image was uploaded byte for byte.
-    let sent = harness::test_input()["input"]["images"][0]["image"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let bytes = comfy_worker::job::codec::decode_input(&sent).unwrap();
+    let bytes = comfy_worker::job::codec::decode_input(TEST_PNG).unwrap();
     assert_eq!(sim.input_file("", "test.png"), Some(bytes));
     // The socket was opened before the prompt, with the prompt's client id.
     let prompt = &sim.prompts()[0];
