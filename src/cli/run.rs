@@ -13,7 +13,7 @@ use super::RunArgs;
 use crate::config::StorageSettings;
 use crate::config::{ConfigError, Settings};
 use crate::job::{codec, DeadlineSource, Engine, JobOutput, JobRequest};
-use crate::progress::{self, ProgressSnapshot};
+use crate::progress::ProgressSnapshot;
 use crate::runner::{job_span, Controls, Deadline, Runner};
 
 /// The SDK's job id for local test runs.
@@ -177,7 +177,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(e.to_string()),
     };
     let mode = ProgressMode::choose(args.quiet, args.json_progress);
-    let (sender, receiver) = progress::channel();
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<ProgressSnapshot>();
     let view = tokio::spawn(ProgressView::new(mode).drive(receiver));
     let controls = Controls::default();
     let on_signal = controls.cancel.clone();
@@ -202,7 +202,9 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         ..controls
     };
     let runner = Runner::new(engine, Duration::ZERO);
-    let mut view_sink = |s: &ProgressSnapshot| sender.send(s.clone());
+    let mut view_sink = |s: &ProgressSnapshot| {
+        let _ = sender.send(s.clone());
+    };
     let result = runner
         .run(&request, controls, &mut [&mut view_sink])
         .instrument(job_span(&request.id))
