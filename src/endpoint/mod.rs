@@ -7,12 +7,15 @@
 //! * `store.rs`: the job store (statuses, timings, retention, event channels);
 //! * `submission.rs`: a `/run` body, checked; `job_status.rs`: `IN_QUEUE`, `COMPLETED`, ...;
 //! * `routes.rs`: the axum router (auth, body limits, SSE, JSON errors); `error.rs`: `ApiError`;
-//! * `openapi.json` and `page.html`, served as they are.
+//! * `openapi.json` and `page.html`, served as they are;
+//! * `auth.rs`: the API key check; `cross_site.rs`: the guard of a keyless endpoint;
+//! * `v2/`: the Comfy API v2 surface (`/api/v2/...`) on the same store and runner.
 //!
 //! Only this module knows the endpoint's wire format; it reports a job's end with the
 //! serverless mode's result mapping ([`crate::job::output::result_body`]) so both modes report a
 //! job the same way.
 
+mod auth;
 mod cross_site;
 mod error;
 mod job_status;
@@ -21,6 +24,7 @@ mod routes;
 mod server;
 mod store;
 mod submission;
+mod v2;
 
 use std::time::Duration;
 
@@ -35,6 +39,7 @@ pub use job_status::JobStatus;
 pub use local_endpoint::LocalEndpoint;
 pub use routes::router;
 pub use server::ConnectionLimits;
+pub use v2::V2Options;
 
 /// How the local endpoint behaves; [`ServeOptions::default`] matches the cloud's limits.
 #[derive(Debug, Clone)]
@@ -65,6 +70,8 @@ pub struct ServeOptions {
     /// The address the endpoint listens on (set by [`serve`]): a keyless endpoint accepts it in
     /// `Host` beside the loopback names.
     pub bound: Option<std::net::SocketAddr>,
+    /// The Comfy API v2 surface's settings (assets, UI-format workflows).
+    pub v2: V2Options,
 }
 
 impl Default for ServeOptions {
@@ -80,6 +87,7 @@ impl Default for ServeOptions {
             limits: ConnectionLimits::default(),
             cors_origins: Vec::new(),
             bound: None,
+            v2: V2Options::default(),
         }
     }
 }
@@ -100,7 +108,12 @@ pub async fn serve(
         bound: Some(addr),
         ..options
     };
-    let endpoint = LocalEndpoint::new(engine, webhooks, options);
+    let endpoint = LocalEndpoint::try_new(engine, webhooks, options).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot make the asset store's directory (SERVE_ASSET_DIR): {e}"),
+        )
+    })?;
     let app = router(endpoint.clone());
     let closing = {
         let endpoint = endpoint.clone();

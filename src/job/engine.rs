@@ -209,11 +209,11 @@ impl Engine {
                 progress.send(snapshot);
             }
             match event {
-                PromptEvent::Executed { output, .. } => {
-                    if !output.files.is_empty() || !output.texts.is_empty() {
-                        outputs_sent.insert(output.node_id.clone());
-                        progress.node_event(NodeEvent::Output(*output));
-                    }
+                PromptEvent::Executed { output, .. }
+                    if !output.files.is_empty() || !output.texts.is_empty() =>
+                {
+                    outputs_sent.insert(output.node_id.clone());
+                    progress.node_event(NodeEvent::Output(*output));
                 }
                 PromptEvent::Preview { node, mime, data } => {
                     progress.node_event(NodeEvent::Preview { node, mime, data })
