@@ -3,6 +3,7 @@
 mod architecture;
 mod cdp;
 mod cli;
+mod comfy_sdk;
 mod convert;
 mod corpus;
 mod delivery;
