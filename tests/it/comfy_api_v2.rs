@@ -535,3 +535,78 @@ async fn every_refusal_is_the_contracts_envelope() {
         .await;
     assert_eq!((s, code(&b)), (403, "forbidden_origin".into()), "{b}");
 }
+
+#[tokio::test]
+async fn previews_reach_the_stream_and_ui_workflows_convert_when_configured() {
+    let sim = simulator(1).await;
+    let serve = Serve::start(
+        &sim,
+        ServeOptions {
+            v2: endpoint::V2Options {
+                convert_ui: true,
+                ..endpoint::V2Options::default()
+            },
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    // A node that sends a preview at every step: `preview` events on the stream, the latest
+    // kept on the job for late subscribers.
+    let mut workflow = harness::workflow("ok");
+    workflow["2"]["inputs"]["send_preview"] = json!(true);
+    workflow["2"]["inputs"]["seconds_per_step"] = json!(0.0);
+    sim.pause_after_step(3);
+    let job = serve.submit(workflow).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(LIMIT, sim.paused())
+        .await
+        .expect("never ran");
+    let events = serve
+        .request(reqwest::Method::GET, &format!("/api/v2/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = events.bytes_stream();
+    sim.resume();
+    let mut text = String::new();
+    while let Some(chunk) = tokio::time::timeout(LIMIT, stream.next()).await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    let previews: Vec<Value> = text
+        .split("event: preview\ndata: ")
+        .skip(1)
+        .map(|rest| serde_json::from_str(rest.split('\n').next().unwrap()).unwrap())
+        .collect();
+    assert!(previews.len() >= 7, "a preview per later step: {text}");
+    assert_eq!(previews[0]["node_id"], "2");
+    assert_eq!(previews[0]["content_type"], "image/jpeg");
+    assert!(previews[0]["data_base64"]
+        .as_str()
+        .unwrap()
+        .starts_with("/9j/"));
+    assert!(text.ends_with("{\"status\":\"succeeded\"}\n\n"), "{text}");
+
+    // A UI-format export, converted with ComfyUI's /object_info as RunPod-style jobs are.
+    let ui: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/ui_workflows/txt2img.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let job = serve.submit(ui.clone()).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let done = serve
+        .until(&id, |j| {
+            j["status"] == "succeeded" || j["status"] == "failed"
+        })
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, graph) = serve.get(&format!("/api/v2/jobs/{id}/workflow")).await;
+    assert_eq!(
+        (graph["format"].as_str(), &graph["workflow"]),
+        (Some("save"), &ui)
+    );
+    serve.conforms();
+}

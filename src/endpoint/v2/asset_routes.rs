@@ -403,6 +403,9 @@ pub(crate) async fn content(
     set(header::CONTENT_LENGTH, len.to_string());
     set(header::ACCEPT_RANGES, "bytes".into());
     set(header::ETAG, format!("\"{}\"", record.hash_hex));
+    // Bytes a client uploaded, with the type it named: never run as a page of this origin.
+    set(header::X_CONTENT_TYPE_OPTIONS, "nosniff".into());
+    set(header::CONTENT_SECURITY_POLICY, "sandbox".into());
     if status == StatusCode::PARTIAL_CONTENT {
         set(
             header::CONTENT_RANGE,
