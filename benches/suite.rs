@@ -334,6 +334,7 @@ fn graph_bookkeeping(n: usize) -> Duration {
                 WsEvent::Executed(e) => PromptEvent::Executed {
                     node: e.node,
                     files: 1,
+                    output: Box::default(),
                 },
                 _ => continue,
             };

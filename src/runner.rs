@@ -8,7 +8,8 @@
 //! * the **shutdown grace** (after the worker's shutdown token fires, the job gets
 //!   `SHUTDOWN_GRACE_S` to finish before it is interrupted),
 //! * the **panic catch** (a panicking job fails alone; the worker keeps serving),
-//! * the **progress fan-out** to any number of [`ProgressSink`]s,
+//! * the **progress fan-out** to any number of [`ProgressSink`]s (snapshots, and what nodes
+//!   produced on the way: outputs as each node finishes, previews, text),
 //! * the **warm-up** (`WARMUP_WORKFLOW`, run once before the first job; its state gates `serve`),
 //! * the **housekeeping**: `CLEANUP_FILES` before the result is returned, and
 //!   [`Runner::after_job`] (`FREE_MEMORY_AFTER_JOB`) for the front end to call once the result
@@ -31,7 +32,7 @@ use crate::housekeeping::warmup::{self, WarmupDone, WarmupError, WarmupState};
 use crate::job::{
     Completed, DeadlineSource, Engine, Job, JobFailure, JobFiles, JobRequest, Report,
 };
-use crate::progress::{self, ProgressSnapshot};
+use crate::progress::{self, NodeEvent, ProgressSnapshot, Update};
 
 /// The job id the warm-up runs under (in logs and ComfyUI's prompt history).
 pub const WARMUP_JOB_ID: &str = "warmup";
@@ -71,11 +72,15 @@ pub struct Controls {
     pub deadlines: Vec<Deadline>,
 }
 
-/// Where a job's progress goes. Called for every snapshot, in order, on the job's task: a sink
-/// must never block (queue what it cannot hand over at once).
+/// Where a job's progress goes. Called for every snapshot and node event, in order, on the
+/// job's task: a sink must never block (queue what it cannot hand over at once).
 pub trait ProgressSink: Send {
     /// One snapshot.
     fn snapshot(&mut self, snapshot: &ProgressSnapshot);
+
+    /// What a node produced or reported (its outputs as it finished, a preview, text, its
+    /// failure). Ignored unless the sink wants it.
+    fn node_event(&mut self, _event: &NodeEvent) {}
 }
 
 impl<F: FnMut(&ProgressSnapshot) + Send> ProgressSink for F {
@@ -183,7 +188,7 @@ impl Runner {
             wind_down_tx,
         ));
 
-        let (sender, mut snapshots) = progress::channel();
+        let (sender, mut updates) = progress::channel();
         let run = async {
             let mut engine_run =
                 Box::pin(AssertUnwindSafe(self.engine.run(&job, &sender, &cancel)).catch_unwind());
@@ -205,9 +210,12 @@ impl Runner {
             out
         };
         let fan_out = async {
-            while let Some(snapshot) = snapshots.recv().await {
+            while let Some(update) = updates.recv().await {
                 for sink in sinks.iter_mut() {
-                    sink.snapshot(&snapshot);
+                    match &update {
+                        Update::Snapshot(snapshot) => sink.snapshot(snapshot),
+                        Update::Node(event) => sink.node_event(event),
+                    }
                 }
             }
         };

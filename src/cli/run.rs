@@ -20,7 +20,7 @@ use crate::comfy::ui_workflow::is_ui_format;
 use crate::comfy::WorkflowInput;
 use crate::config::{ConfigError, Settings, StorageSettings, RUN_READY_TIMEOUT};
 use crate::job::{codec, DeadlineSource, Engine, JobOutput, JobRequest};
-use crate::progress::{self, ProgressSnapshot};
+use crate::progress::ProgressSnapshot;
 use crate::runner::{job_span, Controls, Deadline, Runner};
 
 /// Why the job to run cannot be read.
@@ -322,7 +322,7 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage(&e),
     };
     let mode = ProgressMode::choose(args.quiet, args.json_progress);
-    let (sender, receiver) = progress::channel();
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<ProgressSnapshot>();
     let view = tokio::spawn(ProgressView::new(mode).drive(receiver));
     let controls = Controls::default();
     let on_signal = controls.cancel.clone();
@@ -344,7 +344,9 @@ pub(crate) async fn run(args: RunArgs) -> ExitCode {
     let interrupted = controls.cancel.clone();
     let started = Instant::now();
     let runner = Runner::new(engine, Duration::ZERO);
-    let mut view_sink = |s: &ProgressSnapshot| sender.send(s.clone());
+    let mut view_sink = |s: &ProgressSnapshot| {
+        let _ = sender.send(s.clone());
+    };
     let result = runner
         .run(&request, controls, &mut [&mut view_sink])
         .instrument(job_span(&request.id))

@@ -164,6 +164,10 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(USAGE, e.to_string()),
     };
+    let v2 = match crate::endpoint::V2Options::from_lookup(|k| std::env::var(k).ok()) {
+        Ok(v) => v,
+        Err(e) => return fail(USAGE, e.to_string()),
+    };
     let cors_origins: Vec<String> = std::env::var("SERVE_CORS_ORIGINS")
         .unwrap_or_default()
         .split(',')
@@ -173,6 +177,7 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
     let options = ServeOptions {
         limits,
         cors_origins,
+        v2,
         ..args.options(grace)
     };
     let listener = match tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await {

@@ -99,6 +99,8 @@ pub enum PromptEvent {
         node: String,
         /// Files it reported.
         files: usize,
+        /// What it reported (its `ui` dict, typed; empty when the frame had none).
+        output: Box<NodeOutput>,
     },
     /// A preview image.
     Preview {
@@ -536,18 +538,17 @@ impl Watch<'_> {
                 on_event(PromptEvent::NodeStates { nodes });
             }
             WsEvent::Executed(e) => {
-                let files = e
-                    .output
-                    .as_ref()
-                    .map(|o| {
-                        super::history::parse_node_output(&e.node, &Value::Object(o.clone()))
-                            .files
-                            .len()
-                    })
-                    .unwrap_or(0);
+                let output = match e.output {
+                    Some(o) => super::history::parse_node_output(&e.node, &Value::Object(o)),
+                    None => NodeOutput {
+                        node_id: e.node.clone(),
+                        ..NodeOutput::default()
+                    },
+                };
                 on_event(PromptEvent::Executed {
                     node: e.node,
-                    files,
+                    files: output.files.len(),
+                    output: Box::new(output),
                 });
             }
             WsEvent::ExecutionSuccess(_) => {

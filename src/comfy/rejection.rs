@@ -90,6 +90,51 @@ impl PromptRejection {
     }
 }
 
+impl NodeErrors {
+    /// The entry as ComfyUI writes it under `node_errors[id]`: `{"errors": [{"type",
+    /// "message", "details", "extra_info": {"input_name"}}], "dependent_outputs", "class_type"}`.
+    pub fn to_json(&self) -> Value {
+        let errors: Vec<Value> = self
+            .errors
+            .iter()
+            .map(|r| {
+                let mut extra = serde_json::Map::new();
+                if let Some(name) = &r.input_name {
+                    extra.insert("input_name".into(), Value::String(name.clone()));
+                }
+                serde_json::json!({
+                    "type": r.kind,
+                    "message": r.message,
+                    "details": r.details,
+                    "extra_info": extra,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "errors": errors,
+            "dependent_outputs": self.dependent_outputs,
+            "class_type": self.class_type,
+        })
+    }
+
+    /// The same entry with `f` applied to its texts (the secret scrubber).
+    pub fn map_text(self, f: &dyn Fn(&str) -> String) -> NodeErrors {
+        NodeErrors {
+            errors: self
+                .errors
+                .into_iter()
+                .map(|r| ValidationReason {
+                    kind: r.kind,
+                    message: f(&r.message),
+                    details: f(&r.details),
+                    input_name: r.input_name,
+                })
+                .collect(),
+            ..self
+        }
+    }
+}
+
 pub(crate) fn parse_node_errors(v: Option<&Value>) -> Vec<NodeErrors> {
     let Some(Value::Object(map)) = v else {
         return Vec::new();

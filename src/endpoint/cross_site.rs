@@ -46,7 +46,7 @@ pub(super) async fn refuse_cross_site(
     next.run(request).await
 }
 
-fn check(
+pub(super) fn check(
     method: &Method,
     path: &str,
     headers: &HeaderMap,
@@ -83,7 +83,10 @@ fn check(
         None => {}
     }
     let takes_json = *method == Method::POST
-        && (path.ends_with("/run") || path.ends_with("/runsync") || path.ends_with("/jobs"));
+        && (path.ends_with("/run")
+            || path.ends_with("/runsync")
+            || path.ends_with("/jobs")
+            || path.ends_with("/from-hash"));
     if takes_json && !is_json(text(header::CONTENT_TYPE)) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -17,12 +17,19 @@ use super::store::{
     lock, Counts, End, Ending, Job, JobEvent, LastEvent, Started, State, EVENT_BUFFER,
 };
 use super::submission::Submission;
+use super::v2::job_record::V2Job;
+use super::v2::outputs::{Collected, OutputCollector};
+use super::v2::progress::progress_object;
+use super::v2::V2State;
 use super::{ServeOptions, WorkerMode};
 use crate::housekeeping::warmup::WarmupState;
 use crate::job::{DeadlineSource, Engine, JobRequest};
-use crate::progress::ProgressSnapshot;
-use crate::runner::{job_span, Controls, Deadline, Runner};
-use crate::webhook::Webhooks;
+use crate::progress::{NodeEvent, ProgressSnapshot};
+use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
+use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};
+
+/// How long a job's end waits for its outputs to be stored (v2), at most.
+const OUTPUTS_BOUND: Duration = Duration::from_secs(120);
 
 /// The error of a job still queued when the endpoint shut down.
 pub(super) const NOT_STARTED: &str =
@@ -61,6 +68,38 @@ pub(super) struct Inner {
     /// Bumped when a job is queued or an external worker has a job to stop: wakes every
     /// long-polling job-take and job-stop (`serve --workers external`).
     pub(super) changes: watch::Sender<()>,
+    /// The Comfy API v2 surface's asset store and keys.
+    v2: V2State,
+}
+
+/// A job to queue, from either surface.
+pub(super) struct NewJob {
+    pub(super) id: String,
+    pub(super) request: JobRequest,
+    pub(super) execution_timeout: Option<Duration>,
+    pub(super) ttl: Duration,
+    pub(super) webhook: Option<WebhookUrl>,
+    pub(super) progress_webhook: Option<WebhookUrl>,
+    pub(super) v2: Option<Box<V2Job>>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Refusal {
+    /// The endpoint is shutting down.
+    Closing,
+    /// The warm-up failed: the worker takes no jobs.
+    Unhealthy(String),
+    /// This many jobs are queued or running, the most the endpoint keeps.
+    Full(usize),
+}
+
+/// A job just queued: a watch for its final `/status` body, a receiver for its events (taken
+/// as it was queued, so none is missed), and whether it starts at once.
+pub(super) struct Queued {
+    pub(super) done: watch::Receiver<Option<Arc<Value>>>,
+    pub(super) events: broadcast::Receiver<JobEvent>,
+    pub(super) starts_now: bool,
 }
 
 impl Ending {
@@ -77,13 +116,41 @@ impl Ending {
             }
             inner.hooks.spawn(hook.finish());
         }
+        if let (false, Some(assets)) = (self.pins.is_empty(), &inner.v2.assets) {
+            assets.unpin(&self.pins);
+        }
     }
 }
 
 impl LocalEndpoint {
-    /// A store for `engine`'s jobs; starts the runner task (call inside a tokio runtime), unless
-    /// the jobs are for external workers: then call `worker_hub::start`.
+    /// A store for `engine`'s jobs; starts the runner task (call inside a tokio runtime) unless the
+    /// jobs are for external workers (then `worker_hub::start` takes its place). When
+    /// the Comfy API v2 asset store's directory cannot be made, the v2 surface runs without it
+    /// (its asset routes answer 500); [`LocalEndpoint::try_new`] fails instead.
     pub fn new(engine: Engine, webhooks: Webhooks, options: ServeOptions) -> LocalEndpoint {
+        let v2 = V2State::new(&options.v2).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot make the asset store's directory (SERVE_ASSET_DIR); /api/v2 runs without assets");
+            V2State::with_assets(None)
+        });
+        LocalEndpoint::start(engine, webhooks, options, v2)
+    }
+
+    /// [`LocalEndpoint::new`], failing when the asset store's directory cannot be made.
+    pub fn try_new(
+        engine: Engine,
+        webhooks: Webhooks,
+        options: ServeOptions,
+    ) -> std::io::Result<LocalEndpoint> {
+        let v2 = V2State::new(&options.v2)?;
+        Ok(LocalEndpoint::start(engine, webhooks, options, v2))
+    }
+
+    fn start(
+        engine: Engine,
+        webhooks: Webhooks,
+        options: ServeOptions,
+        v2: V2State,
+    ) -> LocalEndpoint {
         let inner = Arc::new(Inner {
             runner: Runner::new(engine, options.shutdown_grace),
             webhooks,
@@ -94,12 +161,18 @@ impl LocalEndpoint {
             stopped: CancellationToken::new(),
             hooks: TaskTracker::new(),
             changes: watch::Sender::new(()),
+            v2,
         });
         // With external workers the hub (`worker_hub::start`) takes the runner's place.
         if inner.options.workers == WorkerMode::Internal {
             tokio::spawn(queue_runner(inner.clone()));
         }
         LocalEndpoint { inner }
+    }
+
+    /// The Comfy API v2 surface's state.
+    pub(super) fn v2(&self) -> &V2State {
+        &self.inner.v2
     }
 
     /// The options it was built with.
@@ -138,10 +211,88 @@ impl LocalEndpoint {
     }
 
     /// The state, with expired jobs dropped first (so retention is applied on every request).
-    fn fresh_state(&self) -> MutexGuard<'_, State> {
-        let mut state = lock(&self.inner.state);
-        state.evict(Instant::now(), self.inner.options.max_jobs);
-        state
+    pub(super) fn fresh_state(&self) -> MutexGuard<'_, State> {
+        fresh(&self.inner)
+    }
+
+    /// Queues a job (see [`NewJob`]).
+    pub(super) fn enqueue(&self, new: NewJob) -> Result<Queued, Refusal> {
+        if self.inner.closing.is_cancelled() {
+            return Err(Refusal::Closing);
+        }
+        if let WarmupState::Failed(why) = self.inner.runner.warmup_state() {
+            return Err(Refusal::Unhealthy(why.to_string()));
+        }
+        let NewJob {
+            id,
+            request,
+            execution_timeout,
+            ttl,
+            webhook,
+            progress_webhook,
+            v2,
+        } = new;
+        let now = Instant::now();
+        let mut state = self.fresh_state();
+        let unfinished = state.jobs.values().filter(|j| !j.status.is_final()).count();
+        let max_jobs = self.inner.options.max_jobs;
+        if unfinished >= max_jobs {
+            return Err(Refusal::Full(unfinished));
+        }
+        let (events, events_rx) = broadcast::channel(EVENT_BUFFER);
+        let (done, done_rx) = watch::channel(None);
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let progress_hook: Option<ProgressHook> =
+            progress_webhook.map(|url| self.inner.webhooks.progress(url, &id));
+        let job = Job {
+            seq,
+            request: Some(request),
+            status: JobStatus::InQueue,
+            submitted: now,
+            started: None,
+            ended: None,
+            progress: None,
+            final_body: None,
+            cancel: CancellationToken::new(),
+            execution_timeout,
+            ttl,
+            webhook,
+            progress_hook,
+            events,
+            done,
+            worker: None,
+            v2,
+        };
+        let starts_now = state.queue.is_empty() && state.running.is_none();
+        state.jobs.insert(id.clone(), job);
+        state.queue.push_back(id.clone());
+        let dropped = state.evict(now, max_jobs);
+        let queued = state.queue.len();
+        drop(state);
+        self.forget_outputs(&dropped);
+        info!(job_id = %id, queued, "job queued");
+        self.inner.wake.notify_one();
+        self.inner.changes.send_replace(());
+        Ok(Queued {
+            done: done_rx,
+            events: events_rx,
+            starts_now,
+        })
+    }
+
+    fn forget_outputs(&self, jobs: &[String]) {
+        if let (false, Some(assets)) = (jobs.is_empty(), &self.inner.v2.assets) {
+            assets.forget_jobs(jobs);
+        }
+    }
+
+    /// Drops a job that never became one for its client (ComfyUI refused a v2 submission).
+    pub(super) fn discard(&self, id: &str) {
+        let removed = self.fresh_state().jobs.remove(id).is_some();
+        if removed {
+            self.forget_outputs(&[id.to_owned()]);
+        }
     }
 
     /// Queues a job; returns its id and a watch that gets its final `/status` body.
@@ -168,72 +319,41 @@ impl LocalEndpoint {
             ),
             None => None,
         };
-        if self.inner.closing.is_cancelled() {
-            return Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "the endpoint is shutting down",
-            ));
-        }
-        if let WarmupState::Failed(why) = self.inner.runner.warmup_state() {
-            return Err(ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                format!("the worker is unhealthy and takes no jobs: {why}"),
-            ));
-        }
         let id = format!("{}-l1", uuid::Uuid::new_v4());
-        let now = Instant::now();
-        let mut state = self.fresh_state();
-        let unfinished = state.jobs.values().filter(|j| !j.status.is_final()).count();
-        let max_jobs = self.inner.options.max_jobs;
-        if unfinished >= max_jobs {
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                format!("{unfinished} jobs are queued or running, the most this endpoint keeps (--max-jobs); try again later"),
-            ));
-        }
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let (done, done_rx) = watch::channel(None);
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        let external = self.inner.options.workers == WorkerMode::External;
         let mut request = JobRequest::new(id.clone(), Some(submission.input))
             .with_s3_config(submission.s3_config);
         // An external worker delivers the progress webhook itself, as on RunPod.
-        let progress_hook = match progress_webhook {
-            Some(_) if external => {
+        let progress_webhook = match progress_webhook {
+            Some(_) if self.inner.options.workers == WorkerMode::External => {
                 request = request.with_progress_webhook(submission.progress_webhook.clone());
                 None
             }
-            Some(url) => Some(webhooks.progress(url, &id)),
-            None => None,
+            other => other,
         };
-        let job = Job {
-            seq,
-            request: Some(request),
-            status: JobStatus::InQueue,
-            submitted: now,
-            started: None,
-            ended: None,
-            progress: None,
-            final_body: None,
-            cancel: CancellationToken::new(),
+        let new = NewJob {
+            id: id.clone(),
+            request,
             execution_timeout: submission.execution_timeout,
             ttl: submission.ttl.unwrap_or(self.inner.options.job_ttl),
             webhook,
-            progress_hook,
-            events,
-            done,
-            worker: None,
+            progress_webhook,
+            v2: None,
         };
-        state.jobs.insert(id.clone(), job);
-        state.queue.push_back(id.clone());
-        state.evict(now, max_jobs);
-        let queued = state.queue.len();
-        drop(state);
-        info!(job_id = %id, queued, "job queued");
-        self.inner.wake.notify_one();
-        self.inner.changes.send_replace(());
-        Ok((id, done_rx))
+        let queued = self.enqueue(new).map_err(|refusal| match refusal {
+            Refusal::Closing => ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the endpoint is shutting down",
+            ),
+            Refusal::Unhealthy(why) => ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("the worker is unhealthy and takes no jobs: {why}"),
+            ),
+            Refusal::Full(unfinished) => ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!("{unfinished} jobs are queued or running, the most this endpoint keeps (--max-jobs); try again later"),
+            ),
+        })?;
+        Ok((id, queued.done))
     }
 
     /// The job's `/status` body.
@@ -299,6 +419,7 @@ impl LocalEndpoint {
             match job.status {
                 JobStatus::InQueue => {
                     state.queue.retain(|q| q != id);
+                    state.queue_moved();
                 }
                 JobStatus::InProgress => {
                     job.cancel.cancel();
@@ -333,6 +454,8 @@ impl LocalEndpoint {
                     state.jobs.remove(id);
                 }
             }
+            drop(state);
+            self.forget_outputs(&ids);
             endings
         };
         let removed = endings.len();
@@ -392,6 +515,8 @@ impl LocalEndpoint {
                 stopped: CancellationToken::new(),
                 hooks: TaskTracker::new(),
                 changes: watch::Sender::new(()),
+                v2: V2State::new(&super::v2::V2Options::default())
+                    .unwrap_or_else(|_| V2State::with_assets(None)),
             }),
         }
     }
@@ -475,8 +600,18 @@ pub(super) fn end_queued(inner: &Inner, why: &str) -> usize {
     count
 }
 
+/// The state, with expired jobs dropped first (their v2 outputs with them).
+fn fresh(inner: &Inner) -> MutexGuard<'_, State> {
+    let mut state = lock(&inner.state);
+    let dropped = state.evict(Instant::now(), inner.options.max_jobs);
+    if let (false, Some(assets)) = (dropped.is_empty(), &inner.v2.assets) {
+        assets.forget_jobs(&dropped);
+    }
+    state
+}
+
 /// Runs one job to its end and records the outcome (unless it was cancelled meanwhile).
-async fn run_job(inner: &Inner, job: Started) {
+async fn run_job(inner: &Arc<Inner>, job: Started) {
     let Started {
         request,
         cancel,
@@ -494,23 +629,143 @@ async fn run_job(inner: &Inner, job: Started) {
         shutdown: Some(inner.closing.clone()),
         deadlines: deadlines.into_iter().flatten().collect(),
     };
-    let mut record = |snapshot: &ProgressSnapshot| record_progress(inner, &id, snapshot);
-    let result = inner
-        .runner
-        .run(&request, controls, &mut [&mut record])
-        .await;
+    // A v2 job: its outputs are stored as its nodes finish; the blobs its inputs come from are
+    // held until it has run.
+    let pins = {
+        let mut state = lock(&inner.state);
+        state
+            .jobs
+            .get_mut(&id)
+            .and_then(|j| j.v2.as_mut())
+            .map(|v2| std::mem::take(&mut v2.pins))
+    };
+    let collector = pins.is_some().then(|| {
+        OutputCollector::start(
+            id.clone(),
+            inner.runner.engine().comfy().clone(),
+            inner.v2.assets.clone(),
+            publisher(inner.clone(), id.clone()),
+        )
+    });
+    let mut sink = EndpointSink {
+        inner,
+        id: &id,
+        collector: collector.as_ref(),
+    };
+    let result = inner.runner.run(&request, controls, &mut [&mut sink]).await;
+    if let Some(collector) = collector {
+        collector.finish(OUTPUTS_BOUND).await;
+    }
     let ending = {
         let mut state = lock(&inner.state);
         state.running = None;
+        if let Some(job) = state.jobs.get_mut(&id) {
+            if let Some(v2) = &mut job.v2 {
+                // Nothing runs for it any more: a cancelled job is now `canceled`.
+                v2.settled = true;
+                let _ = job.events.send(JobEvent::V2Changed);
+            }
+        }
         // None when the job was cancelled (or purged) meanwhile: its end is already recorded.
         state.finalize(&id, End::Ran(result), Instant::now())
     };
     if let Some(ending) = ending {
         ending.deliver(inner);
     }
+    if let (Some(pins), Some(assets)) = (pins, &inner.v2.assets) {
+        assets.unpin(&pins);
+    }
 }
 
-/// Keeps the latest snapshot for `/status`, publishes it, and feeds the progress webhook.
+/// Where a v2 job's collected outputs go: into its record and onto its event stream.
+fn publisher(inner: Arc<Inner>, id: String) -> super::v2::outputs::Publish {
+    Box::new(move |collected: Collected| {
+        let mut state = lock(&inner.state);
+        let Some(job) = state.jobs.get_mut(&id) else {
+            return;
+        };
+        let Job { v2, events, .. } = job;
+        let Some(v2) = v2 else {
+            return;
+        };
+        match collected {
+            Collected::Output(output) => {
+                let output = Arc::new(output);
+                v2.outputs.push(output.clone());
+                let _ = events.send(JobEvent::V2Output(output));
+            }
+            Collected::Log { level, message } => {
+                let _ = events.send(JobEvent::V2Log(Arc::new(
+                    json!({"level": level, "message": message}),
+                )));
+            }
+        }
+    })
+}
+
+/// The runner's sink for a job of the endpoint: progress for `/status`, the event streams and
+/// the progress webhook; for a v2 job also its outputs (to the collector), previews, node text
+/// and node failure.
+struct EndpointSink<'a> {
+    inner: &'a Inner,
+    id: &'a str,
+    collector: Option<&'a OutputCollector>,
+}
+
+impl ProgressSink for EndpointSink<'_> {
+    fn snapshot(&mut self, snapshot: &ProgressSnapshot) {
+        record_progress(self.inner, self.id, snapshot);
+    }
+
+    fn node_event(&mut self, event: &NodeEvent) {
+        let Some(collector) = self.collector else {
+            return;
+        };
+        if let NodeEvent::Output(output) = event {
+            collector.push(output.clone());
+            return;
+        }
+        let mut state = lock(&self.inner.state);
+        let Some(job) = state.jobs.get_mut(self.id) else {
+            return;
+        };
+        let Job { v2, events, .. } = job;
+        let Some(v2) = v2 else {
+            return;
+        };
+        match event {
+            NodeEvent::Output(_) => {}
+            NodeEvent::Preview { node, mime, data } => {
+                let node = node
+                    .clone()
+                    .or_else(|| {
+                        v2.progress
+                            .as_ref()
+                            .and_then(|p| p["current_node"].as_str().map(str::to_owned))
+                    })
+                    .unwrap_or_default();
+                let preview = Arc::new(json!({
+                    "node_id": node,
+                    "content_type": mime,
+                    "data_base64": crate::job::codec::encode(data),
+                }));
+                v2.preview = Some(preview.clone());
+                let _ = events.send(JobEvent::V2Preview(preview));
+            }
+            NodeEvent::Text { node, text } => {
+                let _ = events.send(JobEvent::V2Log(Arc::new(
+                    json!({"level": "info", "message": format!("node {node}: {text}")}),
+                )));
+            }
+            NodeEvent::Failed(failure) => {
+                v2.node_failure = Some(failure.clone());
+            }
+        }
+    }
+}
+
+/// Keeps the latest snapshot for `/status`, publishes it, and feeds the progress webhook; for
+/// a v2 job also its `Progress` object (published when it changed).
 fn record_progress(inner: &Inner, id: &str, snapshot: &ProgressSnapshot) {
     let json = Arc::new(snapshot.to_json());
     let mut state = lock(&inner.state);
@@ -525,4 +780,12 @@ fn record_progress(inner: &Inner, id: &str, snapshot: &ProgressSnapshot) {
     }
     job.progress = Some(json.clone());
     let _ = job.events.send(JobEvent::Progress(json));
+    if let Some(v2) = &mut job.v2 {
+        let object = progress_object(snapshot);
+        if v2.progress.as_deref() != Some(&object) {
+            let object = Arc::new(object);
+            v2.progress = Some(object.clone());
+            let _ = job.events.send(JobEvent::V2Progress(object));
+        }
+    }
 }

@@ -9,12 +9,15 @@
 //! * `routes.rs`: the axum router (auth, body limits, SSE, JSON errors); `error.rs`: `ApiError`;
 //! * `worker_hub.rs` and `worker_routes.rs`: with `--workers external`, the endpoint as the
 //!   platform of worker processes (RunPod's worker protocol under `/worker/`);
-//! * `openapi.json` and `page.html`, served as they are.
+//! * `openapi.json` and `page.html`, served as they are;
+//! * `auth.rs`: the API key check; `cross_site.rs`: the guard of a keyless endpoint;
+//! * `v2/`: the Comfy API v2 surface (`/api/v2/...`) on the same store and runner.
 //!
 //! Only this module knows the endpoint's wire format; it reports a job's end with the
 //! serverless mode's result mapping ([`crate::job::output::result_body`]) so both modes report a
 //! job the same way.
 
+mod auth;
 mod cross_site;
 mod error;
 mod job_status;
@@ -23,6 +26,7 @@ mod routes;
 mod server;
 mod store;
 mod submission;
+mod v2;
 mod worker_hub;
 mod worker_routes;
 
@@ -39,6 +43,7 @@ pub use job_status::JobStatus;
 pub use local_endpoint::LocalEndpoint;
 pub use routes::router;
 pub use server::ConnectionLimits;
+pub use v2::V2Options;
 pub use worker_hub::{LONG_POLL, WORKER_LOST_AFTER};
 
 /// How the local endpoint behaves; [`ServeOptions::default`] matches the cloud's limits.
@@ -75,6 +80,8 @@ pub struct ServeOptions {
     /// With external workers: a job whose worker was not heard from (no job-take, ping or
     /// post) for this long fails ([`WORKER_LOST_AFTER`], 60 s; workers ping every 10 s).
     pub worker_lost_after: Duration,
+    /// The Comfy API v2 surface's settings (assets, UI-format workflows).
+    pub v2: V2Options,
 }
 
 /// Who runs the local endpoint's jobs.
@@ -103,6 +110,7 @@ impl Default for ServeOptions {
             bound: None,
             workers: WorkerMode::Internal,
             worker_lost_after: WORKER_LOST_AFTER,
+            v2: V2Options::default(),
         }
     }
 }
@@ -123,9 +131,13 @@ pub async fn serve(
         bound: Some(addr),
         ..options
     };
-    let external = options.workers == WorkerMode::External;
-    let endpoint = LocalEndpoint::new(engine, webhooks, options);
-    if external {
+    let endpoint = LocalEndpoint::try_new(engine, webhooks, options).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot make the asset store's directory (SERVE_ASSET_DIR): {e}"),
+        )
+    })?;
+    if endpoint.options().workers == WorkerMode::External {
         worker_hub::start(&endpoint);
     }
     let app = router(endpoint.clone());

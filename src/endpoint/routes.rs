@@ -27,6 +27,7 @@ use super::job_status::body_is_final;
 use super::local_endpoint::LocalEndpoint;
 use super::store::JobEvent;
 use super::submission::Submission;
+use super::v2::error::V2Error;
 use super::WorkerMode;
 use crate::housekeeping::warmup::WarmupState;
 
@@ -92,6 +93,7 @@ pub fn router(endpoint: LocalEndpoint) -> Router {
         .route("/v2/{endpoint_id}/", get(page))
         .nest("/v2/{endpoint_id}", api.clone())
         .merge(api)
+        .merge(super::v2::routes::router(&endpoint))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(endpoint);
@@ -113,7 +115,13 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
+                header::RANGE,
                 header::HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::CONTENT_RANGE,
+                header::ACCEPT_RANGES,
             ])
     })
 }
@@ -192,30 +200,11 @@ async fn require_api_key(
     next: Next,
 ) -> Response {
     if let Some(key) = &endpoint.options().api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .unwrap_or("");
-        let token = match given.get(..7) {
-            Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => given[7..].trim(),
-            _ => given,
-        };
-        if !same_secret(token.as_bytes(), key.expose().as_bytes()) {
+        if !super::auth::authorized(request.headers(), key) {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(request).await
-}
-
-/// Compares without stopping at the first difference, so timing does not reveal the key.
-fn same_secret(given: &[u8], key: &[u8]) -> bool {
-    let mut diff = given.len() ^ key.len();
-    for (i, k) in key.iter().enumerate() {
-        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ k);
-    }
-    diff == 0
 }
 
 async fn run(
@@ -450,6 +439,8 @@ impl Feed {
                     self.catch_up();
                     self.done = true;
                 }
+                // The Comfy API v2 surface's own events.
+                Ok(_) => {}
             }
         }
     }
@@ -463,32 +454,35 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-async fn no_route(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("no route for {method} {}", uri.path()),
-    )
+/// The Comfy API v2 surface answers in its own envelope.
+fn is_v2(uri: &Uri) -> bool {
+    uri.path().starts_with("/api/v2/")
 }
 
-async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {}", uri.path()),
-    )
+async fn no_route(method: Method, uri: Uri) -> Response {
+    let message = format!("no route for {method} {}", uri.path());
+    if is_v2(&uri) {
+        return V2Error::new(StatusCode::NOT_FOUND, "not_found", message).into_response();
+    }
+    ApiError::new(StatusCode::NOT_FOUND, message).into_response()
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> Response {
+    let message = format!("{method} is not allowed on {}", uri.path());
+    if is_v2(&uri) {
+        return V2Error::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            message,
+        )
+        .into_response();
+    }
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, message).into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abd", b"abc"));
-        assert!(!same_secret(b"ab", b"abc"));
-        assert!(!same_secret(b"abcd", b"abc"));
-        assert!(!same_secret(b"", b"abc"));
-    }
 
     /// An `Event`'s wire form, e.g. `event: status\ndata: {...}\n\n`.
     async fn wire(event: Event) -> String {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::job_status::JobStatus;
+use super::v2::job_record::{V2Job, V2Output};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput, JobRequest};
 use crate::webhook::{ProgressHook, WebhookUrl};
@@ -31,6 +32,16 @@ pub(crate) enum JobEvent {
     Status(Arc<Value>),
     /// A progress snapshot as JSON.
     Progress(Arc<Value>),
+    /// A v2 job's `Progress` object (Comfy API v2).
+    V2Progress(Arc<Value>),
+    /// A v2 job's `preview` event payload.
+    V2Preview(Arc<Value>),
+    /// A v2 job's committed output.
+    V2Output(Arc<V2Output>),
+    /// A v2 job's `log` event payload.
+    V2Log(Arc<Value>),
+    /// A v2 job's status or queue position may have changed (read it from the store).
+    V2Changed,
 }
 
 /// Job counts for `/health`.
@@ -89,6 +100,8 @@ pub(super) struct Job {
     pub(super) done: watch::Sender<Option<Arc<Value>>>,
     /// The external worker that took the job (`serve --workers external`).
     pub(super) worker: Option<String>,
+    /// What a job submitted through the Comfy API v2 surface has beside (`None` for the others).
+    pub(super) v2: Option<Box<V2Job>>,
 }
 
 pub(super) fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -169,6 +182,8 @@ pub(super) struct Ending {
     pub(super) body: Arc<Value>,
     pub(super) webhook: Option<WebhookUrl>,
     pub(super) hook: Option<(ProgressHook, LastEvent)>,
+    /// Asset blobs a v2 job that never ran held.
+    pub(super) pins: Vec<String>,
 }
 
 impl State {
@@ -177,6 +192,20 @@ impl State {
         let job = self.jobs.get_mut(id)?;
         if job.status.is_final() {
             return None;
+        }
+        if let Some(v2) = &mut job.v2 {
+            v2.error = match &end {
+                End::Ran(result) => {
+                    super::v2::job_error::job_error(result, v2.node_failure.as_ref()).map(Arc::new)
+                }
+                End::NotRun(why) => Some(Arc::new(super::v2::job_error::not_run(why))),
+                End::Cancelled => None,
+                // v2 jobs are not handed to external workers; should one be, its error stands.
+                End::Delivered(body) => body
+                    .get("error")
+                    .filter(|e| truthy(e))
+                    .map(|e| Arc::new(super::v2::job_error::not_run(&e.to_string()))),
+            };
         }
         let (status, output, error, last) = match end {
             End::Cancelled => (
@@ -257,6 +286,14 @@ impl State {
         };
         job.status = status;
         job.ended = Some(now);
+        // A job that never started is settled now: its held asset bytes go back.
+        let mut pins = Vec::new();
+        if job.started.is_none() {
+            if let Some(v2) = &mut job.v2 {
+                v2.settled = true;
+                pins = std::mem::take(&mut v2.pins);
+            }
+        }
         job.request = None;
         job.progress = None;
         let body = Arc::new(job.build_body(id, now, output.as_ref(), error.as_ref()));
@@ -267,6 +304,7 @@ impl State {
             body,
             webhook: job.webhook.take(),
             hook: job.progress_hook.take().map(|hook| (hook, last)),
+            pins,
         };
         match status {
             JobStatus::Completed => self.completed += 1,
@@ -281,11 +319,35 @@ impl State {
         Some(ending)
     }
 
-    /// Drops final jobs past their ttl, then the oldest final ones beyond `max_jobs`.
-    pub(super) fn evict(&mut self, now: Instant, max_jobs: usize) {
-        self.jobs.retain(|_, job| match job.ended {
-            Some(ended) if job.status.is_final() => now.saturating_duration_since(ended) < job.ttl,
-            _ => true,
+    /// Tells every queued v2 job that its place in the queue may have changed.
+    pub(super) fn queue_moved(&self) {
+        for id in &self.queue {
+            if let Some(job) = self.jobs.get(id).filter(|j| j.v2.is_some()) {
+                let _ = job.events.send(JobEvent::V2Changed);
+            }
+        }
+    }
+
+    /// 1-based place of a queued job in the queue.
+    pub(super) fn queue_position(&self, id: &str) -> Option<usize> {
+        self.queue.iter().position(|q| q == id).map(|i| i + 1)
+    }
+
+    /// Drops final jobs past their ttl, then the oldest final ones beyond `max_jobs`; returns
+    /// the ids of the v2 jobs dropped (their output assets go with them).
+    pub(super) fn evict(&mut self, now: Instant, max_jobs: usize) -> Vec<String> {
+        let mut dropped = Vec::new();
+        self.jobs.retain(|id, job| {
+            let keep = match job.ended {
+                Some(ended) if job.status.is_final() => {
+                    now.saturating_duration_since(ended) < job.ttl
+                }
+                _ => true,
+            };
+            if !keep && job.v2.is_some() {
+                dropped.push(id.clone());
+            }
+            keep
         });
         if self.jobs.len() > max_jobs {
             let mut finished: Vec<(Instant, u64, String)> = self
@@ -297,9 +359,12 @@ impl State {
             finished.sort();
             let excess = self.jobs.len() - max_jobs;
             for (_, _, id) in finished.into_iter().take(excess) {
-                self.jobs.remove(&id);
+                if self.jobs.remove(&id).is_some_and(|j| j.v2.is_some()) {
+                    dropped.push(id);
+                }
             }
         }
+        dropped
     }
 
     /// Takes the next queued job and marks it running: on this process's runner, or on the
@@ -316,6 +381,9 @@ impl State {
             job.started = Some(now);
             job.worker = worker.map(str::to_owned);
             job.publish_status(&id, now);
+            if job.v2.is_some() {
+                let _ = job.events.send(JobEvent::V2Changed);
+            }
             let started = Started {
                 request: job.request.take().unwrap_or_default(),
                 cancel: job.cancel.clone(),
@@ -324,6 +392,7 @@ impl State {
             if worker.is_none() {
                 self.running = Some(id);
             }
+            self.queue_moved();
             return Some(started);
         }
         None

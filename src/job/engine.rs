@@ -4,6 +4,7 @@
 //! [`crate::comfy`]'s typed API, never its JSON. Deadlines, cancellation, panics and
 //! housekeeping are the runner's ([`crate::runner`]), not its.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -24,7 +25,7 @@ use crate::comfy::{
 };
 use crate::comfy::{FileRef, Upload};
 use crate::config::Settings;
-use crate::progress::{ProgressSender, ProgressSnapshot, ProgressTracker};
+use crate::progress::{NodeEvent, ProgressSender, ProgressSnapshot, ProgressTracker};
 
 /// What one run of the engine gave: the job's result, and the files it left in ComfyUI's
 /// folders (for `CLEANUP_FILES`).
@@ -198,6 +199,8 @@ impl Engine {
         );
         let process = ProcessWatch::start(self.settings.comfy_pid_file.as_deref());
         let watch_options = self.watch_options();
+        // Nodes whose outputs went out as they finished (the others go out from `/history`).
+        let mut outputs_sent: HashSet<String> = HashSet::new();
         let mut on_event = |event: PromptEvent| {
             if let (Some(class), PromptEvent::Executing { node }) = (&self.panic_on_class, &event) {
                 if workflow.class_type(node) == Some(class.as_str()) {
@@ -207,6 +210,22 @@ impl Engine {
             ws_images.observe(&event);
             if let Some(snapshot) = tracker.apply(&event, Instant::now()) {
                 progress.send(snapshot);
+            }
+            match event {
+                PromptEvent::Executed { output, .. }
+                    if !output.files.is_empty() || !output.texts.is_empty() =>
+                {
+                    outputs_sent.insert(output.node_id.clone());
+                    progress.node_event(NodeEvent::Output(*output));
+                }
+                PromptEvent::Preview { node, mime, data } => {
+                    progress.node_event(NodeEvent::Preview { node, mime, data })
+                }
+                PromptEvent::Text { node, text } => {
+                    progress.node_event(NodeEvent::Text { node, text })
+                }
+                PromptEvent::Failed(failure) => progress.node_event(NodeEvent::Failed(failure)),
+                _ => {}
             }
         };
         let run = self.comfy.run_prompt(
@@ -238,13 +257,23 @@ impl Engine {
                     nodes = r.node_errors.len(),
                     "workflow rejected by ComfyUI validation"
                 );
-                return Err(JobFailure::Rejected(Report::with_details(message, details)));
+                return Err(JobFailure::Rejected(
+                    Report::with_details(message, details),
+                    r.node_errors,
+                ));
             }
             Err(e) => {
                 warn!(error = %e, "job failed talking to ComfyUI");
                 return Err(JobFailure::Comfy(Report::new(e.to_string())));
             }
         };
+        // Outputs whose `executed` frame was missed (a lost socket) go out now, before the result.
+        for node in &result.outputs {
+            let has_any = !node.files.is_empty() || !node.texts.is_empty();
+            if has_any && !outputs_sent.contains(&node.node_id) {
+                progress.node_event(NodeEvent::Output(node.clone()));
+            }
+        }
         if matches!(result.outcome, Outcome::Success) && !result.cancelled {
             progress.send(tracker.finished(Instant::now()));
         }

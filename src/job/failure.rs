@@ -7,6 +7,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
+use crate::comfy::NodeErrors;
+
 /// What a failure says: worker-comfyui's `error` and `details`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Report {
@@ -84,8 +86,9 @@ pub enum JobFailure {
     Conversion(Report),
     /// ComfyUI did not take the input files.
     Upload(Report),
-    /// ComfyUI's validation refused the workflow (`node_errors` in the details).
-    Rejected(Report),
+    /// ComfyUI's validation refused the workflow (`node_errors` in the details, as lines; and
+    /// typed, per node).
+    Rejected(Report, Vec<NodeErrors>),
     /// Talking to ComfyUI failed during the prompt (HTTP, socket, ComfyUI stopped responding).
     Comfy(Report),
     /// A node raised an error and nothing was returned.
@@ -138,6 +141,12 @@ impl JobFailure {
 
     /// The same failure with `f` applied to its texts (the secret scrubber).
     pub fn map_text(mut self, f: impl Fn(&str) -> String) -> JobFailure {
+        if let JobFailure::Rejected(_, nodes) = &mut self {
+            *nodes = std::mem::take(nodes)
+                .into_iter()
+                .map(|n| n.map_text(&f))
+                .collect();
+        }
         if let Some(report) = self.report_mut() {
             *report = std::mem::take(report).map_text(f);
         } else if let JobFailure::Panic(what) = &mut self {
@@ -154,7 +163,7 @@ impl JobFailure {
             | JobFailure::ComfyUnreachable(r)
             | JobFailure::Conversion(r)
             | JobFailure::Upload(r)
-            | JobFailure::Rejected(r)
+            | JobFailure::Rejected(r, _)
             | JobFailure::Comfy(r)
             | JobFailure::NodeError(r)
             | JobFailure::Interrupted(r)
@@ -175,7 +184,7 @@ impl JobFailure {
             | JobFailure::ComfyUnreachable(r)
             | JobFailure::Conversion(r)
             | JobFailure::Upload(r)
-            | JobFailure::Rejected(r)
+            | JobFailure::Rejected(r, _)
             | JobFailure::Comfy(r)
             | JobFailure::NodeError(r)
             | JobFailure::Interrupted(r)
@@ -287,12 +296,15 @@ mod tests {
 
     #[test]
     fn reports_keep_their_details_and_can_be_scrubbed() {
-        let f = JobFailure::Rejected(Report::with_details("bad", vec!["key=s3cr3t".into()]));
+        let f = JobFailure::Rejected(
+            Report::with_details("bad", vec!["key=s3cr3t".into()]),
+            Vec::new(),
+        );
         assert_eq!(f.message(), "bad");
         assert_eq!(f.details(), Some(&["key=s3cr3t".to_owned()][..]));
         let clean = f.map_text(|t| t.replace("s3cr3t", "[redacted]"));
         assert_eq!(clean.details(), Some(&["key=[redacted]".to_owned()][..]));
-        assert!(matches!(clean, JobFailure::Rejected(_)));
+        assert!(matches!(clean, JobFailure::Rejected(..)));
         assert_eq!(Report::with_details_if_any("m", vec![]), Report::new("m"));
     }
 }

@@ -37,5 +37,5 @@ pub use input::{parse_input, JobInput};
 pub use output::{
     Completed, FileEntry, JobOutput, MoreOutputs, OutputImage, OutputKind, OutputOptions, Outputs,
 };
-pub use request::{Job, JobRequest};
+pub use request::{Job, JobRequest, LocalFile};
 pub use storage::{JobStorage, Storage};

@@ -2,12 +2,13 @@
 //! platform carries beside it), and the same job read once into typed parts ([`Job`]): the
 //! input, the output options, the deadline it asks for, its bucket and its secrets.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::failure::JobFailure;
-use super::input::{parse_input, JobInput};
+use super::input::{parse_input, InputFile, JobInput, Source};
 use super::output::OutputOptions;
 use crate::secret::Secret;
 
@@ -27,6 +28,18 @@ pub struct JobRequest {
     pub progress_webhook: Option<String>,
     /// `input.timeout_s`: the deadline the job asks for (read here, once, for every front end).
     pub timeout: Option<Duration>,
+    /// Files the front end holds on disk (uploaded assets), uploaded to ComfyUI's input folder
+    /// with the input's `images`. Never read from a job's JSON: only a front end names a path.
+    pub local_files: Vec<LocalFile>,
+}
+
+/// A file a front end holds on disk, for ComfyUI's input folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalFile {
+    /// The name it gets in ComfyUI's input folder (a safe file name, chosen by the front end).
+    pub name: String,
+    /// Where its bytes are.
+    pub path: PathBuf,
 }
 
 impl JobRequest {
@@ -44,6 +57,12 @@ impl JobRequest {
     /// With the job's top-level `s3Config`.
     pub fn with_s3_config(mut self, s3_config: Option<Value>) -> JobRequest {
         self.s3_config = s3_config.filter(|v| !v.is_null());
+        self
+    }
+
+    /// With files the front end holds (see [`JobRequest::local_files`]).
+    pub fn with_local_files(mut self, files: Vec<LocalFile>) -> JobRequest {
+        self.local_files = files;
         self
     }
 
@@ -94,7 +113,17 @@ impl Job {
             .collect();
         let raw = request.input.as_ref();
         let scrub = |f: JobFailure| f.map_text(|t| crate::secret::scrub(t).into_owned());
-        let input = parse_input(raw).map_err(scrub)?;
+        let mut input = parse_input(raw).map_err(scrub)?;
+        input
+            .files
+            .extend(request.local_files.iter().map(|f| InputFile {
+                name: f.name.clone(),
+                name_derived: false,
+                source: Source::Local(f.path.clone()),
+                subfolder: String::new(),
+                folder_type: "input".into(),
+                original_ref: None,
+            }));
         let output = OutputOptions::parse(raw).map_err(scrub)?;
         let s3_config = crate::job::storage::job_s3_config(request.s3_config.as_ref(), raw);
         Ok(Job {

@@ -478,6 +478,7 @@ mod tests {
             PromptEvent::Executed {
                 node: "3".into(),
                 files: 1,
+                output: Box::default(),
             },
         ];
         for e in &events {

@@ -24,9 +24,13 @@ const README_MAX_LINES: usize = 300;
 /// Fenced-block languages whose lines are shell commands.
 const SHELL_LANGUAGES: &[&str] = &["sh", "bash", "console", "shell"];
 
-/// Variables in our families that belong to other programs: the RunPod SDK's client reads them,
-/// the worker does not.
-const FOREIGN_VARIABLES: &[&str] = &["RUNPOD_ENDPOINT_BASE_URL", "RUNPOD_API_KEY"];
+/// Variables in our families that belong to other programs: the RunPod SDK's and the Comfy SDK's
+/// clients read them, the worker does not.
+const FOREIGN_VARIABLES: &[&str] = &[
+    "RUNPOD_ENDPOINT_BASE_URL",
+    "RUNPOD_API_KEY",
+    "COMFY_BASE_URL",
+];
 
 /// String literals in `src/` that look like our variables but are not environment variables
 /// (ComfyUI's V3 input types).

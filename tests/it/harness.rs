@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use comfy_worker::config::Settings;
 use comfy_worker::job::{codec, Completed, Engine, JobOutput, JobRequest};
-use comfy_worker::progress::{self, ProgressSnapshot};
+use comfy_worker::progress::ProgressSnapshot;
 use comfy_worker::runner::{Controls, Runner};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -58,7 +58,7 @@ pub struct RunningJob {
 }
 
 pub fn spawn_job(engine: &Engine, input: Value) -> RunningJob {
-    let (tx, rx) = progress::channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let engine = engine.clone();
     let token = cancel.clone();
@@ -70,7 +70,9 @@ pub fn spawn_job(engine: &Engine, input: Value) -> RunningJob {
             cancel: token,
             ..Controls::default()
         };
-        let mut to_test = |s: &ProgressSnapshot| tx.send(s.clone());
+        let mut to_test = |s: &ProgressSnapshot| {
+            let _ = tx.send(s.clone());
+        };
         JobOutput::from(runner.run(&request, controls, &mut [&mut to_test]).await)
     });
     RunningJob {

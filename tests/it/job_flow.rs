@@ -267,3 +267,43 @@ async fn an_unreachable_comfyui_is_reported_after_the_retries() {
         format!("ComfyUI server ({addr}) not reachable after 30 ms (COMFY_READY_TIMEOUT_S). Last error: connection refused")
     );
 }
+
+/// A sink that records, in order, snapshots' kinds and node outputs (as the v2 surface uses them).
+#[derive(Default)]
+struct NodeEventLog(Vec<String>);
+
+impl comfy_worker::runner::ProgressSink for NodeEventLog {
+    fn snapshot(&mut self, s: &comfy_worker::progress::ProgressSnapshot) {
+        self.0.push(format!("{:?}", s.kind));
+    }
+    fn node_event(&mut self, e: &comfy_worker::progress::NodeEvent) {
+        if let comfy_worker::progress::NodeEvent::Output(o) = e {
+            self.0
+                .push(format!("output {} {}", o.node_id, o.files.len()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn node_outputs_reach_the_sinks_as_each_node_finishes() {
+    use comfy_worker::job::JobRequest;
+    use comfy_worker::runner::{Controls, Runner};
+    let sim = simulator(1).await;
+    let runner = Runner::new(engine(&sim), std::time::Duration::ZERO);
+    let request = JobRequest::new("j", Some(json!({"workflow": harness::workflow("ok")})));
+    let mut log = NodeEventLog::default();
+    let result = tokio::time::timeout(
+        harness::LIMIT,
+        runner.run(&request, Controls::default(), &mut [&mut log]),
+    )
+    .await
+    .expect("job timed out");
+    assert!(result.is_ok(), "{result:?}");
+    let outputs: Vec<&String> = log.0.iter().filter(|l| l.starts_with("output")).collect();
+    assert_eq!(outputs.len(), 2, "{:?}", log.0);
+    assert!(outputs.iter().all(|o| o.ends_with(" 1")), "{outputs:?}");
+    // Each output comes as its node finishes, before the prompt's end.
+    let first_output = log.0.iter().position(|l| l.starts_with("output")).unwrap();
+    let finished = log.0.iter().position(|l| l == "Finished").unwrap();
+    assert!(first_output < finished, "{:?}", log.0);
+}

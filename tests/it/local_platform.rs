@@ -306,6 +306,25 @@ async fn the_worker_routes_need_the_key_and_exist_only_for_external_workers() {
     assert_eq!(bare.status(), 401);
     let id = p.submit(input(1)).await;
     assert_eq!(p.take("w1").await.1["id"], id.as_str());
+    // The Comfy API v2 needs serve's own runner: refused clearly, nothing queued for a worker.
+    let (code, body) = p
+        .send(
+            p.request(reqwest::Method::POST, "/api/v2/jobs")
+                .header("x-api-key", "platform-key")
+                .json(&json!({"workflow": {"1": {"class_type": "EmptyImage", "inputs": {}}}})),
+        )
+        .await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--workers internal"),
+        "{body}"
+    );
+    let (_, health) = p.send(p.request(reqwest::Method::GET, "/health")).await;
+    assert_eq!(health["jobs"]["inQueue"], 0, "{health}");
 
     let sim = crate::worker_process::simulator(1).await;
     let ep = crate::serve::Endpoint::start(&sim, ServeOptions::default()).await;

@@ -3,6 +3,8 @@
 mod architecture;
 mod cdp;
 mod cli;
+mod comfy_api_v2;
+mod comfy_sdk;
 mod convert;
 mod corpus;
 mod delivery;

@@ -800,3 +800,43 @@ async fn page_input_forms_sse_parser_and_cancel() -> Result<()> {
     session.assert_no_page_errors();
     Ok(())
 }
+
+/// The same page on the Comfy API v2 surface: the job submitted to `/api/v2/jobs`, followed on
+/// its event stream, and its output fetched as an asset (with the API key) and shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_runs_a_job_through_the_comfy_api_v2() -> Result<()> {
+    let sim = simulator().await?;
+    let server = Server::start(&sim, Some(KEY)).await?;
+    let mut session = Session::open(&server.url).await?;
+    let page = &session.page;
+    page.eval(&format!(
+        "document.getElementById('api-key').value = {};
+         document.getElementById('surface').value = 'v2';
+         document.getElementById('load-example').click();
+         document.getElementById('submit').click();",
+        serde_json::to_string(KEY)?
+    ))
+    .await?;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'COMPLETED'",
+        WAIT,
+    )
+    .await?;
+    let images = decoded_images(page).await?;
+    assert_eq!(images.as_array().map(Vec::len), Some(1), "{images}");
+    assert_eq!(images[0]["w"], 512);
+    assert_eq!(images[0]["src"].as_str().map(|s| &s[..5]), Some("blob:"));
+    // It was a v2 job: the v2 surface knows it, with the example's workflow.
+    let id = shown_job_id(page).await?;
+    let (status, workflow) = call(
+        Method::GET,
+        &format!("{}api/v2/jobs/{id}/workflow", server.url),
+        Some(KEY),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{workflow}");
+    assert_eq!(workflow["workflow"], example_input()["input"]["workflow"]);
+    assert_eq!(text(page, "#overall-text").await?, "100 %");
+    session.assert_no_page_errors();
+    Ok(())
+}

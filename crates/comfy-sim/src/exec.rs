@@ -161,6 +161,18 @@ impl Executor {
                 json!({"prompt_id": item.prompt_id}),
                 false,
             );
+            let wall = SystemTime::now();
+            let unix_us = wall
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            lock(&shared.log).successes.push(super::SuccessMark {
+                prompt_id: item.prompt_id.clone(),
+                at: std::time::Instant::now(),
+                wall,
+            });
+            // One line per prompt, with the wall-clock stamp of its `execution_success`, so a
+            // benchmark in another process can measure from ComfyUI's own end.
+            tracing::info!(prompt_id = %item.prompt_id, unix_us, "execution_success sent");
         }
         lock(&shared.control.current).last_node = None;
 

@@ -235,6 +235,12 @@ impl Simulator {
         lock(&self.shared.log).steps.clone()
     }
 
+    /// When each successful prompt's `execution_success` was sent (also logged at info level as
+    /// `execution_success sent` with `unix_us`, for a benchmark in another process).
+    pub fn successes(&self) -> Vec<SuccessMark> {
+        lock(&self.shared.log).successes.clone()
+    }
+
     /// When each finished prompt's terminal `executing{node: null}` was sent.
     pub fn completions(&self) -> Vec<(String, std::time::Instant)> {
         lock(&self.shared.log).completions.clone()
@@ -361,6 +367,7 @@ pub(crate) struct Log {
     pub(crate) ws_client_ids: Vec<String>,
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
+    pub(crate) successes: Vec<SuccessMark>,
     pub(crate) uploads: Vec<UploadMark>,
     pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
     pub(crate) drops_fired: usize,
@@ -392,6 +399,17 @@ pub struct UploadMark {
     pub content_type: Option<String>,
     /// The `original_ref` field (masks).
     pub original_ref: Option<String>,
+}
+
+/// When the simulator sent a prompt's `execution_success` (for latency benchmarks).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SuccessMark {
+    /// The prompt.
+    pub prompt_id: String,
+    /// When it was handed to the sockets.
+    pub at: std::time::Instant,
+    /// The same moment on the wall clock.
+    pub wall: std::time::SystemTime,
 }
 
 /// When the simulator sent a sampler step's `progress` message (for latency benchmarks).

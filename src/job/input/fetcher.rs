@@ -62,6 +62,9 @@ pub enum DownloadFailure {
     /// It came empty.
     #[error("the file is empty")]
     Empty,
+    /// A file the front end holds could not be read (an asset deleted meanwhile).
+    #[error("cannot read it: {0}")]
+    Local(String),
 }
 
 /// Gets the bytes of input files: decoded ones as they are, URL inputs downloaded through the
@@ -184,6 +187,10 @@ impl Fetcher {
                 );
                 (data, None)
             }
+            Source::Local(path) => match tokio::fs::read(path).await {
+                Ok(data) => (Bytes::from(data), None),
+                Err(e) => return Err(fail(DownloadFailure::Local(e.to_string()))),
+            },
         };
         if data.is_empty() {
             return Err(fail(DownloadFailure::Empty));

@@ -83,6 +83,9 @@ pub enum Source {
         /// The object key.
         key: String,
     },
+    /// A file the front end holds on disk (see [`crate::job::request::LocalFile`]); never
+    /// made from a job's JSON.
+    Local(std::path::PathBuf),
 }
 
 impl Source {
@@ -92,6 +95,7 @@ impl Source {
             Source::Inline { .. } => "the job".into(),
             Source::Url(url) => display_url(url),
             Source::S3 { bucket, key } => format!("s3://{bucket}/{key}"),
+            Source::Local(_) => "the endpoint's asset store".into(),
         }
     }
 }

@@ -361,10 +361,10 @@ mod tests {
             serde_json::to_value(&d).unwrap(),
             json!({"errorType": "InvalidInput", "errorMessage": "Missing 'workflow' parameter"})
         );
-        let f = Finished::of(Err(JobFailure::Rejected(Report::with_details(
-            "Workflow validation failed",
-            vec!["Node 1: x".into()],
-        ))));
+        let f = Finished::of(Err(JobFailure::Rejected(
+            Report::with_details("Workflow validation failed", vec!["Node 1: x".into()]),
+            Vec::new(),
+        )));
         let e = f.error.unwrap();
         assert_eq!(e.error_type, error_type::COMFYUI_ERROR);
         assert_eq!(e.error_message, "Workflow validation failed\nNode 1: x");
