@@ -8,7 +8,8 @@
 //! * [`cli`]: the command line (`run`, `worker`, `serve`, `lambda`, `health`, `watch`,
 //!   `convert`, `simulate-comfyui`).
 //! * [`platform`]: the serverless adapters: RunPod's worker protocol, AWS Lambda's Runtime API.
-//! * [`endpoint`]: the local endpoint (`serve`): RunPod's endpoint API, live progress as SSE.
+//! * [`endpoint`]: the local endpoint (`serve`): RunPod's endpoint API, live progress as SSE, the
+//!   Comfy API v2, and RunPod's worker protocol for worker processes.
 //!
 //! The engine:
 //! * [`runner`]: the one job runner under every front end (deadlines, cancel, shutdown grace,

@@ -585,9 +585,19 @@ async fn queue_runner(inner: Arc<Inner>) {
 
 /// Ends every queued job as failed with `why`; returns how many.
 pub(super) fn end_queued(inner: &Inner, why: &str) -> usize {
+    end_jobs(inner, why, |state| state.queue.drain(..).collect())
+}
+
+/// Ends the jobs `pick` names (taken under the store's lock) as failed with `why`, then tells
+/// their clients; returns how many ended.
+pub(super) fn end_jobs(
+    inner: &Inner,
+    why: &str,
+    pick: impl FnOnce(&mut State) -> Vec<String>,
+) -> usize {
     let endings: Vec<Ending> = {
         let mut state = lock(&inner.state);
-        let ids: Vec<String> = state.queue.drain(..).collect();
+        let ids = pick(&mut state);
         let now = Instant::now();
         ids.iter()
             .filter_map(|id| state.finalize(id, End::NotRun(why.to_owned()), now))

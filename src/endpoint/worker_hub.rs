@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use tracing::{info, warn};
 
 use super::job_status::JobStatus;
-use super::local_endpoint::{end_queued, Inner, LocalEndpoint, NOT_STARTED};
+use super::local_endpoint::{end_jobs, end_queued, Inner, LocalEndpoint, NOT_STARTED};
 use super::store::{lock, End, Ending, JobEvent, State};
 use crate::job::{DeadlineSource, JobFailure};
 
@@ -252,22 +252,12 @@ fn sweep(inner: &Inner, now: Instant) {
 
 /// Ends every job a worker holds as failed with `why`; returns how many.
 fn end_held(inner: &Inner, why: &str) -> usize {
-    let endings: Vec<Ending> = {
-        let mut state = lock(&inner.state);
-        let held: Vec<String> = state
+    end_jobs(inner, why, |state| {
+        state
             .jobs
             .iter()
             .filter(|(_, j)| j.status == JobStatus::InProgress && j.worker.is_some())
             .map(|(id, _)| id.clone())
-            .collect();
-        let now = Instant::now();
-        held.iter()
-            .filter_map(|id| state.finalize(id, End::NotRun(why.to_owned()), now))
             .collect()
-    };
-    let count = endings.len();
-    for ending in endings {
-        ending.deliver(inner);
-    }
-    count
+    })
 }

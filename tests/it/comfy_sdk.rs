@@ -13,11 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use comfy_sim::{SimConfig, Simulator};
-use comfy_worker::endpoint::{serve, ServeOptions};
+use comfy_worker::endpoint::ServeOptions;
 use comfy_worker::secret::Secret;
-use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 use crate::harness::{self, LIMIT};
 
@@ -61,26 +59,20 @@ async fn the_comfy_sdk_runs_cancels_and_uploads_against_serve_and_every_response
     )
     .await
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let options = ServeOptions {
-        api_key: Some(Secret::new("v2-key")),
-        ..ServeOptions::default()
-    };
-    let server = tokio::spawn(serve(
-        listener,
-        harness::engine(&sim.host()),
-        Webhooks::new(WebhookPolicy::default()),
-        options,
-        stop.clone(),
-    ));
+    let ep = crate::serve::Endpoint::start(
+        &sim,
+        ServeOptions {
+            api_key: Some(Secret::new("v2-key")),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let workflow = dir.path().join("workflow.json");
     std::fs::write(&workflow, twenty_steps().to_string()).unwrap();
     let mut child = Command::new(python)
         .arg(v2_fixtures().join("sdk_flow.py"))
-        .env("COMFY_BASE_URL", format!("http://{addr}"))
+        .env("COMFY_BASE_URL", ep.base())
         .env("COMFY_API_KEY", "v2-key")
         .env("WORKFLOW", &workflow)
         .env("OUT_DIR", dir.path())
@@ -142,8 +134,7 @@ async fn the_comfy_sdk_runs_cancels_and_uploads_against_serve_and_every_response
         .await
         .expect("the SDK flow timed out");
     let status = child.wait();
-    stop.cancel();
-    let _ = server.await;
+    ep.stop().await;
     let stderr = stderr_text.join().unwrap();
     assert!(status.success(), "the SDK flow failed:\n{stderr}\n{last}");
     let result: Value = serde_json::from_str(&last)

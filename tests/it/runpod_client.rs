@@ -7,11 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use comfy_sim::{SimConfig, Simulator};
-use comfy_worker::endpoint::{serve, ServeOptions};
+use comfy_worker::endpoint::ServeOptions;
 use comfy_worker::secret::Secret;
-use comfy_worker::webhook::{WebhookPolicy, Webhooks};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use crate::harness::{self, png_size, LIMIT};
 
@@ -61,26 +59,21 @@ async fn the_official_runpod_client_runs_jobs_against_serve() {
     )
     .await
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let options = ServeOptions {
-        api_key: Some(Secret::new("local-key")),
-        ..ServeOptions::default()
-    };
-    let server = tokio::spawn(serve(
-        listener,
-        harness::engine(&sim.host()),
-        Webhooks::new(WebhookPolicy::default()),
-        options,
-        stop.clone(),
-    ));
+    let ep = crate::serve::Endpoint::start(
+        &sim,
+        ServeOptions {
+            api_key: Some(Secret::new("local-key")),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
     let workflow = harness::workflow("ok").to_string();
+    let base = format!("{}/v2", ep.base());
     let run = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg("-c")
             .arg(CLIENT)
-            .env("RUNPOD_ENDPOINT_BASE_URL", format!("http://{addr}/v2"))
+            .env("RUNPOD_ENDPOINT_BASE_URL", base)
             .env("KEY", "local-key")
             .env("WORKFLOW", workflow)
             .output()
@@ -90,8 +83,7 @@ async fn the_official_runpod_client_runs_jobs_against_serve() {
         .await
         .expect("client timed out")
         .unwrap();
-    stop.cancel();
-    let _ = server.await;
+    ep.stop().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -56,6 +56,11 @@ impl Endpoint {
         }
     }
 
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -121,7 +126,7 @@ impl Endpoint {
     }
 
     /// Stops the server and waits for it to exit.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
         let server = self.server.take().unwrap();
         tokio::time::timeout(LIMIT, server)
