@@ -32,7 +32,7 @@ use crate::housekeeping::warmup::{self, WarmupDone, WarmupError, WarmupState};
 use crate::job::{
     Completed, DeadlineSource, Engine, Job, JobFailure, JobFiles, JobRequest, Report,
 };
-use crate::progress::{self, NodeEvent, ProgressSnapshot, Update};
+use crate::progress::{self, NodeEvent, PreviewGate, ProgressSnapshot, Update};
 
 /// The job id the warm-up runs under (in logs and ComfyUI's prompt history).
 pub const WARMUP_JOB_ID: &str = "warmup";
@@ -209,8 +209,16 @@ impl Runner {
             drop(sender);
             out
         };
+        let mut previews = PreviewGate::new(self.engine.settings().previews.clone());
         let fan_out = async {
             while let Some(update) = updates.recv().await {
+                if let Update::Node(NodeEvent::Preview { data, .. }) = &update {
+                    // Every sink sees the same previews: those within the rate and size caps.
+                    if let Err(why) = previews.admit(Instant::now(), data) {
+                        tracing::trace!(?why, bytes = data.len(), "preview not relayed");
+                        continue;
+                    }
+                }
                 for sink in sinks.iter_mut() {
                     match &update {
                         Update::Snapshot(snapshot) => sink.snapshot(snapshot),

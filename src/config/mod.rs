@@ -9,6 +9,7 @@ use std::time::Duration;
 mod env;
 mod housekeeping;
 mod inputs;
+mod previews;
 mod shutdown;
 mod storage;
 
@@ -16,6 +17,7 @@ pub use env::ConfigError;
 pub(crate) use env::EnvReader;
 pub use housekeeping::{FreeMemory, Housekeeping};
 pub use inputs::InputPolicy;
+pub use previews::PreviewPolicy;
 pub use shutdown::{shutdown_grace_from, DEFAULT_SHUTDOWN_GRACE};
 pub(crate) use storage::{locate, Names, ENV_NAMES, JOB_NAMES};
 pub use storage::{
@@ -76,6 +78,9 @@ pub struct Settings {
     /// Warm-up and housekeeping: `WARMUP_WORKFLOW`, `FREE_MEMORY_AFTER_JOB`, `CLEANUP_FILES`,
     /// `COMFY_INPUT_DIR`, `COMFY_OUTPUT_DIR`, `COMFY_TEMP_DIR` (see [`crate::housekeeping`]).
     pub housekeeping: Housekeeping,
+    /// Live previews: `PREVIEW_MAX_PER_S`, `PREVIEW_MAX_BYTES`, `PREVIEW_MAX_SIDE`,
+    /// `RUNPOD_PREVIEWS`.
+    pub previews: PreviewPolicy,
 }
 
 impl Default for Settings {
@@ -97,6 +102,7 @@ impl Default for Settings {
             inputs: InputPolicy::default(),
             storage: StorageSettings::default(),
             housekeeping: Housekeeping::default(),
+            previews: PreviewPolicy::default(),
         }
     }
 }
@@ -145,6 +151,7 @@ impl Settings {
             view_timeout: r.secs("COMFY_VIEW_TIMEOUT_S", d.view_timeout)?,
             comfy_org_api_key: r.get("COMFY_ORG_API_KEY").map(Secret::new),
             housekeeping: Housekeeping::read(&r)?,
+            previews: PreviewPolicy::read(&r)?,
             inputs,
             storage,
         })

@@ -262,6 +262,7 @@ impl LocalEndpoint {
             events,
             done,
             worker: None,
+            preview: None,
             v2,
         };
         let starts_now = state.queue.is_empty() && state.running.is_none();
@@ -375,15 +376,29 @@ impl LocalEndpoint {
             .map(|job| job.status_body(id, Instant::now()))
     }
 
+    /// A running job's latest live preview.
+    pub(crate) fn preview(&self, id: &str) -> Option<Arc<Value>> {
+        let state = self.fresh_state();
+        let job = state.jobs.get(id)?;
+        (job.status == JobStatus::InProgress)
+            .then(|| job.preview.clone())
+            .flatten()
+    }
+
     /// The `/stream` body: `{"id", "status", "stream": [...]}`; the handler is not a generator,
-    /// so the stream holds the output once, when the job completed.
+    /// so the stream holds the running job's latest preview (`{"output": {"preview": …}}`), and
+    /// the output once, when the job completed.
     pub(crate) fn stream(&self, id: &str) -> Result<Value, ApiError> {
         let body = self.status(id)?;
+        let preview = self.preview(id);
         let mut reply = Map::new();
         reply.insert("id".into(), json!(id));
         reply.insert("status".into(), body["status"].clone());
-        let chunks = match (body["status"].as_str(), body.get("output")) {
-            (Some("COMPLETED"), Some(output)) => vec![json!({ "output": output })],
+        let chunks = match (body["status"].as_str(), body.get("output"), preview) {
+            (Some("COMPLETED"), Some(output), _) => vec![json!({ "output": output })],
+            (Some("IN_PROGRESS"), _, Some(preview)) => {
+                vec![json!({ "output": { "preview": *preview } })]
+            }
             _ => Vec::new(),
         };
         reply.insert("stream".into(), Value::Array(chunks));
@@ -728,6 +743,9 @@ impl ProgressSink for EndpointSink<'_> {
     }
 
     fn node_event(&mut self, event: &NodeEvent) {
+        if let NodeEvent::Preview { node, mime, data } = event {
+            publish_preview(self.inner, self.id, node.as_deref(), mime, data);
+        }
         let Some(collector) = self.collector else {
             return;
         };
@@ -772,6 +790,35 @@ impl ProgressSink for EndpointSink<'_> {
             }
         }
     }
+}
+
+/// Keeps a running job's latest preview (the page and `/stream` show it) and publishes it on
+/// its event stream. The runner's gate already held it to the rate and size caps.
+fn publish_preview(inner: &Inner, id: &str, node: Option<&str>, mime: &str, data: &[u8]) {
+    let (width, height) = imagesize::blob_size(data)
+        .map(|s| (s.width, s.height))
+        .unwrap_or_default();
+    let mut state = lock(&inner.state);
+    let Some(job) = state.jobs.get_mut(id) else {
+        return;
+    };
+    if job.status != JobStatus::InProgress {
+        return;
+    }
+    let node = node.map(str::to_owned).or_else(|| {
+        job.progress
+            .as_ref()
+            .and_then(|p| p["node"].as_str().map(str::to_owned))
+    });
+    let preview = Arc::new(json!({
+        "node": node,
+        "mime": mime,
+        "width": width,
+        "height": height,
+        "data": crate::job::codec::encode(data),
+    }));
+    job.preview = Some(preview.clone());
+    let _ = job.events.send(JobEvent::Preview(preview));
 }
 
 /// Keeps the latest snapshot for `/status`, publishes it, and feeds the progress webhook; for

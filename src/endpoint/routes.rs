@@ -384,6 +384,12 @@ impl Feed {
             done: false,
         };
         feed.push_status(first);
+        if !feed.done {
+            // A late subscriber sees the image as it stands.
+            if let Some(preview) = feed.endpoint.preview(&feed.id) {
+                feed.pending.push_back(sse_event("preview", &preview));
+            }
+        }
         feed
     }
 
@@ -430,6 +436,9 @@ impl Feed {
                 Ok(JobEvent::Status(body)) => self.push_status(&body),
                 Ok(JobEvent::Progress(snapshot)) => {
                     self.pending.push_back(sse_event("progress", &snapshot))
+                }
+                Ok(JobEvent::Preview(preview)) => {
+                    self.pending.push_back(sse_event("preview", &preview))
                 }
                 Err(RecvError::Lagged(skipped)) => {
                     debug!(job_id = %self.id, skipped, "event subscriber fell behind");

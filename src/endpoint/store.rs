@@ -32,6 +32,8 @@ pub(crate) enum JobEvent {
     Status(Arc<Value>),
     /// A progress snapshot as JSON.
     Progress(Arc<Value>),
+    /// A live preview: `{"node", "mime", "width", "height", "data"}` (`data` in base64).
+    Preview(Arc<Value>),
     /// A v2 job's `Progress` object (Comfy API v2).
     V2Progress(Arc<Value>),
     /// A v2 job's `preview` event payload.
@@ -100,6 +102,8 @@ pub(super) struct Job {
     pub(super) done: watch::Sender<Option<Arc<Value>>>,
     /// The external worker that took the job (`serve --workers external`).
     pub(super) worker: Option<String>,
+    /// The latest live preview while the job runs (for `/stream` and late subscribers).
+    pub(super) preview: Option<Arc<Value>>,
     /// What a job submitted through the Comfy API v2 surface has beside (`None` for the others).
     pub(super) v2: Option<Box<V2Job>>,
 }

@@ -28,6 +28,9 @@ pub struct JobRequest {
     pub progress_webhook: Option<String>,
     /// `input.timeout_s`: the deadline the job asks for (read here, once, for every front end).
     pub timeout: Option<Duration>,
+    /// `input.previews: true`: the job asks for its live previews where they are opt-in (the
+    /// RunPod progress posts).
+    pub previews: bool,
     /// Files the front end holds on disk (uploaded assets), uploaded to ComfyUI's input folder
     /// with the input's `images`. Never read from a job's JSON: only a front end names a path.
     pub local_files: Vec<LocalFile>,
@@ -46,10 +49,16 @@ impl JobRequest {
     /// A job with its id and input; `timeout` is read from `input.timeout_s`.
     pub fn new(id: impl Into<String>, input: Option<Value>) -> JobRequest {
         let timeout = input.as_ref().and_then(timeout_s);
+        let previews = input
+            .as_ref()
+            .and_then(|i| i.get("previews"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         JobRequest {
             id: id.into(),
             input,
             timeout,
+            previews,
             ..JobRequest::default()
         }
     }

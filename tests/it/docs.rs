@@ -33,8 +33,13 @@ const FOREIGN_VARIABLES: &[&str] = &[
 ];
 
 /// String literals in `src/` that look like our variables but are not environment variables
-/// (ComfyUI's V3 input types).
-const NOT_VARIABLES: &[&str] = &["COMFY_AUTOGROW_V3", "COMFY_DYNAMICCOMBO_V3"];
+/// (ComfyUI's V3 input types and output kinds).
+const NOT_VARIABLES: &[&str] = &[
+    "COMFY_AUTOGROW_V3",
+    "COMFY_DYNAMICCOMBO_V3",
+    "PREVIEW_3D",
+    "PREVIEW_3D_ANIMATION",
+];
 
 /// Where the local endpoint listens in the docs' examples.
 const ENDPOINT_AUTHORITIES: &[&str] = &["localhost:8000", "127.0.0.1:8000", "[::1]:8000"];

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use comfy_worker::config::Settings;
+use comfy_worker::config::{PreviewPolicy, Settings};
 use comfy_worker::job::{codec, Completed, Engine, JobOutput, JobRequest};
 use comfy_worker::progress::ProgressSnapshot;
 use comfy_worker::runner::{Controls, Runner};
@@ -25,6 +25,11 @@ pub fn settings(host: &str) -> Settings {
         ws_reconnect_delay: Duration::from_millis(20),
         ws_silence_timeout: Duration::from_millis(300),
         history_poll_interval: Duration::from_millis(30),
+        // Every preview (a test counts them; the rate cap has its own tests).
+        previews: PreviewPolicy {
+            max_per_second: 1e9,
+            ..PreviewPolicy::default()
+        },
         ..Settings::default()
     }
 }
@@ -195,6 +200,7 @@ pub fn clear_worker_env(cmd: &mut std::process::Command) -> &mut std::process::C
         "AWS_LAMBDA_",
         "WEBSOCKET_",
         "ALLOW_PRIVATE_",
+        "PREVIEW_",
     ];
     const NAMES: &[&str] = &[
         "JOB_TIMEOUT_S",

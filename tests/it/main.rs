@@ -21,6 +21,7 @@ mod local_platform;
 mod ops;
 mod outputs;
 mod page;
+mod previews;
 mod replay;
 mod replay_jobs;
 mod replay_selftest;

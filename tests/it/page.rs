@@ -68,7 +68,7 @@ const IDS: &[&str] = &[
 fn example_input() -> Value {
     json!({"input": {"workflow": {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512, "batch_size": 1, "color": 16744448}},
-        "2": {"class_type": "SlowSteps", "inputs": {"image": ["1", 0], "steps": 20, "seconds_per_step": 0.1}},
+        "2": {"class_type": "SlowSteps", "inputs": {"image": ["1", 0], "steps": 20, "seconds_per_step": 0.1, "send_preview": true}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "page"}}
     }}})
 }
@@ -409,6 +409,23 @@ async fn page_streams_progress_and_renders_the_image() -> Result<()> {
         if sample.step == "step 10/20" && !held {
             // The simulator holds the job here, so the page cannot move on before the shot.
             held = true;
+            // The example previews every step: the image forms under the bars, decoded by the
+            // browser (the simulator's 64-pixel previews of the 512×512 image).
+            let preview = page
+                .wait_for(
+                    "(() => { const box = document.getElementById('preview-box');
+                       const img = document.getElementById('preview');
+                       return !box.hidden && img.complete && img.naturalWidth > 0
+                         ? { w: img.naturalWidth, h: img.naturalHeight,
+                             caption: document.getElementById('preview-caption').textContent }
+                         : null; })()",
+                    WAIT,
+                )
+                .await?;
+            assert_eq!(
+                preview,
+                json!({"w": 64, "h": 64, "caption": "Live preview · node 2 · 64×64"})
+            );
             save_artifact("page-running.png", &page.screenshot().await?)?;
             // Held, the job sends nothing; the "queued · ran" times still move on their own.
             let before = text(page, "#job-id").await?;
@@ -463,7 +480,11 @@ async fn page_streams_progress_and_renders_the_image() -> Result<()> {
     assert_eq!(sampling.node_bar, 50.0, "{sampling:?}");
     assert!(sampling.eta.ends_with(" s"), "{sampling:?}");
 
-    // The final image, decoded by the browser at the example's size.
+    // The final image, decoded by the browser at the example's size, in the preview's place.
+    let preview_gone = page
+        .wait_for("document.getElementById('preview-box').hidden", WAIT)
+        .await?;
+    assert_eq!(preview_gone, json!(true));
     let images = decoded_images(page).await?;
     assert_eq!(
         images,

@@ -82,16 +82,21 @@ pub(crate) async fn run(
     object: &mut NodeObject,
 ) -> Result<NodeOutput, Failure> {
     if let Some(steps) = node.steps() {
-        let preview = (node.class_type == "SlowSteps" && node.flag("send_preview")).then(|| {
-            let source = node.first_image().unwrap_or_else(default_image);
-            let (w, h) = image::contain(source.width, source.height, 64);
-            Preview {
-                bytes: image::encode_jpeg_solid(w as u16, h as u16, source.average()),
+        let previewing = node.class_type == "SlowSteps" && node.flag("send_preview");
+        let source = node.first_image().unwrap_or_else(default_image);
+        let (w, h) = image::contain(source.width, source.height, 64);
+        for step in 1..=steps {
+            // As a sampler's latent previews do, the image converges on the result: from grey
+            // noise at the first step to the image's own colour at the last.
+            let preview = previewing.then(|| Preview {
+                bytes: image::encode_jpeg_solid(
+                    w as u16,
+                    h as u16,
+                    converging(source.average(), step, steps),
+                ),
                 format: 1,
                 mime: "image/jpeg",
-            }
-        });
-        for step in 1..=steps {
+            });
             run.step(node.id, step, steps, preview.as_ref()).await?;
         }
     }
@@ -973,6 +978,12 @@ fn traceback(node_frames: Vec<String>) -> Vec<String> {
     ));
     frames.extend(node_frames);
     frames
+}
+
+/// The colour of step `step` of `steps` of a preview converging from mid grey to `target`.
+fn converging(target: [u8; 3], step: u64, steps: u64) -> [u8; 3] {
+    let t = step as f64 / steps.max(1) as f64;
+    target.map(|c| (128.0 + (f64::from(c) - 128.0) * t).round() as u8)
 }
 
 #[cfg(test)]

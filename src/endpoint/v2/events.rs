@@ -223,7 +223,7 @@ impl Feed {
                 Ok(JobEvent::V2Output(output)) => self.output(output),
                 Ok(JobEvent::V2Log(line)) => self.pending.push_back(event("log", &line)),
                 Ok(JobEvent::Status(_)) | Ok(JobEvent::V2Changed) => self.sync(),
-                Ok(JobEvent::Progress(_)) => {}
+                Ok(JobEvent::Progress(_)) | Ok(JobEvent::Preview(_)) => {}
                 Err(RecvError::Lagged(skipped)) => {
                     // Slower than the job: skip to its current state (outputs are never skipped).
                     debug!(job_id = %self.id, skipped, "v2 event subscriber fell behind");

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod job;
 pub mod relay;
+mod relay_sink;
 pub mod settings;
 pub mod spool;
 mod worker;

@@ -14,6 +14,7 @@ use tracing::{error, info, warn, Instrument};
 use super::client::{Delivery, PlatformClient, Take, TakeError};
 use super::job::PlatformJob;
 use super::relay::Relay;
+use super::relay_sink::RelaySink;
 use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
@@ -295,11 +296,8 @@ impl Worker {
             .relay_progress
             .then(|| Relay::start(self.client.clone(), job.id.clone()));
         let mut webhook = JobWebhook::start(&self.webhooks, job);
-        let mut relay_sink = |s: &ProgressSnapshot| {
-            if let Some(relay) = &relay {
-                relay.update(s.to_json());
-            }
-        };
+        let previews = request.previews || self.runner.engine().settings().previews.runpod;
+        let mut relay_sink = RelaySink::new(relay.as_ref(), previews);
         let controls = Controls {
             cancel,
             shutdown: Some(shutdown.clone()),
