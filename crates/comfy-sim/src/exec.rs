@@ -163,6 +163,7 @@ impl Executor {
             );
         }
         lock(&shared.control.current).last_node = None;
+        hold_before_history(&shared).await;
 
         let entry = json!({
             "prompt": item.to_history_json(),
@@ -396,6 +397,23 @@ impl RunState {
             id.to_owned(),
             json!({"node_id": id, "display_node": id, "parent_node": null, "real_node_id": id}),
         );
+    }
+}
+
+/// Stops at an armed [`super::Simulator::hold_history`] until it is released.
+async fn hold_before_history(shared: &Shared) {
+    let hold = &shared.control.history;
+    let stopped = hold.send_if_modified(|p| {
+        if matches!(*p, Pause::Armed(_)) {
+            *p = Pause::Paused;
+            true
+        } else {
+            false
+        }
+    });
+    if stopped {
+        let mut rx = hold.subscribe();
+        let _ = rx.wait_for(|p| *p != Pause::Paused).await;
     }
 }
 
@@ -798,6 +816,23 @@ impl PromptRun {
             "parent_node_id": null,
             "real_node_id": id,
         })
+    }
+
+    /// `current` only: the node loads its models before its first step, shown as
+    /// `activity: "loading"` on its `progress_state` entry, then cleared (ComfyUI PR #16202).
+    pub(crate) fn model_loading(&mut self, id: &str) {
+        if self.shared.config.profile != super::Profile::Current {
+            return;
+        }
+        let mut entry = self.progress_entry(id, json!(0.0), json!(1.0), "running");
+        if let Value::Object(map) = &mut entry {
+            map.insert("activity".into(), json!("loading"));
+        }
+        self.progress.insert(id.to_owned(), entry);
+        self.send_progress_state();
+        let entry = self.progress_entry(id, json!(0.0), json!(1.0), "running");
+        self.progress.insert(id.to_owned(), entry);
+        self.send_progress_state();
     }
 
     fn send_progress_state(&self) {

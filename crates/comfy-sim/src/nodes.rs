@@ -91,6 +91,7 @@ pub(crate) async fn run(
                 mime: "image/jpeg",
             }
         });
+        run.model_loading(node.id);
         for step in 1..=steps {
             run.step(node.id, step, steps, preview.as_ref()).await?;
         }
