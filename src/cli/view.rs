@@ -93,7 +93,7 @@ pub(crate) fn describe(s: &ProgressSnapshot) -> String {
         },
         ProgressKind::Started => "started".to_owned(),
         ProgressKind::Cached => format!("{} node(s) cached", s.nodes_cached),
-        ProgressKind::Executing => what,
+        ProgressKind::Executing | ProgressKind::Loading => what,
         ProgressKind::Progress => {
             let short = match (&s.step, &node) {
                 (Some(step), Some(node)) => format!("{} {node}", cut(step, 20)),
@@ -202,6 +202,7 @@ mod tests {
             node: Some("3".into()),
             node_type: Some("KSampler".into()),
             step: Some("Sampling".into()),
+            title: None,
             overall_percent: 40.0,
             nodes_done: 3,
             nodes_total: 7,

@@ -19,6 +19,8 @@ pub enum ProgressKind {
     Cached,
     /// A node started.
     Executing,
+    /// A node loads its models (`step` is `Loading models`); reported by today's ComfyUI.
+    Loading,
     /// A sampler-like step.
     Progress,
     /// A node produced output.
@@ -64,6 +66,10 @@ pub struct ProgressSnapshot {
     pub node_type: Option<String>,
     /// Human name of what the node does ("Sampling", "Decoding", ...), else its class type.
     pub step: Option<String>,
+    /// For a node inside a subgraph (an id like `12:3`), the title the user sees (its
+    /// `_meta.title`, else its class type); absent for other nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
     /// Percent of the workflow done, never decreasing. Cached nodes count as done; each node weighs
     /// 1 plus its `steps` input, so sampling dominates as it does in wall time.
     pub overall_percent: f64,
@@ -100,6 +106,7 @@ impl ProgressSnapshot {
             node: None,
             node_type: None,
             step: None,
+            title: None,
             overall_percent: 0.0,
             nodes_done: 0,
             nodes_total: 0,
