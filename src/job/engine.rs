@@ -17,7 +17,7 @@ use super::output::{Completed, OutputKind, OutputOptions};
 use super::readiness::{self, NotReady, ProcessWatch};
 use super::request::Job;
 use super::storage::{JobStorage, Storage};
-use super::{collect, convert, input, report};
+use super::{collect, convert, input, model_check, report};
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptEvent, PromptResult,
     WatchOptions,
@@ -176,6 +176,8 @@ impl Engine {
         // A UI-format workflow is converted before anything is uploaded.
         let workflow =
             convert::resolve(&self.comfy, &self.object_info, input.workflow.clone()).await?;
+        // A model the workflow names that ComfyUI lacks fails the job here, in milliseconds.
+        model_check::check(&self.comfy, &self.object_info, &workflow, false).await?;
         self.upload_files(&uploads, &mut files.inputs).await?;
         let mut extra = ExtraData::new();
         let key = input

@@ -40,6 +40,7 @@ on_both_profiles!(
     a_silent_websocket_is_caught_by_the_history_fallback,
     cancel_interrupts_the_running_prompt,
     history_written_late_still_returns_every_output,
+    a_missing_model_is_refused_before_queueing,
     cancel_of_a_queued_prompt_takes_it_off_the_queue,
     subgraph_nodes_are_reported_by_their_display_ids,
     model_loading_is_a_progress_phase,
@@ -249,6 +250,22 @@ async fn cancel_interrupts_the_running_prompt(profile: Profile) {
             assert!(sim.interrupts().is_empty(), "{:?}", sim.interrupts());
         }
     }
+}
+
+/// A workflow naming a model ComfyUI does not have is refused before anything is queued, naming
+/// the node, the input and the closest names ComfyUI lists.
+async fn a_missing_model_is_refused_before_queueing(profile: Profile) {
+    let sim = simulator_as(1, profile).await;
+    let mut job = harness::test_input()["input"].clone();
+    job["workflow"]["4"]["inputs"]["ckpt_name"] = json!("sd_xl_base_1.1.safetensors");
+    let (out, progress) = run_job(&engine(&sim), job).await;
+    let err = error_text(&out);
+    assert!(
+        err.contains("Node 4 (CheckpointLoaderSimple): model not found: ckpt_name: 'sd_xl_base_1.1.safetensors' is not among ComfyUI's models (closest: sd_xl_base_1.0.safetensors, flux1-dev-fp8.safetensors)"),
+        "{err}"
+    );
+    assert!(sim.prompts().is_empty(), "nothing was queued");
+    assert!(progress.iter().all(|s| s.prompt_id.is_none()));
 }
 
 /// The prompt's end is seen (`execution_success`) but its history is not written yet when the
