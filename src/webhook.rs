@@ -436,6 +436,7 @@ impl LastProgress {
 fn kind_label(kind: ProgressKind) -> &'static str {
     match kind {
         ProgressKind::Waiting => "Waiting for ComfyUI",
+        ProgressKind::Downloading => "Downloading model",
         ProgressKind::Queued => "Queued",
         ProgressKind::Started => "Started",
         ProgressKind::Cached => "Cached",

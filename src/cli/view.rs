@@ -87,6 +87,14 @@ pub(crate) fn describe(s: &ProgressSnapshot) -> String {
             .message
             .clone()
             .unwrap_or_else(|| "waiting for ComfyUI".into()),
+        ProgressKind::Downloading => match s.max.0 {
+            max if max > 0.0 => format!(
+                "downloading model {:.0}/{:.0} MB",
+                s.value.0 / 1e6,
+                max / 1e6
+            ),
+            _ => format!("downloading model {:.0} MB", s.value.0 / 1e6),
+        },
         ProgressKind::Queued => match s.queue_position {
             Some(0) | None => "queued".to_owned(),
             Some(n) => format!("queued, {n} prompt(s) ahead"),

@@ -11,6 +11,9 @@ pub enum ProgressKind {
     /// Waiting for ComfyUI to answer at all (starting, restarting or unreachable); `message`
     /// says where and for how long.
     Waiting,
+    /// Downloading a model the job brings (`input.models`), before the prompt is queued:
+    /// `value`/`max` are bytes, `message` names the file.
+    Downloading,
     /// Waiting in ComfyUI's queue.
     Queued,
     /// Execution began.
@@ -117,6 +120,31 @@ impl ProgressSnapshot {
             queue_remaining: None,
             queue_position: None,
             message: Some(message),
+        }
+    }
+
+    /// Before the prompt is queued: a model the job brings is downloading (`done` of `total`
+    /// bytes, when announced).
+    pub fn downloading(
+        name: &str,
+        done: u64,
+        total: Option<u64>,
+        elapsed: std::time::Duration,
+    ) -> ProgressSnapshot {
+        let max = total.unwrap_or(0) as f64;
+        let percent = if max > 0.0 {
+            ((done as f64 / max * 1000.0).round() / 10.0).min(100.0)
+        } else {
+            0.0
+        };
+        ProgressSnapshot {
+            kind: ProgressKind::Downloading,
+            value: Num(done as f64),
+            max: Num(max),
+            percent,
+            step: Some("Downloading model".to_owned()),
+            message: Some(format!("downloading model {name}")),
+            ..ProgressSnapshot::waiting(String::new(), elapsed)
         }
     }
 

@@ -193,6 +193,7 @@ pub fn clear_worker_env(cmd: &mut std::process::Command) -> &mut std::process::C
         "AWS_LAMBDA_",
         "WEBSOCKET_",
         "ALLOW_PRIVATE_",
+        "MODEL_",
     ];
     const NAMES: &[&str] = &[
         "JOB_TIMEOUT_S",

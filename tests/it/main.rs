@@ -16,6 +16,7 @@ mod inputs;
 mod job_flow;
 mod lambda;
 mod local_platform;
+mod models;
 mod ops;
 mod outputs;
 mod page;

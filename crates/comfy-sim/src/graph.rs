@@ -419,7 +419,10 @@ impl Validator<'_> {
                 continue;
             }
             if let Some(options) = def.combo_options() {
-                if !options.iter().any(|o| py_eq(o, &val)) {
+                let on_disk = val
+                    .as_str()
+                    .is_some_and(|name| self.shared.model_on_disk(x, name));
+                if !on_disk && !options.iter().any(|o| py_eq(o, &val)) {
                     let (list_info, config) = if options.len() > 20 {
                         (format!("(list of length {})", options.len()), Value::Null)
                     } else {

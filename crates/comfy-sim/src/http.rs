@@ -568,7 +568,41 @@ fn input_images(shared: &Shared) -> Vec<String> {
 
 async fn object_info(State(shared): State<Arc<Shared>>) -> Response {
     super::lock(&shared.log).object_info_requests += 1;
-    ok_json(&shared.catalog.object_info(&input_images(&shared)))
+    let mut info = shared.catalog.object_info(&input_images(&shared));
+    add_disk_models(&shared, &mut info);
+    ok_json(&info)
+}
+
+/// Adds the model files of [`super::SimConfig::models_dir`] to the loaders' lists.
+fn add_disk_models(shared: &Shared, info: &mut Value) {
+    if shared.config.models_dir.is_none() {
+        return;
+    }
+    let Some(classes) = info.as_object_mut() else {
+        return;
+    };
+    for class in classes.values_mut() {
+        for category in ["required", "optional"] {
+            let Some(inputs) = class
+                .get_mut("input")
+                .and_then(|i| i.get_mut(category))
+                .and_then(Value::as_object_mut)
+            else {
+                continue;
+            };
+            for (name, spec) in inputs.iter_mut() {
+                let on_disk = shared.models_on_disk(name);
+                let Some(options) = spec.get_mut(0).and_then(Value::as_array_mut) else {
+                    continue;
+                };
+                for file in on_disk {
+                    if !options.iter().any(|o| o.as_str() == Some(file.as_str())) {
+                        options.push(Value::String(file));
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn object_info_class(

@@ -78,6 +78,9 @@ pub struct SimConfig {
     pub temp_dir: Option<PathBuf>,
     /// Which ComfyUI to play (default 0.3.64).
     pub profile: Profile,
+    /// When set, ComfyUI's model folder: the files in its `checkpoints/`, `loras/`, `vae/`, …
+    /// are offered in the loaders' lists (`/object_info`) and accepted by validation.
+    pub models_dir: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -89,6 +92,7 @@ impl Default for SimConfig {
             output_dir: None,
             temp_dir: None,
             profile: Profile::default(),
+            models_dir: None,
         }
     }
 }
@@ -503,6 +507,43 @@ impl Shared {
             lock(&self.log).drops_fired += 1;
             self.hub.drop_all();
         }
+    }
+
+    /// The model folder an input's files live in (`folder_paths` names), for the inputs the
+    /// simulator lists from [`SimConfig::models_dir`].
+    pub(crate) fn model_folder(input: &str) -> Option<&'static str> {
+        Some(match input {
+            "ckpt_name" => "checkpoints",
+            "lora_name" => "loras",
+            "vae_name" => "vae",
+            "unet_name" => "diffusion_models",
+            "control_net_name" => "controlnet",
+            "model_name" => "upscale_models",
+            n if n.starts_with("clip_name") => "text_encoders",
+            _ => return None,
+        })
+    }
+
+    /// The files of an input's model folder in [`SimConfig::models_dir`], sorted.
+    pub(crate) fn models_on_disk(&self, input: &str) -> Vec<String> {
+        let (Some(dir), Some(folder)) = (&self.config.models_dir, Shared::model_folder(input))
+        else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(folder))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether `name` is a file of the input's model folder on disk.
+    pub(crate) fn model_on_disk(&self, input: &str, name: &str) -> bool {
+        self.models_on_disk(input).iter().any(|n| n == name)
     }
 
     pub(crate) fn interrupted(&self) -> bool {
