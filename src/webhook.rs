@@ -726,6 +726,7 @@ mod tests {
             prompt_id: None,
             queue_remaining: None,
             queue_position: None,
+            preview: None,
             message: None,
         }
     }

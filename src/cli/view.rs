@@ -220,6 +220,7 @@ mod tests {
             prompt_id: Some("p".into()),
             queue_remaining: Some(1),
             queue_position: None,
+            preview: None,
             message: None,
         }
     }

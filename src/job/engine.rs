@@ -204,7 +204,12 @@ impl Engine {
                 Value::String(key.expose().into()),
             );
         }
-        let mut tracker = ProgressTracker::new(&workflow, started);
+        if input.previews {
+            // Today's ComfyUI takes the method per prompt; 0.3.64 ignores it and previews only
+            // with --preview-method (COMFY_PREVIEW_METHOD in the start script).
+            extra.insert("preview_method".into(), Value::String("auto".into()));
+        }
+        let mut tracker = ProgressTracker::new(&workflow, started).with_previews(input.previews);
         let mut ws_images = WebSocketImages::new(
             workflow
                 .websocket_image_nodes()

@@ -92,6 +92,10 @@ pub struct ProgressSnapshot {
     pub queue_remaining: Option<u64>,
     /// Prompts ahead of ours (0 = ours runs), while queued.
     pub queue_position: Option<usize>,
+    /// The node's latest preview image as a `data:` URL, on `progress` snapshots of a job that
+    /// asked for previews (`input.previews`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
     /// Error or interrupt text for `error` / `interrupted`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -119,6 +123,7 @@ impl ProgressSnapshot {
             prompt_id: None,
             queue_remaining: None,
             queue_position: None,
+            preview: None,
             message: Some(message),
         }
     }

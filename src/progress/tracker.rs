@@ -5,6 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
 use super::snapshot::{Num, ProgressKind, ProgressSnapshot};
 use super::step_name::step_name;
 use crate::comfy::{PromptEvent, Workflow};
@@ -46,7 +49,14 @@ pub struct ProgressTracker {
     queue_position: Option<usize>,
     /// A `queued` snapshot was published (later ones only when the queue state changes).
     queued_reported: bool,
+    /// Whether previews become snapshots (`input.previews`).
+    previews: bool,
+    /// The node and step of the last preview published (one per step).
+    last_preview: Option<(String, f64)>,
 }
+
+/// The largest preview image a snapshot carries.
+const MAX_PREVIEW_BYTES: usize = 256 * 1024;
 
 /// The `step` label of a [`ProgressKind::Loading`] snapshot.
 pub const LOADING_MODELS: &str = "Loading models";
@@ -94,7 +104,15 @@ impl ProgressTracker {
             queue_remaining: None,
             queue_position: None,
             queued_reported: false,
+            previews: false,
+            last_preview: None,
         }
+    }
+
+    /// Publishes the node's preview images (one per step, as `data:` URLs) when `on`.
+    pub fn with_previews(mut self, on: bool) -> ProgressTracker {
+        self.previews = on;
+        self
     }
 
     /// Records the prompt id once ComfyUI accepted the prompt.
@@ -215,6 +233,7 @@ impl ProgressTracker {
             } else {
                 None
             },
+            preview: None,
             message: None,
         }
     }
@@ -316,8 +335,27 @@ impl ProgressTracker {
                 }
                 None
             }
-            PromptEvent::Preview { .. }
-            | PromptEvent::Text { .. }
+            PromptEvent::Preview { node, mime, data } => {
+                if !self.previews || data.len() > MAX_PREVIEW_BYTES {
+                    return None;
+                }
+                let node = node
+                    .clone()
+                    .or_else(|| self.current.as_ref().map(|c| c.0.clone()))?;
+                let value = self
+                    .step
+                    .as_ref()
+                    .filter(|s| s.node == node)
+                    .map_or(0.0, |s| s.value);
+                if self.last_preview.as_ref() == Some(&(node.clone(), value)) {
+                    return None;
+                }
+                self.last_preview = Some((node, value));
+                let mut snap = self.snapshot(ProgressKind::Progress, now);
+                snap.preview = Some(format!("data:{mime};base64,{}", STANDARD.encode(data)));
+                Some(snap)
+            }
+            PromptEvent::Text { .. }
             | PromptEvent::ConnectionLost { .. }
             | PromptEvent::Reconnected => None,
         }

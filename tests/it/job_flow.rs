@@ -45,6 +45,7 @@ on_both_profiles!(
     subgraph_nodes_are_reported_by_their_display_ids,
     model_loading_is_a_progress_phase,
     text_and_preview_frames_are_events,
+    live_previews_come_with_the_progress,
     bad_inputs_get_clear_errors_and_never_reach_comfyui,
 );
 
@@ -371,6 +372,44 @@ async fn model_loading_is_a_progress_phase(profile: Profile) {
             assert!(at < first_step, "loading comes before the first step");
         }
     }
+}
+
+/// A job that asks for previews gets the sampler's preview images with its progress, as
+/// `data:` URLs, one per step, and ComfyUI is asked for them per prompt; without asking, none.
+async fn live_previews_come_with_the_progress(profile: Profile) {
+    let sim = simulator_as(1, profile).await;
+    let mut wf = harness::workflow("preview");
+    let (_, progress) = run_job(
+        &engine(&sim),
+        json!({"workflow": wf.clone(), "previews": true}),
+    )
+    .await;
+    let previews: Vec<&str> = progress
+        .iter()
+        .filter_map(|s| s.preview.as_deref())
+        .collect();
+    assert_eq!(previews.len(), 3, "one per step: {previews:?}");
+    assert!(
+        previews
+            .iter()
+            .all(|p| p.starts_with("data:image/jpeg;base64,/9j/")),
+        "{previews:?}"
+    );
+    let with_preview = progress.iter().find(|s| s.preview.is_some()).unwrap();
+    assert_eq!(
+        (with_preview.kind, with_preview.node.as_deref()),
+        (ProgressKind::Progress, Some("2"))
+    );
+    assert_eq!(
+        sim.prompts()[0]["extra_data"]["preview_method"],
+        json!("auto")
+    );
+    wf["1"]["inputs"]["color"] = json!(1);
+    let (_, progress) = run_job(&engine(&sim), json!({ "workflow": wf })).await;
+    assert!(progress.iter().all(|s| s.preview.is_none()));
+    assert!(sim.prompts()[1]["extra_data"]
+        .get("preview_method")
+        .is_none());
 }
 
 /// Text a node sends (binary event 3) and previews with their metadata header (event 4) reach

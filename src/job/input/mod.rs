@@ -49,6 +49,8 @@ pub struct JobInput {
     pub comfy_org_api_key: Option<Secret>,
     /// Model files to download into ComfyUI's model folder before queueing (`models`).
     pub models: Vec<ModelSpec>,
+    /// `previews: true`: ask ComfyUI for sampler previews and publish them with the progress.
+    pub previews: bool,
 }
 
 /// One input file, validated; its bytes may still have to be downloaded.
@@ -305,6 +307,16 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobFailure> {
             problems,
         ));
     }
+    let previews = match obj.get("previews") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(bad_input(format!(
+                "'previews' must be true or false, got {}",
+                json_type(other)
+            )))
+        }
+    };
     let models = model_spec::parse_models(obj.get("models"))
         .map_err(|problems| bad_input_with_details("Invalid 'models'", problems))?;
     Ok(JobInput {
@@ -312,6 +324,7 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobFailure> {
         files,
         comfy_org_api_key,
         models,
+        previews,
     })
 }
 
@@ -550,6 +563,15 @@ mod tests {
         assert!(details[1].as_str().unwrap().contains("b.png"));
         let e = err(Some(json!({"workflow": wf, "comfy_org_api_key": 5})));
         assert!(e["error"].as_str().unwrap().contains("comfy_org_api_key"));
+        let e = err(Some(json!({"workflow": wf, "previews": "yes"})));
+        assert_eq!(
+            e["error"],
+            json!("'previews' must be true or false, got a string")
+        );
+        let e = err(Some(
+            json!({"workflow": wf, "models": [{"url": "ftp://x/m", "folder": "loras", "name": "m.safetensors"}]}),
+        ));
+        assert_eq!(e["error"], json!("Invalid 'models'"));
     }
 
     #[test]
