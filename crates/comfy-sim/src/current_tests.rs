@@ -69,7 +69,7 @@ async fn queue(sim: &Simulator, prompt: &Value, client_id: &str) -> String {
     let (status, reply) = post(
         sim,
         "/prompt",
-        &json!({"prompt": prompt, "client_id": client_id, "prompt_id": id}),
+        &json!({"prompt": prompt, "client_id": client_id, "prompt_id": id, "extra_data": {"api_key_comfy_org": "key-1"}}),
     )
     .await;
     assert_eq!(status, 200, "{reply}");
@@ -121,6 +121,16 @@ async fn jobs_follow_a_prompt_from_pending_to_completed() {
     tokio::time::timeout(WAIT, sim.paused()).await.unwrap();
     let (_, _, job) = get(&sim, &format!("/api/jobs/{running}")).await;
     assert_eq!(job["status"], json!("in_progress"));
+    assert!(job["workflow"]["extra_data"]
+        .get("api_key_comfy_org")
+        .is_none());
+    let (_, _, queue) = get(&sim, "/queue").await;
+    assert!(
+        queue["queue_running"][0][3]
+            .get("api_key_comfy_org")
+            .is_none(),
+        "{queue}"
+    );
     assert!(job["create_time"].as_u64().is_some(), "{job}");
     assert!(job["workflow"]["prompt"].is_object());
     assert_eq!(

@@ -233,19 +233,14 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
 }
 
 async fn get_queue(State(shared): State<Arc<Shared>>) -> Response {
+    let show = if shared.config.profile == super::Profile::Current {
+        QueueItem::to_public_json
+    } else {
+        QueueItem::to_json
+    };
     let store = lock(&shared.store);
-    let running: Vec<Value> = store
-        .queue
-        .running()
-        .map(QueueItem::to_json)
-        .into_iter()
-        .collect();
-    let pending: Vec<Value> = store
-        .queue
-        .pending_sorted()
-        .into_iter()
-        .map(QueueItem::to_json)
-        .collect();
+    let running: Vec<Value> = store.queue.running().map(show).into_iter().collect();
+    let pending: Vec<Value> = store.queue.pending_sorted().into_iter().map(show).collect();
     ok_json(&json!({"queue_running": running, "queue_pending": pending}))
 }
 

@@ -43,7 +43,7 @@ fn metadata(extra: &Value) -> (Value, Value) {
 
 /// `normalize_queue_item`.
 fn queue_job(item: &QueueItem, status: &str, include_workflow: bool) -> Map<String, Value> {
-    let extra = Value::Object(item.extra_data.clone());
+    let extra = Value::Object(item.public_extra_data());
     let (create_time, workflow_id) = metadata(&extra);
     let mut job = prune(
         json!({
