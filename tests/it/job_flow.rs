@@ -38,6 +38,7 @@ on_both_profiles!(
     the_api_key_goes_to_comfyui_as_extra_data,
     a_killed_websocket_mid_run_still_returns_every_output,
     a_silent_websocket_is_caught_by_the_history_fallback,
+    capabilities_are_detected,
     cancel_interrupts_the_running_prompt,
     history_written_late_still_returns_every_output,
     a_missing_model_is_refused_before_queueing,
@@ -214,6 +215,34 @@ async fn a_silent_websocket_is_caught_by_the_history_fallback(profile: Profile) 
     sim.resume();
     let (output, _) = job.finish().await;
     assert_eq!(images(&output).len(), 2, "{}", output.to_json());
+    // Today's ComfyUI is asked through its jobs API first; 0.3.64 has none.
+    match profile {
+        Profile::Current => assert!(sim.job_lookups() > 0),
+        Profile::V0_3_64 => assert_eq!(sim.job_lookups(), 0),
+    }
+}
+
+/// What each ComfyUI can do is detected from its answers.
+async fn capabilities_are_detected(profile: Profile) {
+    let sim = simulator_as(1, profile).await;
+    let caps = engine(&sim).comfy().capabilities().await;
+    match profile {
+        Profile::V0_3_64 => {
+            assert_eq!(
+                caps.version,
+                Some(comfy_worker::comfy::ComfyVersion(0, 3, 64))
+            );
+            assert!(!caps.jobs_api && !caps.jobs_cancel && !caps.features.assets);
+        }
+        Profile::Current => {
+            assert_eq!(
+                caps.version,
+                Some(comfy_worker::comfy::ComfyVersion(0, 38, 1))
+            );
+            assert!(caps.jobs_api && caps.jobs_cancel && caps.features.assets);
+        }
+    }
+    assert!(caps.features.supports_preview_metadata);
 }
 
 async fn cancel_interrupts_the_running_prompt(profile: Profile) {

@@ -315,6 +315,7 @@ pub(crate) async fn list(State(shared): State<Arc<Shared>>, RawQuery(query): Raw
 
 /// `GET /api/jobs/{id}`: history first, then running, then pending; else 404.
 pub(crate) async fn get(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    lock(&shared.log).job_lookups += 1;
     let store = lock(&shared.store);
     let job = if let Some(entry) = store.queue.history_entry(&id) {
         Some(history_job(&id, entry, true))

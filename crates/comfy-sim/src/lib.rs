@@ -244,6 +244,11 @@ impl Simulator {
         self.shared.config.profile
     }
 
+    /// How many times `GET /api/jobs/{id}` was asked.
+    pub fn job_lookups(&self) -> usize {
+        lock(&self.shared.log).job_lookups
+    }
+
     /// Every job id `POST /api/jobs/{id}/cancel` or `POST /api/jobs/cancel` was asked to cancel.
     pub fn job_cancels(&self) -> Vec<String> {
         lock(&self.shared.log).job_cancels.clone()
@@ -405,6 +410,7 @@ pub(crate) struct Log {
     pub(crate) prompts: Vec<Value>,
     pub(crate) interrupts: Vec<Option<Value>>,
     pub(crate) job_cancels: Vec<String>,
+    pub(crate) job_lookups: usize,
     pub(crate) ws_client_ids: Vec<String>,
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
