@@ -134,7 +134,14 @@ async fn validation_errors_are_readable_and_hint_models(profile: Profile) {
     );
     assert!(err.contains("Node 2 (SlowSteps)"), "{err}");
     let (out, _) = run_job(&engine, json!({"workflow": harness::workflow("bad_class")})).await;
-    assert!(error_text(&out).contains("NoSuchNodeClass"));
+    let err = error_text(&out);
+    assert!(err.contains("NoSuchNodeClass"), "{err}");
+    if profile == Profile::Current {
+        assert!(
+            err.contains("not found. The custom node may not be installed."),
+            "{err}"
+        );
+    }
 
     let mut job = harness::test_input()["input"].clone();
     job["workflow"]["4"]["inputs"]["ckpt_name"] = json!("missing.safetensors");
