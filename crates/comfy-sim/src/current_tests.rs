@@ -173,6 +173,24 @@ async fn jobs_follow_a_prompt_from_pending_to_completed() {
     assert_eq!(job["outputs_count"], json!(2));
     assert_eq!(job["preview_output"]["nodeId"], json!("3"));
     assert_eq!(job["execution_status"]["status_str"], json!("success"));
+    // Output files carry their media metadata and an asset id, in history as in the jobs API.
+    let image = &job["outputs"]["3"]["images"][0];
+    assert_eq!(
+        image["metadata"],
+        json!({"kind": "image", "width": 512, "height": 512})
+    );
+    assert!(
+        image["id"]
+            .as_str()
+            .is_some_and(super::jobs::canonical_uuid),
+        "{image}"
+    );
+    assert_eq!(image["preview_id"], image["id"]);
+    let history = get(&sim, &format!("/history/{running}")).await.2;
+    assert_eq!(
+        history[&running]["outputs"]["3"]["images"][0]["id"],
+        image["id"]
+    );
     let (_, _, list) = get(&sim, "/api/jobs?status=completed").await;
     assert_eq!(list["pagination"]["total"], json!(1));
     assert!(

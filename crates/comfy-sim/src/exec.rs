@@ -253,11 +253,12 @@ impl Executor {
                 outputs: Arc::new(Vec::new()),
                 ui: None,
             });
+            let ui = entry.ui.map(|ui| run.enrich(ui));
             run.to_client_only(
                 "executed",
-                json!({"node": id, "display_node": id, "output": entry.ui, "prompt_id": run.prompt_id}),
+                json!({"node": id, "display_node": id, "output": ui, "prompt_id": run.prompt_id}),
             );
-            if let Some(ui) = entry.ui {
+            if let Some(ui) = ui {
                 state.record_ui(id, ui);
             }
             run.progress_cached(id);
@@ -309,7 +310,7 @@ impl Executor {
             },
         );
         state.results.insert(id.to_owned(), outputs);
-        if let Some(ui) = ui {
+        if let Some(ui) = ui.map(|ui| run.enrich(ui)) {
             run.to_client_only(
                 "executed",
                 json!({"node": id, "display_node": id, "output": ui, "prompt_id": run.prompt_id}),
@@ -816,6 +817,49 @@ impl PromptRun {
             "parent_node_id": null,
             "real_node_id": id,
         })
+    }
+
+    /// `current` only: what today's ComfyUI adds to every output file entry, in `executed` and
+    /// history alike: the media `metadata` of images (`{kind, width, height}`) and, with the
+    /// assets system on, an asset `id` (new for every run, cached ones too) and `preview_id`.
+    pub(crate) fn enrich(&self, mut ui: Map<String, Value>) -> Map<String, Value> {
+        if self.shared.config.profile != super::Profile::Current {
+            return ui;
+        }
+        let store = lock(&self.shared.store);
+        for items in ui.values_mut().filter_map(Value::as_array_mut) {
+            for item in items.iter_mut().filter_map(Value::as_object_mut) {
+                let (Some(name), Some(kind)) = (
+                    item.get("filename").and_then(Value::as_str),
+                    item.get("type").and_then(Value::as_str),
+                ) else {
+                    continue;
+                };
+                let subfolder = item.get("subfolder").and_then(Value::as_str).unwrap_or("");
+                let rel = if subfolder.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{subfolder}/{name}")
+                };
+                let Some(bytes) = super::store::Folder::from_type(kind)
+                    .and_then(|folder| store.files.get(folder, &rel))
+                else {
+                    continue;
+                };
+                if let Some((width, height)) = super::image::image_size(bytes) {
+                    item.insert(
+                        "metadata".into(),
+                        json!({"kind": "image", "width": width, "height": height}),
+                    );
+                    let id = uuid::Uuid::new_v4().to_string();
+                    item.insert("id".into(), json!(id));
+                    item.insert("preview_id".into(), json!(id));
+                } else {
+                    item.insert("id".into(), json!(uuid::Uuid::new_v4().to_string()));
+                }
+            }
+        }
+        ui
     }
 
     /// `current` only: the node loads its models before its first step, shown as
