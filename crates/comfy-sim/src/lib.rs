@@ -289,7 +289,8 @@ impl Simulator {
         lock(&self.shared.log).completions.clone()
     }
 
-    /// Resolves once `n` `POST /interrupt` requests have been handled (their flag is set).
+    /// Resolves once `n` `POST /interrupt` or `POST /api/jobs/{id}/cancel` requests have been
+    /// handled (their flag is set).
     pub async fn interrupt_handled(&self, n: usize) {
         let mut rx = self.shared.control.interrupts_handled.subscribe();
         let _ = rx.wait_for(|count| *count >= n).await;
