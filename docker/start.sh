@@ -8,7 +8,17 @@
 #   COMFYUI_DIR          ComfyUI checkout                          (/comfyui)
 #   COMFYUI_PYTHON       Python interpreter                        (python)
 #   COMFYUI_START_CMD    full command that starts ComfyUI          (python -u $COMFYUI_DIR/main.py ...)
-#   COMFYUI_EXTRA_ARGS   extra ComfyUI flags, e.g. "--preview-method auto"
+#   COMFYUI_EXTRA_ARGS   extra ComfyUI flags, e.g. "--cache-lru 10"
+#   COMFY_PREVIEW_METHOD sampler previews: none (default), auto, latent2rgb or taesd; passed as
+#                        --preview-method unless COMFYUI_EXTRA_ARGS has one
+#   COMFY_DISABLE_ASSETS "auto" (default), "true" or "false": start ComfyUI with --disable-assets.
+#                        auto does when ComfyUI knows the flag and its user folder
+#                        (COMFYUI_USER_DIR, $COMFYUI_DIR/user) sits on a shared network volume
+#                        (under NETWORK_VOLUME_DIR, /runpod-volume, or on an NFS/SMB/FUSE/Ceph
+#                        file system): today's ComfyUI keeps an assets database at
+#                        <user dir>/comfyui.db and locks it, so a second ComfyUI on the same
+#                        volume exits with "ASSETS_STARTUP_FAILED: in_use". A worker needs no
+#                        asset catalog.
 #   COMFY_LOG_LEVEL      ComfyUI --verbose level                   (INFO)
 #   COMFY_PID_FILE       where ComfyUI's PID is written            (/tmp/comfyui.pid)
 #   COMFY_INPUT_DIR, COMFY_OUTPUT_DIR, COMFY_TEMP_DIR
@@ -38,9 +48,57 @@ set -euo pipefail
 : "${SERVE_API_LOCALLY:=false}"
 : "${SERVE_API_PORT:=8000}"
 : "${START_COMFYUI:=auto}"
+: "${COMFY_PREVIEW_METHOD:=none}"
+: "${COMFY_DISABLE_ASSETS:=auto}"
+: "${COMFYUI_USER_DIR:=$COMFYUI_DIR/user}"
+: "${NETWORK_VOLUME_DIR:=/runpod-volume}"
 export COMFY_PID_FILE COMFY_INPUT_DIR COMFY_OUTPUT_DIR COMFY_TEMP_DIR
 
 log() { echo "comfy-worker start: $*" >&2; }
+
+# Whether $1 (or the nearest folder above it that exists) lives on a shared network volume.
+on_network_volume() {
+    local dir real volume fs
+    dir="$1"
+    real="$(realpath -m -- "$dir" 2>/dev/null || echo "$dir")"
+    volume="$(realpath -m -- "$NETWORK_VOLUME_DIR" 2>/dev/null || echo "$NETWORK_VOLUME_DIR")"
+    case "$real/" in "$volume"/*) return 0 ;; esac
+    while [ ! -e "$real" ] && [ "$real" != "/" ]; do real="$(dirname -- "$real")"; done
+    fs="$(stat -f -c %T -- "$real" 2>/dev/null || true)"
+    case "$fs" in nfs* | cifs | smb* | fuse* | ceph | lustre | glusterfs | gpfs | 9p) return 0 ;; esac
+    return 1
+}
+
+# The ComfyUI flags this script adds: --disable-assets and --preview-method (see the top).
+comfy_flags=()
+case " $COMFYUI_EXTRA_ARGS " in
+    *" --disable-assets "* | *" --database-url"*) ;;
+    *)
+        disable_assets=false
+        if [ "$COMFY_DISABLE_ASSETS" = "true" ]; then
+            disable_assets=true
+        elif [ "$COMFY_DISABLE_ASSETS" = "auto" ] && on_network_volume "$COMFYUI_USER_DIR"; then
+            # 0.3.64 and older have no such flag, and ComfyUI exits on a flag it does not know.
+            if grep -q -- "--disable-assets" "$COMFYUI_DIR/comfy/cli_args.py" 2>/dev/null; then
+                disable_assets=true
+            else
+                log "ComfyUI's user folder $COMFYUI_USER_DIR is on a network volume; this ComfyUI has no assets database to turn off"
+            fi
+        fi
+        if [ "$disable_assets" = "true" ]; then
+            log "starting ComfyUI with --disable-assets (its user folder $COMFYUI_USER_DIR may be shared: a second ComfyUI on one assets database fails with ASSETS_STARTUP_FAILED)"
+            comfy_flags+=(--disable-assets)
+        fi
+        ;;
+esac
+case " $COMFYUI_EXTRA_ARGS " in
+    *" --preview-method"*) ;;
+    *)
+        if [ "$COMFY_PREVIEW_METHOD" != "none" ]; then
+            comfy_flags+=(--preview-method "$COMFY_PREVIEW_METHOD")
+        fi
+        ;;
+esac
 
 # Optional SSH access, as in worker-comfyui.
 if [ -n "${PUBLIC_KEY:-}" ] && command -v sshd >/dev/null 2>&1; then
@@ -87,7 +145,7 @@ else
     log "starting ComfyUI from $COMFYUI_DIR"
     # shellcheck disable=SC2086 # COMFYUI_EXTRA_ARGS is a list of flags.
     LD_PRELOAD="$tcmalloc" "$COMFYUI_PYTHON" -u "$COMFYUI_DIR/main.py" --disable-auto-launch --disable-metadata \
-        "${listen[@]}" --verbose "$COMFY_LOG_LEVEL" --log-stdout $COMFYUI_EXTRA_ARGS &
+        "${listen[@]}" "${comfy_flags[@]}" --verbose "$COMFY_LOG_LEVEL" --log-stdout $COMFYUI_EXTRA_ARGS &
 fi
 echo "$!" > "$COMFY_PID_FILE"
 log "ComfyUI pid $(cat "$COMFY_PID_FILE") written to $COMFY_PID_FILE"

@@ -532,6 +532,10 @@ pub enum FetchError {
     Transport(String),
 }
 
+/// Receives a streamed body's chunks with the length the server announced; an error stops the
+/// download.
+pub type OnChunk<'a> = dyn FnMut(Option<u64>, &[u8]) -> std::io::Result<()> + Send + 'a;
+
 /// A downloaded body.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -585,6 +589,51 @@ impl Downloader {
     }
 
     async fn get_unbounded(&self, url: &str) -> Result<Fetched, FetchError> {
+        let (resp, announced, redirects) = self.open(url).await?;
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let data = self.read_body(resp, announced).await?;
+        Ok(Fetched {
+            data,
+            content_type,
+            redirects,
+        })
+    }
+
+    /// Streams `url`'s body to `on_chunk` as it arrives (for files too large to hold, such as
+    /// models), with the same checks, redirects and limits as [`Downloader::get`], each chunk
+    /// with the length the server announced (first an empty one, before the body). Returns the
+    /// bytes read.
+    pub async fn stream(&self, url: &str, on_chunk: &mut OnChunk<'_>) -> Result<u64, FetchError> {
+        let streamed = async {
+            let (mut resp, announced, _) = self.open(url).await?;
+            on_chunk(announced, &[]).map_err(|e| FetchError::Transport(e.to_string()))?;
+            let mut read = 0u64;
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| FetchError::Transport(error_chain(&e)))?
+            {
+                read += chunk.len() as u64;
+                if read > self.limits.max_bytes {
+                    return Err(FetchError::TooLarge { announced: None });
+                }
+                on_chunk(announced, &chunk).map_err(|e| FetchError::Transport(e.to_string()))?;
+            }
+            Ok(read)
+        };
+        match tokio::time::timeout(self.limits.timeout, streamed).await {
+            Err(_) => Err(FetchError::TimedOut),
+            Ok(result) => result,
+        }
+    }
+
+    /// Checks `url`, follows the redirects, and returns the 2xx response with its announced
+    /// length (within the limit) and the redirects followed.
+    async fn open(&self, url: &str) -> Result<(reqwest::Response, Option<u64>, usize), FetchError> {
         let http = self
             .http
             .as_ref()
@@ -659,17 +708,7 @@ impl Downloader {
                     });
                 }
             }
-            let content_type = resp
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let data = self.read_body(resp, announced).await?;
-            return Ok(Fetched {
-                data,
-                content_type,
-                redirects,
-            });
+            return Ok((resp, announced, redirects));
         }
     }
 

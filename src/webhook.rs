@@ -436,10 +436,12 @@ impl LastProgress {
 fn kind_label(kind: ProgressKind) -> &'static str {
     match kind {
         ProgressKind::Waiting => "Waiting for ComfyUI",
+        ProgressKind::Downloading => "Downloading model",
         ProgressKind::Queued => "Queued",
         ProgressKind::Started => "Started",
         ProgressKind::Cached => "Cached",
         ProgressKind::Executing => "Executing",
+        ProgressKind::Loading => "Loading models",
         ProgressKind::Progress => "Progress",
         ProgressKind::Executed => "Executed",
         ProgressKind::Error => "Error",
@@ -714,6 +716,7 @@ mod tests {
             node: step.map(|_| "2".to_owned()),
             node_type: step.map(|_| "KSampler".to_owned()),
             step: step.map(str::to_owned),
+            title: None,
             overall_percent: overall,
             nodes_done: 0,
             nodes_total: 3,

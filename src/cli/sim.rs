@@ -20,7 +20,7 @@ mod with_simulator {
     use std::time::Duration;
 
     use clap::Args;
-    use comfy_sim::{SimConfig, Simulator};
+    use comfy_sim::{Profile, SimConfig, Simulator};
 
     use crate::config::Settings;
 
@@ -33,6 +33,9 @@ mod with_simulator {
         /// Simulated time per sampler step, in milliseconds (with --simulate).
         #[arg(long, value_name = "MS", default_value_t = 50)]
         pub sim_step_ms: u64,
+        /// Which ComfyUI the simulator plays: 0.3.64, or current (with --simulate).
+        #[arg(long, value_name = "VERSION", default_value_t = Profile::V0_3_64)]
+        pub sim_comfy_version: Profile,
     }
 
     impl Default for SimulateArgs {
@@ -41,6 +44,7 @@ mod with_simulator {
             SimulateArgs {
                 simulate: false,
                 sim_step_ms: 50,
+                sim_comfy_version: Profile::V0_3_64,
             }
         }
     }
@@ -68,6 +72,7 @@ mod with_simulator {
                 .map_err(StartError)?;
             let config = SimConfig {
                 step_delay: Duration::from_millis(self.sim_step_ms),
+                profile: self.sim_comfy_version,
                 ..SimConfig::default()
             };
             let sim = Simulator::start(listener, config)
@@ -110,6 +115,10 @@ mod with_simulator {
         /// Also write temp files (previews) into this directory.
         #[arg(long, value_name = "DIR")]
         temp_dir: Option<PathBuf>,
+        /// Which ComfyUI to play: 0.3.64 (the recorded one) or current (today's, with the
+        /// jobs API).
+        #[arg(long, value_name = "VERSION", default_value_t = Profile::V0_3_64)]
+        pub(crate) comfy_version: Profile,
     }
 
     /// `simulate-comfyui`: serves the simulator until Ctrl+C / SIGTERM.
@@ -124,9 +133,13 @@ mod with_simulator {
             input_dir: args.input_dir,
             output_dir: args.output_dir,
             temp_dir: args.temp_dir,
+            profile: args.comfy_version,
             ..SimConfig::default()
         };
-        eprintln!("comfy-worker: simulated ComfyUI on http://{addr} (Ctrl+C to stop)");
+        eprintln!(
+            "comfy-worker: simulated ComfyUI {} on http://{addr} (Ctrl+C to stop)",
+            args.comfy_version
+        );
         match comfy_sim::serve(addr, config, crate::cli::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -202,6 +215,25 @@ mod tests {
         assert!(cli.sdk_serve.rp_serve_api && cli.run.sim.simulate);
         let cli =
             Cli::try_parse_from(["comfy-worker", "simulate-comfyui", "--port", "9000"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.port == 9000));
+        assert!(
+            matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.port == 9000 && s.comfy_version == comfy_sim::Profile::V0_3_64)
+        );
+        let cli = Cli::try_parse_from([
+            "comfy-worker",
+            "simulate-comfyui",
+            "--comfy-version",
+            "current",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::SimulateComfyui(ref s)) if s.comfy_version == comfy_sim::Profile::Current)
+        );
+        assert!(Cli::try_parse_from([
+            "comfy-worker",
+            "simulate-comfyui",
+            "--comfy-version",
+            "0.2"
+        ])
+        .is_err());
     }
 }

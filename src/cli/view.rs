@@ -87,13 +87,21 @@ pub(crate) fn describe(s: &ProgressSnapshot) -> String {
             .message
             .clone()
             .unwrap_or_else(|| "waiting for ComfyUI".into()),
+        ProgressKind::Downloading => match s.max.0 {
+            max if max > 0.0 => format!(
+                "downloading model {:.0}/{:.0} MB",
+                s.value.0 / 1e6,
+                max / 1e6
+            ),
+            _ => format!("downloading model {:.0} MB", s.value.0 / 1e6),
+        },
         ProgressKind::Queued => match s.queue_position {
             Some(0) | None => "queued".to_owned(),
             Some(n) => format!("queued, {n} prompt(s) ahead"),
         },
         ProgressKind::Started => "started".to_owned(),
         ProgressKind::Cached => format!("{} node(s) cached", s.nodes_cached),
-        ProgressKind::Executing => what,
+        ProgressKind::Executing | ProgressKind::Loading => what,
         ProgressKind::Progress => {
             let short = match (&s.step, &node) {
                 (Some(step), Some(node)) => format!("{} {node}", cut(step, 20)),
@@ -202,6 +210,7 @@ mod tests {
             node: Some("3".into()),
             node_type: Some("KSampler".into()),
             step: Some("Sampling".into()),
+            title: None,
             overall_percent: 40.0,
             nodes_done: 3,
             nodes_total: 7,

@@ -7,9 +7,12 @@ use reqwest::StatusCode;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::capabilities::{Capabilities, ComfyVersion};
 use super::error::ComfyError;
+use super::features::Features;
 use super::file_ref::FileRef;
 use super::history::{truncate, HistoryEntry};
+use super::job_record::JobRecord;
 use super::object_info::ObjectInfo;
 use super::queue::QueueSnapshot;
 use super::rejection::{parse_node_errors, NodeErrors, PromptRejection};
@@ -55,6 +58,8 @@ pub struct ComfyClient {
     options: ClientOptions,
     /// The `user:password` of `COMFY_HOST`, kept so logs scrub it.
     _credentials: Option<Secret>,
+    /// What this ComfyUI supports, detected once (shared by the clones).
+    capabilities: std::sync::Arc<tokio::sync::OnceCell<Capabilities>>,
 }
 
 /// Hand-written: `base` may carry credentials.
@@ -114,6 +119,7 @@ impl ComfyClient {
             host: address.shown(),
             options,
             _credentials: address.userinfo().map(Secret::new),
+            capabilities: std::sync::Arc::default(),
         })
     }
 
@@ -203,6 +209,125 @@ impl ComfyClient {
             what: "GET /system_stats".into(),
             detail: e.to_string(),
         })
+    }
+
+    /// What this ComfyUI supports, detected on the first call and kept. While ComfyUI does not
+    /// answer, the 0.3.64 set (no jobs API), not kept.
+    pub async fn capabilities(&self) -> Capabilities {
+        match self
+            .capabilities
+            .get_or_try_init(|| self.detect_capabilities())
+            .await
+        {
+            Ok(caps) => caps.clone(),
+            Err(e) => {
+                tracing::debug!(error = %e, "ComfyUI capabilities not detected yet");
+                Capabilities::default()
+            }
+        }
+    }
+
+    /// Asks ComfyUI what it supports. Fails only when it does not answer at all.
+    async fn detect_capabilities(&self) -> Result<Capabilities, ComfyError> {
+        let stats = self.system_stats().await?;
+        let version = stats
+            .system
+            .comfyui_version
+            .as_deref()
+            .and_then(ComfyVersion::parse);
+        let features = self.features().await.unwrap_or_default();
+        let jobs_api = self.probe_jobs_api().await?;
+        let jobs_cancel = jobs_api && self.probe_jobs_cancel().await?;
+        let caps = Capabilities {
+            version,
+            features,
+            jobs_api,
+            jobs_cancel,
+        };
+        tracing::info!(
+            host = %self.host,
+            version = %caps.version.map_or_else(|| "unknown".to_owned(), |v| v.to_string()),
+            jobs_api = caps.jobs_api,
+            jobs_cancel = caps.jobs_cancel,
+            assets = caps.features.assets,
+            "ComfyUI capabilities"
+        );
+        Ok(caps)
+    }
+
+    /// `GET /features`.
+    pub async fn features(&self) -> Result<Features, ComfyError> {
+        let v = self.get_json("GET /features", "/features").await?;
+        serde_json::from_value(v).map_err(|e| ComfyError::Protocol {
+            what: "GET /features".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// `GET /api/jobs?limit=1`: true when it answers the jobs list (0.3.64: 404 text/plain).
+    pub(crate) async fn probe_jobs_api(&self) -> Result<bool, ComfyError> {
+        const WHAT: &str = "GET /api/jobs";
+        let req = self
+            .http
+            .get(self.url("/api/jobs"))
+            .query(&[("limit", "1")]);
+        let resp = self.send(WHAT, req, self.options.request_timeout).await?;
+        if resp.status().is_server_error() {
+            return self.expect_ok(WHAT, resp).await.map(|_| false);
+        }
+        if !resp.status().is_success() {
+            return Ok(false);
+        }
+        let v: Value = resp.json().await.unwrap_or_default();
+        Ok(v.get("jobs").is_some_and(Value::is_array))
+    }
+
+    /// `POST /api/jobs/{nil uuid}/cancel`: true when the route answers `{"cancelled": …}` (an
+    /// unknown id cancels nothing).
+    pub(crate) async fn probe_jobs_cancel(&self) -> Result<bool, ComfyError> {
+        const PROBE: &str = "00000000-0000-4000-8000-000000000000";
+        Ok(self.cancel_job(PROBE).await.is_ok())
+    }
+
+    /// `GET /api/jobs/{id}`: `None` when ComfyUI knows no such job (a pending job that was
+    /// cancelled, or a ComfyUI that restarted).
+    pub async fn job(&self, prompt_id: &str) -> Result<Option<JobRecord>, ComfyError> {
+        const WHAT: &str = "GET /api/jobs/{id}";
+        let req = self.http.get(self.url(&format!("/api/jobs/{prompt_id}")));
+        let resp = self.send(WHAT, req, self.options.request_timeout).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let resp = self.expect_ok(WHAT, resp).await?;
+        resp.json::<JobRecord>()
+            .await
+            .map(Some)
+            .map_err(|e| ComfyError::Protocol {
+                what: WHAT.into(),
+                detail: error_chain(&e),
+            })
+    }
+
+    /// `POST /api/jobs/{id}/cancel`: dequeues a pending job or interrupts it if it is still the
+    /// running one, atomically; a finished or unknown job is left alone. True when something
+    /// was cancelled.
+    pub async fn cancel_job(&self, prompt_id: &str) -> Result<bool, ComfyError> {
+        const WHAT: &str = "POST /api/jobs/{id}/cancel";
+        let req = self
+            .http
+            .post(self.url(&format!("/api/jobs/{prompt_id}/cancel")));
+        let resp = self.send(WHAT, req, self.options.request_timeout).await?;
+        let resp = self.expect_ok(WHAT, resp).await?;
+        let v: Value = resp.json().await.map_err(|e| ComfyError::Protocol {
+            what: WHAT.into(),
+            detail: error_chain(&e),
+        })?;
+        v.get("cancelled")
+            .and_then(Value::as_bool)
+            .ok_or_else(|| ComfyError::Protocol {
+                what: WHAT.into(),
+                detail: format!("no 'cancelled' in {}", truncate(&v.to_string(), 200)),
+            })
     }
 
     /// `POST /prompt`. HTTP 400 becomes [`ComfyError::Rejected`].

@@ -248,9 +248,20 @@ pub struct NodeProgress {
     /// Node id.
     #[serde(default)]
     pub node_id: Option<String>,
-    /// Node id to display.
+    /// Node id to display: for a node expanded at run time (`"5.0.0.1"`), the prompt node the
+    /// user sees (`"5"`); for a subgraph's node (`"12:3"`) its own id.
     #[serde(default)]
     pub display_node_id: Option<String>,
+    /// The node that expanded this one, `None` for prompt nodes.
+    #[serde(default)]
+    pub parent_node_id: Option<String>,
+    /// The prompt node this one comes from.
+    #[serde(default)]
+    pub real_node_id: Option<String>,
+    /// What the node is doing besides its steps, while it does: `"loading"` (models) in today's
+    /// ComfyUI; absent otherwise.
+    #[serde(default)]
+    pub activity: Option<String>,
 }
 
 /// `executed` payload.

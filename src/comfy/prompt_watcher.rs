@@ -16,6 +16,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Level};
 
+use super::capabilities::Capabilities;
 use super::client::{ComfyClient, PromptRequest};
 use super::describe::Describer;
 use super::error::ComfyError;
@@ -76,7 +77,13 @@ pub enum PromptEvent {
     },
     /// A node started.
     Executing {
-        /// Node id.
+        /// Node id (the one the user sees: a node expanded at run time is reported as the
+        /// prompt node it came from).
+        node: String,
+    },
+    /// A node started loading models (today's ComfyUI reports it; 0.3.64 does not).
+    Loading {
+        /// Node id (the one the user sees).
         node: String,
     },
     /// A step of a node with a progress bar.
@@ -222,6 +229,10 @@ struct Watch<'a> {
     settled: bool,
     /// Words the prompt's events for the debug log (used only when debug is on).
     describer: Describer,
+    /// What this ComfyUI supports (the jobs API decides how to cancel and poll).
+    caps: Capabilities,
+    /// The node last reported loading models.
+    loading: Option<String>,
 }
 
 impl Drop for Watch<'_> {
@@ -236,8 +247,12 @@ impl Drop for Watch<'_> {
         };
         let client = self.client.clone();
         let prompt_id = self.prompt_id.clone();
+        let jobs_cancel = self.caps.jobs_cancel;
         warn!(prompt_id = %prompt_id, "the job stopped following its prompt; interrupting it in ComfyUI");
         runtime.spawn(async move {
+            if jobs_cancel && client.cancel_job(&prompt_id).await.is_ok() {
+                return;
+            }
             let _ = client.delete_from_queue(&[&prompt_id]).await;
             if let Err(e) = client.interrupt(Some(&prompt_id)).await {
                 warn!(prompt_id = %prompt_id, error = %e, "could not interrupt the abandoned prompt");
@@ -275,6 +290,7 @@ impl ComfyClient {
         on_event: &mut (dyn FnMut(PromptEvent) + Send),
         on_frame: &mut OnFrame<'_>,
     ) -> Result<PromptResult, ComfyError> {
+        let caps = self.capabilities().await;
         let prompt_id = uuid::Uuid::new_v4().to_string();
         let client_id = new_client_id();
         let socket = match WsConnection::connect(
@@ -340,6 +356,8 @@ impl ComfyClient {
             } else {
                 Describer::new()
             },
+            caps,
+            loading: None,
         };
         on_event(self.queued_event(&watch.prompt_id, None).await);
         let end = watch.run(cancel, on_event, on_frame).await;
@@ -512,6 +530,8 @@ impl Watch<'_> {
             WsEvent::ExecutionCached(c) => on_event(PromptEvent::Cached { nodes: c.nodes }),
             WsEvent::Executing(e) => match e.node {
                 Some(node) => {
+                    // A node expanded at run time is shown as the node the user sees.
+                    let node = e.display_node.filter(|d| !d.is_empty()).unwrap_or(node);
                     self.started = true;
                     self.current_node = Some(node.clone());
                     on_event(PromptEvent::Executing { node });
@@ -524,17 +544,13 @@ impl Watch<'_> {
                 max: p.max,
             }),
             WsEvent::ProgressState(s) => {
-                let mut nodes: Vec<NodeState> = s
-                    .nodes
-                    .into_iter()
-                    .map(|(id, n)| NodeState {
-                        node: id,
-                        value: n.value,
-                        max: n.max,
-                        finished: n.state == "finished",
-                    })
-                    .collect();
-                nodes.sort_by(|a, b| a.node.cmp(&b.node));
+                let (nodes, loading) = shown_nodes(s.nodes);
+                if loading.is_some() && loading != self.loading {
+                    if let Some(node) = loading.clone() {
+                        on_event(PromptEvent::Loading { node });
+                    }
+                }
+                self.loading = loading;
                 on_event(PromptEvent::NodeStates { nodes });
             }
             WsEvent::Executed(e) => {
@@ -546,7 +562,7 @@ impl Watch<'_> {
                     },
                 };
                 on_event(PromptEvent::Executed {
-                    node: e.node,
+                    node: e.display_node.filter(|d| !d.is_empty()).unwrap_or(e.node),
                     files: output.files.len(),
                     output: Box::new(output),
                 });
@@ -683,6 +699,9 @@ impl Watch<'_> {
     }
 
     async fn poll_history(&mut self) -> Result<Option<End>, ComfyError> {
+        if let Some(end) = self.poll_job().await {
+            return Ok(end);
+        }
         let polled = self.client.history(&self.prompt_id).await;
         if polled.is_ok() {
             self.unanswered_polls = 0;
@@ -737,6 +756,25 @@ impl Watch<'_> {
         Ok(None)
     }
 
+    /// With the jobs API, `GET /api/jobs/{id}` is the authoritative state: `Some(None)` while the
+    /// prompt is queued or running (also between `execution_success` and the history write,
+    /// where `/history` is still empty), `Some(Some(_))` for a pending prompt a cancel removed;
+    /// `None` to read `/history` as before (finished, unknown, no jobs API, no answer).
+    async fn poll_job(&mut self) -> Option<Option<End>> {
+        if !self.caps.jobs_api {
+            return None;
+        }
+        match self.client.job(&self.prompt_id).await {
+            Ok(Some(job)) if job.status.is_active() => {
+                self.unanswered_polls = 0;
+                self.next_poll = Instant::now() + self.opts.poll_interval;
+                Some(None)
+            }
+            Ok(None) if self.cancel_requested && !self.started => Some(Some(End::Cancelled(None))),
+            _ => None,
+        }
+    }
+
     /// After the socket was lost, ComfyUI answers `/history` without our prompt: it is either
     /// still queued or running, or it finished between the two calls, or the ComfyUI now
     /// answering is not the one it was queued on (restarted on the same address) and the prompt
@@ -766,6 +804,21 @@ impl Watch<'_> {
         self.cancel_requested = true;
         info!(prompt_id = %self.prompt_id, started = self.started, "cancelling the prompt in ComfyUI");
         let bound = CANCEL_CALL_TIMEOUT.min(self.opts.cancel_grace);
+        if self.caps.jobs_cancel {
+            // One atomic call: dequeued if pending, interrupted only if it is still the running
+            // prompt (never a prompt that started in between).
+            match tokio::time::timeout(bound, self.client.cancel_job(&self.prompt_id)).await {
+                Ok(Ok(cancelled)) => {
+                    debug!(prompt_id = %self.prompt_id, cancelled, "cancelled through the jobs API");
+                    self.cancel_deadline = Some(Instant::now() + self.opts.cancel_grace);
+                    self.next_poll =
+                        Instant::now() + self.opts.poll_interval.min(Duration::from_millis(200));
+                    return None;
+                }
+                Ok(Err(e)) => warn!(error = %e, "jobs API cancel failed; interrupting instead"),
+                Err(_) => warn!("jobs API cancel timed out; interrupting instead"),
+            }
+        }
         let deleted =
             tokio::time::timeout(bound, self.client.delete_from_queue(&[&self.prompt_id])).await;
         if let Ok(Err(e)) = &deleted {
@@ -790,15 +843,40 @@ impl Watch<'_> {
     }
 
     /// After `executing{null}` the entry is stored; allow a few tries for proxies and races.
+    /// With the jobs API an empty `/history` is never taken for "no outputs": while the job
+    /// reads as queued or running the wait goes on (bounded), and a finished job's own record
+    /// carries the outputs.
     async fn fetch_history_after_end(&mut self) -> Result<Option<HistoryEntry>, ComfyError> {
-        let mut last_err = None;
-        for attempt in 0..10u32 {
+        let mut last_err: Option<ComfyError>;
+        let mut attempt = 0u32;
+        let active_until = Instant::now() + LATE_HISTORY_BOUND;
+        loop {
             match self.client.history(&self.prompt_id).await {
                 Ok(Some(entry)) => return Ok(Some(entry)),
                 Ok(None) => last_err = None,
                 Err(e) => last_err = Some(e),
             }
-            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt + 1))).await;
+            if self.caps.jobs_api {
+                match self.client.job(&self.prompt_id).await {
+                    Ok(Some(job)) if job.status.is_active() && Instant::now() < active_until => {
+                        debug!(prompt_id = %self.prompt_id, "the end came before the history write; waiting for it");
+                        tokio::time::sleep(self.opts.poll_interval).await;
+                        continue;
+                    }
+                    Ok(Some(job)) => {
+                        if let Some(entry) = job.history_entry() {
+                            debug!(prompt_id = %self.prompt_id, "outputs read from the jobs API");
+                            return Ok(Some(entry));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            attempt += 1;
+            if attempt >= 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
         }
         match last_err {
             Some(e) if self.terminal.is_none() => Err(e),
@@ -807,9 +885,67 @@ impl Watch<'_> {
     }
 }
 
+/// How long a prompt whose end was seen may still read as running in the jobs API before its
+/// history is given up on.
+const LATE_HISTORY_BOUND: Duration = Duration::from_secs(120);
+
+/// `progress_state`'s nodes under the ids the user sees, in id order, and the node loading
+/// models, if any. Nodes expanded at run time share their prompt node's display id; such a node
+/// is finished when all of its parts are, and shows the step of a part still running.
+fn shown_nodes(
+    nodes: std::collections::HashMap<String, super::messages::NodeProgress>,
+) -> (Vec<NodeState>, Option<String>) {
+    let mut shown: std::collections::BTreeMap<String, NodeState> = Default::default();
+    let mut loading = None;
+    for (id, n) in nodes {
+        let node = n.display_node_id.filter(|d| !d.is_empty()).unwrap_or(id);
+        if n.activity.as_deref() == Some("loading") {
+            loading = Some(node.clone());
+        }
+        let state = NodeState {
+            node: node.clone(),
+            value: n.value,
+            max: n.max,
+            finished: n.state == "finished",
+        };
+        match shown.get_mut(&node) {
+            None => {
+                shown.insert(node, state);
+            }
+            Some(seen) => {
+                if !state.finished {
+                    *seen = NodeState {
+                        finished: false,
+                        ..state
+                    };
+                }
+            }
+        }
+    }
+    (shown.into_values().collect(), loading)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expanded_nodes_are_shown_as_their_display_node() {
+        let frame = r#"{"type":"progress_state","data":{"prompt_id":"p","nodes":{
+            "5":{"value":1,"max":1,"state":"finished","node_id":"5","display_node_id":"5","parent_node_id":null,"real_node_id":"5"},
+            "5.0.0.1":{"value":3.0,"max":20.0,"state":"running","node_id":"5.0.0.1","display_node_id":"5","parent_node_id":"5","real_node_id":"5"},
+            "12:3":{"value":0.0,"max":1.0,"state":"running","activity":"loading","node_id":"12:3","display_node_id":"12:3","parent_node_id":null,"real_node_id":"12:3","seconds":{"total":1.5}}}}}"#;
+        let super::super::messages::WsEvent::ProgressState(state) =
+            super::super::messages::WsEvent::parse(frame).unwrap()
+        else {
+            panic!("not a progress_state");
+        };
+        let (nodes, loading) = shown_nodes(state.nodes);
+        assert_eq!(loading.as_deref(), Some("12:3"));
+        let five = nodes.iter().find(|n| n.node == "5").unwrap();
+        assert_eq!((five.value, five.max, five.finished), (3.0, 20.0, false));
+        assert_eq!(nodes.len(), 2, "{nodes:?}");
+    }
 
     #[test]
     fn reconnect_backoff_is_quick_first_then_doubles_and_caps() {

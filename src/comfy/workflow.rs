@@ -141,6 +141,17 @@ impl Workflow {
         })
     }
 
+    /// A node's literal string inputs (links and other values left out), in its order.
+    pub fn literal_strings(&self, id: &str) -> impl Iterator<Item = (&str, &str)> {
+        self.graph
+            .get(id)
+            .and_then(|n| n.get("inputs"))
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, value)| Some((name.as_str(), value.as_str()?)))
+    }
+
     /// Class type of a node.
     pub fn class_type(&self, id: &str) -> Option<&str> {
         self.graph.get(id)?.get("class_type")?.as_str()

@@ -9,6 +9,7 @@ use std::time::Duration;
 mod env;
 mod housekeeping;
 mod inputs;
+mod models;
 mod previews;
 mod shutdown;
 mod storage;
@@ -17,6 +18,7 @@ pub use env::ConfigError;
 pub(crate) use env::EnvReader;
 pub use housekeeping::{FreeMemory, Housekeeping};
 pub use inputs::InputPolicy;
+pub use models::ModelPolicy;
 pub use previews::PreviewPolicy;
 pub use shutdown::{shutdown_grace_from, DEFAULT_SHUTDOWN_GRACE};
 pub(crate) use storage::{locate, Names, ENV_NAMES, JOB_NAMES};
@@ -72,6 +74,9 @@ pub struct Settings {
     /// URL inputs: `INPUT_URL_MAX_BYTES`, `INPUT_URL_TIMEOUT_S`, `ALLOW_PRIVATE_INPUT_URLS`,
     /// `INPUT_URL_ALLOW_HOSTS`.
     pub inputs: InputPolicy,
+    /// Models a job brings: `COMFY_MODELS_DIR`, `MODEL_CACHE_DIR`, `MODEL_CACHE_MAX_GB`,
+    /// `MODEL_URL_MAX_BYTES`, `MODEL_URL_TIMEOUT_S`.
+    pub models: ModelPolicy,
     /// Where outputs go and where `s3://` inputs come from: `BUCKET_*`, `OUTPUT_UPLOAD`,
     /// `MAX_INLINE_OUTPUT_BYTES`, `ALLOW_PRIVATE_S3_ENDPOINTS` (see `job::storage`).
     pub storage: StorageSettings,
@@ -100,6 +105,7 @@ impl Default for Settings {
             view_timeout: Duration::from_secs(120),
             comfy_org_api_key: None,
             inputs: InputPolicy::default(),
+            models: ModelPolicy::default(),
             storage: StorageSettings::default(),
             housekeeping: Housekeeping::default(),
             previews: PreviewPolicy::default(),
@@ -116,6 +122,7 @@ impl Settings {
     /// Reads settings through `lookup` (the environment, or a map in tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
         let inputs = InputPolicy::from_lookup(&lookup)?;
+        let models = ModelPolicy::from_lookup(&lookup)?;
         let storage = StorageSettings::from_lookup(&lookup)?;
         let r = EnvReader::new(lookup);
         let d = Settings::default();
@@ -153,6 +160,7 @@ impl Settings {
             housekeeping: Housekeeping::read(&r)?,
             previews: PreviewPolicy::read(&r)?,
             inputs,
+            models,
             storage,
         })
     }

@@ -26,7 +26,7 @@ impl std::fmt::Debug for ObjectInfoCache {
 impl ObjectInfoCache {
     /// The kept copy, or a fresh one (then kept) when there is none or `refresh` is set; the
     /// flag says whether it was fetched now. Jobs asking at once share one fetch.
-    async fn get(
+    pub(crate) async fn get(
         &self,
         comfy: &ComfyClient,
         refresh: bool,

@@ -14,11 +14,13 @@ use tracing::{info, warn};
 use super::collect::WebSocketImages;
 use super::failure::{JobFailure, Report};
 use super::files::JobFiles;
+use super::input::ModelSpec;
+use super::model_store::ModelStore;
 use super::output::{Completed, OutputKind, OutputOptions};
 use super::readiness::{self, NotReady, ProcessWatch};
 use super::request::Job;
 use super::storage::{JobStorage, Storage};
-use super::{collect, convert, input, report};
+use super::{collect, convert, input, model_check, report};
 use crate::comfy::{
     ClientOptions, ComfyClient, ComfyError, ExtraData, Outcome, PromptEvent, PromptResult,
     WatchOptions,
@@ -49,6 +51,8 @@ pub struct Engine {
     pub(super) storage: Storage,
     /// `/object_info`, fetched when the first UI-format workflow comes.
     object_info: convert::ObjectInfoCache,
+    /// The models jobs bring, downloaded once.
+    models: ModelStore,
     /// Test hook: panic when a node of this class starts (never set in production).
     panic_on_class: Option<String>,
 }
@@ -66,7 +70,9 @@ impl Engine {
         )?;
         let inputs = input::Fetcher::new(&settings.inputs);
         let storage = Storage::new(settings.storage.clone());
+        let models = ModelStore::new(&settings.models, &settings.inputs);
         Ok(Engine {
+            models,
             comfy,
             settings,
             inputs,
@@ -177,6 +183,16 @@ impl Engine {
         // A UI-format workflow is converted before anything is uploaded.
         let workflow =
             convert::resolve(&self.comfy, &self.object_info, input.workflow.clone()).await?;
+        self.install_models(&input.models, progress, started, cancel)
+            .await?;
+        // A model the workflow names that ComfyUI lacks fails the job here, in milliseconds.
+        model_check::check(
+            &self.comfy,
+            &self.object_info,
+            &workflow,
+            !input.models.is_empty(),
+        )
+        .await?;
         self.upload_files(&uploads, &mut files.inputs).await?;
         let mut extra = ExtraData::new();
         let key = input
@@ -188,6 +204,11 @@ impl Engine {
                 "api_key_comfy_org".into(),
                 Value::String(key.expose().into()),
             );
+        }
+        if input.previews {
+            // Today's ComfyUI takes the method per prompt; 0.3.64 ignores it and previews only
+            // with --preview-method (COMFY_PREVIEW_METHOD in the start script).
+            extra.insert("preview_method".into(), Value::String("auto".into()));
         }
         let mut tracker = ProgressTracker::new(&workflow, started);
         let mut ws_images = WebSocketImages::new(
@@ -290,6 +311,53 @@ impl Engine {
             "job finished"
         );
         output
+    }
+
+    /// Makes the job's models available in ComfyUI's model folder (downloading those it lacks),
+    /// one after the other, their progress as `downloading` snapshots.
+    async fn install_models(
+        &self,
+        models: &[ModelSpec],
+        progress: &ProgressSender,
+        started: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<(), JobFailure> {
+        for spec in models {
+            let mut reported: Option<(u64, Instant)> = None;
+            let mut on_bytes = |done: u64, total: Option<u64>| {
+                // At the start, every percent (or 16 MB when the size is unknown), and the end.
+                let step = total.map_or(16 << 20, |t| (t / 100).max(1));
+                let due = match reported {
+                    None => true,
+                    Some((last, _)) => done >= last + step || Some(done) == total,
+                };
+                if due {
+                    reported = Some((done, Instant::now()));
+                    progress.send(ProgressSnapshot::downloading(
+                        &spec.name,
+                        done,
+                        total,
+                        started.elapsed(),
+                    ));
+                }
+            };
+            let ensured = tokio::select! {
+                ensured = self.models.ensure(spec, &mut on_bytes) => ensured,
+                _ = cancel.cancelled() => {
+                    return Err(JobFailure::Cancelled(Report::new("Job cancelled while downloading models")));
+                }
+            };
+            match ensured {
+                Ok(downloaded) => {
+                    info!(model = %spec.name, folder = %spec.folder, downloaded, "model ready")
+                }
+                Err(e) => {
+                    info!(error = %e, "model not available");
+                    return Err(JobFailure::InputFiles(Report::new(e.to_string())));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Uploads the input files in order (a mask after the image it refers to, when listed so):

@@ -12,6 +12,8 @@
 //! * [`storage`]: where output files go (inline or a bucket) and `s3://` inputs come from.
 //! * [`readiness`]: waiting for ComfyUI (with the start script's PID file).
 //! * [`files`]: what a job left in ComfyUI's folders.
+//! * [`model_store`]: models a job brings, downloaded once into a content-addressed cache.
+//! * `model_check`: model names checked against `/object_info` before queueing.
 //! * [`report`], [`codec`], `convert`: messages, base64, UI-format workflows.
 
 pub mod codec;
@@ -22,6 +24,8 @@ pub mod engine;
 pub mod failure;
 pub mod files;
 pub mod input;
+mod model_check;
+pub mod model_store;
 pub mod output;
 pub mod readiness;
 pub(crate) mod report;

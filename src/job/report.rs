@@ -40,7 +40,7 @@ pub(crate) fn node_error_lines(node_errors: &[NodeErrors]) -> Vec<String> {
     lines
 }
 
-fn model_label(input: &str) -> &'static str {
+pub(crate) fn model_label(input: &str) -> &'static str {
     match input {
         "ckpt_name" => "checkpoint models",
         "vae_name" => "VAE models",

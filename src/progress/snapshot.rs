@@ -11,6 +11,9 @@ pub enum ProgressKind {
     /// Waiting for ComfyUI to answer at all (starting, restarting or unreachable); `message`
     /// says where and for how long.
     Waiting,
+    /// Downloading a model the job brings (`input.models`), before the prompt is queued:
+    /// `value`/`max` are bytes, `message` names the file.
+    Downloading,
     /// Waiting in ComfyUI's queue.
     Queued,
     /// Execution began.
@@ -19,6 +22,8 @@ pub enum ProgressKind {
     Cached,
     /// A node started.
     Executing,
+    /// A node loads its models (`step` is `Loading models`); reported by today's ComfyUI.
+    Loading,
     /// A sampler-like step.
     Progress,
     /// A node produced output.
@@ -64,6 +69,10 @@ pub struct ProgressSnapshot {
     pub node_type: Option<String>,
     /// Human name of what the node does ("Sampling", "Decoding", ...), else its class type.
     pub step: Option<String>,
+    /// For a node inside a subgraph (an id like `12:3`), the title the user sees (its
+    /// `_meta.title`, else its class type); absent for other nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
     /// Percent of the workflow done, never decreasing. Cached nodes count as done; each node weighs
     /// 1 plus its `steps` input, so sampling dominates as it does in wall time.
     pub overall_percent: f64,
@@ -100,6 +109,7 @@ impl ProgressSnapshot {
             node: None,
             node_type: None,
             step: None,
+            title: None,
             overall_percent: 0.0,
             nodes_done: 0,
             nodes_total: 0,
@@ -110,6 +120,31 @@ impl ProgressSnapshot {
             queue_remaining: None,
             queue_position: None,
             message: Some(message),
+        }
+    }
+
+    /// Before the prompt is queued: a model the job brings is downloading (`done` of `total`
+    /// bytes, when announced).
+    pub fn downloading(
+        name: &str,
+        done: u64,
+        total: Option<u64>,
+        elapsed: std::time::Duration,
+    ) -> ProgressSnapshot {
+        let max = total.unwrap_or(0) as f64;
+        let percent = if max > 0.0 {
+            ((done as f64 / max * 1000.0).round() / 10.0).min(100.0)
+        } else {
+            0.0
+        };
+        ProgressSnapshot {
+            kind: ProgressKind::Downloading,
+            value: Num(done as f64),
+            max: Num(max),
+            percent,
+            step: Some("Downloading model".to_owned()),
+            message: Some(format!("downloading model {name}")),
+            ..ProgressSnapshot::waiting(String::new(), elapsed)
         }
     }
 

@@ -26,6 +26,8 @@ struct StepState {
 pub struct ProgressTracker {
     started_at: Instant,
     class_of: HashMap<String, String>,
+    /// What the user sees as the name of a node inside a subgraph (ids like `12:3`).
+    title_of: HashMap<String, String>,
     /// Share of the workflow each node stands for: 1, plus its `steps` for sampler-like nodes,
     /// so a 25-step sampler weighs more than a loader in `overall_percent`.
     weight_of: HashMap<String, f64>,
@@ -46,6 +48,9 @@ pub struct ProgressTracker {
     queued_reported: bool,
 }
 
+/// The `step` label of a [`ProgressKind::Loading`] snapshot.
+pub const LOADING_MODELS: &str = "Loading models";
+
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
@@ -56,6 +61,11 @@ impl ProgressTracker {
         let class_of = workflow
             .nodes()
             .filter_map(|n| Some((n.id.to_owned(), n.class_type?.to_owned())))
+            .collect();
+        let title_of = workflow
+            .nodes()
+            .filter(|n| n.id.contains(':'))
+            .filter_map(|n| Some((n.id.to_owned(), n.title.or(n.class_type)?.to_owned())))
             .collect();
         let weight_of: HashMap<String, f64> = workflow
             .nodes()
@@ -70,6 +80,7 @@ impl ProgressTracker {
         ProgressTracker {
             started_at,
             class_of,
+            title_of,
             weight_of,
             total_weight,
             nodes_total: workflow.len(),
@@ -184,6 +195,7 @@ impl ProgressTracker {
             max: Num(max),
             percent,
             step: node_type.as_deref().map(step_name),
+            title: node.as_ref().and_then(|n| self.title_of.get(n)).cloned(),
             node,
             node_type,
             overall_percent: self.overall,
@@ -244,6 +256,14 @@ impl ProgressTracker {
                 self.start_node(node, now);
                 Some(self.snapshot(ProgressKind::Executing, now))
             }
+            PromptEvent::Loading { node } => {
+                if self.current.as_ref().map(|c| c.0.as_str()) != Some(node.as_str()) {
+                    self.start_node(node, now);
+                }
+                let mut snap = self.snapshot(ProgressKind::Loading, now);
+                snap.step = Some(LOADING_MODELS.to_owned());
+                Some(snap)
+            }
             PromptEvent::Progress { node, value, max } => {
                 let node = node
                     .clone()
@@ -269,6 +289,7 @@ impl ProgressTracker {
                 let mut snap = self.snapshot(ProgressKind::Executed, now);
                 snap.node_type = self.class_of.get(node).cloned();
                 snap.step = snap.node_type.as_deref().map(step_name);
+                snap.title = self.title_of.get(node).cloned();
                 snap.node = Some(node.clone());
                 Some(snap)
             }
@@ -277,6 +298,7 @@ impl ProgressTracker {
                 snap.node = Some(f.node_id.clone());
                 snap.node_type = Some(f.node_type.clone());
                 snap.step = Some(step_name(&f.node_type));
+                snap.title = self.title_of.get(&f.node_id).cloned();
                 snap.message = Some(f.message.clone());
                 Some(snap)
             }

@@ -201,6 +201,7 @@ pub fn clear_worker_env(cmd: &mut std::process::Command) -> &mut std::process::C
         "WEBSOCKET_",
         "ALLOW_PRIVATE_",
         "PREVIEW_",
+        "MODEL_",
     ];
     const NAMES: &[&str] = &[
         "JOB_TIMEOUT_S",

@@ -18,6 +18,7 @@ mod inputs;
 mod job_flow;
 mod lambda;
 mod local_platform;
+mod models;
 mod ops;
 mod outputs;
 mod page;

@@ -166,3 +166,116 @@ async fn serve_api_locally_starts_the_local_endpoint() {
         "no warning in the log:\n{log}"
     );
 }
+
+/// A ComfyUI checkout whose "python" records the flags it is started with, then runs the
+/// simulator; `cli_args` is the text of its `comfy/cli_args.py` (which flags it knows).
+fn fake_comfyui(dir: &Path, port: u16, cli_args: &str) -> std::path::PathBuf {
+    let comfy = dir.join("comfyui");
+    std::fs::create_dir_all(comfy.join("comfy")).unwrap();
+    std::fs::write(comfy.join("comfy/cli_args.py"), cli_args).unwrap();
+    let python = dir.join("python");
+    std::fs::write(
+        &python,
+        format!(
+            "#!/usr/bin/env bash\necho \"$@\" > {args}\nexec {bin} simulate-comfyui --port {port} --step-ms 1 >{log} 2>&1\n",
+            args = dir.join("comfy-args").display(),
+            bin = bin(),
+            log = dir.join("comfyui.log").display(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    comfy
+}
+
+/// Runs start.sh with the fake ComfyUI and `env`; returns its stderr and ComfyUI's flags.
+fn start_with_flags(dir: &Path, cli_args: &str, env: &[(&str, String)]) -> (String, String) {
+    let port = free_port();
+    let comfy = fake_comfyui(dir, port, cli_args);
+    let _guard = KillOnDrop(dir.join("comfyui.pid"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/start.sh");
+    let mut command = Command::new("bash");
+    command
+        .arg(script)
+        .arg("--quiet")
+        .current_dir(dir)
+        .env_remove("COMFYUI_START_CMD")
+        .env_remove("COMFYUI_EXTRA_ARGS")
+        .env_remove("COMFY_PREVIEW_METHOD")
+        .env_remove("COMFY_DISABLE_ASSETS")
+        .env_remove("COMFYUI_USER_DIR")
+        .env("COMFYUI_DIR", &comfy)
+        .env("COMFYUI_PYTHON", dir.join("python"))
+        .env("NETWORK_VOLUME_DIR", dir.join("volume"))
+        .env("COMFY_WORKER_BIN", bin())
+        .env("COMFY_PID_FILE", dir.join("comfyui.pid"))
+        .env("COMFY_HOST", format!("127.0.0.1:{port}"))
+        .env("COMFY_API_AVAILABLE_INTERVAL_MS", "20")
+        .env("COMFY_API_AVAILABLE_MAX_RETRIES", "200")
+        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
+        .env("RUST_LOG", "comfy_worker=warn");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = command.output().expect("run start.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let args = std::fs::read_to_string(dir.join("comfy-args")).unwrap_or_default();
+    (stderr, args)
+}
+
+const KNOWS_DISABLE_ASSETS: &str =
+    "parser.add_argument(\"--disable-assets\", action=\"store_true\")\n";
+
+#[test]
+fn a_user_folder_on_a_network_volume_starts_comfyui_without_assets() {
+    // $COMFYUI_DIR/user is a link into the volume, as images that keep user data there have.
+    let dir = job_dir();
+    let shared = dir.path().join("volume/comfyui-user");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::os::unix::fs::symlink(&shared, dir.path().join("user")).unwrap();
+    let (stderr, args) = start_with_flags(
+        dir.path(),
+        KNOWS_DISABLE_ASSETS,
+        &[
+            (
+                "COMFYUI_USER_DIR",
+                dir.path().join("user").display().to_string(),
+            ),
+            ("COMFY_PREVIEW_METHOD", "latent2rgb".to_owned()),
+        ],
+    );
+    assert!(args.contains("--disable-assets"), "{args}");
+    assert!(args.contains("--preview-method latent2rgb"), "{args}");
+    assert!(
+        stderr.contains("ASSETS_STARTUP_FAILED"),
+        "the why is logged: {stderr}"
+    );
+}
+
+#[test]
+fn a_local_user_folder_or_an_old_comfyui_keeps_the_default_flags() {
+    // A user folder on the container's own disk: assets stay on, no previews asked for.
+    let dir = job_dir();
+    let (_, args) = start_with_flags(dir.path(), KNOWS_DISABLE_ASSETS, &[]);
+    assert!(args.contains("--disable-auto-launch"), "{args}");
+    assert!(!args.contains("--disable-assets"), "{args}");
+    assert!(!args.contains("--preview-method"), "{args}");
+
+    // ComfyUI 0.3.64 has no such flag (it would exit on it): not passed, and said why.
+    let dir = job_dir();
+    let (stderr, args) = start_with_flags(
+        dir.path(),
+        "parser.add_argument(\"--preview-method\")\n",
+        &[(
+            "COMFYUI_USER_DIR",
+            dir.path().join("volume/user").display().to_string(),
+        )],
+    );
+    assert!(!args.contains("--disable-assets"), "{args}");
+    assert!(
+        stderr.contains("no assets database to turn off"),
+        "{stderr}"
+    );
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use comfy_sim::{SimConfig, Simulator};
+use comfy_sim::{Profile, SimConfig, Simulator};
 use serde_json::{json, Value};
 
 use crate::cli::bin;
@@ -135,11 +135,17 @@ impl Drop for WorkerProcess {
 
 /// The ComfyUI simulator on `127.0.0.1:0`, `step_ms` per sampler step.
 pub async fn simulator(step_ms: u64) -> Simulator {
+    simulator_as(step_ms, Profile::V0_3_64).await
+}
+
+/// [`simulator`] playing the ComfyUI of `profile`.
+pub async fn simulator_as(step_ms: u64, profile: Profile) -> Simulator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Simulator::start(
         listener,
         SimConfig {
             step_delay: Duration::from_millis(step_ms),
+            profile,
             ..SimConfig::default()
         },
     )

@@ -175,6 +175,7 @@ impl Executor {
             tracing::info!(prompt_id = %item.prompt_id, unix_us, "execution_success sent");
         }
         lock(&shared.control.current).last_node = None;
+        hold_before_history(&shared).await;
 
         let entry = json!({
             "prompt": item.to_history_json(),
@@ -264,11 +265,12 @@ impl Executor {
                 outputs: Arc::new(Vec::new()),
                 ui: None,
             });
+            let ui = entry.ui.map(|ui| run.enrich(ui));
             run.to_client_only(
                 "executed",
-                json!({"node": id, "display_node": id, "output": entry.ui, "prompt_id": run.prompt_id}),
+                json!({"node": id, "display_node": id, "output": ui, "prompt_id": run.prompt_id}),
             );
-            if let Some(ui) = entry.ui {
+            if let Some(ui) = ui {
                 state.record_ui(id, ui);
             }
             run.progress_cached(id);
@@ -320,7 +322,7 @@ impl Executor {
             },
         );
         state.results.insert(id.to_owned(), outputs);
-        if let Some(ui) = ui {
+        if let Some(ui) = ui.map(|ui| run.enrich(ui)) {
             run.to_client_only(
                 "executed",
                 json!({"node": id, "display_node": id, "output": ui, "prompt_id": run.prompt_id}),
@@ -408,6 +410,23 @@ impl RunState {
             id.to_owned(),
             json!({"node_id": id, "display_node": id, "parent_node": null, "real_node_id": id}),
         );
+    }
+}
+
+/// Stops at an armed [`super::Simulator::hold_history`] until it is released.
+async fn hold_before_history(shared: &Shared) {
+    let hold = &shared.control.history;
+    let stopped = hold.send_if_modified(|p| {
+        if matches!(*p, Pause::Armed(_)) {
+            *p = Pause::Paused;
+            true
+        } else {
+            false
+        }
+    });
+    if stopped {
+        let mut rx = hold.subscribe();
+        let _ = rx.wait_for(|p| *p != Pause::Paused).await;
     }
 }
 
@@ -810,6 +829,66 @@ impl PromptRun {
             "parent_node_id": null,
             "real_node_id": id,
         })
+    }
+
+    /// `current` only: what today's ComfyUI adds to every output file entry, in `executed` and
+    /// history alike: the media `metadata` of images (`{kind, width, height}`) and, with the
+    /// assets system on, an asset `id` (new for every run, cached ones too) and `preview_id`.
+    pub(crate) fn enrich(&self, mut ui: Map<String, Value>) -> Map<String, Value> {
+        if self.shared.config.profile != super::Profile::Current {
+            return ui;
+        }
+        let store = lock(&self.shared.store);
+        for items in ui.values_mut().filter_map(Value::as_array_mut) {
+            for item in items.iter_mut().filter_map(Value::as_object_mut) {
+                let (Some(name), Some(kind)) = (
+                    item.get("filename").and_then(Value::as_str),
+                    item.get("type").and_then(Value::as_str),
+                ) else {
+                    continue;
+                };
+                let subfolder = item.get("subfolder").and_then(Value::as_str).unwrap_or("");
+                let rel = if subfolder.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{subfolder}/{name}")
+                };
+                let Some(bytes) = super::store::Folder::from_type(kind)
+                    .and_then(|folder| store.files.get(folder, &rel))
+                else {
+                    continue;
+                };
+                if let Some((width, height)) = super::image::image_size(bytes) {
+                    item.insert(
+                        "metadata".into(),
+                        json!({"kind": "image", "width": width, "height": height}),
+                    );
+                    let id = uuid::Uuid::new_v4().to_string();
+                    item.insert("id".into(), json!(id));
+                    item.insert("preview_id".into(), json!(id));
+                } else {
+                    item.insert("id".into(), json!(uuid::Uuid::new_v4().to_string()));
+                }
+            }
+        }
+        ui
+    }
+
+    /// `current` only: the node loads its models before its first step, shown as
+    /// `activity: "loading"` on its `progress_state` entry, then cleared (ComfyUI PR #16202).
+    pub(crate) fn model_loading(&mut self, id: &str) {
+        if self.shared.config.profile != super::Profile::Current {
+            return;
+        }
+        let mut entry = self.progress_entry(id, json!(0.0), json!(1.0), "running");
+        if let Value::Object(map) = &mut entry {
+            map.insert("activity".into(), json!("loading"));
+        }
+        self.progress.insert(id.to_owned(), entry);
+        self.send_progress_state();
+        let entry = self.progress_entry(id, json!(0.0), json!(1.0), "running");
+        self.progress.insert(id.to_owned(), entry);
+        self.send_progress_state();
     }
 
     fn send_progress_state(&self) {

@@ -87,6 +87,23 @@ fn validate_prompt(shared: &Shared, prompt: &mut Value, partial: Option<&Value>)
             return Validation::Internal;
         }
         let Some(class) = class_type.as_str().and_then(|c| shared.catalog.class(c)) else {
+            if shared.config.profile == super::Profile::Current {
+                // Today's ComfyUI names the node by the title the user sees.
+                let title = node
+                    .get("_meta")
+                    .and_then(|m| m.get("title"))
+                    .and_then(Value::as_str)
+                    .map_or_else(|| py_str(class_type), str::to_owned);
+                return Validation::Rejected {
+                    error: json!({
+                        "type": "missing_node_type",
+                        "message": format!("Node '{title}' not found. The custom node may not be installed."),
+                        "details": format!("Node ID '#{id}'"),
+                        "extra_info": {"node_id": id, "class_type": class_type, "node_title": title},
+                    }),
+                    node_errors: Map::new(),
+                };
+            }
             let message = format!(
                 "Cannot execute because node {} does not exist.",
                 py_str(class_type)
@@ -419,7 +436,10 @@ impl Validator<'_> {
                 continue;
             }
             if let Some(options) = def.combo_options() {
-                if !options.iter().any(|o| py_eq(o, &val)) {
+                let on_disk = val
+                    .as_str()
+                    .is_some_and(|name| self.shared.model_on_disk(x, name));
+                if !on_disk && !options.iter().any(|o| py_eq(o, &val)) {
                     let (list_info, config) = if options.len() > 20 {
                         (format!("(list of length {})", options.len()), Value::Null)
                     } else {

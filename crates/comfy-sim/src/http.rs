@@ -20,7 +20,7 @@ use super::catalog::{CHECKPOINTS, VAES};
 use super::graph::{self, Validation};
 use super::pyfmt::{py_eq, py_get, py_str, truthy};
 use super::store::{path, strip_annotation, Folder, QueueItem};
-use super::{lock, pyfmt, ws, Shared};
+use super::{jobs, lock, pyfmt, ws, Shared};
 
 /// `--max-upload-size` default: 100 MB.
 const MAX_BODY: usize = 100 * 1024 * 1024;
@@ -47,16 +47,26 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/extensions", get(empty_list))
         .route("/models", get(models))
         .route("/models/{folder}", get(models_in));
-    Router::new()
-        .merge(routes.clone())
-        .nest("/api", routes)
+    let mut router = Router::new().merge(routes.clone()).nest("/api", routes);
+    if shared.config.profile.has_jobs_api() {
+        // Declared as `/api/jobs…` in server.py: there is no `/jobs` without the prefix.
+        router = router
+            .route("/api/jobs", get(jobs::list))
+            .route(
+                "/api/jobs/cancel",
+                post(jobs::cancel_many).get(jobs_named_cancel),
+            )
+            .route("/api/jobs/{job_id}", get(jobs::get))
+            .route("/api/jobs/{job_id}/cancel", post(jobs::cancel));
+    }
+    router
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(origin_check))
         .with_state(shared)
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response {
     (
         status,
         [(CONTENT_TYPE, "application/json; charset=utf-8")],
@@ -65,7 +75,7 @@ fn json_response(status: StatusCode, value: &Value) -> Response {
         .into_response()
 }
 
-fn ok_json(value: &Value) -> Response {
+pub(crate) fn ok_json(value: &Value) -> Response {
     json_response(StatusCode::OK, value)
 }
 
@@ -93,7 +103,7 @@ fn parse_json(body: &Bytes) -> Option<Value> {
     serde_json::from_slice(body).ok()
 }
 
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
     query
         .map(|q| {
             url::form_urlencoded::parse(q.as_bytes())
@@ -104,7 +114,7 @@ fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
 }
 
 /// `request.rel_url.query.get(key)`: the first value.
-fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(crate) fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     pairs
         .iter()
         .find(|(k, _)| k == key)
@@ -160,9 +170,19 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
     let Some(request) = request.as_object() else {
         return server_error();
     };
-    let prompt_id = request
-        .get("prompt_id")
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), py_str);
+    let current = shared.config.profile == super::Profile::Current;
+    let prompt_id = match request.get("prompt_id") {
+        // Today's ComfyUI takes a client id only in canonical lowercase hyphenated form.
+        Some(id) if current && !id.is_null() && !id.as_str().is_some_and(jobs::canonical_uuid) => {
+            let error = json!({"type": "invalid_prompt_id", "message": "prompt_id must be a valid UUID", "details": "prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it to let the server generate one", "extra_info": {}});
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": error, "node_errors": {}}),
+            );
+        }
+        Some(id) if !(current && id.is_null()) => py_str(id),
+        _ => uuid::Uuid::new_v4().to_string(),
+    };
     let partial = request.get("partial_execution_targets").cloned();
     let (validation, prompt) = graph::validate(shared.clone(), prompt, partial).await;
 
@@ -173,6 +193,9 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
     };
     if let Some(client_id) = request.get("client_id") {
         extra_data.insert("client_id".into(), client_id.clone());
+    }
+    if current {
+        extra_data.insert("create_time".into(), json!(super::exec::now_ms()));
     }
     match validation {
         Validation::Valid {
@@ -210,19 +233,14 @@ async fn post_prompt(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
 }
 
 async fn get_queue(State(shared): State<Arc<Shared>>) -> Response {
+    let show = if shared.config.profile == super::Profile::Current {
+        QueueItem::to_public_json
+    } else {
+        QueueItem::to_json
+    };
     let store = lock(&shared.store);
-    let running: Vec<Value> = store
-        .queue
-        .running()
-        .map(QueueItem::to_json)
-        .into_iter()
-        .collect();
-    let pending: Vec<Value> = store
-        .queue
-        .pending_sorted()
-        .into_iter()
-        .map(QueueItem::to_json)
-        .collect();
+    let running: Vec<Value> = store.queue.running().map(show).into_iter().collect();
+    let pending: Vec<Value> = store.queue.pending_sorted().into_iter().map(show).collect();
     ok_json(&json!({"queue_running": running, "queue_pending": pending}))
 }
 
@@ -545,7 +563,41 @@ fn input_images(shared: &Shared) -> Vec<String> {
 
 async fn object_info(State(shared): State<Arc<Shared>>) -> Response {
     super::lock(&shared.log).object_info_requests += 1;
-    ok_json(&shared.catalog.object_info(&input_images(&shared)))
+    let mut info = shared.catalog.object_info(&input_images(&shared));
+    add_disk_models(&shared, &mut info);
+    ok_json(&info)
+}
+
+/// Adds the model files of [`super::SimConfig::models_dir`] to the loaders' lists.
+fn add_disk_models(shared: &Shared, info: &mut Value) {
+    if shared.config.models_dir.is_none() {
+        return;
+    }
+    let Some(classes) = info.as_object_mut() else {
+        return;
+    };
+    for class in classes.values_mut() {
+        for category in ["required", "optional"] {
+            let Some(inputs) = class
+                .get_mut("input")
+                .and_then(|i| i.get_mut(category))
+                .and_then(Value::as_object_mut)
+            else {
+                continue;
+            };
+            for (name, spec) in inputs.iter_mut() {
+                let on_disk = shared.models_on_disk(name);
+                let Some(options) = spec.get_mut(0).and_then(Value::as_array_mut) else {
+                    continue;
+                };
+                for file in on_disk {
+                    if !options.iter().any(|o| o.as_str() == Some(file.as_str())) {
+                        options.push(Value::String(file));
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn object_info_class(
@@ -559,35 +611,17 @@ async fn object_info_class(
     )
 }
 
-async fn system_stats() -> Response {
-    ok_json(&json!({
-        "system": {
-            "os": "posix",
-            "ram_total": 25_276_502_016_u64,
-            "ram_free": 24_167_591_936_u64,
-            "comfyui_version": "0.3.64",
-            "required_frontend_version": "1.27.10",
-            "installed_templates_version": "0.1.95",
-            "required_templates_version": "0.1.95",
-            "python_version": "3.11.7 (main, May  9 2026, 07:35:25) [GCC 12.2.0]",
-            "pytorch_version": "2.11.0+cu130",
-            "embedded_python": false,
-            "argv": ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", "8188", "--disable-auto-launch"],
-        },
-        "devices": [{
-            "name": "cpu",
-            "type": "cpu",
-            "index": null,
-            "vram_total": 25_276_502_016_u64,
-            "vram_free": 24_167_591_936_u64,
-            "torch_vram_total": 25_276_502_016_u64,
-            "torch_vram_free": 24_167_591_936_u64,
-        }],
-    }))
+/// `GET /api/jobs/cancel` reaches the `{job_id}` route in aiohttp.
+async fn jobs_named_cancel(State(shared): State<Arc<Shared>>) -> Response {
+    jobs::get(State(shared), Path("cancel".to_owned())).await
 }
 
-async fn features() -> Response {
-    ok_json(&ws::server_features())
+async fn system_stats(State(shared): State<Arc<Shared>>) -> Response {
+    ok_json(&shared.config.profile.system_stats())
+}
+
+async fn features(State(shared): State<Arc<Shared>>) -> Response {
+    ok_json(&shared.config.profile.server_features())
 }
 
 async fn empty_list() -> Response {

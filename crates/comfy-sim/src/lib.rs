@@ -17,6 +17,8 @@
 //! * `exec`: the single prompt worker: queue, cache, execution order and message emission.
 //! * `nodes`: what each simulated node class does with its inputs.
 //! * `store`: files, queue and history.
+//! * `profile`: which ComfyUI it plays (`0.3.64`, or `current`: today's, from its source).
+//! * `jobs`: the jobs API of the `current` profile (`/api/jobs…`).
 //! * `catalog`: the recorded `object_info` with model names added.
 //! * `image`: PNG/JPEG bytes and tensor text.
 //! * `media`: VIDEO/AUDIO values and the container bytes the video, audio and latent save nodes write.
@@ -27,12 +29,16 @@ mod exec;
 mod graph;
 mod http;
 mod image;
+mod jobs;
 mod media;
 mod nodes;
+mod profile;
 mod pyfmt;
 mod store;
 mod ws;
 
+#[cfg(test)]
+mod current_tests;
 #[cfg(test)]
 mod tests;
 
@@ -49,6 +55,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+pub use profile::{Profile, UnknownProfile, CURRENT_VERSION};
 
 use catalog::Catalog;
 use store::{Folder, Store};
@@ -68,6 +76,11 @@ pub struct SimConfig {
     pub output_dir: Option<PathBuf>,
     /// When set, temp files (previews) are also written here.
     pub temp_dir: Option<PathBuf>,
+    /// Which ComfyUI to play (default 0.3.64).
+    pub profile: Profile,
+    /// When set, ComfyUI's model folder: the files in its `checkpoints/`, `loras/`, `vae/`, …
+    /// are offered in the loaders' lists (`/object_info`) and accepted by validation.
+    pub models_dir: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -78,6 +91,8 @@ impl Default for SimConfig {
             input_dir: None,
             output_dir: None,
             temp_dir: None,
+            profile: Profile::default(),
+            models_dir: None,
         }
     }
 }
@@ -205,6 +220,40 @@ impl Simulator {
         let _ = rx.wait_for(|p| *p == Pause::Paused).await;
     }
 
+    /// Arm a breakpoint between a prompt's terminal message (`execution_success`, `execution_error`,
+    /// `execution_interrupted`) and its history write: until [`Simulator::release_history`],
+    /// `/history/{id}` is `{}` and the jobs API says `in_progress`, as in ComfyUI's race window
+    /// (its issue #11540). [`Simulator::history_held`] returns once a prompt is stopped there.
+    pub fn hold_history(&self) {
+        self.shared.control.history.send_replace(Pause::Armed(0));
+    }
+
+    /// Wait until a prompt is stopped before its history write.
+    pub async fn history_held(&self) {
+        let mut rx = self.shared.control.history.subscribe();
+        let _ = rx.wait_for(|p| *p == Pause::Paused).await;
+    }
+
+    /// Let the held prompt write its history (also disarms a hold not reached yet).
+    pub fn release_history(&self) {
+        self.shared.control.history.send_replace(Pause::Off);
+    }
+
+    /// The profile this simulator plays.
+    pub fn profile(&self) -> Profile {
+        self.shared.config.profile
+    }
+
+    /// How many times `GET /api/jobs/{id}` was asked.
+    pub fn job_lookups(&self) -> usize {
+        lock(&self.shared.log).job_lookups
+    }
+
+    /// Every job id `POST /api/jobs/{id}/cancel` or `POST /api/jobs/cancel` was asked to cancel.
+    pub fn job_cancels(&self) -> Vec<String> {
+        lock(&self.shared.log).job_cancels.clone()
+    }
+
     /// Let a paused executor continue (also disarms a breakpoint not reached yet).
     pub fn resume(&self) {
         self.shared.control.pause.send_replace(Pause::Off);
@@ -246,7 +295,8 @@ impl Simulator {
         lock(&self.shared.log).completions.clone()
     }
 
-    /// Resolves once `n` `POST /interrupt` requests have been handled (their flag is set).
+    /// Resolves once `n` `POST /interrupt` or `POST /api/jobs/{id}/cancel` requests have been
+    /// handled (their flag is set).
     pub async fn interrupt_handled(&self, n: usize) {
         let mut rx = self.shared.control.interrupts_handled.subscribe();
         let _ = rx.wait_for(|count| *count >= n).await;
@@ -324,6 +374,8 @@ pub(crate) struct Control {
     /// `POST /free {"free_memory": true}`: the worker drops its cache before the next prompt.
     pub(crate) free_memory: AtomicBool,
     pub(crate) pause: watch::Sender<Pause>,
+    /// [`Simulator::hold_history`]'s breakpoint (`Armed(_)` = armed).
+    pub(crate) history: watch::Sender<Pause>,
     pub(crate) current: Mutex<Current>,
     /// `POST /interrupt` requests fully handled so far (for [`Simulator::interrupt_handled`]).
     pub(crate) interrupts_handled: watch::Sender<usize>,
@@ -364,6 +416,8 @@ pub(crate) struct Current {
 pub(crate) struct Log {
     pub(crate) prompts: Vec<Value>,
     pub(crate) interrupts: Vec<Option<Value>>,
+    pub(crate) job_cancels: Vec<String>,
+    pub(crate) job_lookups: usize,
     pub(crate) ws_client_ids: Vec<String>,
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
@@ -437,6 +491,7 @@ impl Shared {
                 wake: Notify::new(),
                 free_memory: AtomicBool::new(false),
                 pause: watch::Sender::new(Pause::Off),
+                history: watch::Sender::new(Pause::Off),
                 current: Mutex::new(Current::default()),
                 interrupts_handled: watch::Sender::new(0),
                 drops: Mutex::new(Vec::new()),
@@ -477,6 +532,43 @@ impl Shared {
             lock(&self.log).drops_fired += 1;
             self.hub.drop_all();
         }
+    }
+
+    /// The model folder an input's files live in (`folder_paths` names), for the inputs the
+    /// simulator lists from [`SimConfig::models_dir`].
+    pub(crate) fn model_folder(input: &str) -> Option<&'static str> {
+        Some(match input {
+            "ckpt_name" => "checkpoints",
+            "lora_name" => "loras",
+            "vae_name" => "vae",
+            "unet_name" => "diffusion_models",
+            "control_net_name" => "controlnet",
+            "model_name" => "upscale_models",
+            n if n.starts_with("clip_name") => "text_encoders",
+            _ => return None,
+        })
+    }
+
+    /// The files of an input's model folder in [`SimConfig::models_dir`], sorted.
+    pub(crate) fn models_on_disk(&self, input: &str) -> Vec<String> {
+        let (Some(dir), Some(folder)) = (&self.config.models_dir, Shared::model_folder(input))
+        else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(folder))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether `name` is a file of the input's model folder on disk.
+    pub(crate) fn model_on_disk(&self, input: &str, name: &str) -> bool {
+        self.models_on_disk(input).iter().any(|n| n == name)
     }
 
     pub(crate) fn interrupted(&self) -> bool {

@@ -85,6 +85,7 @@ pub(crate) async fn run(
         let previewing = node.class_type == "SlowSteps" && node.flag("send_preview");
         let source = node.first_image().unwrap_or_else(default_image);
         let (w, h) = image::contain(source.width, source.height, 64);
+        run.model_loading(node.id);
         for step in 1..=steps {
             // As a sampler's latent previews do, the image converges on the result: from grey
             // noise at the first step to the image's own colour at the last.

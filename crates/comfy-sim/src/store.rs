@@ -192,12 +192,30 @@ impl QueueItem {
         ])
     }
 
-    /// The 5-array history shows (sensitive `extra_data` keys removed).
-    pub(crate) fn to_history_json(&self) -> Value {
+    /// `extra_data` without the sensitive keys (today's ComfyUI keeps them out of `/queue` and
+    /// the jobs API too; 0.3.64 only out of history).
+    pub(crate) fn public_extra_data(&self) -> Map<String, Value> {
         let mut extra = self.extra_data.clone();
         for key in SENSITIVE_EXTRA_DATA_KEYS {
             extra.remove(key);
         }
+        extra
+    }
+
+    /// The 5-array `GET /queue` shows in today's ComfyUI (sensitive keys removed).
+    pub(crate) fn to_public_json(&self) -> Value {
+        json!([
+            self.number,
+            self.prompt_id,
+            self.prompt,
+            self.public_extra_data(),
+            self.outputs
+        ])
+    }
+
+    /// The 5-array history shows (sensitive `extra_data` keys removed).
+    pub(crate) fn to_history_json(&self) -> Value {
+        let extra = self.public_extra_data();
         json!([
             self.number,
             self.prompt_id,

@@ -39,11 +39,6 @@ pub(crate) const PREVIEW_IMAGE: u32 = 1;
 pub(crate) const TEXT: u32 = 3;
 pub(crate) const PREVIEW_IMAGE_WITH_METADATA: u32 = 4;
 
-/// `feature_flags.get_server_features()`.
-pub(crate) fn server_features() -> Value {
-    json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600})
-}
-
 /// The registered sockets and the test switches that act on all of them.
 pub(crate) struct Hub {
     sockets: Mutex<HashMap<String, Registered>>,
@@ -249,9 +244,11 @@ fn handle_first_text(shared: &Shared, sid: &str, text: &str) -> bool {
     if message.get("type").and_then(Value::as_str) == Some("feature_flags") {
         let flags = message.get("data").cloned().unwrap_or_else(|| json!({}));
         shared.hub.set_flags(sid, flags);
-        shared
-            .hub
-            .send_json("feature_flags", server_features(), Some(sid));
+        shared.hub.send_json(
+            "feature_flags",
+            shared.config.profile.server_features(),
+            Some(sid),
+        );
     }
     true
 }

@@ -7,7 +7,8 @@
 //!   size limit (see [`Fetcher::fetch_s3`]);
 //! * an item may carry `subfolder`, `type` (`input`, `temp`, `output`) and `kind: "mask"` with an
 //!   `original_ref` (uploaded to `/upload/mask`); any file (video, audio) may be sent;
-//! * the list may be called `files` instead of `images`.
+//! * the list may be called `files` instead of `images`;
+//! * `models` names model files to download into ComfyUI's model folder (see [`ModelSpec`]).
 //!
 //! [`parse_input`] validates without touching the network; [`Fetcher::fetch_all`] then downloads
 //! every URL input (a few at a time) before anything is uploaded, so a bad URL fails the job
@@ -16,6 +17,7 @@
 mod fetcher;
 mod file_name;
 mod media;
+mod model_spec;
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -25,6 +27,7 @@ pub use file_name::{
     check_image_name, check_subfolder, name_from_url, sanitize_file_name, InvalidImageName,
     InvalidSubfolder, NameProblem, SubfolderProblem,
 };
+pub use model_spec::ModelSpec;
 
 use super::codec;
 use super::failure::{JobFailure, Report};
@@ -44,6 +47,10 @@ pub struct JobInput {
     pub files: Vec<InputFile>,
     /// Per-job Comfy.org API key (wins over `COMFY_ORG_API_KEY`).
     pub comfy_org_api_key: Option<Secret>,
+    /// Model files to download into ComfyUI's model folder before queueing (`models`).
+    pub models: Vec<ModelSpec>,
+    /// `previews: true`: ask ComfyUI for sampler previews and publish them with the progress.
+    pub previews: bool,
 }
 
 /// One input file, validated; its bytes may still have to be downloaded.
@@ -304,10 +311,24 @@ pub fn parse_input(input: Option<&Value>) -> Result<JobInput, JobFailure> {
             problems,
         ));
     }
+    let previews = match obj.get("previews") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(bad_input(format!(
+                "'previews' must be true or false, got {}",
+                json_type(other)
+            )))
+        }
+    };
+    let models = model_spec::parse_models(obj.get("models"))
+        .map_err(|problems| bad_input_with_details("Invalid 'models'", problems))?;
     Ok(JobInput {
         workflow,
         files,
         comfy_org_api_key,
+        models,
+        previews,
     })
 }
 
@@ -546,6 +567,15 @@ mod tests {
         assert!(details[1].as_str().unwrap().contains("b.png"));
         let e = err(Some(json!({"workflow": wf, "comfy_org_api_key": 5})));
         assert!(e["error"].as_str().unwrap().contains("comfy_org_api_key"));
+        let e = err(Some(json!({"workflow": wf, "previews": "yes"})));
+        assert_eq!(
+            e["error"],
+            json!("'previews' must be true or false, got a string")
+        );
+        let e = err(Some(
+            json!({"workflow": wf, "models": [{"url": "ftp://x/m", "folder": "loras", "name": "m.safetensors"}]}),
+        ));
+        assert_eq!(e["error"], json!("Invalid 'models'"));
     }
 
     #[test]
