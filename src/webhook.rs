@@ -270,6 +270,7 @@ impl Webhooks {
             task_id: task_id.to_owned(),
             last: Mutex::new(LastProgress::default()),
             bound: self.policy.timeout,
+            previews: false,
         }
     }
 
@@ -336,6 +337,8 @@ pub struct ProgressHook {
     last: Mutex<LastProgress>,
     /// How long [`finish`](Self::finish) waits.
     bound: Duration,
+    /// The job asked for previews (`input.previews`): [`preview`](Self::preview) sends them.
+    previews: bool,
 }
 
 impl ProgressHook {
@@ -344,6 +347,25 @@ impl ProgressHook {
         let progress = LastProgress::of(snapshot);
         let event = progress_event(&self.task_id, "in-progress", &progress, now());
         *lock(&self.last) = progress;
+        self.queue.push(event, false);
+    }
+
+    /// With `on` (the job's `input.previews`), live previews become events too.
+    pub fn with_previews(mut self, on: bool) -> ProgressHook {
+        self.previews = on;
+        self
+    }
+
+    /// For a job that asked for previews: queues an `in-progress` event with the latest progress
+    /// and `"preview": {"node", "mime", "data"}`. Like every progress event, the next one
+    /// supersedes it while it waits.
+    pub fn preview(&self, preview: Value) {
+        if !self.previews {
+            return;
+        }
+        let progress = lock(&self.last).clone();
+        let mut event = progress_event(&self.task_id, "in-progress", &progress, now());
+        event["preview"] = preview;
         self.queue.push(event, false);
     }
 
@@ -775,6 +797,7 @@ mod tests {
             task_id: task_id.to_owned(),
             last: Mutex::new(LastProgress::default()),
             bound: Duration::from_secs(1),
+            previews: false,
         }
     }
 

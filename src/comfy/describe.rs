@@ -179,6 +179,13 @@ fn outputs(output: Option<&Map<String, Value>>) -> String {
     }
 }
 
+/// ` 64×64` for an image whose size its header tells (JPEG, PNG, WebP), else nothing.
+fn dimensions(data: &[u8]) -> String {
+    imagesize::blob_size(data)
+        .map(|s| format!(" {}×{}", s.width, s.height))
+        .unwrap_or_default()
+}
+
 fn short_mime(mime: &str) -> &str {
     mime.strip_prefix("image/").unwrap_or(mime)
 }
@@ -437,11 +444,16 @@ impl Describer {
         crate::eta::step_eta(s.first, s.node_started, value, max, at)
     }
 
-    /// Describes a binary frame: its type, format and size, never its bytes.
+    /// Describes a binary frame: its type, format, image size and byte count, never its bytes.
     pub fn binary(&self, frame: &BinaryFrame) -> Line {
         match frame {
             BinaryFrame::Preview { mime, data } => {
-                let mut text = format!("{}, {} bytes", short_mime(mime), data.len());
+                let mut text = format!(
+                    "{}{}, {} bytes",
+                    short_mime(mime),
+                    dimensions(data),
+                    data.len()
+                );
                 if let Some((node, _)) = &self.current {
                     text.push_str(&format!(" (running: {})", self.node(node)));
                 }
@@ -449,7 +461,12 @@ impl Describer {
             }
             BinaryFrame::PreviewWithMetadata { metadata, data } => {
                 let mime = frame.image_mime().unwrap_or("application/octet-stream");
-                let mut text = format!("{}, {} bytes", short_mime(mime), data.len());
+                let mut text = format!(
+                    "{}{}, {} bytes",
+                    short_mime(mime),
+                    dimensions(data),
+                    data.len()
+                );
                 if let Some(node) = &metadata.node_id {
                     let of = metadata.prompt_id.as_deref();
                     text.push_str(&format!(" from node {}", self.node_of(node, of)));
@@ -589,6 +606,14 @@ mod tests {
             binary_summary(&frame)["binary"],
             serde_json::json!({"type": 4, "format": "jpeg", "bytes": 6, "node_id": "3", "prompt_id": "p"})
         );
+        // An image whose header tells its size: the line says it.
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+        png.extend_from_slice(&[0, 0, 0, 64, 0, 0, 0, 48, 8, 2, 0, 0, 0]);
+        let frame = BinaryFrame::Preview {
+            mime: "image/png",
+            data: Bytes::from(png),
+        };
+        assert_eq!(d.binary(&frame).to_string(), "preview png 64×48, 29 bytes");
     }
 
     #[test]

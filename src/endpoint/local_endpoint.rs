@@ -24,7 +24,7 @@ use super::v2::V2State;
 use super::{ServeOptions, WorkerMode};
 use crate::housekeeping::warmup::WarmupState;
 use crate::job::{DeadlineSource, Engine, JobRequest};
-use crate::progress::{NodeEvent, ProgressSnapshot};
+use crate::progress::{preview_body, NodeEvent, ProgressSnapshot};
 use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};
 
@@ -243,8 +243,12 @@ impl LocalEndpoint {
         let (done, done_rx) = watch::channel(None);
         let seq = state.next_seq;
         state.next_seq += 1;
-        let progress_hook: Option<ProgressHook> =
-            progress_webhook.map(|url| self.inner.webhooks.progress(url, &id));
+        let progress_hook: Option<ProgressHook> = progress_webhook.map(|url| {
+            self.inner
+                .webhooks
+                .progress(url, &id)
+                .with_previews(request.previews)
+        });
         let job = Job {
             seq,
             request: Some(request),
@@ -810,13 +814,14 @@ fn publish_preview(inner: &Inner, id: &str, node: Option<&str>, mime: &str, data
             .as_ref()
             .and_then(|p| p["node"].as_str().map(str::to_owned))
     });
-    let preview = Arc::new(json!({
-        "node": node,
-        "mime": mime,
-        "width": width,
-        "height": height,
-        "data": crate::job::codec::encode(data),
-    }));
+    let body = preview_body(node.as_deref(), mime, data);
+    if let Some(hook) = &job.progress_hook {
+        hook.preview(body.clone());
+    }
+    let mut body = body;
+    body["width"] = json!(width);
+    body["height"] = json!(height);
+    let preview = Arc::new(body);
     job.preview = Some(preview.clone());
     let _ = job.events.send(JobEvent::Preview(preview));
 }

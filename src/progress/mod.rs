@@ -17,7 +17,7 @@ pub mod step_name;
 pub mod tracker;
 
 pub use channel::{channel, ProgressSender, Update};
-pub use node_event::NodeEvent;
+pub use node_event::{preview_body, NodeEvent};
 pub use preview_gate::{PreviewGate, PreviewRefusal};
 pub use snapshot::{Num, ProgressKind, ProgressSnapshot};
 pub use step_name::step_name;

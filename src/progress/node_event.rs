@@ -3,7 +3,9 @@
 //! show results as they land (the local endpoint's Comfy API v2 surface) take these; the others
 //! ignore them.
 
+use base64::Engine as _;
 use bytes::Bytes;
+use serde_json::{json, Value};
 
 use crate::comfy::{ExecutionFailure, NodeOutput};
 
@@ -31,4 +33,14 @@ pub enum NodeEvent {
     },
     /// A node raised: the prompt failed there.
     Failed(ExecutionFailure),
+}
+
+/// A live preview as every front end sends it: `{"node", "mime", "data"}`, `data` the image in
+/// base64 (`node` null when neither the frame nor the progress names it).
+pub fn preview_body(node: Option<&str>, mime: &str, data: &[u8]) -> Value {
+    json!({
+        "node": node,
+        "mime": mime,
+        "data": base64::engine::general_purpose::STANDARD.encode(data),
+    })
 }

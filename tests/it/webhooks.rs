@@ -484,3 +484,53 @@ async fn serve_refuses_webhooks_to_private_addresses_with_a_clear_error() {
     }
     assert!(sim.prompts().is_empty(), "nothing was queued");
 }
+
+/// A job with `input.previews: true` gets its live previews on its progress webhook (the event
+/// after the last preview is held back by pausing the sampler, so none can supersede it);
+/// a job that did not ask gets none.
+#[tokio::test]
+async fn progress_webhooks_carry_previews_only_when_asked() {
+    let sim = simulator(1).await;
+    let receiver = Receiver::start(ReceiverOptions::default()).await;
+    let endpoint = crate::serve::Endpoint::start_with(
+        &sim,
+        comfy_worker::endpoint::ServeOptions::default(),
+        Webhooks::new(loopback_policy()),
+    )
+    .await;
+    let job = |previews: bool, path: &str| {
+        let mut body = crate::serve::job(0x40_80_c0, 6);
+        body["input"]["workflow"]["2"]["inputs"]["send_preview"] = json!(true);
+        body["input"]["previews"] = json!(previews);
+        body["progress_webhook"] = json!(receiver.url(path));
+        body
+    };
+    sim.pause_after_step(3);
+    let id = endpoint.run(job(true, "/asked")).await;
+    let hits = receiver
+        .wait("/asked", |hits| {
+            hits.iter().any(|h| h.body.get("preview").is_some())
+        })
+        .await;
+    let event = &hits
+        .iter()
+        .find(|h| h.body.get("preview").is_some())
+        .unwrap()
+        .body;
+    assert_event(event, &id);
+    assert_eq!(event["status"], "in-progress", "{event}");
+    assert_eq!(event["preview"]["mime"], "image/jpeg", "{event}");
+    assert_eq!(event["preview"]["node"], "2", "{event}");
+    assert!(event["preview"]["data"]
+        .as_str()
+        .unwrap()
+        .starts_with("/9j/"));
+    sim.resume();
+    assert_eq!(endpoint.final_status(&id).await["status"], "COMPLETED");
+
+    let id = endpoint.run(job(false, "/plain")).await;
+    assert_eq!(endpoint.final_status(&id).await["status"], "COMPLETED");
+    let hits = receiver.wait_final("/plain").await;
+    assert!(hits.len() > 2, "progress events were sent");
+    assert!(hits.iter().all(|h| h.body.get("preview").is_none()));
+}

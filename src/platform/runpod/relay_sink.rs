@@ -2,10 +2,10 @@
 //! job asked for previews (`input.previews: true`, or `RUNPOD_PREVIEWS` for every job), each
 //! post also carries the latest live preview, so `/status` shows the image as it forms.
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::relay::Relay;
-use crate::progress::{NodeEvent, ProgressSnapshot};
+use crate::progress::{preview_body, NodeEvent, ProgressSnapshot};
 use crate::runner::ProgressSink;
 
 /// The runner's sink for a RunPod job's progress posts.
@@ -58,11 +58,7 @@ impl ProgressSink for RelaySink<'_> {
                 .as_ref()
                 .and_then(|l| l["node"].as_str().map(str::to_owned))
         });
-        self.preview = Some(json!({
-            "node": node,
-            "mime": mime,
-            "data": crate::job::codec::encode(data),
-        }));
+        self.preview = Some(preview_body(node.as_deref(), mime, data));
         self.post();
     }
 }

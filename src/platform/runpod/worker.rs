@@ -18,7 +18,7 @@ use super::relay_sink::RelaySink;
 use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
-use crate::progress::ProgressSnapshot;
+use crate::progress::{preview_body, NodeEvent, ProgressSnapshot};
 use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
 
@@ -282,7 +282,7 @@ impl Worker {
             // The rest of a batch taken before SIGTERM: answered at once, so no job is left
             // waiting for a worker that is going away.
             info!("not started: the worker is shutting down");
-            JobWebhook::start(&self.webhooks, job).end_with_error(NOT_STARTED);
+            JobWebhook::start(&self.webhooks, job, false).end_with_error(NOT_STARTED);
             return self.post_result(job, JobOutput::error(NOT_STARTED)).await;
         }
         info!("Started.");
@@ -295,7 +295,7 @@ impl Worker {
         let relay = settings
             .relay_progress
             .then(|| Relay::start(self.client.clone(), job.id.clone()));
-        let mut webhook = JobWebhook::start(&self.webhooks, job);
+        let mut webhook = JobWebhook::start(&self.webhooks, job, request.previews);
         let previews = request.previews || self.runner.engine().settings().previews.runpod;
         let mut relay_sink = RelaySink::new(relay.as_ref(), previews);
         let controls = Controls {
@@ -358,7 +358,7 @@ enum JobWebhook {
 impl JobWebhook {
     /// Checks the job's `progress_webhook` on a task of its own (a DNS lookup must not hold up
     /// the job); an invalid or refused URL is logged and the job runs without it.
-    fn start(webhooks: &Webhooks, job: &PlatformJob) -> JobWebhook {
+    fn start(webhooks: &Webhooks, job: &PlatformJob, previews: bool) -> JobWebhook {
         let Some(url) = job.progress_webhook.clone() else {
             return JobWebhook::Off;
         };
@@ -369,7 +369,7 @@ impl JobWebhook {
                 match webhooks.validate(&url).await {
                     Ok(url) => {
                         info!("progress webhook accepted");
-                        Some(webhooks.progress(url, &job_id))
+                        Some(webhooks.progress(url, &job_id).with_previews(previews))
                     }
                     Err(e) => {
                         warn!(error = %e, "progress webhook ignored; the job runs without it");
@@ -454,6 +454,14 @@ impl JobWebhook {
 impl ProgressSink for JobWebhook {
     fn snapshot(&mut self, snapshot: &ProgressSnapshot) {
         JobWebhook::snapshot(self, snapshot);
+    }
+
+    /// A live preview, for a job that asked for them (the hook knows); while the URL is still
+    /// being checked, previews are skipped (the next one comes soon).
+    fn node_event(&mut self, event: &NodeEvent) {
+        if let (JobWebhook::Ready(hook), NodeEvent::Preview { node, mime, data }) = (self, event) {
+            hook.preview(preview_body(node.as_deref(), mime, data));
+        }
     }
 }
 
