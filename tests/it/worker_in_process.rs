@@ -133,3 +133,94 @@ async fn shutdown_during_the_job_take_ends_the_step() {
     assert!(matches!(app.step().await, Step::ShutDown));
     assert!(app.platform.takes().len() <= 1);
 }
+
+/// The whole loop ([`Worker::run`]) on a task of its own, with its shutdown token.
+pub struct RunningWorker {
+    pub platform: FakePlatform,
+    pub sim: Simulator,
+    pub worker: std::sync::Arc<Worker>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningWorker {
+    /// A worker as [`spawn_app`] builds it, bound (`METRICS_PORT`, if given) and running.
+    pub async fn start(extra: &[(&str, &str)]) -> RunningWorker {
+        let app = spawn_app(extra).await;
+        let worker = std::sync::Arc::new(app.worker);
+        worker.bind_metrics().await.expect("the metrics port binds");
+        let task = {
+            let worker = worker.clone();
+            let shutdown = app.shutdown.clone();
+            tokio::spawn(async move {
+                worker.run(shutdown).await.expect("no warm-up to fail");
+            })
+        };
+        RunningWorker {
+            platform: app.platform,
+            sim: app.sim,
+            worker,
+            shutdown: app.shutdown,
+            task,
+        }
+    }
+
+    /// SIGTERM: the loop ends, bounded.
+    pub async fn stop(self) -> (FakePlatform, Simulator) {
+        self.shutdown.cancel();
+        tokio::time::timeout(LIMIT, self.task)
+            .await
+            .expect("the loop ends after shutdown")
+            .expect("the loop did not panic");
+        (self.platform, self.sim)
+    }
+}
+
+#[tokio::test]
+async fn metrics_port_serves_what_the_runner_and_the_loop_counted() {
+    let app = RunningWorker::start(&[("METRICS_PORT", "0")]).await;
+    let addr = app
+        .worker
+        .bind_metrics()
+        .await
+        .unwrap()
+        .expect("METRICS_PORT is set");
+    assert!(addr.ip().is_loopback(), "{addr}");
+    app.platform.push_job("m1", job_input(0x0a0b0c, 2));
+    app.platform.push_job("bad", json!({"workflow": 7}));
+    app.platform.push_job("m2", job_input(0x0c0b0a, 2));
+    for id in ["m1", "bad", "m2"] {
+        crate::worker_process::final_of(&app.platform, id).await;
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = tokio::time::timeout(LIMIT, http.get(format!("http://{addr}/metrics")).send())
+        .await
+        .expect("a reply in time")
+        .expect("the metrics listener answers");
+    assert_eq!(resp.status(), 200);
+    let m = harness::Scraped::parse(&resp.text().await.unwrap());
+    let jobs = |outcome| m.count("comfy_worker_jobs_total", &[("outcome", outcome)]);
+    assert_eq!((jobs("completed"), jobs("failed")), (2.0, 1.0));
+    assert_eq!(m.histogram_count("comfy_worker_job_duration_seconds"), 3);
+    assert_eq!(m.histogram_count("comfy_worker_queue_wait_seconds"), 2);
+    let sent = m.count("comfy_worker_progress_posts_total", &[("result", "sent")]);
+    let progress_posts: usize = ["m1", "m2", "bad"]
+        .iter()
+        .map(|id| {
+            app.platform
+                .posts(id)
+                .iter()
+                .filter(|p| p.kind == PostKind::Progress && p.accepted)
+                .count()
+        })
+        .sum();
+    assert_eq!(sent, progress_posts as f64);
+    assert!(m.count("comfy_worker_result_bytes_total", &[]) > 0.0);
+    assert_eq!(
+        m.count("comfy_worker_retries_total", &[("reason", "result_post")]),
+        0.0
+    );
+    let other = http.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(other.status(), 404);
+    app.stop().await;
+}

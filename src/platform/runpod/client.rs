@@ -10,6 +10,7 @@ use tracing::{debug, error, info, warn};
 
 use super::job::{parse_jobs, short, PlatformJob};
 use super::settings::RunPodSettings;
+use crate::metrics::{Metrics, RetryReason};
 use crate::redact::error_chain;
 
 /// Why the platform client cannot be made.
@@ -157,6 +158,8 @@ pub enum Delivery {
 pub struct PlatformClient {
     http: reqwest::Client,
     settings: RunPodSettings,
+    /// Where retries of result posts are counted.
+    metrics: Option<Metrics>,
 }
 
 /// The platform received the whole request and did not answer in time: sending it again could
@@ -203,7 +206,17 @@ impl PlatformClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(ClientError::Build)?;
-        Ok(PlatformClient { http, settings })
+        Ok(PlatformClient {
+            http,
+            settings,
+            metrics: None,
+        })
+    }
+
+    /// The same client counting its retries in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> PlatformClient {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The settings.
@@ -381,6 +394,9 @@ impl PlatformClient {
                 return Err(failed);
             }
             warn!(attempt, error = %failed, retry_in_ms = delay.as_millis() as u64, "posting the result failed; retrying");
+            if let Some(metrics) = &self.metrics {
+                metrics.retry(RetryReason::ResultPost);
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
             attempt += 1;

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod job;
+pub mod metrics_listener;
 pub mod relay;
 pub mod settings;
 pub mod spool;
@@ -13,6 +14,7 @@ pub use client::{
     ClientError, Delivery, PlatformClient, PostError, ProgressError, StopPollError, Take, TakeError,
 };
 pub use job::{PlatformJob, ReplyError, Unreadable};
+pub use metrics_listener::MetricsListener;
 pub use relay::{Relay, RelayStats};
 pub use settings::RunPodSettings;
 pub use worker::{JobEnd, Step, Worker};

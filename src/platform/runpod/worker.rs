@@ -13,10 +13,12 @@ use tracing::{error, info, warn, Instrument};
 
 use super::client::{Delivery, PlatformClient, Take, TakeError};
 use super::job::PlatformJob;
+use super::metrics_listener::MetricsListener;
 use super::relay::Relay;
 use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
+use crate::metrics::{Metrics, RetryReason};
 use crate::progress::ProgressSnapshot;
 use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
@@ -60,6 +62,10 @@ pub struct Worker {
     client: PlatformClient,
     webhooks: Webhooks,
     state: Arc<Mutex<State>>,
+    metrics: Metrics,
+    /// The `METRICS_PORT` listener, bound by [`Worker::bind_metrics`] and served by
+    /// [`Worker::run`].
+    metrics_listener: tokio::sync::Mutex<Option<MetricsListener>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,12 +76,36 @@ impl Worker {
     /// A worker running jobs on `runner` for the platform behind `client`, delivering jobs'
     /// progress webhooks through `webhooks`.
     pub fn new(runner: Runner, client: PlatformClient, webhooks: Webhooks) -> Worker {
+        let metrics = runner.metrics();
         Worker {
             runner,
-            client,
+            client: client.with_metrics(metrics.clone()),
             webhooks,
             state: Arc::new(Mutex::new(State::default())),
+            metrics,
+            metrics_listener: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The metrics the worker counts in (what `METRICS_PORT` serves).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Binds the `METRICS_PORT` listener now (else [`Worker::run`] does) and returns where it
+    /// listens; `None` without `METRICS_PORT`.
+    pub async fn bind_metrics(&self) -> std::io::Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = self.client.settings().metrics_addr else {
+            return Ok(None);
+        };
+        let mut slot = self.metrics_listener.lock().await;
+        if let Some(bound) = slot.as_ref() {
+            return Ok(Some(bound.local_addr()));
+        }
+        let bound = MetricsListener::bind(addr).await?;
+        let local = bound.local_addr();
+        *slot = Some(bound);
+        Ok(Some(local))
     }
 
     /// Runs until `shutdown` is cancelled (then the job in progress finishes and is posted) or,
@@ -113,6 +143,16 @@ impl Worker {
             tokio::spawn(async move { client.redeliver_spooled().await })
         };
         let companions = CancellationToken::new();
+        // A metrics port that cannot be bound is logged; the worker still takes jobs.
+        if let Err(e) = self.bind_metrics().await {
+            error!(error = %e, addr = ?settings.metrics_addr, "METRICS_PORT cannot be bound; no metrics are served");
+        }
+        let metrics_server = self
+            .metrics_listener
+            .lock()
+            .await
+            .take()
+            .map(|l| tokio::spawn(l.serve(self.metrics.clone(), companions.clone())));
         let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
         let stops = tokio::spawn(self.stop_channel(companions.clone()));
         let mut backoff = Duration::from_secs(1);
@@ -139,6 +179,7 @@ impl Worker {
                 }
                 Step::Failed(e) => {
                     warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
+                    self.metrics.retry(RetryReason::JobTake);
                     let pause = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     pause
@@ -155,6 +196,9 @@ impl Worker {
         spooled.abort();
         let _ = heartbeat.await;
         let _ = stops.await;
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
         info!("RunPod worker stopped");
         Ok(())
     }
@@ -317,6 +361,8 @@ impl Worker {
         if let Some(relay) = relay {
             // A stopped job posts nothing more; otherwise /status is brought up to date first.
             let stats = relay.finish(!stopped).await;
+            self.metrics
+                .progress_posts(stats.posted, stats.coalesced, stats.failed);
             info!(
                 posted = stats.posted,
                 failed = stats.failed,
