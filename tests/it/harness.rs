@@ -208,6 +208,7 @@ pub fn clear_worker_env(cmd: &mut std::process::Command) -> &mut std::process::C
         "CLEANUP_FILES",
         "METRICS_PORT",
         "METRICS_ADDR",
+        "PIPELINE",
         "RUST_LOG",
     ];
     for (name, _) in std::env::vars_os() {

@@ -224,3 +224,174 @@ async fn metrics_port_serves_what_the_runner_and_the_loop_counted() {
     assert_eq!(other.status(), 404);
     app.stop().await;
 }
+
+/// The prompt id of the simulator's `n`th `POST /prompt`.
+fn prompt_id_of(sim: &Simulator, n: usize) -> String {
+    sim.prompts()[n]["prompt_id"]
+        .as_str()
+        .expect("a prompt id")
+        .to_owned()
+}
+
+/// No progress post for `id` after its final one, and exactly one final.
+#[track_caller]
+fn assert_final_last(platform: &FakePlatform, id: &str) {
+    let posts = platform.posts(id);
+    let finals: Vec<usize> = posts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.kind == PostKind::Final)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(finals, [posts.len() - 1], "{id}: {posts:?}");
+    assert_eq!(platform.repeated_finals(id), 0, "{id}");
+}
+
+/// When `id`'s final post arrived.
+fn final_at(platform: &FakePlatform, id: &str) -> std::time::Instant {
+    platform
+        .posts(id)
+        .iter()
+        .find(|p| p.kind == PostKind::Final)
+        .map(|p| p.at)
+        .unwrap_or_else(|| panic!("no final for {id}"))
+}
+
+/// Starts a worker, pushes `first` (6 steps) and `second`, holds the simulator after the
+/// first's fifth step (close to done: the loop takes the second) and waits until the second's
+/// prompt is queued in ComfyUI behind it.
+async fn one_running_one_queued(extra: &[(&str, &str)]) -> RunningWorker {
+    let app = RunningWorker::start(extra).await;
+    app.sim.pause_after_step(5);
+    app.platform.push_job("first", job_input(0x31_3131, 6));
+    app.platform.push_job("second", job_input(0x32_3232, 2));
+    tokio::time::timeout(LIMIT, app.sim.paused())
+        .await
+        .expect("the first job reaches its fifth step");
+    tokio::time::timeout(
+        LIMIT,
+        app.platform
+            .wait_progress("second", |o| o["type"] == "queued"),
+    )
+    .await
+    .expect("the second job is taken and queued behind the first");
+    assert_eq!(app.sim.prompts().len(), 2);
+    assert_eq!(app.sim.queue_remaining(), 2, "one running, one pending");
+    let takes = app.platform.takes();
+    assert_eq!(takes[1].job_in_progress.as_deref(), Some("1"), "{takes:?}");
+    app
+}
+
+#[tokio::test]
+async fn a_stop_for_the_queued_ahead_job_leaves_the_running_one_alone() {
+    let app = one_running_one_queued(&[]).await;
+    app.platform.stop_job("second");
+    let stopped = tokio::time::timeout(LIMIT, app.platform.wait_stop_delivered("second"))
+        .await
+        .expect("the stop is delivered");
+    // The worker let go of the second job (its prompt is off ComfyUI's queue) while the first
+    // still runs: a heartbeat after the stop holds the first only.
+    tokio::time::timeout(
+        LIMIT,
+        app.platform.wait_ping(|p| {
+            p.at > stopped.at && p.job_ids.as_deref() == Some(&["first".to_owned()][..])
+        }),
+    )
+    .await
+    .expect("a heartbeat without the stopped job");
+    assert_eq!(
+        app.sim.queue_remaining(),
+        1,
+        "the second prompt left the queue"
+    );
+    assert!(
+        app.sim.interrupts().is_empty(),
+        "no /interrupt: {:?}",
+        app.sim.interrupts()
+    );
+    app.sim.resume();
+    let first = crate::worker_process::final_of(&app.platform, "first").await;
+    assert_eq!(first["output"]["images"].as_array().map(Vec::len), Some(2));
+    let first_prompt = prompt_id_of(&app.sim, 0);
+    let (platform, sim) = app.stop().await;
+    // Only the first prompt ever ran; the stopped job posted no result.
+    let ran: Vec<String> = sim.completions().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ran, [first_prompt]);
+    assert!(sim.interrupts().is_empty());
+    assert!(platform
+        .posts("second")
+        .iter()
+        .all(|p| p.kind == PostKind::Progress));
+    assert_final_last(&platform, "first");
+    assert!(
+        platform.violations().is_empty(),
+        "{:?}",
+        platform.violations()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_with_one_running_and_one_queued_delivers_both_once() {
+    let app = one_running_one_queued(&[]).await;
+    app.shutdown.cancel();
+    app.sim.resume();
+    let (first_prompt, second_prompt) = (prompt_id_of(&app.sim, 0), prompt_id_of(&app.sim, 1));
+    let (platform, sim) = app.stop().await;
+    for id in ["first", "second"] {
+        let status = platform.status(id);
+        assert_eq!(status["status"], "COMPLETED", "{id}: {status}");
+        assert_final_last(&platform, id);
+    }
+    // ComfyUI ran them in order, and each result went out as its job completed.
+    let ran: Vec<String> = sim.completions().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ran, [first_prompt, second_prompt]);
+    assert!(final_at(&platform, "first") < final_at(&platform, "second"));
+    assert!(sim.interrupts().is_empty());
+    assert!(
+        platform.violations().is_empty(),
+        "{:?}",
+        platform.violations()
+    );
+}
+
+#[tokio::test]
+async fn pipelined_jobs_deliver_in_order_of_completion_and_pipeline_off_takes_one_at_a_time() {
+    for pipeline in ["on", "off"] {
+        let app = RunningWorker::start(&[("PIPELINE", pipeline)]).await;
+        let ids = ["p1", "p2", "p3", "p4"];
+        for (i, id) in ids.iter().enumerate() {
+            app.platform
+                .push_job(id, job_input(0x40_0000 + i as u64, 3));
+        }
+        for id in ids {
+            crate::worker_process::final_of(&app.platform, id).await;
+        }
+        let (platform, sim) = app.stop().await;
+        for id in ids {
+            assert_eq!(
+                platform.status(id)["status"],
+                "COMPLETED",
+                "{pipeline} {id}"
+            );
+            assert_final_last(&platform, id);
+        }
+        let finals: Vec<_> = ids.iter().map(|id| final_at(&platform, id)).collect();
+        assert!(finals.windows(2).all(|w| w[0] < w[1]), "{pipeline}");
+        assert_eq!(sim.completions().len(), 4);
+        let busy_takes = platform
+            .takes()
+            .iter()
+            .filter(|t| t.job_in_progress.as_deref() == Some("1"))
+            .count();
+        match pipeline {
+            // Every job after the first was taken while one was in progress.
+            "on" => assert!(busy_takes >= 3, "{:?}", platform.takes()),
+            _ => assert_eq!(busy_takes, 0, "{:?}", platform.takes()),
+        }
+        assert!(
+            platform.violations().is_empty(),
+            "{:?}",
+            platform.violations()
+        );
+    }
+}

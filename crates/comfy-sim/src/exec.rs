@@ -106,6 +106,11 @@ impl Executor {
             json!({"prompt_id": item.prompt_id}),
             false,
         );
+        lock(&shared.log).executions.push(super::ExecutionMark {
+            prompt_id: item.prompt_id.clone(),
+            started_us: super::wall_clock_us(),
+            succeeded_us: None,
+        });
 
         let signatures = signatures(&shared, prompt);
         let live: HashSet<&String> = signatures.values().collect();
@@ -161,6 +166,15 @@ impl Executor {
                 json!({"prompt_id": item.prompt_id}),
                 false,
             );
+            let at = super::wall_clock_us();
+            if let Some(mark) = lock(&shared.log)
+                .executions
+                .iter_mut()
+                .rev()
+                .find(|m| m.prompt_id == item.prompt_id)
+            {
+                mark.succeeded_us = Some(at);
+            }
         }
         lock(&shared.control.current).last_node = None;
 

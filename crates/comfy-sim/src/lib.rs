@@ -240,6 +240,11 @@ impl Simulator {
         lock(&self.shared.log).completions.clone()
     }
 
+    /// Every prompt's `execution_start` and `execution_success` stamps, in execution order.
+    pub fn executions(&self) -> Vec<ExecutionMark> {
+        lock(&self.shared.log).executions.clone()
+    }
+
     /// Resolves once `n` `POST /interrupt` requests have been handled (their flag is set).
     pub async fn interrupt_handled(&self, n: usize) {
         let mut rx = self.shared.control.interrupts_handled.subscribe();
@@ -361,6 +366,7 @@ pub(crate) struct Log {
     pub(crate) ws_client_ids: Vec<String>,
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
+    pub(crate) executions: Vec<ExecutionMark>,
     pub(crate) uploads: Vec<UploadMark>,
     pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
     pub(crate) drops_fired: usize,
@@ -392,6 +398,26 @@ pub struct UploadMark {
     pub content_type: Option<String>,
     /// The `original_ref` field (masks).
     pub original_ref: Option<String>,
+}
+
+/// When the simulator sent a prompt's `execution_start` and its `execution_success`, in
+/// wall-clock microseconds since the Unix epoch (for the idle-gap benchmark).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecutionMark {
+    /// The prompt.
+    pub prompt_id: String,
+    /// When `execution_start` was sent.
+    pub started_us: u64,
+    /// When `execution_success` was sent; `None` while running, or when it failed or was
+    /// interrupted.
+    pub succeeded_us: Option<u64>,
+}
+
+/// Now, in microseconds since the Unix epoch.
+pub(crate) fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// When the simulator sent a sampler step's `progress` message (for latency benchmarks).

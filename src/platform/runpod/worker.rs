@@ -2,11 +2,16 @@
 //! so job work never delays them. A job's progress webhook, if it names one, is fed from the same
 //! snapshots as the relay and never delays the job or its result either.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
@@ -15,11 +20,12 @@ use super::client::{Delivery, PlatformClient, Take, TakeError};
 use super::job::PlatformJob;
 use super::metrics_listener::MetricsListener;
 use super::relay::Relay;
+use crate::config::FreeMemory;
 use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
 use crate::metrics::{Metrics, RetryReason};
-use crate::progress::ProgressSnapshot;
+use crate::progress::{ProgressKind, ProgressSnapshot};
 use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
 
@@ -155,10 +161,53 @@ impl Worker {
             .map(|l| tokio::spawn(l.serve(self.metrics.clone(), companions.clone())));
         let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
         let stops = tokio::spawn(self.stop_channel(companions.clone()));
+        if self.pipelined() {
+            self.run_pipelined(&shutdown).await;
+        } else {
+            self.run_one_at_a_time(&shutdown).await;
+        }
+        companions.cancel();
+        spooled.abort();
+        let _ = heartbeat.await;
+        let _ = stops.await;
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
+        info!("RunPod worker stopped");
+        Ok(())
+    }
+
+    /// Whether the loop pipelines (`PIPELINE`, on by default): not with `REFRESH_WORKER` (one
+    /// job, then exit) nor `FREE_MEMORY_AFTER_JOB` (the memory is freed between two jobs).
+    fn pipelined(&self) -> bool {
+        let settings = self.client.settings();
+        let frees = self
+            .runner
+            .engine()
+            .settings()
+            .housekeeping
+            .free_memory_after_job
+            != FreeMemory::Off;
+        let on = settings.pipeline && !settings.refresh_worker && !frees;
+        info!(
+            pipeline = on,
+            "{}",
+            if on {
+                "pipelining: the next job is taken while the running one is close to done"
+            } else {
+                "one job at a time"
+            }
+        );
+        on
+    }
+
+    /// The loop without pipelining: one job-take, its jobs run to their end, the next take.
+    async fn run_one_at_a_time(&self, shutdown: &CancellationToken) {
+        let settings = self.client.settings();
         let mut backoff = Duration::from_secs(1);
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            let pause = match self.step(&shutdown).await {
+            let pause = match self.step(shutdown).await {
                 Step::ShutDown => break,
                 Step::Ran(_) if settings.refresh_worker => {
                     info!("REFRESH_WORKER is set: exiting after the job");
@@ -192,15 +241,116 @@ impl Worker {
                 }
             }
         }
-        companions.cancel();
-        spooled.abort();
-        let _ = heartbeat.await;
-        let _ = stops.await;
-        if let Some(server) = metrics_server {
-            let _ = server.await;
+    }
+
+    /// The pipelined loop. A job runs; once it is close to done ([`close_to_done`]) the next
+    /// job-take goes out (`job_in_progress=1`) and the job it brings starts at once: its inputs
+    /// are fetched and uploaded and its prompt queued in ComfyUI behind the running one, so
+    /// ComfyUI starts it the moment the first ends, while the first one's outputs are collected
+    /// and posted. At most one job runs beyond the first; each keeps its own progress relay,
+    /// webhook, deadline, stop and result. Jobs a batch take brought beyond that wait their
+    /// turn. On shutdown the take is abandoned, the jobs started finish within the grace and
+    /// are posted, and jobs not started are answered at once.
+    async fn run_pipelined(&self, shutdown: &CancellationToken) {
+        let mut running = FuturesUnordered::new();
+        // The near-done flags of the jobs running, by their place in the pipeline.
+        let mut near: HashMap<u64, Arc<AtomicBool>> = HashMap::new();
+        let wake = Arc::new(Notify::new());
+        let mut waiting: VecDeque<PlatformJob> = VecDeque::new();
+        let mut take: Option<Pin<Box<dyn Future<Output = Take> + Send + '_>>> = None;
+        let mut not_before: Option<tokio::time::Instant> = None;
+        let mut backoff = Duration::from_secs(1);
+        let mut serial = 0u64;
+        loop {
+            let stopping = shutdown.is_cancelled();
+            let room = |near: &HashMap<u64, Arc<AtomicBool>>| match near.len() {
+                0 => true,
+                1 => near.values().all(|f| f.load(Ordering::SeqCst)),
+                _ => false,
+            };
+            // Start what may start: the next waiting job when there is room, or every waiting
+            // job at shutdown (each is answered "not started" at once).
+            while let Some(job) = (stopping || room(&near))
+                .then(|| waiting.pop_front())
+                .flatten()
+            {
+                serial += 1;
+                let flag = Arc::new(AtomicBool::new(false));
+                near.insert(serial, flag.clone());
+                let signal = NearDone {
+                    flag,
+                    wake: wake.clone(),
+                };
+                let id = serial;
+                running.push(async move {
+                    self.run_job_signalled(job, shutdown, Some(signal)).await;
+                    id
+                });
+            }
+            if stopping {
+                take = None;
+                if running.is_empty() {
+                    return;
+                }
+            }
+            let paused = not_before.is_some_and(|t| t > tokio::time::Instant::now());
+            if take.is_none() && !stopping && !paused && waiting.is_empty() && room(&near) {
+                let in_progress = !lock(&self.state).held.is_empty();
+                take = Some(Box::pin(self.client.take(in_progress)));
+            }
+            let taking = async {
+                match take.as_mut() {
+                    Some(t) => t.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let pause = async {
+                match not_before {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(id) = running.next(), if !running.is_empty() => {
+                    near.remove(&id);
+                }
+                _ = wake.notified() => {}
+                _ = shutdown.cancelled(), if !stopping => {}
+                _ = pause, if paused => {
+                    not_before = None;
+                }
+                taken = taking => {
+                    take = None;
+                    let started = tokio::time::Instant::now();
+                    let pause = match taken {
+                        Take::Jobs(jobs) => {
+                            backoff = Duration::from_secs(1);
+                            lock(&self.state)
+                                .held
+                                .extend(jobs.iter().map(|j| j.id.clone()));
+                            waiting.extend(jobs);
+                            Duration::ZERO
+                        }
+                        Take::NoJob => {
+                            backoff = Duration::from_secs(1);
+                            Duration::from_millis(250).saturating_sub(started.elapsed())
+                        }
+                        Take::RateLimited => {
+                            warn!("job-take rate limited (HTTP 429); waiting 5 s");
+                            Duration::from_secs(5)
+                        }
+                        Take::Failed(e) => {
+                            warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
+                            self.metrics.retry(RetryReason::JobTake);
+                            let pause = backoff;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            pause
+                        }
+                    };
+                    not_before = (!pause.is_zero()).then(|| started + pause);
+                }
+            }
         }
-        info!("RunPod worker stopped");
-        Ok(())
     }
 
     /// One turn of the loop: one job-take, and every job it gave run to its end (result
@@ -297,11 +447,21 @@ impl Worker {
 
     /// Runs one job and posts its result (unless the platform stopped it).
     pub async fn run_job(&self, job: PlatformJob, shutdown: &CancellationToken) -> JobEnd {
+        self.run_job_signalled(job, shutdown, None).await
+    }
+
+    /// [`Worker::run_job`], raising `near_done` once the job is close to done.
+    async fn run_job_signalled(
+        &self,
+        job: PlatformJob,
+        shutdown: &CancellationToken,
+        near_done: Option<NearDone>,
+    ) -> JobEnd {
         let span = job_span(&job.id);
         // Whether ComfyUI gets to run anything for it (else there is nothing to free).
         let runs = job.unreadable.is_none() && !shutdown.is_cancelled();
         let end = self
-            .run_job_inner(&job, shutdown)
+            .run_job_inner(&job, shutdown, near_done)
             .instrument(span.clone())
             .await;
         lock(&self.state).held.remove(&job.id);
@@ -312,7 +472,12 @@ impl Worker {
         end
     }
 
-    async fn run_job_inner(&self, job: &PlatformJob, shutdown: &CancellationToken) -> JobEnd {
+    async fn run_job_inner(
+        &self,
+        job: &PlatformJob,
+        shutdown: &CancellationToken,
+        near_done: Option<NearDone>,
+    ) -> JobEnd {
         let settings = self.client.settings();
         if let Some(why) = &job.unreadable {
             // Its id is all that could be read: answer it at once rather than leave it hanging.
@@ -342,6 +507,9 @@ impl Worker {
         let mut relay_sink = |s: &ProgressSnapshot| {
             if let Some(relay) = &relay {
                 relay.update(s.to_json());
+            }
+            if let Some(near) = near_done.as_ref().filter(|_| close_to_done(s)) {
+                near.raise();
             }
         };
         let controls = Controls {
@@ -502,6 +670,36 @@ impl JobWebhook {
 impl ProgressSink for JobWebhook {
     fn snapshot(&mut self, snapshot: &ProgressSnapshot) {
         JobWebhook::snapshot(self, snapshot);
+    }
+}
+
+/// The pipelined loop's signal that a running job is close to done.
+struct NearDone {
+    flag: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+}
+
+impl NearDone {
+    fn raise(&self) {
+        if !self.flag.swap(true, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// When the pipelined loop takes the next job: the running job's sampler has at most one step
+/// left (a progress step at `max - 1` or `max`, of a node with more than one step), or a node
+/// delivered outputs, or the prompt ended. From then on ComfyUI has little left to do for it, so
+/// the next prompt, queued behind it, starts without a gap; taken earlier, the next job would
+/// sit in this worker's queue while another worker may be idle.
+fn close_to_done(s: &ProgressSnapshot) -> bool {
+    match s.kind {
+        ProgressKind::Progress => s.max.0 > 1.0 && s.value.0 >= s.max.0 - 1.0,
+        ProgressKind::Executed
+        | ProgressKind::Finished
+        | ProgressKind::Error
+        | ProgressKind::Interrupted => true,
+        _ => false,
     }
 }
 
