@@ -6,6 +6,7 @@ pub mod client;
 pub mod job;
 pub mod metrics_listener;
 pub mod relay;
+pub mod result_body;
 pub mod settings;
 pub mod spool;
 mod worker;
@@ -16,5 +17,6 @@ pub use client::{
 pub use job::{PlatformJob, ReplyError, Unreadable};
 pub use metrics_listener::MetricsListener;
 pub use relay::{Relay, RelayStats};
+pub use result_body::ResultBody;
 pub use settings::RunPodSettings;
 pub use worker::{JobEnd, Step, Worker};

@@ -16,13 +16,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use super::client::{Delivery, PlatformClient, Take, TakeError};
+use super::client::{Delivery, PlatformClient, PostError, Take, TakeError};
 use super::job::PlatformJob;
 use super::metrics_listener::MetricsListener;
 use super::relay::Relay;
+use super::result_body::ResultBody;
 use crate::config::FreeMemory;
 use crate::housekeeping::warmup::{WarmupError, WarmupState};
-use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
 use crate::metrics::{Metrics, RetryReason};
 use crate::progress::{ProgressKind, ProgressSnapshot};
@@ -550,9 +550,10 @@ impl Worker {
     async fn post_result(&self, job: &PlatformJob, output: JobOutput) -> JobEnd {
         let settings = self.client.settings();
         let failed = output.is_error();
-        let body = result_body(output.into_json(), settings.refresh_worker);
-        let delivery = self.client.post_result(&job.id, &body).await;
-        drop(body);
+        let delivery = match ResultBody::build(output, settings.refresh_worker) {
+            Ok(body) => self.client.post_result_body(&job.id, body).await,
+            Err(e) => Delivery::Lost(PostError::Encode(e)),
+        };
         match &delivery {
             Delivery::Delivered => info!(failed, "Finished."),
             Delivery::Lost(e) => error!(error = %e, "Failed to return job results."),
@@ -628,6 +629,10 @@ impl JobWebhook {
     /// Sends the final event for the job's result (`None`: stopped by the platform) and lets
     /// the hook deliver what is queued, on a task of its own: the result post never waits for it.
     fn end(self, result: Option<&Result<Completed, JobFailure>>) {
+        if matches!(self, JobWebhook::Off) {
+            // Nothing to send: the result (megabytes of base64 perhaps) is not copied.
+            return;
+        }
         match result {
             Some(result) => {
                 let result = result.clone();
