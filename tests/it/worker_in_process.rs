@@ -395,3 +395,22 @@ async fn pipelined_jobs_deliver_in_order_of_completion_and_pipeline_off_takes_on
         );
     }
 }
+
+#[tokio::test]
+async fn result_post_retries_are_counted_by_reason() {
+    let app = spawn_app(&[]).await;
+    app.platform
+        .push_fault_run(crate::fake_platform::Fault::Status(503), 2);
+    app.platform.push_job("retried", job_input(0x51_5151, 1));
+    assert_delivered(app.step().await, 1);
+    assert_eq!(app.platform.status("retried")["status"], "COMPLETED");
+    let m = harness::Scraped::parse(&app.worker.metrics().encode());
+    assert_eq!(
+        m.count("comfy_worker_retries_total", &[("reason", "result_post")]),
+        2.0
+    );
+    assert_eq!(
+        m.count("comfy_worker_jobs_total", &[("outcome", "completed")]),
+        1.0
+    );
+}
