@@ -62,6 +62,9 @@ impl Worker {
         let child = Command::new(BIN)
             .arg("worker")
             .envs(platform.env())
+            // The figures here are per job, one job at a time; pipelining, which overlaps a
+            // job's delivery with the next job, has its own benchmark (benches/pipeline.rs).
+            .env("PIPELINE", "off")
             .env("RUNPOD_PING_INTERVAL", "60000")
             .env("COMFY_HOST", sim.host())
             .env("COMFY_PID_FILE", "/nonexistent/bench.pid")

@@ -33,6 +33,7 @@
 //! * [`json_type`]: a JSON value's type, named for messages.
 //! * [`eta`]: a node's remaining time from its step rate.
 //! * [`comfy_address`]: where ComfyUI listens, checked before anything connects.
+//! * [`metrics`]: the Prometheus metrics the runner feeds and the front ends serve.
 //!
 //! The fake ComfyUI (real protocol, no GPU) that `simulate-comfyui` and `--simulate` run and the
 //! tests use is not in this library: it is the workspace's `comfy-sim` crate
@@ -49,6 +50,7 @@ pub mod housekeeping;
 pub mod job;
 pub mod json_type;
 pub mod media_type;
+pub mod metrics;
 pub mod platform;
 pub mod progress;
 pub mod redact;

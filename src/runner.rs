@@ -32,7 +32,8 @@ use crate::housekeeping::warmup::{self, WarmupDone, WarmupError, WarmupState};
 use crate::job::{
     Completed, DeadlineSource, Engine, Job, JobFailure, JobFiles, JobRequest, Report,
 };
-use crate::progress::{self, NodeEvent, PreviewGate, ProgressSnapshot, Update};
+use crate::metrics::{JobOutcome, Metrics};
+use crate::progress::{self, NodeEvent, PreviewGate, ProgressKind, ProgressSnapshot, Update};
 
 /// The job id the warm-up runs under (in logs and ComfyUI's prompt history).
 pub const WARMUP_JOB_ID: &str = "warmup";
@@ -121,6 +122,8 @@ pub struct Runner {
     engine: Engine,
     shutdown_grace: Duration,
     warmup: Arc<watch::Sender<WarmupState>>,
+    /// Where every job's outcome, timings and result size are counted (`None`: the warm-up).
+    metrics: Option<Metrics>,
 }
 
 impl Runner {
@@ -130,7 +133,19 @@ impl Runner {
             engine,
             shutdown_grace,
             warmup: Arc::new(watch::Sender::new(WarmupState::Off)),
+            metrics: Some(Metrics::new()),
         }
+    }
+
+    /// The same runner counting into `metrics` (shared with the front end that serves them).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Runner {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The metrics jobs are counted in.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone().unwrap_or_default()
     }
 
     /// The engine jobs run on.
@@ -155,6 +170,9 @@ impl Runner {
             Ok(job) => job,
             Err(failure) => {
                 info!(error = %failure, "job input rejected");
+                if let Some(metrics) = &self.metrics {
+                    metrics.job_ended(JobOutcome::Failed, Duration::ZERO);
+                }
                 return Err(failure);
             }
         };
@@ -169,6 +187,8 @@ impl Runner {
         controls: Controls,
         sinks: &mut [&mut dyn ProgressSink],
     ) -> Result<Completed, JobFailure> {
+        let taken = Instant::now();
+        let mut observed = PromptClock::default();
         let Controls {
             cancel,
             shutdown,
@@ -212,12 +232,20 @@ impl Runner {
         let mut previews = PreviewGate::new(self.engine.settings().previews.clone());
         let fan_out = async {
             while let Some(update) = updates.recv().await {
-                if let Update::Node(NodeEvent::Preview { data, .. }) = &update {
-                    // Every sink sees the same previews: those within the rate and size caps.
-                    if let Err(why) = previews.admit(Instant::now(), data) {
-                        tracing::trace!(?why, bytes = data.len(), "preview not relayed");
-                        continue;
+                match &update {
+                    Update::Snapshot(snapshot) => {
+                        if let Some(metrics) = &self.metrics {
+                            observed.snapshot(metrics, taken, snapshot);
+                        }
                     }
+                    // Every sink sees the same previews: those within the rate and size caps.
+                    Update::Node(NodeEvent::Preview { data, .. }) => {
+                        if let Err(why) = previews.admit(Instant::now(), data) {
+                            tracing::trace!(?why, bytes = data.len(), "preview not relayed");
+                            continue;
+                        }
+                    }
+                    Update::Node(_) => {}
                 }
                 for sink in sinks.iter_mut() {
                     match &update {
@@ -274,6 +302,10 @@ impl Runner {
         };
         if self.engine.settings().housekeeping.cleanup_files {
             self.clean_up(files).await;
+        }
+        if let Some(metrics) = &self.metrics {
+            observed.end(metrics);
+            count(metrics, &result, taken.elapsed());
         }
         // While the job (and so its secrets) is alive.
         let result = scrub(result);
@@ -356,7 +388,12 @@ impl Runner {
                 "warm-up progress"
             );
         };
-        match self.run(&request, controls, &mut [&mut log]).await {
+        // The warm-up is not a job: it is not counted.
+        let uncounted = Runner {
+            metrics: None,
+            ..self.clone()
+        };
+        match uncounted.run(&request, controls, &mut [&mut log]).await {
             // The outputs (base64 perhaps) are dropped here, unlogged.
             Ok(completed) => Ok(completed.files().len()),
             Err(failure) => Err(WarmupError::Job(failure)),
@@ -434,6 +471,54 @@ async fn watchdog(
         .unwrap_or_else(|p| p.into_inner())
         .get_or_insert(why);
     cancel.cancel();
+}
+
+/// Where a job's prompt is in ComfyUI, for the busy/idle metrics: started when its `started`
+/// snapshot passes, ended at its first terminal snapshot (or when the job returns).
+#[derive(Debug, Default)]
+struct PromptClock {
+    started: bool,
+    ended: bool,
+}
+
+impl PromptClock {
+    fn snapshot(&mut self, metrics: &Metrics, taken: Instant, snapshot: &ProgressSnapshot) {
+        let now = Instant::now();
+        match snapshot.kind {
+            ProgressKind::Started if !self.started => {
+                self.started = true;
+                metrics.queue_waited(now.saturating_duration_since(taken));
+                metrics.prompt_started(now);
+            }
+            ProgressKind::Finished | ProgressKind::Error | ProgressKind::Interrupted => {
+                self.end(metrics)
+            }
+            _ => {}
+        }
+    }
+
+    fn end(&mut self, metrics: &Metrics) {
+        if self.started && !self.ended {
+            self.ended = true;
+            metrics.prompt_ended(Instant::now());
+        }
+    }
+}
+
+/// Counts a job's outcome, duration and returned bytes.
+fn count(metrics: &Metrics, result: &Result<Completed, JobFailure>, took: Duration) {
+    let outcome = match result {
+        Ok(completed) => {
+            let bytes: usize = completed.files().iter().map(|f| f.data.len()).sum();
+            metrics.result_bytes(bytes as u64);
+            JobOutcome::Completed
+        }
+        Err(JobFailure::Cancelled(_)) => JobOutcome::Cancelled,
+        Err(JobFailure::Deadline { .. }) => JobOutcome::Timeout,
+        Err(JobFailure::Shutdown { .. }) => JobOutcome::Shutdown,
+        Err(_) => JobOutcome::Failed,
+    };
+    metrics.job_ended(outcome, took);
 }
 
 /// The job's secrets (live while the job is) removed from its messages.

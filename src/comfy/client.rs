@@ -101,6 +101,9 @@ fn mime_for(name: &str) -> &'static str {
     media_type_for_name(name).unwrap_or("application/octet-stream")
 }
 
+/// The most a `/view` download reserves up front from its `Content-Length`.
+const VIEW_PREALLOCATE_MAX: u64 = 64 << 20;
+
 impl ComfyClient {
     /// A client for ComfyUI at `address`.
     pub fn new(address: &ComfyAddress, options: ClientOptions) -> Result<ComfyClient, ComfyError> {
@@ -402,10 +405,20 @@ impl ComfyClient {
             ("type", file.folder_type.as_str()),
         ]);
         let resp = self.send(&what, req, self.options.view_timeout).await?;
-        let resp = self.expect_ok(&what, resp).await?;
-        resp.bytes()
+        let mut resp = self.expect_ok(&what, resp).await?;
+        // Read into one buffer of the announced size (bounded, so a wrong length cannot make
+        // it allocate much), not chunks copied into a second buffer at the end: a file is held
+        // once while it downloads.
+        let announced = resp.content_length().unwrap_or(0).min(VIEW_PREALLOCATE_MAX);
+        let mut buf = bytes::BytesMut::with_capacity(announced as usize);
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| self.transport_error(&what, e))
+            .map_err(|e| self.transport_error(&what, e))?
+        {
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
     }
 
     /// `POST /upload/image` (multipart) of an input image with `overwrite=true`, like

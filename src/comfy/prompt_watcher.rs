@@ -824,8 +824,21 @@ impl Watch<'_> {
         if let Ok(Err(e)) = &deleted {
             warn!(error = %e, "could not remove the prompt from the queue");
         }
-        let interrupted =
-            tokio::time::timeout(bound, self.client.interrupt(Some(&self.prompt_id))).await;
+        // A prompt that has not started and is no longer queued was taken off the queue: nothing
+        // of it runs, so nothing is interrupted. An `/interrupt` then could stop the prompt
+        // running ahead of it (a ComfyUI that ignores `prompt_id` interrupts whatever runs).
+        let off_the_queue = !self.started
+            && matches!(deleted, Ok(Ok(())))
+            && matches!(
+                tokio::time::timeout(bound, self.client.queue()).await,
+                Ok(Ok(q)) if q.position(&self.prompt_id).is_none_or(|at| at > 0)
+            );
+        let interrupted = if off_the_queue {
+            debug!(prompt_id = %self.prompt_id, "taken off the queue before it ran; nothing to interrupt");
+            Ok(Ok(()))
+        } else {
+            tokio::time::timeout(bound, self.client.interrupt(Some(&self.prompt_id))).await
+        };
         if let Ok(Err(e)) = &interrupted {
             warn!(error = %e, "could not interrupt the prompt");
         }

@@ -185,6 +185,11 @@ impl LocalEndpoint {
         self.inner.runner.engine()
     }
 
+    /// The metrics its runner counts jobs in (`GET /metrics`).
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        self.inner.runner.metrics()
+    }
+
     /// Stops taking jobs and ends event streams and `/runsync` waits; the running job gets the grace
     /// to finish before it is interrupted. New submissions are refused with 503.
     pub fn close(&self) {

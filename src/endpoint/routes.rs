@@ -70,6 +70,7 @@ pub fn router(endpoint: LocalEndpoint) -> Router {
         .route("/stream/{id}", get(stream).post(stream))
         .route("/cancel/{id}", post(cancel))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/purge-queue", post(purge_queue))
         .route("/events/{id}", get(events));
     let protected = match options.workers {
@@ -291,6 +292,15 @@ async fn purge_queue(State(endpoint): State<LocalEndpoint>) -> Json<Value> {
 
 /// The cloud's `/health` body plus `comfyui` (system stats and queue) and `warmup`. 503 while
 /// the warm-up runs or after it failed (the worker takes no jobs then), 200 otherwise.
+/// Prometheus metrics (OpenMetrics text), behind the API key like every other route.
+async fn metrics(State(endpoint): State<LocalEndpoint>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        endpoint.metrics().encode(),
+    )
+        .into_response()
+}
+
 async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     let counts = endpoint.counts();
     let external = endpoint.options().workers == WorkerMode::External;
@@ -587,6 +597,7 @@ mod tests {
             "/stream/{id}",
             "/cancel/{id}",
             "/health",
+            "/metrics",
             "/purge-queue",
             "/events/{id}",
             "/openapi.json",

@@ -222,6 +222,19 @@ impl Completed {
             .collect()
     }
 
+    /// Every returned file, mutably, in the order of [`Completed::files`].
+    pub fn files_mut(&mut self) -> Vec<&mut FileEntry> {
+        let (Completed::Images { images, more, .. } | Completed::NoImages { images, more, .. }) =
+            self;
+        let more = &mut **more;
+        images
+            .iter_mut()
+            .chain(&mut more.videos)
+            .chain(&mut more.audio)
+            .chain(more.other.values_mut().flatten())
+            .collect()
+    }
+
     /// The warnings (`errors`) next to the outputs.
     pub fn warnings(&self) -> &[String] {
         let (Completed::Images { errors, .. } | Completed::NoImages { errors, .. }) = self;
@@ -305,6 +318,14 @@ impl JobOutput {
     pub fn files(&self) -> Vec<&FileEntry> {
         match self {
             JobOutput::Completed(c) => c.files(),
+            JobOutput::Failed { .. } => Vec::new(),
+        }
+    }
+
+    /// Every returned file, mutably (the RunPod front end moves their data into its body).
+    pub fn files_mut(&mut self) -> Vec<&mut FileEntry> {
+        match self {
+            JobOutput::Completed(c) => c.files_mut(),
             JobOutput::Failed { .. } => Vec::new(),
         }
     }

@@ -25,6 +25,7 @@ const LAYERS: &[&[&str]] = &[
         "eta",
         "redact",
         "comfy_address",
+        "metrics",
     ],
     // Settings, logs, the SSRF guard and the ComfyUI client: leaves only.
     &["config", "telemetry", "ssrf", "comfy"],

@@ -1162,6 +1162,16 @@ fn check_post_headers(sh: &Shared, ctx: &Ctx, headers: &HeaderMap, job_id: &str)
             _ => Err(()),
         }
     };
+    // aiohttp sends a bytes body with its length, never chunked; so must the worker, also for
+    // a result it sends in pieces.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        ctx.violation(
+            sh,
+            "a post with `Transfer-Encoding` (expected a `Content-Length`)",
+        );
+    } else if one("content-length").ok().flatten().is_none() {
+        ctx.violation(sh, "a post without one `Content-Length` header");
+    }
     // An id no header can carry goes without `X-Request-ID`.
     let header_id = axum::http::HeaderValue::from_str(job_id).is_ok();
     let expect = [

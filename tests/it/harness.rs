@@ -215,6 +215,9 @@ pub fn clear_worker_env(cmd: &mut std::process::Command) -> &mut std::process::C
         "WARMUP_WORKFLOW",
         "FREE_MEMORY_AFTER_JOB",
         "CLEANUP_FILES",
+        "METRICS_PORT",
+        "METRICS_ADDR",
+        "PIPELINE",
         "RUST_LOG",
     ];
     for (name, _) in std::env::vars_os() {
@@ -224,4 +227,57 @@ pub fn clear_worker_env(cmd: &mut std::process::Command) -> &mut std::process::C
         }
     }
     cmd
+}
+
+/// A `/metrics` reply read with a Prometheus text parser (`prometheus-parse`).
+pub struct Scraped(prometheus_parse::Scrape);
+
+impl Scraped {
+    pub fn parse(text: &str) -> Scraped {
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        Scraped(prometheus_parse::Scrape::parse(lines).expect("Prometheus text"))
+    }
+
+    /// The value of the sample `name` whose labels include `labels`; `None` when absent.
+    /// (OpenMetrics names a counter's sample `NAME_total` and a histogram's `NAME_count`; the
+    /// parser gives those as untyped samples, which is what they are read as here.)
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .find(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .and_then(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+    }
+
+    /// Like [`Scraped::value`], 0 when the series is absent (a labelled counter never
+    /// incremented is not listed).
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
+    }
+
+    /// A histogram's observations, from its `+Inf` bucket (and its `_count`, which must agree).
+    pub fn histogram_count(&self, name: &str) -> u64 {
+        let inf = self
+            .0
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .and_then(|s| match &s.value {
+                prometheus_parse::Value::Histogram(buckets) => buckets
+                    .iter()
+                    .find(|b| b.less_than == f64::INFINITY)
+                    .map(|b| b.count),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("histogram {name} missing"));
+        let count = self.value(&format!("{name}_count"), &[]);
+        assert_eq!(count, Some(inf), "{name}: _count and +Inf bucket differ");
+        inf as u64
+    }
 }

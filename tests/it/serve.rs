@@ -482,6 +482,78 @@ async fn an_api_key_guards_every_route_but_the_page_and_the_document() {
 }
 
 #[tokio::test]
+async fn metrics_count_jobs_by_outcome_behind_the_api_key() {
+    let sim = simulator(1).await;
+    let ep = Endpoint::start(
+        &sim,
+        ServeOptions {
+            api_key: Some(Secret::new("metrics-key")),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let runsync = |body: Value| {
+        ep.http
+            .post(ep.url("/runsync"))
+            .bearer_auth("metrics-key")
+            .json(&body)
+    };
+    let runtime_error = json!({"input": {"workflow": harness::workflow("runtime_error")}});
+    for (body, want) in [
+        (job(0x010101, 2), "COMPLETED"),
+        (runtime_error, "FAILED"),
+        (job(0x020202, 2), "COMPLETED"),
+        (json!({"input": {"workflow": 7}}), "FAILED"),
+    ] {
+        let (code, reply) = ep.send(runsync(body)).await;
+        assert_eq!(
+            (code, reply["status"].as_str()),
+            (200, Some(want)),
+            "{reply}"
+        );
+    }
+    let scrape = |auth: bool| {
+        let req = ep.http.get(ep.url("/metrics"));
+        if auth {
+            req.bearer_auth("metrics-key")
+        } else {
+            req
+        }
+    };
+    assert_eq!(scrape(false).send().await.unwrap().status(), 401);
+    let resp = scrape(true).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let m = harness::Scraped::parse(&resp.text().await.unwrap());
+    let jobs = |outcome| m.count("comfy_worker_jobs_total", &[("outcome", outcome)]);
+    assert_eq!(jobs("completed"), 2.0);
+    assert_eq!(jobs("failed"), 2.0);
+    assert_eq!(jobs("cancelled"), 0.0);
+    assert_eq!(m.histogram_count("comfy_worker_job_duration_seconds"), 4);
+    // Three prompts ran in ComfyUI (the bad input never got there), one after another.
+    assert_eq!(m.histogram_count("comfy_worker_queue_wait_seconds"), 3);
+    assert_eq!(m.histogram_count("comfy_worker_comfy_idle_gap_seconds"), 2);
+    assert!(m.count("comfy_worker_comfy_busy_seconds_total", &[]) > 0.0);
+    assert!(m.count("comfy_worker_result_bytes_total", &[]) > 0.0);
+    if cfg!(target_os = "linux") {
+        assert!(m.count("comfy_worker_resident_memory_bytes", &[]) > 1e6);
+    }
+    // The cloud path prefix serves the same registry.
+    let prefixed = ep
+        .http
+        .get(ep.url("/v2/ep1/metrics"))
+        .bearer_auth("metrics-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(prefixed.status(), 200);
+    ep.stop().await;
+}
+
+#[tokio::test]
 async fn the_cloud_path_prefix_reaches_the_same_jobs() {
     let sim = simulator(1).await;
     let ep = Endpoint::start(&sim, ServeOptions::default()).await;

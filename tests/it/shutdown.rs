@@ -32,6 +32,53 @@ fn assert_clean(platform: &FakePlatform) {
 }
 
 #[tokio::test]
+async fn sigterm_with_a_job_queued_ahead_delivers_both_once_and_exits_0() {
+    let sim = simulator(5).await;
+    // Step 5 of 6: close to done, so the pipelined loop takes the next job and queues it.
+    sim.pause_after_step(5);
+    let platform = FakePlatform::start(PlatformOptions::default()).await;
+    let mut worker = WorkerProcess::start(&platform, &sim, &[("SHUTDOWN_GRACE_S", "30")]);
+    platform.push_job("running", job_input(0x330000, 6));
+    platform.push_job("queued", job_input(0x340000, 2));
+    tokio::time::timeout(LIMIT, sim.paused()).await.unwrap();
+    tokio::time::timeout(
+        LIMIT,
+        platform.wait_progress("queued", |o| o["type"] == "queued"),
+    )
+    .await
+    .expect("the next job is queued behind the running one");
+    platform.push_job("waiting", job_input(0x350000, 2));
+    worker.terminate();
+    worker.wait_log("shutdown requested").await;
+    sim.resume();
+
+    for id in ["running", "queued"] {
+        let body = final_of(&platform, id).await;
+        assert_eq!(body["output"]["images"].as_array().map(Vec::len), Some(2));
+    }
+    let status = worker.exited().await;
+    assert_eq!(status.code(), Some(0), "{}", worker.log());
+    for id in ["running", "queued"] {
+        assert_eq!(
+            accepted_finals(&platform, id),
+            1,
+            "{id}: the result landed once"
+        );
+        assert_eq!(platform.status(id)["status"], "COMPLETED");
+        let posts = platform.posts(id);
+        assert_eq!(
+            posts.last().map(|p| p.kind),
+            Some(PostKind::Final),
+            "{id}: no progress after the result"
+        );
+    }
+    assert_eq!(platform.status("waiting")["status"], "IN_QUEUE");
+    assert!(sim.interrupts().is_empty(), "both finished on their own");
+    assert_eq!(sim.prompts().len(), 2);
+    assert_clean(&platform);
+}
+
+#[tokio::test]
 async fn sigterm_lets_the_running_job_finish_posts_it_once_and_exits_0() {
     let sim = simulator(5).await;
     sim.pause_after_step(2);

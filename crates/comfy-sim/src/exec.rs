@@ -106,6 +106,11 @@ impl Executor {
             json!({"prompt_id": item.prompt_id}),
             false,
         );
+        lock(&shared.log).executions.push(super::ExecutionMark {
+            prompt_id: item.prompt_id.clone(),
+            started_us: super::wall_clock_us(),
+            succeeded_us: None,
+        });
 
         let signatures = signatures(&shared, prompt);
         let live: HashSet<&String> = signatures.values().collect();
@@ -161,18 +166,18 @@ impl Executor {
                 json!({"prompt_id": item.prompt_id}),
                 false,
             );
-            let wall = SystemTime::now();
-            let unix_us = wall
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as u64);
-            lock(&shared.log).successes.push(super::SuccessMark {
-                prompt_id: item.prompt_id.clone(),
-                at: std::time::Instant::now(),
-                wall,
-            });
+            let at = super::wall_clock_us();
+            if let Some(mark) = lock(&shared.log)
+                .executions
+                .iter_mut()
+                .rev()
+                .find(|m| m.prompt_id == item.prompt_id)
+            {
+                mark.succeeded_us = Some(at);
+            }
             // One line per prompt, with the wall-clock stamp of its `execution_success`, so a
             // benchmark in another process can measure from ComfyUI's own end.
-            tracing::info!(prompt_id = %item.prompt_id, unix_us, "execution_success sent");
+            tracing::info!(prompt_id = %item.prompt_id, unix_us = at, "execution_success sent");
         }
         lock(&shared.control.current).last_node = None;
         hold_before_history(&shared).await;

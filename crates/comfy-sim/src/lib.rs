@@ -284,15 +284,16 @@ impl Simulator {
         lock(&self.shared.log).steps.clone()
     }
 
-    /// When each successful prompt's `execution_success` was sent (also logged at info level as
-    /// `execution_success sent` with `unix_us`, for a benchmark in another process).
-    pub fn successes(&self) -> Vec<SuccessMark> {
-        lock(&self.shared.log).successes.clone()
-    }
-
     /// When each finished prompt's terminal `executing{node: null}` was sent.
     pub fn completions(&self) -> Vec<(String, std::time::Instant)> {
         lock(&self.shared.log).completions.clone()
+    }
+
+    /// Every prompt's `execution_start` and `execution_success` stamps, in execution order
+    /// (`execution_success` is also logged at info level as `execution_success sent` with
+    /// `unix_us`, for a benchmark in another process).
+    pub fn executions(&self) -> Vec<ExecutionMark> {
+        lock(&self.shared.log).executions.clone()
     }
 
     /// Resolves once `n` `POST /interrupt` or `POST /api/jobs/{id}/cancel` requests have been
@@ -421,7 +422,7 @@ pub(crate) struct Log {
     pub(crate) ws_client_ids: Vec<String>,
     pub(crate) steps: Vec<StepMark>,
     pub(crate) completions: Vec<(String, std::time::Instant)>,
-    pub(crate) successes: Vec<SuccessMark>,
+    pub(crate) executions: Vec<ExecutionMark>,
     pub(crate) uploads: Vec<UploadMark>,
     pub(crate) websocket_images: Vec<(String, Vec<u8>)>,
     pub(crate) drops_fired: usize,
@@ -455,15 +456,24 @@ pub struct UploadMark {
     pub original_ref: Option<String>,
 }
 
-/// When the simulator sent a prompt's `execution_success` (for latency benchmarks).
+/// When the simulator sent a prompt's `execution_start` and its `execution_success`, in
+/// wall-clock microseconds since the Unix epoch (for the idle-gap benchmark).
 #[derive(Clone, Debug, PartialEq)]
-pub struct SuccessMark {
+pub struct ExecutionMark {
     /// The prompt.
     pub prompt_id: String,
-    /// When it was handed to the sockets.
-    pub at: std::time::Instant,
-    /// The same moment on the wall clock.
-    pub wall: std::time::SystemTime,
+    /// When `execution_start` was sent.
+    pub started_us: u64,
+    /// When `execution_success` was sent; `None` while running, or when it failed or was
+    /// interrupted.
+    pub succeeded_us: Option<u64>,
+}
+
+/// Now, in microseconds since the Unix epoch.
+pub(crate) fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// When the simulator sent a sampler step's `progress` message (for latency benchmarks).

@@ -9,7 +9,9 @@ use serde_json::Value;
 use tracing::{debug, error, info, warn};
 
 use super::job::{parse_jobs, short, PlatformJob};
+use super::result_body::ResultBody;
 use super::settings::RunPodSettings;
+use crate::metrics::{Metrics, RetryReason};
 use crate::redact::error_chain;
 
 /// Why the platform client cannot be made.
@@ -157,6 +159,8 @@ pub enum Delivery {
 pub struct PlatformClient {
     http: reqwest::Client,
     settings: RunPodSettings,
+    /// Where retries of result posts are counted.
+    metrics: Option<Metrics>,
 }
 
 /// The platform received the whole request and did not answer in time: sending it again could
@@ -203,7 +207,17 @@ impl PlatformClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(ClientError::Build)?;
-        Ok(PlatformClient { http, settings })
+        Ok(PlatformClient {
+            http,
+            settings,
+            metrics: None,
+        })
+    }
+
+    /// The same client counting its retries in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> PlatformClient {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The settings.
@@ -298,32 +312,36 @@ impl PlatformClient {
     /// short error, so the job ends. A result still not delivered is written to the spool
     /// (`RUNPOD_RESULT_SPOOL_DIR`) and posted again when the worker starts.
     pub async fn post_result(&self, job_id: &str, body: &Value) -> Delivery {
-        let bytes = match serde_json::to_vec(body) {
-            Ok(b) => b,
-            Err(e) => return Delivery::Lost(PostError::Encode(e)),
-        };
-        // `Bytes`: a retry re-sends the same buffer instead of copying it.
-        let bytes = bytes::Bytes::from(bytes);
-        let delivery = match self.post_with_retries(job_id, bytes.clone()).await {
+        match ResultBody::from_json(body) {
+            Ok(body) => self.post_result_body(job_id, body).await,
+            Err(e) => Delivery::Lost(PostError::Encode(e)),
+        }
+    }
+
+    /// [`PlatformClient::post_result`] for a body already built: its files are sent from
+    /// where they are, never copied, with its length up front.
+    pub async fn post_result_body(&self, job_id: &str, body: ResultBody) -> Delivery {
+        let delivery = match self.post_with_retries(job_id, &body).await {
             Err(
                 why @ PostError::Status {
                     status: StatusCode::BAD_REQUEST,
                     ..
                 },
-            ) if bytes.len() > 1 << 20 => {
-                let mb = bytes.len() as f64 / 1_048_576.0;
+            ) if body.len() > 1 << 20 => {
+                let mb = body.len() as f64 / 1_048_576.0;
                 warn!(
-                    bytes = bytes.len(),
+                    bytes = body.len(),
                     "the platform refused the result (too large); posting a short error instead"
                 );
                 let mut fallback = serde_json::json!({"error": format!(
                     "The job output is {mb:.1} MB, which the platform refused (HTTP 400; results are limited to about 20 MB). Return fewer or smaller outputs."
                 )});
-                if body.get("stopPod") == Some(&Value::Bool(true)) {
+                if body.stops_pod() {
                     fallback["stopPod"] = Value::Bool(true);
                 }
-                let bytes = serde_json::to_vec(&fallback).unwrap_or_default();
-                match self.post_with_retries(job_id, bytes.into()).await {
+                let short =
+                    ResultBody::from_bytes(serde_json::to_vec(&fallback).unwrap_or_default());
+                match self.post_with_retries(job_id, &short).await {
                     Ok(()) => Delivery::Delivered,
                     Err(e) => Delivery::Lost(PostError::ShortErrorRefused {
                         result: Box::new(why),
@@ -336,13 +354,13 @@ impl PlatformClient {
         };
         if let Delivery::Lost(why) = &delivery {
             if why.retryable() {
-                self.spool(job_id, &bytes);
+                self.spool(job_id, &body.to_vec());
             }
         }
         delivery
     }
 
-    async fn post_with_retries(&self, job_id: &str, bytes: bytes::Bytes) -> Result<(), PostError> {
+    async fn post_with_retries(&self, job_id: &str, body: &ResultBody) -> Result<(), PostError> {
         let attempts = self.settings.result_attempts;
         let window = self.settings.result_window;
         let mut delay = self.settings.result_retry_delay;
@@ -351,8 +369,10 @@ impl PlatformClient {
         let mut attempt = 1;
         let mut unanswered_before = false;
         loop {
+            // The length up front: a streamed body is not sent chunked.
             let sent = self
-                .job_done(job_id, bytes.clone())
+                .job_done(job_id, body.to_body())
+                .header(reqwest::header::CONTENT_LENGTH, body.len())
                 .timeout(timeout)
                 .send()
                 .await;
@@ -381,6 +401,9 @@ impl PlatformClient {
                 return Err(failed);
             }
             warn!(attempt, error = %failed, retry_in_ms = delay.as_millis() as u64, "posting the result failed; retrying");
+            if let Some(metrics) = &self.metrics {
+                metrics.retry(RetryReason::ResultPost);
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
             attempt += 1;
@@ -408,7 +431,7 @@ impl PlatformClient {
         };
         for kept in super::spool::read_all(dir) {
             let delivered = match self
-                .post_with_retries(&kept.job_id, kept.body.clone())
+                .post_with_retries(&kept.job_id, &ResultBody::from_bytes(kept.body.clone()))
                 .await
             {
                 Ok(()) => {

@@ -4,8 +4,10 @@
 
 pub mod client;
 pub mod job;
+pub mod metrics_listener;
 pub mod relay;
 mod relay_sink;
+pub mod result_body;
 pub mod settings;
 pub mod spool;
 mod worker;
@@ -14,6 +16,8 @@ pub use client::{
     ClientError, Delivery, PlatformClient, PostError, ProgressError, StopPollError, Take, TakeError,
 };
 pub use job::{PlatformJob, ReplyError, Unreadable};
+pub use metrics_listener::MetricsListener;
 pub use relay::{Relay, RelayStats};
+pub use result_body::ResultBody;
 pub use settings::RunPodSettings;
 pub use worker::{JobEnd, Step, Worker};

@@ -51,6 +51,12 @@ pub struct RunPodSettings {
     /// `SHUTDOWN_GRACE_S`: after SIGTERM, how long the job in progress may take to finish before
     /// it is interrupted and failed (20 s).
     pub shutdown_grace: Duration,
+    /// `METRICS_PORT` (with `METRICS_ADDR`, `127.0.0.1` by default): where Prometheus metrics
+    /// are served at `GET /metrics`; `None` (the default): nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `PIPELINE` (`on` by default; `off`): take the next job while the running one is close to
+    /// done and queue its prompt behind it in ComfyUI.
+    pub pipeline: bool,
 }
 
 fn truthy(v: &str) -> bool {
@@ -124,6 +130,23 @@ impl RunPodSettings {
                 },
             )?
             .unwrap_or(Duration::from_secs(120));
+        let metrics_port = env.parse("METRICS_PORT", "a port number (0 to 65535)", |v| {
+            v.parse::<u16>().ok()
+        })?;
+        let metrics_ip = env
+            .parse("METRICS_ADDR", "an IP address such as 0.0.0.0", |v| {
+                v.parse::<std::net::IpAddr>().ok()
+            })?
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let pipeline = env
+            .parse("PIPELINE", "on or off", |v| {
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" | "on" => Some(true),
+                    "0" | "false" | "no" | "off" => Some(false),
+                    _ => None,
+                }
+            })?
+            .unwrap_or(true);
         let worker_id_env = get("RUNPOD_POD_ID");
         let shutdown_grace = crate::config::shutdown_grace_from(&lookup)?;
         Ok(Some(RunPodSettings {
@@ -145,6 +168,8 @@ impl RunPodSettings {
             relay_progress: get("RUNPOD_PROGRESS").is_none_or(|v| truthy(&v)),
             long_poll_timeout: Duration::from_secs(90),
             shutdown_grace,
+            metrics_addr: metrics_port.map(|port| std::net::SocketAddr::new(metrics_ip, port)),
+            pipeline,
         }))
     }
 

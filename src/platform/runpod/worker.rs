@@ -2,23 +2,31 @@
 //! so job work never delays them. A job's progress webhook, if it names one, is fed from the same
 //! snapshots as the relay and never delays the job or its result either.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
-use super::client::{Delivery, PlatformClient, Take, TakeError};
+use super::client::{Delivery, PlatformClient, PostError, Take, TakeError};
 use super::job::PlatformJob;
+use super::metrics_listener::MetricsListener;
 use super::relay::Relay;
 use super::relay_sink::RelaySink;
+use super::result_body::ResultBody;
+use crate::config::FreeMemory;
 use crate::housekeeping::warmup::{WarmupError, WarmupState};
-use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
-use crate::progress::{preview_body, NodeEvent, ProgressSnapshot};
+use crate::metrics::{Metrics, RetryReason};
+use crate::progress::{preview_body, NodeEvent, ProgressKind, ProgressSnapshot};
 use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
 
@@ -61,6 +69,10 @@ pub struct Worker {
     client: PlatformClient,
     webhooks: Webhooks,
     state: Arc<Mutex<State>>,
+    metrics: Metrics,
+    /// The `METRICS_PORT` listener, bound by [`Worker::bind_metrics`] and served by
+    /// [`Worker::run`].
+    metrics_listener: tokio::sync::Mutex<Option<MetricsListener>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,12 +83,36 @@ impl Worker {
     /// A worker running jobs on `runner` for the platform behind `client`, delivering jobs'
     /// progress webhooks through `webhooks`.
     pub fn new(runner: Runner, client: PlatformClient, webhooks: Webhooks) -> Worker {
+        let metrics = runner.metrics();
         Worker {
             runner,
-            client,
+            client: client.with_metrics(metrics.clone()),
             webhooks,
             state: Arc::new(Mutex::new(State::default())),
+            metrics,
+            metrics_listener: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The metrics the worker counts in (what `METRICS_PORT` serves).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Binds the `METRICS_PORT` listener now (else [`Worker::run`] does) and returns where it
+    /// listens; `None` without `METRICS_PORT`.
+    pub async fn bind_metrics(&self) -> std::io::Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = self.client.settings().metrics_addr else {
+            return Ok(None);
+        };
+        let mut slot = self.metrics_listener.lock().await;
+        if let Some(bound) = slot.as_ref() {
+            return Ok(Some(bound.local_addr()));
+        }
+        let bound = MetricsListener::bind(addr).await?;
+        let local = bound.local_addr();
+        *slot = Some(bound);
+        Ok(Some(local))
     }
 
     /// Runs until `shutdown` is cancelled (then the job in progress finishes and is posted) or,
@@ -114,12 +150,65 @@ impl Worker {
             tokio::spawn(async move { client.redeliver_spooled().await })
         };
         let companions = CancellationToken::new();
+        // A metrics port that cannot be bound is logged; the worker still takes jobs.
+        if let Err(e) = self.bind_metrics().await {
+            error!(error = %e, addr = ?settings.metrics_addr, "METRICS_PORT cannot be bound; no metrics are served");
+        }
+        let metrics_server = self
+            .metrics_listener
+            .lock()
+            .await
+            .take()
+            .map(|l| tokio::spawn(l.serve(self.metrics.clone(), companions.clone())));
         let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
         let stops = tokio::spawn(self.stop_channel(companions.clone()));
+        if self.pipelined() {
+            self.run_pipelined(&shutdown).await;
+        } else {
+            self.run_one_at_a_time(&shutdown).await;
+        }
+        companions.cancel();
+        spooled.abort();
+        let _ = heartbeat.await;
+        let _ = stops.await;
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
+        info!("RunPod worker stopped");
+        Ok(())
+    }
+
+    /// Whether the loop pipelines (`PIPELINE`, on by default): not with `REFRESH_WORKER` (one
+    /// job, then exit) nor `FREE_MEMORY_AFTER_JOB` (the memory is freed between two jobs).
+    fn pipelined(&self) -> bool {
+        let settings = self.client.settings();
+        let frees = self
+            .runner
+            .engine()
+            .settings()
+            .housekeeping
+            .free_memory_after_job
+            != FreeMemory::Off;
+        let on = settings.pipeline && !settings.refresh_worker && !frees;
+        info!(
+            pipeline = on,
+            "{}",
+            if on {
+                "pipelining: the next job is taken while the running one is close to done"
+            } else {
+                "one job at a time"
+            }
+        );
+        on
+    }
+
+    /// The loop without pipelining: one job-take, its jobs run to their end, the next take.
+    async fn run_one_at_a_time(&self, shutdown: &CancellationToken) {
+        let settings = self.client.settings();
         let mut backoff = Duration::from_secs(1);
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            let pause = match self.step(&shutdown).await {
+            let pause = match self.step(shutdown).await {
                 Step::ShutDown => break,
                 Step::Ran(_) if settings.refresh_worker => {
                     info!("REFRESH_WORKER is set: exiting after the job");
@@ -140,6 +229,7 @@ impl Worker {
                 }
                 Step::Failed(e) => {
                     warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
+                    self.metrics.retry(RetryReason::JobTake);
                     let pause = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     pause
@@ -152,12 +242,116 @@ impl Worker {
                 }
             }
         }
-        companions.cancel();
-        spooled.abort();
-        let _ = heartbeat.await;
-        let _ = stops.await;
-        info!("RunPod worker stopped");
-        Ok(())
+    }
+
+    /// The pipelined loop. A job runs; once it is close to done ([`close_to_done`]) the next
+    /// job-take goes out (`job_in_progress=1`) and the job it brings starts at once: its inputs
+    /// are fetched and uploaded and its prompt queued in ComfyUI behind the running one, so
+    /// ComfyUI starts it the moment the first ends, while the first one's outputs are collected
+    /// and posted. At most one job runs beyond the first; each keeps its own progress relay,
+    /// webhook, deadline, stop and result. Jobs a batch take brought beyond that wait their
+    /// turn. On shutdown the take is abandoned, the jobs started finish within the grace and
+    /// are posted, and jobs not started are answered at once.
+    async fn run_pipelined(&self, shutdown: &CancellationToken) {
+        let mut running = FuturesUnordered::new();
+        // The near-done flags of the jobs running, by their place in the pipeline.
+        let mut near: HashMap<u64, Arc<AtomicBool>> = HashMap::new();
+        let wake = Arc::new(Notify::new());
+        let mut waiting: VecDeque<PlatformJob> = VecDeque::new();
+        let mut take: Option<Pin<Box<dyn Future<Output = Take> + Send + '_>>> = None;
+        let mut not_before: Option<tokio::time::Instant> = None;
+        let mut backoff = Duration::from_secs(1);
+        let mut serial = 0u64;
+        loop {
+            let stopping = shutdown.is_cancelled();
+            let room = |near: &HashMap<u64, Arc<AtomicBool>>| match near.len() {
+                0 => true,
+                1 => near.values().all(|f| f.load(Ordering::SeqCst)),
+                _ => false,
+            };
+            // Start what may start: the next waiting job when there is room, or every waiting
+            // job at shutdown (each is answered "not started" at once).
+            while let Some(job) = (stopping || room(&near))
+                .then(|| waiting.pop_front())
+                .flatten()
+            {
+                serial += 1;
+                let flag = Arc::new(AtomicBool::new(false));
+                near.insert(serial, flag.clone());
+                let signal = NearDone {
+                    flag,
+                    wake: wake.clone(),
+                };
+                let id = serial;
+                running.push(async move {
+                    self.run_job_signalled(job, shutdown, Some(signal)).await;
+                    id
+                });
+            }
+            if stopping {
+                take = None;
+                if running.is_empty() {
+                    return;
+                }
+            }
+            let paused = not_before.is_some_and(|t| t > tokio::time::Instant::now());
+            if take.is_none() && !stopping && !paused && waiting.is_empty() && room(&near) {
+                let in_progress = !lock(&self.state).held.is_empty();
+                take = Some(Box::pin(self.client.take(in_progress)));
+            }
+            let taking = async {
+                match take.as_mut() {
+                    Some(t) => t.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let pause = async {
+                match not_before {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(id) = running.next(), if !running.is_empty() => {
+                    near.remove(&id);
+                }
+                _ = wake.notified() => {}
+                _ = shutdown.cancelled(), if !stopping => {}
+                _ = pause, if paused => {
+                    not_before = None;
+                }
+                taken = taking => {
+                    take = None;
+                    let started = tokio::time::Instant::now();
+                    let pause = match taken {
+                        Take::Jobs(jobs) => {
+                            backoff = Duration::from_secs(1);
+                            lock(&self.state)
+                                .held
+                                .extend(jobs.iter().map(|j| j.id.clone()));
+                            waiting.extend(jobs);
+                            Duration::ZERO
+                        }
+                        Take::NoJob => {
+                            backoff = Duration::from_secs(1);
+                            Duration::from_millis(250).saturating_sub(started.elapsed())
+                        }
+                        Take::RateLimited => {
+                            warn!("job-take rate limited (HTTP 429); waiting 5 s");
+                            Duration::from_secs(5)
+                        }
+                        Take::Failed(e) => {
+                            warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
+                            self.metrics.retry(RetryReason::JobTake);
+                            let pause = backoff;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            pause
+                        }
+                    };
+                    not_before = (!pause.is_zero()).then(|| started + pause);
+                }
+            }
+        }
     }
 
     /// One turn of the loop: one job-take, and every job it gave run to its end (result
@@ -254,11 +448,21 @@ impl Worker {
 
     /// Runs one job and posts its result (unless the platform stopped it).
     pub async fn run_job(&self, job: PlatformJob, shutdown: &CancellationToken) -> JobEnd {
+        self.run_job_signalled(job, shutdown, None).await
+    }
+
+    /// [`Worker::run_job`], raising `near_done` once the job is close to done.
+    async fn run_job_signalled(
+        &self,
+        job: PlatformJob,
+        shutdown: &CancellationToken,
+        near_done: Option<NearDone>,
+    ) -> JobEnd {
         let span = job_span(&job.id);
         // Whether ComfyUI gets to run anything for it (else there is nothing to free).
         let runs = job.unreadable.is_none() && !shutdown.is_cancelled();
         let end = self
-            .run_job_inner(&job, shutdown)
+            .run_job_inner(&job, shutdown, near_done)
             .instrument(span.clone())
             .await;
         lock(&self.state).held.remove(&job.id);
@@ -269,7 +473,12 @@ impl Worker {
         end
     }
 
-    async fn run_job_inner(&self, job: &PlatformJob, shutdown: &CancellationToken) -> JobEnd {
+    async fn run_job_inner(
+        &self,
+        job: &PlatformJob,
+        shutdown: &CancellationToken,
+        near_done: Option<NearDone>,
+    ) -> JobEnd {
         let settings = self.client.settings();
         if let Some(why) = &job.unreadable {
             // Its id is all that could be read: answer it at once rather than leave it hanging.
@@ -298,6 +507,12 @@ impl Worker {
         let mut webhook = JobWebhook::start(&self.webhooks, job, request.previews);
         let previews = request.previews || self.runner.engine().settings().previews.runpod;
         let mut relay_sink = RelaySink::new(relay.as_ref(), previews);
+        // Pipelining: the loop may take the next job once this one is close to done.
+        let mut near_done_sink = |s: &ProgressSnapshot| {
+            if let Some(near) = near_done.as_ref().filter(|_| close_to_done(s)) {
+                near.raise();
+            }
+        };
         let controls = Controls {
             cancel,
             shutdown: Some(shutdown.clone()),
@@ -305,7 +520,11 @@ impl Worker {
         };
         let result = self
             .runner
-            .run(&request, controls, &mut [&mut webhook, &mut relay_sink])
+            .run(
+                &request,
+                controls,
+                &mut [&mut webhook, &mut relay_sink, &mut near_done_sink],
+            )
             .await;
         lock(&self.state).running.remove(&job.id);
         // Only the stop channel cancels a job here: the platform stopped it.
@@ -315,6 +534,8 @@ impl Worker {
         if let Some(relay) = relay {
             // A stopped job posts nothing more; otherwise /status is brought up to date first.
             let stats = relay.finish(!stopped).await;
+            self.metrics
+                .progress_posts(stats.posted, stats.coalesced, stats.failed);
             info!(
                 posted = stats.posted,
                 failed = stats.failed,
@@ -334,9 +555,10 @@ impl Worker {
     async fn post_result(&self, job: &PlatformJob, output: JobOutput) -> JobEnd {
         let settings = self.client.settings();
         let failed = output.is_error();
-        let body = result_body(output.into_json(), settings.refresh_worker);
-        let delivery = self.client.post_result(&job.id, &body).await;
-        drop(body);
+        let delivery = match ResultBody::build(output, settings.refresh_worker) {
+            Ok(body) => self.client.post_result_body(&job.id, body).await,
+            Err(e) => Delivery::Lost(PostError::Encode(e)),
+        };
         match &delivery {
             Delivery::Delivered => info!(failed, "Finished."),
             Delivery::Lost(e) => error!(error = %e, "Failed to return job results."),
@@ -412,6 +634,10 @@ impl JobWebhook {
     /// Sends the final event for the job's result (`None`: stopped by the platform) and lets
     /// the hook deliver what is queued, on a task of its own: the result post never waits for it.
     fn end(self, result: Option<&Result<Completed, JobFailure>>) {
+        if matches!(self, JobWebhook::Off) {
+            // Nothing to send: the result (megabytes of base64 perhaps) is not copied.
+            return;
+        }
         match result {
             Some(result) => {
                 let result = result.clone();
@@ -462,6 +688,36 @@ impl ProgressSink for JobWebhook {
         if let (JobWebhook::Ready(hook), NodeEvent::Preview { node, mime, data }) = (self, event) {
             hook.preview(preview_body(node.as_deref(), mime, data));
         }
+    }
+}
+
+/// The pipelined loop's signal that a running job is close to done.
+struct NearDone {
+    flag: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+}
+
+impl NearDone {
+    fn raise(&self) {
+        if !self.flag.swap(true, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// When the pipelined loop takes the next job: the running job's sampler has at most one step
+/// left (a progress step at `max - 1` or `max`, of a node with more than one step), or a node
+/// delivered outputs, or the prompt ended. From then on ComfyUI has little left to do for it, so
+/// the next prompt, queued behind it, starts without a gap; taken earlier, the next job would
+/// sit in this worker's queue while another worker may be idle.
+fn close_to_done(s: &ProgressSnapshot) -> bool {
+    match s.kind {
+        ProgressKind::Progress => s.max.0 > 1.0 && s.value.0 >= s.max.0 - 1.0,
+        ProgressKind::Executed
+        | ProgressKind::Finished
+        | ProgressKind::Error
+        | ProgressKind::Interrupted => true,
+        _ => false,
     }
 }
 
