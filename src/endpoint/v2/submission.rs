@@ -245,7 +245,7 @@ impl Resolver<'_> {
             {
                 match self.resolve(map) {
                     Ok(name) => *value = Value::String(name),
-                    Err(missing) => self.missing.push(missing),
+                    Err(Missing(label)) => self.missing.push(label),
                 }
             }
             Value::Object(map) => map.values_mut().for_each(|v| self.walk(v, depth + 1)),
@@ -255,9 +255,9 @@ impl Resolver<'_> {
     }
 
     /// The file name the reference becomes, or what to list as missing.
-    fn resolve(&mut self, reference: &Map<String, Value>) -> Result<String, String> {
+    fn resolve(&mut self, reference: &Map<String, Value>) -> Result<String, Missing> {
         let Some(Value::Object(info)) = reference.get("info") else {
-            return Err("<malformed core/ASSET: missing info>".into());
+            return Err(Missing("<malformed core/ASSET: missing info>".into()));
         };
         let id = info.get("id").and_then(Value::as_str);
         let by_id = id.and_then(|id| self.store.get(id));
@@ -271,14 +271,16 @@ impl Resolver<'_> {
                     .and_then(|hex| self.store.find_by_hash(&hex));
                 match by_hash {
                     Some(r) => r,
-                    None => return Err(id.unwrap_or("<no id>").chars().take(100).collect()),
+                    None => {
+                        return Err(Missing(id.unwrap_or("<no id>").chars().take(100).collect()))
+                    }
                 }
             }
         };
         let name = input_name(&record);
         if !self.files.contains_key(&name) {
             if !self.store.pin(&record.hash_hex) {
-                return Err(record.id);
+                return Err(Missing(record.id));
             }
             self.pins.hexes.push(record.hash_hex.clone());
             self.files.insert(
@@ -310,6 +312,10 @@ fn input_name(record: &AssetRecord) -> String {
     }
     format!("{}-{name}", &record.hash_hex[..16])
 }
+
+/// An asset reference that names no stored asset: how the refusal lists it (its id, or what
+/// was wrong with the reference).
+struct Missing(String);
 
 #[cfg(test)]
 mod tests {
