@@ -19,6 +19,11 @@
 #                        <user dir>/comfyui.db and locks it, so a second ComfyUI on the same
 #                        volume exits with "ASSETS_STARTUP_FAILED: in_use". A worker needs no
 #                        asset catalog.
+#   COMFY_VOLUME_MODELS  where the list of the network volume's model folders is written
+#                        ($TMPDIR or /tmp, comfy-worker-volume-models.yaml): every folder
+#                        under $NETWORK_VOLUME_DIR/models is passed to ComfyUI with
+#                        --extra-model-paths-config, not only the base image's fixed list, so a
+#                        folder made for a custom node's models (ipadapter, sams, ...) is found
 #   COMFY_LOG_LEVEL      ComfyUI --verbose level                   (INFO)
 #   COMFY_PID_FILE       where ComfyUI's PID is written            (/tmp/comfyui.pid)
 #   COMFY_INPUT_DIR, COMFY_OUTPUT_DIR, COMFY_TEMP_DIR
@@ -99,6 +104,41 @@ case " $COMFYUI_EXTRA_ARGS " in
         fi
         ;;
 esac
+
+# Every model folder on the network volume (worker-comfyui's extra_model_paths.yaml names a fixed
+# list of them): one more --extra-model-paths-config, made here, naming each folder under
+# $NETWORK_VOLUME_DIR/models. ComfyUI takes any folder name (custom nodes register their own).
+volume_models="$NETWORK_VOLUME_DIR/models"
+if [ -d "$volume_models" ]; then
+    : "${COMFY_VOLUME_MODELS:=${TMPDIR:-/tmp}/comfy-worker-volume-models.yaml}"
+    yaml_quote() { printf "'%s'" "${1//\'/\'\'}"; }
+    folders=()
+    for folder in "$volume_models"/*/; do
+        [ -d "$folder" ] || continue
+        name="$(basename "$folder")"
+        # A YAML key as ComfyUI's folder names are: letters, digits, _ . - only.
+        if [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]]; then
+            folders+=("$name")
+        else
+            log "ignoring the model folder '$name' on the network volume: not a plain folder name"
+        fi
+    done
+    if [ "${#folders[@]}" -gt 0 ]; then
+        if {
+            echo "# Written by comfy-worker's start.sh: every model folder on the network volume."
+            echo "comfy_worker_network_volume:"
+            echo "  base_path: $(yaml_quote "$volume_models")"
+            for name in "${folders[@]}"; do
+                echo "  $name: $(yaml_quote "$name/")"
+            done
+        } 2>/dev/null > "$COMFY_VOLUME_MODELS"; then
+            comfy_flags+=(--extra-model-paths-config "$COMFY_VOLUME_MODELS")
+            log "model folders on the network volume: ${folders[*]}"
+        else
+            log "could not write $COMFY_VOLUME_MODELS; ComfyUI sees the base image's model folders only"
+        fi
+    fi
+fi
 
 # Optional SSH access, as in worker-comfyui.
 if [ -n "${PUBLIC_KEY:-}" ] && command -v sshd >/dev/null 2>&1; then

@@ -279,3 +279,44 @@ fn a_local_user_folder_or_an_old_comfyui_keeps_the_default_flags() {
         "{stderr}"
     );
 }
+
+/// Every model folder on the network volume reaches ComfyUI (not only the base image's fixed
+/// list): one more `--extra-model-paths-config`, naming each folder; a name that is not a plain
+/// folder name is skipped and said.
+#[test]
+fn every_model_folder_on_the_network_volume_is_passed_to_comfyui() {
+    let dir = job_dir();
+    let models = dir.path().join("volume/models");
+    for folder in ["checkpoints", "loras", "ipadapter", "odd name: x"] {
+        std::fs::create_dir_all(models.join(folder)).unwrap();
+    }
+    std::fs::write(models.join("README.txt"), "not a folder").unwrap();
+    let list = dir.path().join("volume-models.yaml");
+    let (stderr, args) = start_with_flags(
+        dir.path(),
+        KNOWS_DISABLE_ASSETS,
+        &[("COMFY_VOLUME_MODELS", list.display().to_string())],
+    );
+    assert!(
+        args.contains(&format!("--extra-model-paths-config {}", list.display())),
+        "{args}"
+    );
+    let yaml = std::fs::read_to_string(&list).unwrap();
+    let lines: Vec<&str> = yaml.lines().skip(1).collect();
+    assert_eq!(
+        lines,
+        [
+            "comfy_worker_network_volume:".to_owned(),
+            format!("  base_path: '{}'", models.display()),
+            "  checkpoints: 'checkpoints/'".to_owned(),
+            "  ipadapter: 'ipadapter/'".to_owned(),
+            "  loras: 'loras/'".to_owned(),
+        ]
+    );
+    assert!(stderr.contains("ignoring the model folder 'odd name: x'"), "{stderr}");
+
+    // No models folder on the volume: no extra flag.
+    let dir = job_dir();
+    let (_, args) = start_with_flags(dir.path(), KNOWS_DISABLE_ASSETS, &[]);
+    assert!(!args.contains("--extra-model-paths-config"), "{args}");
+}
