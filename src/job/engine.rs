@@ -183,7 +183,7 @@ impl Engine {
         // A UI-format workflow is converted before anything is uploaded.
         let workflow =
             convert::resolve(&self.comfy, &self.object_info, input.workflow.clone()).await?;
-        self.install_models(&input.models, progress, started, cancel)
+        self.install_models(&input.models, &storage, progress, started, cancel)
             .await?;
         // A model the workflow names that ComfyUI lacks fails the job here, in milliseconds.
         model_check::check(
@@ -318,6 +318,7 @@ impl Engine {
     async fn install_models(
         &self,
         models: &[ModelSpec],
+        storage: &JobStorage,
         progress: &ProgressSender,
         started: Instant,
         cancel: &CancellationToken,
@@ -342,7 +343,7 @@ impl Engine {
                 }
             };
             let ensured = tokio::select! {
-                ensured = self.models.ensure(spec, &mut on_bytes) => ensured,
+                ensured = self.models.ensure(spec, storage, &mut on_bytes) => ensured,
                 _ = cancel.cancelled() => {
                     return Err(JobFailure::Cancelled(Report::new("Job cancelled while downloading models")));
                 }

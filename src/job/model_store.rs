@@ -19,6 +19,7 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use super::input::ModelSpec;
+use super::storage::{JobStorage, ReadError};
 use crate::config::{InputPolicy, ModelPolicy};
 use crate::redact::display_url;
 use crate::ssrf::{Downloader, FetchError, Guard, Limits};
@@ -174,6 +175,7 @@ impl ModelStore {
     pub async fn ensure(
         &self,
         spec: &ModelSpec,
+        storage: &JobStorage,
         on_bytes: &mut (dyn FnMut(u64, Option<u64>) + Send),
     ) -> Result<bool, ModelError> {
         let io = |what: &str, e: std::io::Error| ModelError::Io {
@@ -185,6 +187,9 @@ impl ModelStore {
         // Known content: the cache may have it.
         let known = match &spec.sha256 {
             Some(sha) => Some(sha.clone()),
+            // An `s3://` object is read with the job's own credentials: a copy another job
+            // fetched is reused only by its sha256, which the job must then name.
+            None if spec.is_s3() => None,
             None => std::fs::read_to_string(self.url_index(&spec.url))
                 .ok()
                 .map(|s| s.trim().to_owned())
@@ -224,7 +229,7 @@ impl ModelStore {
                 let result = shared
                     .get_or_init(|| async {
                         downloaded = true;
-                        self.download(spec, on_bytes).await
+                        self.download(spec, storage, on_bytes).await
                     })
                     .await
                     .clone();
@@ -246,6 +251,7 @@ impl ModelStore {
     async fn download(
         &self,
         spec: &ModelSpec,
+        storage: &JobStorage,
         on_bytes: &mut (dyn FnMut(u64, Option<u64>) + Send),
     ) -> Result<String, ModelError> {
         let io = |what: &str, e: std::io::Error| ModelError::Io {
@@ -265,7 +271,7 @@ impl ModelStore {
         let started = std::time::Instant::now();
         let mut hasher = Sha256::new();
         let mut done = 0u64;
-        let streamed = {
+        let streamed: Result<u64, String> = {
             let mut on_chunk = |announced: Option<u64>, chunk: &[u8]| -> std::io::Result<()> {
                 file.write_all(chunk)?;
                 hasher.update(chunk);
@@ -273,22 +279,33 @@ impl ModelStore {
                 on_bytes(done, announced);
                 Ok(())
             };
-            self.downloader.stream(&spec.url, &mut on_chunk).await
+            match spec.s3_location() {
+                Some((bucket, key)) => {
+                    let mut sink = |size: u64, chunk: &[u8]| on_chunk(Some(size), chunk);
+                    let read = storage.read_stream(bucket, key, self.policy.max_bytes, &mut sink);
+                    match tokio::time::timeout(self.policy.timeout, read).await {
+                        Ok(read) => read.map_err(|e| self.describe_s3(&e)),
+                        Err(_) => Err(self.describe(&FetchError::TimedOut)),
+                    }
+                }
+                None => self
+                    .downloader
+                    .stream(&spec.url, &mut on_chunk)
+                    .await
+                    .map_err(|e| self.describe(&e)),
+            }
         };
-        let finished = streamed.and_then(|n| {
-            file.sync_all()
-                .map(|()| n)
-                .map_err(|e| FetchError::Transport(e.to_string()))
-        });
+        let finished =
+            streamed.and_then(|n| file.sync_all().map(|()| n).map_err(|e| e.to_string()));
         drop(file);
         let bytes = match finished {
             Ok(n) => n,
-            Err(e) => {
+            Err(reason) => {
                 let _ = std::fs::remove_file(&part);
                 return Err(ModelError::Download {
                     name: spec.name.clone(),
                     url,
-                    reason: self.describe(&e),
+                    reason,
                 });
             }
         };
@@ -309,7 +326,9 @@ impl ModelStore {
             let _ = std::fs::remove_file(&part);
             io("storing the model in the cache", e)
         })?;
-        let _ = std::fs::write(self.url_index(&spec.url), &actual);
+        if !spec.is_s3() {
+            let _ = std::fs::write(self.url_index(&spec.url), &actual);
+        }
         info!(
             model = %spec.name,
             bytes,
@@ -387,6 +406,25 @@ impl ModelStore {
                 info!(sha256 = %sha, bytes = len, "model evicted from the cache (MODEL_CACHE_MAX_GB)");
                 total = total.saturating_sub(len);
             }
+        }
+    }
+
+    /// An `s3://` read's failure, with the model limits it names.
+    fn describe_s3(&self, e: &ReadError) -> String {
+        match e {
+            ReadError::TooLarge { size, .. } => format!(
+                "the object is {size} bytes, larger than MODEL_URL_MAX_BYTES ({} bytes)",
+                self.policy.max_bytes
+            ),
+            ReadError::LargerThan { .. } => format!(
+                "the object is larger than MODEL_URL_MAX_BYTES ({} bytes)",
+                self.policy.max_bytes
+            ),
+            ReadError::NoBucket => "no bucket is configured: s3:// models are read from the worker's bucket (BUCKET_ENDPOINT_URL/BUCKET_ACCESS_KEY_ID/BUCKET_SECRET_ACCESS_KEY) or the job's s3Config".into(),
+            ReadError::OtherBucket { bucket, configured } => format!(
+                "the bucket {bucket:?} is not the configured one ({configured:?}); s3:// models are read from the job's bucket only"
+            ),
+            other => other.to_string(),
         }
     }
 

@@ -277,8 +277,16 @@ async fn the_cache_drops_the_least_recently_used_model_and_its_link() {
         name: name.into(),
         sha256: None,
     };
+    // No bucket: these models come by URL.
+    let storage = comfy_worker::job::Storage::new(Default::default())
+        .for_job("j", None)
+        .await
+        .unwrap();
     for name in ["a.safetensors", "b.safetensors", "c.safetensors"] {
-        assert!(store.ensure(&spec(name), &mut |_, _| {}).await.unwrap());
+        assert!(store
+            .ensure(&spec(name), &storage, &mut |_, _| {})
+            .await
+            .unwrap());
     }
     let loras = dir.path().join("models/loras");
     assert!(!loras.join("a.safetensors").exists(), "the oldest is gone");
@@ -289,7 +297,7 @@ async fn the_cache_drops_the_least_recently_used_model_and_its_link() {
     assert_eq!(cached, 2);
     // Asked for again, it comes back.
     assert!(store
-        .ensure(&spec("a.safetensors"), &mut |_, _| {})
+        .ensure(&spec("a.safetensors"), &storage, &mut |_, _| {})
         .await
         .unwrap());
     assert_eq!(server.hits("a.safetensors"), 2);

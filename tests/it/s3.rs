@@ -1078,3 +1078,82 @@ async fn serverless_checks_the_jobs_endpoint_not_the_env_bucket() {
     assert_eq!(sim.input_file("", "in.png"), Some(png_bytes(33)));
     assert!(!worker.log().contains(SECRET), "the secret was logged");
 }
+
+/// A model brought with the job as an object of its bucket (`s3://bucket/key` in
+/// `input.models`): streamed into the cache and linked into ComfyUI's model folder before the
+/// prompt is queued; another bucket's object is refused clearly, with nothing installed.
+#[tokio::test]
+async fn models_come_from_the_jobs_bucket() {
+    harness::init_logs();
+    let s3 = S3Server::start(ACCESS, SECRET, &[BUCKET]);
+    let model: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    s3.put(
+        ACCESS,
+        SECRET,
+        BUCKET,
+        "models/mine.safetensors",
+        model.clone(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = Simulator::start(
+        listener,
+        SimConfig {
+            step_delay: Duration::from_millis(1),
+            models_dir: Some(dir.path().join("models")),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut settings = harness::settings(&sim.host());
+    settings.storage = StorageSettings {
+        bucket: Some(s3.bucket(SECRET)),
+        ..StorageSettings::default()
+    };
+    settings.models = comfy_worker::config::ModelPolicy {
+        models_dir: dir.path().join("models"),
+        cache_dir: dir.path().join("cache"),
+        ..comfy_worker::config::ModelPolicy::default()
+    };
+    let engine = Engine::new(settings).unwrap();
+    let job = |ckpt: &str, url: String| {
+        let mut input = harness::test_input()["input"].clone();
+        input["workflow"]["4"]["inputs"]["ckpt_name"] = json!(ckpt);
+        input["models"] = json!([{"url": url, "folder": "checkpoints", "name": ckpt}]);
+        input
+    };
+
+    let (out, _) = harness::run_job(
+        &engine,
+        job(
+            "mine.safetensors",
+            format!("s3://{BUCKET}/models/mine.safetensors"),
+        ),
+    )
+    .await;
+    assert!(!out.is_error(), "{}", out.to_json());
+    let installed = dir.path().join("models/checkpoints/mine.safetensors");
+    assert_eq!(std::fs::read(&installed).unwrap(), model);
+    assert_eq!(sim.prompts().len(), 1);
+
+    let (out, _) = harness::run_job(
+        &engine,
+        job(
+            "theirs.safetensors",
+            "s3://someone-elses/models/theirs.safetensors".into(),
+        ),
+    )
+    .await;
+    let error = out.error_message().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("s3:// models are read from the job's bucket only"),
+        "{error}"
+    );
+    assert!(!dir
+        .path()
+        .join("models/checkpoints/theirs.safetensors")
+        .exists());
+    assert_eq!(sim.prompts().len(), 1, "nothing queued for the refused job");
+}

@@ -313,7 +313,10 @@ fn every_model_folder_on_the_network_volume_is_passed_to_comfyui() {
             "  loras: 'loras/'".to_owned(),
         ]
     );
-    assert!(stderr.contains("ignoring the model folder 'odd name: x'"), "{stderr}");
+    assert!(
+        stderr.contains("ignoring the model folder 'odd name: x'"),
+        "{stderr}"
+    );
 
     // No models folder on the volume: no extra flag.
     let dir = job_dir();

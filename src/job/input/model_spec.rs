@@ -1,6 +1,7 @@
 //! `input.models`: model files a job brings, `[{"url", "folder", "name", "sha256"?}]`. Each is
 //! downloaded into ComfyUI's model folder before the prompt is queued (see
-//! `job::model_store`). Checked here without touching the network: an `http(s)` URL, a folder
+//! `job::model_store`). Checked here without touching the network: an `http(s)` URL or
+//! `s3://bucket/key` (read from the job's bucket, as `s3://` inputs are), a folder
 //! that is one plain name (`checkpoints`, `loras`, …), a file name that cannot leave it, and a
 //! sha256 of 64 hex digits.
 
@@ -20,6 +21,24 @@ pub struct ModelSpec {
     pub name: String,
     /// Its sha256 in lowercase hex, when the job gave one (the file is checked against it).
     pub sha256: Option<String>,
+}
+
+impl ModelSpec {
+    /// Whether the model is an object of the job's bucket (`s3://bucket/key`).
+    pub fn is_s3(&self) -> bool {
+        self.s3_location().is_some()
+    }
+
+    /// The bucket and key of an `s3://bucket/key` model.
+    pub fn s3_location(&self) -> Option<(&str, &str)> {
+        s3_parts(&self.url)
+    }
+}
+
+/// `s3://bucket/key` split, for any URL with that scheme.
+fn s3_parts(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("s3://")?;
+    Some(rest.split_once('/').unwrap_or((rest, "")))
 }
 
 /// The `models` list, or every problem with it (one line each).
@@ -45,11 +64,14 @@ pub(crate) fn parse_models(value: Option<&Value>) -> Result<Vec<ModelSpec>, Vec<
             continue;
         };
         let who = format!("models[{i}] ({name})");
-        let scheme_ok = url::Url::parse(url)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        let scheme_ok = match s3_parts(url) {
+            Some((bucket, key)) => !bucket.is_empty() && !key.is_empty(),
+            None => url::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()),
+        };
         if !scheme_ok {
             problems.push(format!(
-                "{who}: 'url' must be an http or https URL, got {}",
+                "{who}: 'url' must be an http or https URL or s3://bucket/key, got {}",
                 display_url(url)
             ));
         }

@@ -126,6 +126,9 @@ pub enum ReadError {
     /// The bucket refused the read or could not be reached (object_store's message, scrubbed).
     #[error("{0}")]
     S3(String),
+    /// What the bytes were handed to refused them (writing a model to disk).
+    #[error("the object could not be stored: {0}")]
+    Sink(String),
 }
 
 /// Base64 length of `n` bytes (padded).
@@ -362,6 +365,31 @@ impl JobStorage {
     /// counting while reading). The key is the object's full key (no prefix is added). The
     /// error is a phrase for `Error downloading {name} from s3://…: {e}`.
     pub async fn read(&self, bucket: &str, key: &str, max_bytes: u64) -> Result<Bytes, ReadError> {
+        let mut buf = BytesMut::new();
+        let mut reserved = false;
+        self.read_stream(bucket, key, max_bytes, &mut |size, chunk| {
+            if !reserved {
+                // Reserved up front only up to 8 MiB: the announced size is a claim, not bytes.
+                buf.reserve(size.min(8 * 1024 * 1024) as usize);
+                reserved = true;
+            }
+            buf.extend_from_slice(chunk);
+            Ok(())
+        })
+        .await?;
+        Ok(buf.freeze())
+    }
+
+    /// [`JobStorage::read`] chunk by chunk, for objects too large to hold (models): each chunk
+    /// goes to `on_chunk` with the object's announced size; returns the bytes read. An error
+    /// `on_chunk` returns ends the read as [`ReadError::Sink`].
+    pub async fn read_stream(
+        &self,
+        bucket: &str,
+        key: &str,
+        max_bytes: u64,
+        on_chunk: &mut (dyn FnMut(u64, &[u8]) -> std::io::Result<()> + Send),
+    ) -> Result<u64, ReadError> {
         let target = match &self.target {
             Some(Ok(t)) => t,
             Some(Err(e)) => return Err(ReadError::Bucket(e.clone())),
@@ -390,23 +418,23 @@ impl JobStorage {
         if size > max_bytes {
             return Err(ReadError::TooLarge { size, max_bytes });
         }
-        // Reserved up front only up to 8 MiB: the announced size is a claim, not bytes.
-        let mut buf = BytesMut::with_capacity(size.min(8 * 1024 * 1024) as usize);
+        let mut done = 0u64;
         let mut stream = result.into_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| ReadError::S3(describe_error(&e, &target.secret)))?;
-            if (buf.len() + chunk.len()) as u64 > max_bytes {
+            if done + chunk.len() as u64 > max_bytes {
                 return Err(ReadError::LargerThan { max_bytes });
             }
-            buf.extend_from_slice(&chunk);
+            done += chunk.len() as u64;
+            on_chunk(size, &chunk).map_err(|e| ReadError::Sink(e.to_string()))?;
         }
         debug!(
             key = %path,
-            bytes = buf.len(),
+            bytes = done,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "input read from the bucket"
+            "object read from the bucket"
         );
-        Ok(buf.freeze())
+        Ok(done)
     }
 }
 
