@@ -66,7 +66,9 @@ async fn previews_reach_events_and_stream_within_the_caps() {
     };
     let (base, stop) = serve(&sim, policy.clone()).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    sim.pause_after_step(10);
+    // Held at five steps in turn: /stream holds the latest preview each time.
+    let holds = [2, 5, 8, 11, 14];
+    sim.pause_after_step(holds[0]);
     let reply = post_json(
         &http,
         &format!("{base}/run"),
@@ -75,19 +77,27 @@ async fn previews_reach_events_and_stream_within_the_caps() {
     .await;
     let id = reply["id"].as_str().unwrap().to_owned();
     let mut events = Events::at(&http, &format!("{base}/events/{id}")).await;
-    tokio::time::timeout(LIMIT, sim.paused()).await.unwrap();
-
-    // Held at step 10: /stream holds the latest preview.
-    let stream = post_json(&http, &format!("{base}/stream/{id}"), &json!({})).await;
-    assert_eq!(stream["status"], "IN_PROGRESS", "{stream}");
-    let held = &stream["stream"][0]["output"]["preview"];
-    assert_eq!(held["mime"], "image/jpeg", "{stream}");
-    assert_eq!(held["node"], "2", "{stream}");
-    assert_eq!(
-        (held["width"].clone(), held["height"].clone()),
-        (json!(64), json!(64))
-    );
-    sim.resume();
+    let mut on_stream = Vec::new();
+    for (i, _) in holds.iter().enumerate() {
+        tokio::time::timeout(LIMIT, sim.paused()).await.unwrap();
+        let stream = post_json(&http, &format!("{base}/stream/{id}"), &json!({})).await;
+        assert_eq!(stream["status"], "IN_PROGRESS", "{stream}");
+        let held = &stream["stream"][0]["output"]["preview"];
+        assert_eq!(held["mime"], "image/jpeg", "{stream}");
+        assert_eq!(held["node"], "2", "{stream}");
+        assert_eq!(
+            (held["width"].clone(), held["height"].clone()),
+            (json!(64), json!(64))
+        );
+        on_stream.push(held["data"].as_str().unwrap().to_owned());
+        // On to the next hold (arming it lets the sampler go on), or to the end.
+        match holds.get(i + 1) {
+            Some(next) => sim.pause_after_step(*next),
+            None => sim.resume(),
+        }
+    }
+    let distinct_on_stream: BTreeSet<&String> = on_stream.iter().collect();
+    assert_eq!(distinct_on_stream.len(), 5, "{on_stream:?}");
 
     let mut previews = Vec::new();
     while let Some((name, body)) = events.next().await {
