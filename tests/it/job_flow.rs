@@ -33,6 +33,7 @@ macro_rules! on_both_profiles {
 on_both_profiles!(
     test_input_runs_end_to_end_with_every_step,
     two_outputs_sized_from_the_graph_then_a_cached_rerun,
+    outputs_in_dated_subfolders_are_fetched_where_comfyui_put_them,
     validation_errors_are_readable_and_hint_models,
     runtime_errors_name_node_type_and_message,
     the_api_key_goes_to_comfyui_as_extra_data,
@@ -121,6 +122,22 @@ async fn two_outputs_sized_from_the_graph_then_a_cached_rerun(profile: Profile) 
         .unwrap();
     assert_eq!(cached.nodes_cached, 5);
     assert!(steps_of(&progress, "2").is_empty(), "nothing re-ran");
+}
+
+/// Outputs in nested subfolders, as `--date-based-output` (ComfyUI PR #16000) would put them
+/// (`2026-12-04/portraits`), are fetched by the `subfolder` ComfyUI reports: a wrong one would
+/// be a 404 from `/view` and a failed job.
+async fn outputs_in_dated_subfolders_are_fetched_where_comfyui_put_them(profile: Profile) {
+    let sim = simulator_as(1, profile).await;
+    let mut wf = harness::workflow("ok");
+    wf["3"]["inputs"]["filename_prefix"] = json!("2026-12-04/portraits/full");
+    wf["5"]["inputs"]["filename_prefix"] = json!("2026-12-04/small");
+    let (out, _) = run_job(&engine(&sim), json!({ "workflow": wf })).await;
+    let sizes: Vec<(u32, u32)> = images(&out).iter().map(|(_, d)| png_size(d)).collect();
+    assert_eq!(sizes, [(512, 512), (256, 256)]);
+    assert!(sim
+        .output_file("2026-12-04/portraits", "full_00001_.png")
+        .is_some());
 }
 
 async fn validation_errors_are_readable_and_hint_models(profile: Profile) {

@@ -310,11 +310,21 @@ impl Simulator {
 
     /// Bytes of a file in the simulated input folder (after `/upload/image`), e.g. `input_file("", "test.png")`.
     pub fn input_file(&self, subfolder: &str, name: &str) -> Option<Vec<u8>> {
-        let abs = store::path::join(&store::path::join(&Folder::Input.root(), subfolder), name);
-        let rel = Folder::Input.relative(&abs)?;
+        self.file(Folder::Input, subfolder, name)
+    }
+
+    /// Bytes of a file a node saved in the simulated output folder, e.g.
+    /// `output_file("portraits", "x_00001_.png")`.
+    pub fn output_file(&self, subfolder: &str, name: &str) -> Option<Vec<u8>> {
+        self.file(Folder::Output, subfolder, name)
+    }
+
+    fn file(&self, folder: Folder, subfolder: &str, name: &str) -> Option<Vec<u8>> {
+        let abs = store::path::join(&store::path::join(&folder.root(), subfolder), name);
+        let rel = folder.relative(&abs)?;
         lock(&self.shared.store)
             .files
-            .get(Folder::Input, &rel)
+            .get(folder, &rel)
             .map(|b| b.to_vec())
     }
 
