@@ -771,24 +771,8 @@ impl ProgressSink for EndpointSink<'_> {
             return;
         };
         match event {
-            NodeEvent::Output(_) => {}
-            NodeEvent::Preview { node, mime, data } => {
-                let node = node
-                    .clone()
-                    .or_else(|| {
-                        v2.progress
-                            .as_ref()
-                            .and_then(|p| p["current_node"].as_str().map(str::to_owned))
-                    })
-                    .unwrap_or_default();
-                let preview = Arc::new(json!({
-                    "node_id": node,
-                    "content_type": mime,
-                    "data_base64": crate::job::codec::encode(data),
-                }));
-                v2.preview = Some(preview.clone());
-                let _ = events.send(JobEvent::V2Preview(preview));
-            }
+            // Published above, for either surface.
+            NodeEvent::Output(_) | NodeEvent::Preview { .. } => {}
             NodeEvent::Text { node, text } => {
                 let _ = events.send(JobEvent::V2Log(Arc::new(
                     json!({"level": "info", "message": format!("node {node}: {text}")}),
@@ -802,7 +786,8 @@ impl ProgressSink for EndpointSink<'_> {
 }
 
 /// Keeps a running job's latest preview (the page and `/stream` show it) and publishes it on
-/// its event stream. The runner's gate already held it to the rate and size caps.
+/// its event stream, its progress webhook (when asked) and, for a v2 job, as the contract's
+/// `preview` event: encoded once. The runner's gate already held it to the rate and size caps.
 fn publish_preview(inner: &Inner, id: &str, node: Option<&str>, mime: &str, data: &[u8]) {
     let (width, height) = imagesize::blob_size(data)
         .map(|s| (s.width, s.height))
@@ -819,11 +804,19 @@ fn publish_preview(inner: &Inner, id: &str, node: Option<&str>, mime: &str, data
             .as_ref()
             .and_then(|p| p["node"].as_str().map(str::to_owned))
     });
-    let body = preview_body(node.as_deref(), mime, data);
+    let mut body = preview_body(node.as_deref(), mime, data);
     if let Some(hook) = &job.progress_hook {
         hook.preview(body.clone());
     }
-    let mut body = body;
+    if let Some(v2) = &mut job.v2 {
+        let preview = Arc::new(json!({
+            "node_id": node.unwrap_or_default(),
+            "content_type": mime,
+            "data_base64": body["data"],
+        }));
+        v2.preview = Some(preview.clone());
+        let _ = job.events.send(JobEvent::V2Preview(preview));
+    }
     body["width"] = json!(width);
     body["height"] = json!(height);
     let preview = Arc::new(body);
