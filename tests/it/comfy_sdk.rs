@@ -10,9 +10,7 @@
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use comfy_sim::{SimConfig, Simulator};
 use comfy_worker::endpoint::ServeOptions;
 use comfy_worker::secret::Secret;
 use serde_json::Value;
@@ -49,16 +47,7 @@ pub fn twenty_steps() -> Value {
 #[tokio::test]
 async fn the_comfy_sdk_runs_cancels_and_uploads_against_serve_and_every_response_conforms() {
     let python = python_with_comfy_sdk();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(
-        listener,
-        SimConfig {
-            step_delay: Duration::from_millis(5),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sim = crate::worker_process::simulator(5).await;
     let ep = crate::serve::Endpoint::start(
         &sim,
         ServeOptions {

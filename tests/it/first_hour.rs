@@ -38,6 +38,11 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The JSON reply to `request`.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// An address that refuses connections, reserved for as long as the guard lives: a socket
 /// bound to it that does not listen (a port merely freed could be taken by a concurrent test).
 fn refusing() -> (String, tokio::net::TcpSocket) {
@@ -502,20 +507,15 @@ async fn serve_health_tells_the_truth_about_comfyui() {
     assert_eq!(body["status"], "degraded", "{body}");
     assert_eq!(body["comfyui"]["reachable"], false, "{body}");
 
-    let reply: Value = http
-        .post(format!("{}/run", serve.base()))
-        .json(
+    let reply = json_of(
+        http.post(format!("{}/run", serve.base())).json(
             &serde_json::from_str::<Value>(
                 &std::fs::read_to_string(repo().join("test_input.json")).unwrap(),
             )
             .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     let id = reply["id"].as_str().unwrap().to_owned();
     let mut events = Events::at(&http, &format!("{}/events/{id}", serve.base())).await;
     let waiting = loop {
@@ -536,14 +536,7 @@ async fn serve_health_tells_the_truth_about_comfyui() {
         format!("waiting for ComfyUI at {address} (connection refused; up to 120 s)"),
         "{waiting}"
     );
-    let status: Value = http
-        .get(format!("{}/status/{id}", serve.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = json_of(http.get(format!("{}/status/{id}", serve.base()))).await;
     assert_eq!(status["output"]["type"], "waiting", "{status}");
 
     drop(reserved);
@@ -591,15 +584,7 @@ async fn two_workers_drain_one_local_queue() {
     let mut ids = Vec::new();
     for n in 0..20u64 {
         let job = crate::serve::job(0x100000 + n, 4);
-        let reply: Value = http
-            .post(format!("{}/run", serve.base()))
-            .json(&job)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let reply = json_of(http.post(format!("{}/run", serve.base())).json(&job)).await;
         ids.push(reply["id"].as_str().unwrap().to_owned());
     }
     let events = Events::at(&http, &format!("{}/events/{}", serve.base(), ids[19])).await;
@@ -662,14 +647,7 @@ async fn two_workers_drain_one_local_queue() {
             .sum();
         assert_eq!(runs, 1, "{id} ran {runs} times");
     }
-    let health: Value = http
-        .get(format!("{}/health", serve.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = json_of(http.get(format!("{}/health", serve.base()))).await;
     assert_eq!(health["jobs"]["completed"], 20, "{health}");
     assert_eq!(health["workers"]["idle"], 2, "{health}");
 }
@@ -746,15 +724,11 @@ async fn errors_are_said_once_and_log_lines_name_the_job_once() {
 
     let serve = ServeProcess::start(&["--simulate", "--sim-step-ms", "1"], &[]).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let reply: Value = http
-        .post(format!("{}/runsync", serve.base()))
-        .json(&serde_json::from_str::<Value>(bad).unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reply = json_of(
+        http.post(format!("{}/runsync", serve.base()))
+            .json(&serde_json::from_str::<Value>(bad).unwrap()),
+    )
+    .await;
     assert_eq!(reply["status"], "FAILED", "{reply}");
     let id = reply["id"].as_str().unwrap();
     serve.wait_log("job ended").await;

@@ -4,9 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
-use comfy_sim::{SimConfig, Simulator};
 use comfy_worker::endpoint::ServeOptions;
 use comfy_worker::secret::Secret;
 use serde_json::{json, Value};
@@ -49,16 +47,7 @@ print(json.dumps({"status": status, "output": output, "sync": sync, "health": he
 #[tokio::test]
 async fn the_official_runpod_client_runs_jobs_against_serve() {
     let python = python();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = Simulator::start(
-        listener,
-        SimConfig {
-            step_delay: Duration::from_millis(5),
-            ..SimConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sim = crate::worker_process::simulator(5).await;
     let ep = crate::serve::Endpoint::start(
         &sim,
         ServeOptions {
