@@ -30,6 +30,17 @@
 #                        ComfyUI's folders, for CLEANUP_FILES     ($COMFYUI_DIR/input, /output, /temp);
 #                        set them when COMFYUI_EXTRA_ARGS moves a folder (--output-directory ...)
 #   COMFY_WORKER_BIN     the worker binary                         (comfy-worker on PATH)
+#   COMFY_INSTANCES      how many ComfyUIs to start: 1 (default), a number, or "auto" (one per
+#                        visible GPU: CUDA_VISIBLE_DEVICES's list when set, else nvidia-smi's).
+#                        With more than one, ComfyUI i runs on GPU i (CUDA_VISIBLE_DEVICES), on
+#                        port COMFY_BASE_PORT+i (8188), with its own temp folder
+#                        (COMFY_TEMP_BASE/comfyui-i/temp, COMFY_TEMP_BASE = $TMPDIR or /tmp) and
+#                        PID file (COMFY_PID_FILE with -i before .pid) and --disable-assets
+#                        when ComfyUI knows it (they share one user folder); models, input and
+#                        output folders are shared. The worker gets the lists in COMFY_HOST,
+#                        COMFY_PID_FILE and COMFY_TEMP_DIR and runs one job at a time on each.
+#                        COMFYUI_START_CMD sees COMFY_INSTANCE, COMFY_INSTANCE_PORT and
+#                        COMFY_INSTANCE_TEMP for each.
 #   SERVE_API_LOCALLY    "true": the local endpoint (`comfy-worker serve`) on 0.0.0.0:$SERVE_API_PORT
 #                        instead of the job loop, and ComfyUI also listens on all interfaces (--listen);
 #                        without SERVE_API_KEY it runs with --insecure and logs a warning
@@ -57,9 +68,31 @@ set -euo pipefail
 : "${COMFY_DISABLE_ASSETS:=auto}"
 : "${COMFYUI_USER_DIR:=$COMFYUI_DIR/user}"
 : "${NETWORK_VOLUME_DIR:=/runpod-volume}"
+: "${COMFY_INSTANCES:=1}"
+: "${COMFY_BASE_PORT:=8188}"
+: "${COMFY_TEMP_BASE:=${TMPDIR:-/tmp}}"
 export COMFY_PID_FILE COMFY_INPUT_DIR COMFY_OUTPUT_DIR COMFY_TEMP_DIR
 
 log() { echo "comfy-worker start: $*" >&2; }
+
+# The GPUs ComfyUIs may run on: CUDA_VISIBLE_DEVICES's entries when set, else nvidia-smi's indexes.
+gpus=()
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    IFS=',' read -r -a gpus <<< "${CUDA_VISIBLE_DEVICES// /}"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr -d ' ' || true)
+fi
+case "$COMFY_INSTANCES" in
+    auto) instances="${#gpus[@]}"; [ "$instances" -ge 1 ] || instances=1 ;;
+    *[!0-9]* | "" | 0)
+        log "COMFY_INSTANCES must be auto or a number of ComfyUIs (1 or more), not '$COMFY_INSTANCES'"
+        exit 2
+        ;;
+    *) instances="$COMFY_INSTANCES" ;;
+esac
+if [ "$instances" -gt 1 ] && [ "${#gpus[@]}" -gt 0 ] && [ "$instances" -gt "${#gpus[@]}" ]; then
+    log "COMFY_INSTANCES=$instances but ${#gpus[@]} GPU(s) are visible: some ComfyUIs share a GPU"
+fi
 
 # Whether $1 (or the nearest folder above it that exists) lives on a shared network volume.
 on_network_volume() {
@@ -82,7 +115,7 @@ case " $COMFYUI_EXTRA_ARGS " in
         disable_assets=false
         if [ "$COMFY_DISABLE_ASSETS" = "true" ]; then
             disable_assets=true
-        elif [ "$COMFY_DISABLE_ASSETS" = "auto" ] && on_network_volume "$COMFYUI_USER_DIR"; then
+        elif [ "$COMFY_DISABLE_ASSETS" = "auto" ] && { [ "$instances" -gt 1 ] || on_network_volume "$COMFYUI_USER_DIR"; }; then
             # 0.3.64 and older have no such flag, and ComfyUI exits on a flag it does not know.
             if grep -q -- "--disable-assets" "$COMFYUI_DIR/comfy/cli_args.py" 2>/dev/null; then
                 disable_assets=true
@@ -166,29 +199,71 @@ fi
 
 if [ "$START_COMFYUI" != "true" ]; then
     log "not starting ComfyUI (START_COMFYUI=false, or AWS Lambda mode): using COMFY_HOST=${COMFY_HOST:-127.0.0.1:8188}"
+    if [ "$instances" -gt 1 ]; then
+        log "COMFY_INSTANCES=$COMFY_INSTANCES is ignored: this script starts no ComfyUI (list them in COMFY_HOST)"
+    fi
     # No ComfyUI of ours: a PID file left by someone else must not decide how long jobs wait
     # (COMFY_READY_TIMEOUT_S does).
     unset COMFY_PID_FILE
     exec "$COMFY_WORKER_BIN" "$@"
 fi
 
-if [ -n "${COMFYUI_START_CMD:-}" ]; then
-    log "starting ComfyUI: $COMFYUI_START_CMD"
-    bash -c "exec $COMFYUI_START_CMD" &
-else
-    listen=()
-    if [ "$SERVE_API_LOCALLY" = "true" ]; then
-        listen=(--listen)
-    fi
-    # tcmalloc helps PyTorch's allocation pattern; preload it for ComfyUI only, not the worker.
-    tcmalloc="$(ldconfig -p 2>/dev/null | grep -Po 'libtcmalloc(_minimal)?\.so\.\d+' | head -n 1 || true)"
-    log "starting ComfyUI from $COMFYUI_DIR"
-    # shellcheck disable=SC2086 # COMFYUI_EXTRA_ARGS is a list of flags.
-    LD_PRELOAD="$tcmalloc" "$COMFYUI_PYTHON" -u "$COMFYUI_DIR/main.py" --disable-auto-launch --disable-metadata \
-        "${listen[@]}" "${comfy_flags[@]}" --verbose "$COMFY_LOG_LEVEL" --log-stdout $COMFYUI_EXTRA_ARGS &
+listen=()
+if [ "$SERVE_API_LOCALLY" = "true" ]; then
+    listen=(--listen)
 fi
-echo "$!" > "$COMFY_PID_FILE"
-log "ComfyUI pid $(cat "$COMFY_PID_FILE") written to $COMFY_PID_FILE"
+# tcmalloc helps PyTorch's allocation pattern; preload it for ComfyUI only, not the worker.
+tcmalloc="$(ldconfig -p 2>/dev/null | grep -Po 'libtcmalloc(_minimal)?\.so\.\d+' | head -n 1 || true)"
+
+# Starts ComfyUI number $1 in the background (its own port, temp folder and GPU when there are
+# several) and writes its PID to $2.
+start_comfyui() {
+    local i="$1" pid_file="$2" instance_flags=()
+    export COMFY_INSTANCE="$i" COMFY_INSTANCE_PORT="$((COMFY_BASE_PORT + i))"
+    export COMFY_INSTANCE_TEMP="$COMFY_TEMP_BASE/comfyui-$i/temp"
+    if [ "$instances" -gt 1 ]; then
+        instance_flags=(--port "$COMFY_INSTANCE_PORT" --temp-directory "$COMFY_TEMP_BASE/comfyui-$i")
+    fi
+    (
+        if [ "$instances" -gt 1 ] && [ "${#gpus[@]}" -gt 0 ]; then
+            export CUDA_VISIBLE_DEVICES="${gpus[$((i % ${#gpus[@]}))]}"
+        fi
+        if [ -n "${COMFYUI_START_CMD:-}" ]; then
+            exec bash -c "exec $COMFYUI_START_CMD"
+        fi
+        # shellcheck disable=SC2086 # COMFYUI_EXTRA_ARGS is a list of flags.
+        LD_PRELOAD="$tcmalloc" exec "$COMFYUI_PYTHON" -u "$COMFYUI_DIR/main.py" --disable-auto-launch --disable-metadata \
+            "${listen[@]}" "${comfy_flags[@]}" "${instance_flags[@]}" --verbose "$COMFY_LOG_LEVEL" --log-stdout $COMFYUI_EXTRA_ARGS
+    ) &
+    echo "$!" > "$pid_file"
+}
+
+if [ "$instances" -eq 1 ]; then
+    if [ -n "${COMFYUI_START_CMD:-}" ]; then
+        log "starting ComfyUI: $COMFYUI_START_CMD"
+    else
+        log "starting ComfyUI from $COMFYUI_DIR"
+    fi
+    start_comfyui 0 "$COMFY_PID_FILE"
+    log "ComfyUI pid $(cat "$COMFY_PID_FILE") written to $COMFY_PID_FILE"
+else
+    hosts=() pid_files=() temp_dirs=()
+    for ((i = 0; i < instances; i++)); do
+        pid_file="${COMFY_PID_FILE%.pid}-$i.pid"
+        start_comfyui "$i" "$pid_file"
+        hosts+=("127.0.0.1:$COMFY_INSTANCE_PORT")
+        pid_files+=("$pid_file")
+        temp_dirs+=("$COMFY_INSTANCE_TEMP")
+        gpu="${gpus[$((i % (${#gpus[@]} > 0 ? ${#gpus[@]} : 1)))]:-all}"
+        log "ComfyUI $i (GPU $gpu) on port $COMFY_INSTANCE_PORT, pid $(cat "$pid_file") in $pid_file"
+    done
+    COMFY_HOST="$(IFS=','; echo "${hosts[*]}")"
+    COMFY_PID_FILE="$(IFS=','; echo "${pid_files[*]}")"
+    COMFY_TEMP_DIR="$(IFS=','; echo "${temp_dirs[*]}")"
+    export COMFY_HOST COMFY_PID_FILE COMFY_TEMP_DIR
+    log "$instances ComfyUIs: COMFY_HOST=$COMFY_HOST"
+fi
+unset COMFY_INSTANCE COMFY_INSTANCE_PORT COMFY_INSTANCE_TEMP
 
 if [ "$SERVE_API_LOCALLY" = "true" ]; then
     # Inside the container the endpoint must listen on all interfaces to be reachable through a

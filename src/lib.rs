@@ -13,7 +13,7 @@
 //!
 //! The engine:
 //! * [`runner`]: the one job runner under every front end (deadlines, cancel, shutdown grace,
-//!   panics, progress fan-out, warm-up, housekeeping).
+//!   panics, progress fan-out, warm-up, housekeeping), and its pool: one runner per ComfyUI.
 //! * [`webhook`]: completion and progress webhooks.
 //! * [`housekeeping`]: warm-up, clean-up of a job's files, `/free` after a job.
 //! * [`job`]: one job: its input read once, the run against ComfyUI, outputs in

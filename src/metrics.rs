@@ -7,6 +7,7 @@
 //! several workers in one process never share counters. The text is OpenMetrics 1.0, which
 //! Prometheus scrapes as it does its own format.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,12 @@ struct PostLabel {
     result: &'static str,
 }
 
+/// Which ComfyUI (its address, as logs show it): one per GPU with `COMFY_HOST=a,b`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabel {
+    instance: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -94,13 +101,14 @@ struct Inner {
     jobs: Family<OutcomeLabel, Counter>,
     job_duration: Histogram,
     queue_wait: Histogram,
-    busy_seconds: Counter<f64>,
-    idle_gap: Histogram,
+    busy_seconds: Family<InstanceLabel, Counter<f64>>,
+    idle_gap: Family<InstanceLabel, Histogram, fn() -> Histogram>,
+    up: Family<InstanceLabel, Gauge>,
     progress_posts: Family<PostLabel, Counter>,
     result_bytes: Counter,
     retries: Family<ReasonLabel, Counter>,
     rss: Gauge,
-    busy: Mutex<Busy>,
+    busy: Mutex<HashMap<String, Busy>>,
 }
 
 /// The worker's metrics; clones share one registry.
@@ -141,19 +149,26 @@ impl Metrics {
             Unit::Seconds,
             queue_wait.clone(),
         );
-        let busy_seconds = Counter::<f64>::default();
+        let busy_seconds = Family::<InstanceLabel, Counter<f64>>::default();
         registry.register_with_unit(
             "comfy_busy",
-            "Time ComfyUI spent executing this worker's prompts",
+            "Time each ComfyUI spent executing this worker's prompts",
             Unit::Seconds,
             busy_seconds.clone(),
         );
-        let idle_gap = Histogram::new(exponential_buckets(0.0005, 2.0, 20));
+        let idle_gap: Family<InstanceLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 20)));
         registry.register_with_unit(
             "comfy_idle_gap",
-            "Time ComfyUI sat idle between the end of one prompt and the start of the next",
+            "Time each ComfyUI sat idle between the end of one prompt and the start of the next",
             Unit::Seconds,
             idle_gap.clone(),
+        );
+        let up = Family::<InstanceLabel, Gauge>::default();
+        registry.register(
+            "comfy_up",
+            "Whether each ComfyUI takes jobs (1) or is down and skipped (0)",
+            up.clone(),
         );
         let progress_posts = Family::<PostLabel, Counter>::default();
         registry.register(
@@ -187,17 +202,32 @@ impl Metrics {
                 queue_wait,
                 busy_seconds,
                 idle_gap,
+                up,
                 progress_posts,
                 result_bytes,
                 retries,
                 rss,
-                busy: Mutex::new(Busy::default()),
+                busy: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    fn busy(&self) -> MutexGuard<'_, Busy> {
+    fn busy(&self) -> MutexGuard<'_, HashMap<String, Busy>> {
         self.inner.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn label(instance: &str) -> InstanceLabel {
+        InstanceLabel {
+            instance: instance.to_owned(),
+        }
+    }
+
+    /// Whether the ComfyUI `instance` takes jobs (`comfy_up`).
+    pub fn instance_up(&self, instance: &str, up: bool) {
+        self.inner
+            .up
+            .get_or_create(&Metrics::label(instance))
+            .set(i64::from(up));
     }
 
     /// A job ended with `outcome` after `took`.
@@ -216,13 +246,16 @@ impl Metrics {
         self.inner.queue_wait.observe(waited.as_secs_f64());
     }
 
-    /// A prompt started executing in ComfyUI at `at`. Ends an idle gap when none was running.
-    pub fn prompt_started(&self, at: Instant) {
-        let mut busy = self.busy();
+    /// A prompt started executing in the ComfyUI `instance` at `at`. Ends that ComfyUI's idle
+    /// gap when none was running there.
+    pub fn prompt_started(&self, instance: &str, at: Instant) {
+        let mut all = self.busy();
+        let busy = all.entry(instance.to_owned()).or_default();
         if busy.running == 0 {
             if let Some(idle) = busy.idle_since.take() {
                 self.inner
                     .idle_gap
+                    .get_or_create(&Metrics::label(instance))
                     .observe(at.saturating_duration_since(idle).as_secs_f64());
             }
             busy.busy_since = Some(at);
@@ -231,16 +264,17 @@ impl Metrics {
     }
 
     /// A prompt that [`Metrics::prompt_started`] ended at `at`.
-    pub fn prompt_ended(&self, at: Instant) {
-        let mut busy = self.busy();
-        if busy.running == 0 {
+    pub fn prompt_ended(&self, instance: &str, at: Instant) {
+        let mut all = self.busy();
+        let Some(busy) = all.get_mut(instance).filter(|b| b.running > 0) else {
             return;
-        }
+        };
         busy.running -= 1;
         if busy.running == 0 {
             if let Some(since) = busy.busy_since.take() {
                 self.inner
                     .busy_seconds
+                    .get_or_create(&Metrics::label(instance))
                     .inc_by(at.saturating_duration_since(since).as_secs_f64());
             }
             busy.idle_since = Some(at);
@@ -306,13 +340,17 @@ mod tests {
         let m = Metrics::new();
         let t0 = Instant::now();
         let ms = Duration::from_millis;
-        m.prompt_started(t0);
-        m.prompt_ended(t0 + ms(100));
-        m.prompt_started(t0 + ms(110));
-        m.prompt_started(t0 + ms(120));
-        m.prompt_ended(t0 + ms(150));
-        m.prompt_ended(t0 + ms(200));
-        m.prompt_ended(t0 + ms(300));
+        let a = "127.0.0.1:8188";
+        m.prompt_started(a, t0);
+        m.prompt_ended(a, t0 + ms(100));
+        m.prompt_started(a, t0 + ms(110));
+        m.prompt_started(a, t0 + ms(120));
+        // Another ComfyUI's prompts never close this one's gaps or count in its busy time.
+        m.prompt_started("127.0.0.1:8189", t0 + ms(130));
+        m.prompt_ended(a, t0 + ms(150));
+        m.prompt_ended(a, t0 + ms(200));
+        m.prompt_ended(a, t0 + ms(300));
+        m.prompt_ended("127.0.0.1:8189", t0 + ms(400));
         let text = m.encode();
         let scrape =
             prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
@@ -320,7 +358,7 @@ mod tests {
             scrape
                 .samples
                 .iter()
-                .find(|s| s.metric == name)
+                .find(|s| s.metric == name && s.labels.get("instance") == Some(a))
                 .map(|s| match s.value {
                     prometheus_parse::Value::Counter(v)
                     | prometheus_parse::Value::Gauge(v)
@@ -332,5 +370,21 @@ mod tests {
         assert_eq!(value("comfy_worker_comfy_idle_gap_seconds_count"), 1.0);
         assert!((value("comfy_worker_comfy_idle_gap_seconds_sum") - 0.010).abs() < 1e-9);
         assert!((value("comfy_worker_comfy_busy_seconds_total") - 0.190).abs() < 1e-9);
+        let other = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "comfy_worker_comfy_busy_seconds_total"
+                    && s.labels.get("instance") == Some("127.0.0.1:8189")
+            })
+            .expect("the second ComfyUI's busy time");
+        assert!(
+            matches!(
+                other.value,
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v)
+                    if (v - 0.270).abs() < 1e-9
+            ),
+            "{text}"
+        );
     }
 }

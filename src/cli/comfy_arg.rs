@@ -26,8 +26,7 @@ impl ComfyArg {
     /// then no longer decides how long to wait for it.
     pub(crate) fn apply(&self, settings: &mut Settings) {
         if let Some(address) = &self.comfy {
-            settings.comfy_host = address.clone();
-            settings.comfy_pid_file = None;
+            settings.use_only(address.clone());
         }
     }
 }

@@ -22,7 +22,7 @@ pub struct LambdaArgs {
 #[cfg(feature = "lambda")]
 pub(crate) async fn run(args: LambdaArgs) -> ExitCode {
     use tokio_util::sync::CancellationToken;
-    use tracing::{error, info};
+    use tracing::{error, info, warn};
 
     use crate::config::Settings;
     use crate::config::StorageSettings;
@@ -55,6 +55,18 @@ pub(crate) async fn run(args: LambdaArgs) -> ExitCode {
         }
     };
     args.comfy.apply(&mut settings);
+    if settings.instance_count() > 1 {
+        // An invocation is one job: one ComfyUI serves it.
+        warn!(
+            instances = settings.instance_count(),
+            comfy = %settings.comfy_host.shown(),
+            "COMFY_HOST names several ComfyUIs; Lambda runs one invocation at a time, on the first"
+        );
+        let first = settings.comfy_host.clone();
+        let pid_file = settings.comfy_pid_file.take();
+        settings.use_only(first);
+        settings.comfy_pid_file = pid_file;
+    }
     // Lambda's response limits, unless the operator chose a limit.
     if !StorageSettings::inline_limit_is_set(&lookup) {
         settings.storage.max_inline_bytes = Some(lambda.response_mode.inline_limit());

@@ -78,12 +78,12 @@ mod with_simulator {
             let sim = Simulator::start(listener, config)
                 .await
                 .map_err(StartError)?;
-            settings.comfy_host = sim
-                .host()
-                .parse()
-                .map_err(|e| StartError(std::io::Error::other(e)))?;
             // A PID file of some other ComfyUI must not decide readiness here.
-            settings.comfy_pid_file = None;
+            settings.use_only(
+                sim.host()
+                    .parse()
+                    .map_err(|e| StartError(std::io::Error::other(e)))?,
+            );
             Ok(Some(Running(sim)))
         }
     }

@@ -126,6 +126,19 @@ impl ComfyClient {
         })
     }
 
+    /// A client for another ComfyUI with the same options, sharing this one's HTTP client.
+    pub fn for_address(&self, address: &ComfyAddress) -> ComfyClient {
+        ComfyClient {
+            http: self.http.clone(),
+            base: address.base_url(),
+            ws_base: address.ws_base(),
+            host: address.shown(),
+            options: self.options.clone(),
+            _credentials: address.userinfo().map(Secret::new),
+            capabilities: std::sync::Arc::default(),
+        }
+    }
+
     /// `host:port`, for messages.
     pub fn host(&self) -> &str {
         &self.host

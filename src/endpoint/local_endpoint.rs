@@ -25,7 +25,7 @@ use super::{ServeOptions, WorkerMode};
 use crate::housekeeping::warmup::WarmupState;
 use crate::job::{DeadlineSource, Engine, JobRequest};
 use crate::progress::{preview_body, NodeEvent, ProgressSnapshot};
-use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
+use crate::runner::{job_span, Controls, Deadline, Pool, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, WebhookUrl, Webhooks};
 
 /// How long a job's end waits for its outputs to be stored (v2), at most.
@@ -53,7 +53,8 @@ impl std::fmt::Debug for LocalEndpoint {
 }
 
 pub(super) struct Inner {
-    runner: Runner,
+    /// One runner per ComfyUI; each runs one job at a time from the one queue.
+    pool: Pool,
     webhooks: Webhooks,
     pub(super) options: ServeOptions,
     pub(super) state: Mutex<State>,
@@ -61,8 +62,10 @@ pub(super) struct Inner {
     wake: Notify,
     /// Cancelled by [`LocalEndpoint::close`]: the runner takes no new job, long replies end.
     pub(super) closing: CancellationToken,
-    /// Cancelled when the runner task has ended.
+    /// Cancelled when every runner task has ended.
     pub(super) stopped: CancellationToken,
+    /// Runner tasks still running (the last one out cancels `stopped`).
+    runners_left: std::sync::atomic::AtomicUsize,
     /// Progress-webhook deliveries still finishing, awaited (bounded) at shutdown.
     hooks: TaskTracker,
     /// Bumped when a job is queued or an external worker has a job to stop: wakes every
@@ -151,8 +154,10 @@ impl LocalEndpoint {
         options: ServeOptions,
         v2: V2State,
     ) -> LocalEndpoint {
+        let pool = Pool::new(Runner::new(engine, options.shutdown_grace));
         let inner = Arc::new(Inner {
-            runner: Runner::new(engine, options.shutdown_grace),
+            runners_left: std::sync::atomic::AtomicUsize::new(pool.len()),
+            pool,
             webhooks,
             options,
             state: Mutex::new(State::default()),
@@ -163,9 +168,11 @@ impl LocalEndpoint {
             changes: watch::Sender::new(()),
             v2,
         });
-        // With external workers the hub (`worker_hub::start`) takes the runner's place.
+        // With external workers the hub (`worker_hub::start`) takes the runners' place.
         if inner.options.workers == WorkerMode::Internal {
-            tokio::spawn(queue_runner(inner.clone()));
+            for at in 0..inner.pool.len() {
+                tokio::spawn(queue_runner(inner.clone(), at));
+            }
         }
         LocalEndpoint { inner }
     }
@@ -180,21 +187,26 @@ impl LocalEndpoint {
         &self.inner.options
     }
 
-    /// The engine jobs run on.
+    /// The engine of the first ComfyUI (the others differ only in their address).
     pub fn engine(&self) -> &Engine {
-        self.inner.runner.engine()
+        self.inner.pool.first().engine()
     }
 
-    /// The metrics its runner counts jobs in (`GET /metrics`).
+    /// How many ComfyUIs run its jobs (one job each at a time).
+    pub fn instances(&self) -> usize {
+        self.inner.pool.len()
+    }
+
+    /// The metrics its runners count jobs in (`GET /metrics`).
     pub fn metrics(&self) -> crate::metrics::Metrics {
-        self.inner.runner.metrics()
+        self.inner.pool.metrics()
     }
 
     /// Stops taking jobs and ends event streams and `/runsync` waits; the running job gets the grace
     /// to finish before it is interrupted. New submissions are refused with 503.
     pub fn close(&self) {
         self.inner.closing.cancel();
-        self.inner.wake.notify_one();
+        self.inner.wake.notify_waiters();
     }
 
     /// Resolves once the runner has ended (after [`LocalEndpoint::close`]) and progress webhooks
@@ -207,7 +219,7 @@ impl LocalEndpoint {
 
     /// Where the warm-up is (`Off` without `WARMUP_WORKFLOW`).
     pub fn warmup(&self) -> WarmupState {
-        self.inner.runner.warmup_state()
+        self.inner.pool.warmup_state()
     }
 
     /// Cancelled once [`LocalEndpoint::close`] was called.
@@ -225,7 +237,7 @@ impl LocalEndpoint {
         if self.inner.closing.is_cancelled() {
             return Err(Refusal::Closing);
         }
-        if let WarmupState::Failed(why) = self.inner.runner.warmup_state() {
+        if let WarmupState::Failed(why) = self.inner.pool.warmup_state() {
             return Err(Refusal::Unhealthy(why.to_string()));
         }
         let NewJob {
@@ -274,7 +286,7 @@ impl LocalEndpoint {
             preview: None,
             v2,
         };
-        let starts_now = state.queue.is_empty() && state.running.is_none();
+        let starts_now = state.queue.is_empty() && state.running.len() < self.inner.pool.len();
         state.jobs.insert(id.clone(), job);
         state.queue.push_back(id.clone());
         let dropped = state.evict(now, max_jobs);
@@ -500,7 +512,7 @@ impl LocalEndpoint {
             failed: state.failed,
             in_progress: 0,
             in_queue: 0,
-            worker_busy: state.running.is_some(),
+            running: state.running.len(),
             workers: state.workers.len(),
             workers_busy: 0,
         };
@@ -530,7 +542,8 @@ impl LocalEndpoint {
         let options = ServeOptions::default();
         LocalEndpoint {
             inner: Arc::new(Inner {
-                runner: Runner::new(engine, options.shutdown_grace),
+                pool: Pool::new(Runner::new(engine, options.shutdown_grace)),
+                runners_left: std::sync::atomic::AtomicUsize::new(1),
                 webhooks: Webhooks::new(crate::webhook::WebhookPolicy::default()),
                 options,
                 state: Mutex::new(State::default()),
@@ -561,7 +574,7 @@ impl LocalEndpoint {
     pub(crate) fn complete_by_hand(&self, id: &str, completed: crate::job::Completed) {
         let ending = {
             let mut state = lock(&self.inner.state);
-            state.running = None;
+            state.running.remove(id);
             state.finalize(id, End::Ran(Ok(completed)), Instant::now())
         };
         if let Some(ending) = ending {
@@ -570,41 +583,72 @@ impl LocalEndpoint {
     }
 }
 
-/// Takes queued jobs in order and runs them, one at a time, until the endpoint closes.
-async fn queue_runner(inner: Arc<Inner>) {
-    let _stopped = inner.stopped.clone().drop_guard();
-    let healthy = inner.runner.warm_up(&inner.closing).await.is_ok();
+/// Takes queued jobs in order and runs them on ComfyUI `at`, one at a time, until the endpoint
+/// closes; one such task per ComfyUI drains the one queue. A ComfyUI the pool set aside takes no
+/// job until it answers again.
+async fn queue_runner(inner: Arc<Inner>, at: usize) {
+    let _stopped = RunnerExit(&inner);
+    let runner = inner.pool.runner(at);
+    let mut health = inner.pool.subscribe();
+    let healthy = runner.warm_up(&inner.closing).await.is_ok();
     loop {
+        // Registered before the checks, so a job queued meanwhile wakes this task.
+        let woken = inner.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         if inner.closing.is_cancelled() {
             break;
         }
         if !healthy {
             // Unhealthy: jobs queued during the warm-up fail with its error, new ones are refused.
-            if let WarmupState::Failed(why) = inner.runner.warmup_state() {
+            if let WarmupState::Failed(why) = runner.warmup_state() {
                 end_queued(&inner, &why.to_string());
             }
             tokio::select! {
                 _ = inner.closing.cancelled() => break,
-                _ = inner.wake.notified() => continue,
+                _ = woken => continue,
             }
         }
-        let next = lock(&inner.state).start_next(Instant::now(), None);
+        let next = if inner.pool.takes_jobs(at) {
+            lock(&inner.state).start_next(Instant::now(), None)
+        } else {
+            None
+        };
         match next {
             Some(job) => {
+                // Another runner may be idle for the next queued job.
+                inner.wake.notify_one();
                 let span = job_span(&job.request.id);
-                run_job(&inner, job).instrument(span.clone()).await;
+                run_job(&inner, at, job).instrument(span.clone()).await;
                 // After the job's end is published, before the next one starts.
-                inner.runner.after_job().instrument(span).await;
+                runner.after_job().instrument(span).await;
             }
             None => tokio::select! {
                 _ = inner.closing.cancelled() => break,
-                _ = inner.wake.notified() => {}
+                _ = woken => {}
+                Ok(()) = health.changed() => {}
             },
         }
     }
-    // Jobs still queued end now, failed, so their webhooks and event streams hear of it.
-    let left = end_queued(&inner, NOT_STARTED);
-    info!(queued_jobs_failed = left, "job runner stopped");
+}
+
+/// Counts a runner task out when it ends (also if it panicked). The last one out ends the jobs
+/// still queued, failed, so their webhooks and event streams hear of it, then cancels `stopped`.
+struct RunnerExit<'a>(&'a Inner);
+
+impl Drop for RunnerExit<'_> {
+    fn drop(&mut self) {
+        let inner = self.0;
+        if inner
+            .runners_left
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            let left = end_queued(inner, NOT_STARTED);
+            info!(queued_jobs_failed = left, "job runner stopped");
+            inner.stopped.cancel();
+        }
+    }
 }
 
 /// Ends every queued job as failed with `why`; returns how many.
@@ -645,7 +689,7 @@ fn fresh(inner: &Inner) -> MutexGuard<'_, State> {
 }
 
 /// Runs one job to its end and records the outcome (unless it was cancelled meanwhile).
-async fn run_job(inner: &Arc<Inner>, job: Started) {
+async fn run_job(inner: &Arc<Inner>, at: usize, job: Started) {
     let Started {
         request,
         cancel,
@@ -676,7 +720,7 @@ async fn run_job(inner: &Arc<Inner>, job: Started) {
     let collector = pins.is_some().then(|| {
         OutputCollector::start(
             id.clone(),
-            inner.runner.engine().comfy().clone(),
+            inner.pool.runner(at).engine().comfy().clone(),
             inner.v2.assets.clone(),
             publisher(inner.clone(), id.clone()),
         )
@@ -686,13 +730,18 @@ async fn run_job(inner: &Arc<Inner>, job: Started) {
         id: &id,
         collector: collector.as_ref(),
     };
-    let result = inner.runner.run(&request, controls, &mut [&mut sink]).await;
+    let result = inner
+        .pool
+        .runner(at)
+        .run(&request, controls, &mut [&mut sink])
+        .await;
+    inner.pool.job_ended(at, &result);
     if let Some(collector) = collector {
         collector.finish(OUTPUTS_BOUND).await;
     }
     let ending = {
         let mut state = lock(&inner.state);
-        state.running = None;
+        state.running.remove(&id);
         if let Some(job) = state.jobs.get_mut(&id) {
             if let Some(v2) = &mut job.v2 {
                 // Nothing runs for it any more: a cancelled job is now `canceled`.

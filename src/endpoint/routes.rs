@@ -311,7 +311,8 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     };
     let reachable = comfyui.as_ref().is_none_or(|c| c.reachable());
     let warmup = endpoint.warmup();
-    let busy = u8::from(counts.worker_busy);
+    let instances = endpoint.instances();
+    let busy = counts.running.min(instances);
     let (code, status) = match &warmup {
         WarmupState::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
         WarmupState::Running => (StatusCode::SERVICE_UNAVAILABLE, "warming_up"),
@@ -322,7 +323,7 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     let workers = if external {
         json!({ "idle": counts.workers - counts.workers_busy.min(counts.workers), "running": counts.workers_busy })
     } else {
-        json!({ "idle": 1 - busy, "running": busy })
+        json!({ "idle": instances - busy, "running": busy })
     };
     let mut body = json!({
         "status": status,

@@ -56,7 +56,7 @@ pub(crate) struct Counts {
     pub(crate) in_progress: usize,
     pub(crate) in_queue: usize,
     /// The runner is busy (also while a cancelled job is still being interrupted).
-    pub(crate) worker_busy: bool,
+    pub(crate) running: usize,
     /// External workers heard from (`serve --workers external`).
     pub(crate) workers: usize,
     /// Those of them holding a job.
@@ -68,8 +68,9 @@ pub(super) struct State {
     pub(super) jobs: HashMap<String, Job>,
     /// Queued job ids, in submission order.
     pub(super) queue: VecDeque<String>,
-    /// The job the runner is on (it may already be CANCELLED while ComfyUI is interrupted).
-    pub(super) running: Option<String>,
+    /// The jobs this process's runners are on, one per ComfyUI at most (a job may already be
+    /// CANCELLED while ComfyUI is interrupted).
+    pub(super) running: std::collections::BTreeSet<String>,
     pub(super) next_seq: u64,
     pub(super) completed: u64,
     pub(super) failed: u64,
@@ -394,7 +395,7 @@ impl State {
                 execution_timeout: job.execution_timeout,
             };
             if worker.is_none() {
-                self.running = Some(id);
+                self.running.insert(id);
             }
             self.queue_moved();
             return Some(started);

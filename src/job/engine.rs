@@ -102,6 +102,34 @@ impl Engine {
         self
     }
 
+    /// One engine per ComfyUI its settings name (`COMFY_HOST=a,b`), this one's first: each
+    /// with its own client, PID file and temp folder, all sharing the input fetcher, the bucket,
+    /// the model cache (a model two jobs bring downloads once) and the test hooks.
+    pub fn instances(&self) -> Vec<Engine> {
+        self.settings
+            .per_instance()
+            .into_iter()
+            .enumerate()
+            .map(|(i, settings)| Engine {
+                comfy: if i == 0 {
+                    self.comfy.clone()
+                } else {
+                    self.comfy.for_address(&settings.comfy_host)
+                },
+                settings,
+                inputs: self.inputs.clone(),
+                storage: self.storage.clone(),
+                object_info: if i == 0 {
+                    self.object_info.clone()
+                } else {
+                    convert::ObjectInfoCache::default()
+                },
+                models: self.models.clone(),
+                panic_on_class: self.panic_on_class.clone(),
+            })
+            .collect()
+    }
+
     /// The ComfyUI client.
     pub fn comfy(&self) -> &ComfyClient {
         &self.comfy

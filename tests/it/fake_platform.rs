@@ -140,6 +140,8 @@ pub struct Ping {
 pub struct Take {
     /// The raw `job_in_progress` parameter (`"0"` or `"1"`), if any.
     pub job_in_progress: Option<String>,
+    /// `batch_size` of a job-take-batch; `None` for a job-take.
+    pub batch_size: Option<usize>,
     pub at: Instant,
 }
 
@@ -646,7 +648,11 @@ async fn handle(
         ["status", job_id] if is_get => status_route(&sh, job_id),
         ["job-take", worker] if is_get => {
             worker_checks(&sh, &ctx, worker, req.headers(), &query);
-            job_take(sh, ctx, &query).await
+            job_take(sh, ctx, &query, false).await
+        }
+        ["job-take-batch", worker] if is_get => {
+            worker_checks(&sh, &ctx, worker, req.headers(), &query);
+            job_take(sh, ctx, &query, true).await
         }
         ["job-stop", worker] if is_get => {
             worker_checks(&sh, &ctx, worker, req.headers(), &query);
@@ -666,7 +672,7 @@ async fn handle(
             let job_id = job_id.to_string();
             post(sh, ctx, conn, req, job_id, stream, query).await
         }
-        ["status", _] | ["job-take", _] | ["job-stop", _] | ["ping", _] => {
+        ["status", _] | ["job-take" | "job-take-batch", _] | ["job-stop", _] | ["ping", _] => {
             ctx.violation(&sh, "wrong method (the platform expects GET)");
             StatusCode::METHOD_NOT_ALLOWED.into_response()
         }
@@ -740,9 +746,24 @@ fn worker_checks(sh: &Shared, ctx: &Ctx, worker: &str, headers: &HeaderMap, quer
 }
 
 /// `GET /job-take/{worker}`: a queued job at once, or the first one pushed within the long-poll,
-/// or 204.
-async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
+/// or 204. `GET /job-take-batch/{worker}?batch_size=N` (`batch`): the same as a list of up to
+/// N jobs, as many as are queued when the first is there.
+async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str, batch: bool) -> Response {
     let params = parse_query(query);
+    let batch_size = if batch {
+        match param(&params, "batch_size").map(str::parse::<usize>) {
+            Some(Ok(n)) if n >= 2 => Some(n),
+            other => {
+                ctx.violation(
+                    &sh,
+                    format!("`batch_size` is {other:?}; job-take-batch wants 2 or more"),
+                );
+                Some(1)
+            }
+        }
+    } else {
+        None
+    };
     let job_in_progress = param(&params, "job_in_progress").map(str::to_string);
     match job_in_progress.as_deref() {
         Some("0" | "1") => {}
@@ -750,7 +771,8 @@ async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
         Some(other) => ctx.violation(&sh, format!("`job_in_progress={other}`, expected 0 or 1")),
     }
     for (k, _) in &params {
-        if !matches!(k.as_str(), "gpu" | "job_in_progress") {
+        let known = matches!(k.as_str(), "gpu" | "job_in_progress") || (batch && k == "batch_size");
+        if !known {
             ctx.violation(&sh, format!("unexpected query parameter `{k}`"));
         }
     }
@@ -760,6 +782,7 @@ async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
         let mut st = sh.lock();
         st.takes.push(Take {
             job_in_progress,
+            batch_size,
             at: Instant::now(),
         });
         st.held_takes += 1;
@@ -768,7 +791,7 @@ async fn job_take(sh: Arc<Shared>, ctx: Ctx, query: &str) -> Response {
     let _held = HeldTake(&sh);
     let deadline = tokio::time::Instant::now() + sh.long_poll;
     loop {
-        match take_next(&sh) {
+        match take_next(&sh, batch_size) {
             Some(Reply::Json(body)) => return json_response(StatusCode::OK, &body),
             Some(Reply::Raw {
                 body, content_type, ..
@@ -801,10 +824,21 @@ impl Drop for HeldTake<'_> {
 }
 
 /// Pops the next queued reply and marks the jobs in it `IN_PROGRESS`.
-fn take_next(sh: &Shared) -> Option<Reply> {
+fn take_next(sh: &Shared, batch: Option<usize>) -> Option<Reply> {
     let body = {
         let mut st = sh.lock();
-        let body = st.queue.pop_front()?;
+        let mut body = st.queue.pop_front()?;
+        if let (Some(n), Reply::Json(first @ Value::Object(_))) = (batch, &body) {
+            // A batch: this job and the single jobs queued behind it, up to `n`, as one list.
+            let mut jobs = vec![first.clone()];
+            while jobs.len() < n && matches!(st.queue.front(), Some(Reply::Json(Value::Object(_))))
+            {
+                if let Some(Reply::Json(job)) = st.queue.pop_front() {
+                    jobs.push(job);
+                }
+            }
+            body = Reply::Json(Value::Array(jobs));
+        }
         let now = Instant::now();
         let ids = match &body {
             Reply::Json(body) => job_ids_in(body),

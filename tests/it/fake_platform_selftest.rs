@@ -698,10 +698,15 @@ async fn wire_format_mistakes_are_violations_not_panics() {
         assert_eq!(r.status(), 400);
         assert!(has_violation(&fake, "only progress posts carry one"));
         let r = sdk
-            .get(&format!("{}/job-take-batch/x", fake.base_url()))
+            .get(&format!("{}/job-take-many/x", fake.base_url()))
             .await;
         assert_eq!(r.status(), 404);
         assert!(has_violation(&fake, "unknown route"));
+        let r = sdk
+            .get(&sdk.take_url().replace("/job-take/", "/job-take-batch/"))
+            .await;
+        assert_eq!(r.status(), 204);
+        assert!(has_violation(&fake, "job-take-batch wants 2 or more"));
         let wrong = sdk.take_url().replace(fake.worker_id(), "someone-else");
         assert_eq!(sdk.get(&wrong).await.status(), 204);
         assert!(has_violation(&fake, "worker id \"someone-else\""));
@@ -711,7 +716,7 @@ async fn wire_format_mistakes_are_violations_not_panics() {
         let r = sdk.get(&sdk.take_url().replace("?gpu=test", "?")).await;
         assert_eq!(r.status(), 204);
         assert!(has_violation(&fake, "`gpu=test`"));
-        assert!(fake.violations().len() > before + 6);
+        assert!(fake.violations().len() > before + 7);
         assert_eq!(fake.status("job-w")["status"], "IN_PROGRESS");
     })
     .await;

@@ -15,6 +15,7 @@ mod faults;
 mod first_hour;
 mod harness;
 mod inputs;
+mod instances;
 mod job_flow;
 mod lambda;
 mod local_platform;

@@ -37,13 +37,22 @@ impl Endpoint {
         options: ServeOptions,
         webhooks: Webhooks,
     ) -> Endpoint {
+        Endpoint::start_on(harness::engine(&sim.host()), options, webhooks).await
+    }
+
+    /// In front of the ComfyUIs `engine` names.
+    pub(crate) async fn start_on(
+        engine: comfy_worker::job::Engine,
+        options: ServeOptions,
+        webhooks: Webhooks,
+    ) -> Endpoint {
         harness::init_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(endpoint::serve(
             listener,
-            harness::engine(&sim.host()),
+            engine,
             webhooks,
             options,
             shutdown.clone(),
@@ -61,7 +70,7 @@ impl Endpoint {
         &self.base
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 

@@ -323,3 +323,125 @@ fn every_model_folder_on_the_network_volume_is_passed_to_comfyui() {
     let (_, args) = start_with_flags(dir.path(), KNOWS_DISABLE_ASSETS, &[]);
     assert!(!args.contains("--extra-model-paths-config"), "{args}");
 }
+
+/// A port `p` with `p` and `p + 1` both free, below the ephemeral range other tests' port-0
+/// listeners come from.
+fn free_port_pair() -> u16 {
+    let seed = std::process::id() as u16;
+    (0..2000u16)
+        .map(|k| 20000 + (seed.wrapping_add(k.wrapping_mul(7))) % 10000)
+        .find(|&p| {
+            let a = std::net::TcpListener::bind(("127.0.0.1", p));
+            let b = std::net::TcpListener::bind(("127.0.0.1", p + 1));
+            a.is_ok() && b.is_ok()
+        })
+        .expect("two free ports in a row")
+}
+
+/// `COMFY_INSTANCES=auto` with two visible GPUs: two ComfyUIs, each on its GPU, port, temp
+/// folder and PID file, without the assets database they would share; the worker gets the
+/// lists and runs the job.
+#[test]
+fn comfy_instances_auto_starts_one_comfyui_per_visible_gpu() {
+    let dir = job_dir();
+    let d = dir.path();
+    let base = free_port_pair();
+    let comfy = d.join("comfyui");
+    std::fs::create_dir_all(comfy.join("comfy")).unwrap();
+    std::fs::write(comfy.join("comfy/cli_args.py"), KNOWS_DISABLE_ASSETS).unwrap();
+    let python = d.join("python");
+    std::fs::write(
+        &python,
+        format!(
+            "#!/usr/bin/env bash\nport=''; prev=''\nfor a in \"$@\"; do [ \"$prev\" = --port ] && port=\"$a\"; prev=\"$a\"; done\n\
+             echo \"gpu=$CUDA_VISIBLE_DEVICES $*\" > {dir}/comfy-args-$port\n\
+             exec {bin} simulate-comfyui --port \"$port\" --step-ms 1 >{dir}/comfyui-$port.log 2>&1\n",
+            dir = d.display(),
+            bin = bin(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _guards = [
+        KillOnDrop(d.join("comfyui-0.pid")),
+        KillOnDrop(d.join("comfyui-1.pid")),
+    ];
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/start.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("--quiet")
+        .current_dir(d)
+        .env_remove("COMFYUI_START_CMD")
+        .env_remove("COMFYUI_EXTRA_ARGS")
+        .env_remove("COMFY_DISABLE_ASSETS")
+        .env_remove("COMFY_HOST")
+        .env_remove("COMFY_TEMP_DIR")
+        .env("COMFYUI_DIR", &comfy)
+        .env("COMFYUI_PYTHON", &python)
+        .env("NETWORK_VOLUME_DIR", d.join("volume"))
+        .env("COMFY_WORKER_BIN", bin())
+        .env("COMFY_PID_FILE", d.join("comfyui.pid"))
+        .env("COMFY_INSTANCES", "auto")
+        .env("CUDA_VISIBLE_DEVICES", "3, 5")
+        .env("COMFY_BASE_PORT", base.to_string())
+        .env("COMFY_TEMP_BASE", d)
+        .env("COMFY_API_AVAILABLE_INTERVAL_MS", "20")
+        .env("COMFY_API_AVAILABLE_MAX_RETRIES", "200")
+        .env_remove("RUNPOD_WEBHOOK_GET_JOB")
+        .env("RUST_LOG", "comfy_worker=warn")
+        .output()
+        .expect("run start.sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let hosts = format!("127.0.0.1:{base},127.0.0.1:{}", base + 1);
+    assert!(
+        stderr.contains(&format!("2 ComfyUIs: COMFY_HOST={hosts}")),
+        "{stderr}"
+    );
+    for (i, gpu) in [(0u16, "3"), (1, "5")] {
+        let port = base + i;
+        let args = std::fs::read_to_string(d.join(format!("comfy-args-{port}")))
+            .unwrap_or_else(|_| panic!("ComfyUI {i} was not started: {stderr}"));
+        assert!(args.starts_with(&format!("gpu={gpu} ")), "{args}");
+        let temp = d.join(format!("comfyui-{i}"));
+        for flag in [
+            format!("--port {port}"),
+            format!("--temp-directory {}", temp.display()),
+            "--disable-assets".to_owned(),
+        ] {
+            assert!(
+                args.contains(&flag),
+                "ComfyUI {i}: {flag} missing in {args}"
+            );
+        }
+        let pid: u32 = std::fs::read_to_string(d.join(format!("comfyui-{i}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .expect("a PID");
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "ComfyUI {i} runs"
+        );
+    }
+    let output: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(
+        output["images"].as_array().map(Vec::len),
+        Some(1),
+        "{output}"
+    );
+
+    // A count that is not one: refused before anything starts.
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/start.sh"))
+        .current_dir(d)
+        .env("COMFY_INSTANCES", "two")
+        .env("COMFY_WORKER_BIN", "/bin/false")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("COMFY_INSTANCES must be auto or a number")
+    );
+}

@@ -226,8 +226,8 @@ impl PlatformClient {
     }
 
     /// One job-take long poll.
-    pub async fn take(&self, job_in_progress: bool) -> Take {
-        let url = self.settings.take_url(job_in_progress);
+    pub async fn take(&self, job_in_progress: bool, batch: usize) -> Take {
+        let url = self.settings.take_url(job_in_progress, batch);
         let resp = match self
             .http
             .get(&url)

@@ -178,9 +178,19 @@ impl RunPodSettings {
         RunPodSettings::from_lookup(|k| std::env::var(k).ok())
     }
 
-    /// The job-take URL.
-    pub fn take_url(&self, job_in_progress: bool) -> String {
+    /// The job-take URL for up to `batch` jobs: the job-take-batch endpoint with `batch_size`
+    /// when `batch` > 1 (as the SDK builds it), else job-take.
+    pub fn take_url(&self, job_in_progress: bool, batch: usize) -> String {
         let base = self.get_job_url.replace("$ID", &self.worker_id);
+        let base = if batch > 1 {
+            with_param(
+                &base.replace("/job-take/", "/job-take-batch/"),
+                "batch_size",
+                &batch.to_string(),
+            )
+        } else {
+            base
+        };
         with_param(
             &base,
             "job_in_progress",
@@ -300,12 +310,17 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            s.take_url(false),
+            s.take_url(false, 1),
             "https://api.runpod.ai/v2/ep/job-take/pod1?gpu=H100&job_in_progress=0"
         );
         assert_eq!(
-            s.take_url(true),
+            s.take_url(true, 1),
             "https://api.runpod.ai/v2/ep/job-take/pod1?gpu=H100&job_in_progress=1"
+        );
+        assert_eq!(
+            s.take_url(true, 3),
+            "https://api.runpod.ai/v2/ep/job-take-batch/pod1?gpu=H100&batch_size=3&job_in_progress=1",
+            "the SDK's job-take-batch URL"
         );
         assert_eq!(
             s.stop_url().unwrap(),
@@ -340,7 +355,14 @@ mod tests {
             ("JOB_TIMEOUT_S", "2.5"),
         ])
         .unwrap();
-        assert_eq!(s.take_url(false), "http://h/job-take/w?job_in_progress=0");
+        assert_eq!(
+            s.take_url(false, 1),
+            "http://h/job-take/w?job_in_progress=0"
+        );
+        assert_eq!(
+            s.take_url(false, 2),
+            "http://h/job-take-batch/w?batch_size=2&job_in_progress=0"
+        );
         assert_eq!(s.result_url("j"), "http://h/job-done/w/j?isStream=false");
         assert!(
             s.ping_url_for(&[]).is_none(),

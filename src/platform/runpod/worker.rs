@@ -27,7 +27,7 @@ use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
 use crate::metrics::{Metrics, RetryReason};
 use crate::progress::{preview_body, NodeEvent, ProgressKind, ProgressSnapshot};
-use crate::runner::{job_span, Controls, Deadline, ProgressSink, Runner};
+use crate::runner::{job_span, Controls, Deadline, Pool, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
 
 /// How a job ended, for logs and tests.
@@ -63,9 +63,9 @@ struct State {
 }
 
 /// The RunPod worker: a job loop plus heartbeat and stop-channel tasks. It translates the
-/// platform's wire format to and from the [`Runner`], and nothing else.
+/// platform's wire format to and from the [`Runner`]s of its ComfyUIs, and nothing else.
 pub struct Worker {
-    runner: Runner,
+    pool: Pool,
     client: PlatformClient,
     webhooks: Webhooks,
     state: Arc<Mutex<State>>,
@@ -81,11 +81,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Worker {
     /// A worker running jobs on `runner` for the platform behind `client`, delivering jobs'
-    /// progress webhooks through `webhooks`.
+    /// progress webhooks through `webhooks`. When the runner's settings name several ComfyUIs
+    /// (`COMFY_HOST=a,b`), each runs one job at a time (see [`Pool`]).
     pub fn new(runner: Runner, client: PlatformClient, webhooks: Webhooks) -> Worker {
-        let metrics = runner.metrics();
+        let pool = Pool::new(runner);
+        let metrics = pool.metrics();
         Worker {
-            runner,
+            pool,
             client: client.with_metrics(metrics.clone()),
             webhooks,
             state: Arc::new(Mutex::new(State::default())),
@@ -131,8 +133,8 @@ impl Worker {
             stop_channel = settings.stop_url().is_some(),
             "RunPod worker started"
         );
-        let warmed = self.runner.warm_up(&shutdown).await;
-        if shutdown.is_cancelled() && !matches!(self.runner.warmup_state(), WarmupState::Off) {
+        let warmed = self.pool.warm_up(&shutdown).await;
+        if shutdown.is_cancelled() && !matches!(self.pool.warmup_state(), WarmupState::Off) {
             info!("RunPod worker stopped during the warm-up");
             return Ok(());
         }
@@ -162,10 +164,11 @@ impl Worker {
             .map(|l| tokio::spawn(l.serve(self.metrics.clone(), companions.clone())));
         let heartbeat = tokio::spawn(self.heartbeat(companions.clone()));
         let stops = tokio::spawn(self.stop_channel(companions.clone()));
-        if self.pipelined() {
-            self.run_pipelined(&shutdown).await;
-        } else {
+        let pipelined = self.pipelined();
+        if settings.refresh_worker || (self.pool.len() == 1 && !pipelined) {
             self.run_one_at_a_time(&shutdown).await;
+        } else {
+            self.run_concurrent(&shutdown, pipelined).await;
         }
         companions.cancel();
         spooled.abort();
@@ -183,7 +186,8 @@ impl Worker {
     fn pipelined(&self) -> bool {
         let settings = self.client.settings();
         let frees = self
-            .runner
+            .pool
+            .first()
             .engine()
             .settings()
             .housekeeping
@@ -244,47 +248,72 @@ impl Worker {
         }
     }
 
-    /// The pipelined loop. A job runs; once it is close to done ([`close_to_done`]) the next
-    /// job-take goes out (`job_in_progress=1`) and the job it brings starts at once: its inputs
-    /// are fetched and uploaded and its prompt queued in ComfyUI behind the running one, so
-    /// ComfyUI starts it the moment the first ends, while the first one's outputs are collected
-    /// and posted. At most one job runs beyond the first; each keeps its own progress relay,
-    /// webhook, deadline, stop and result. Jobs a batch take brought beyond that wait their
-    /// turn. On shutdown the take is abandoned, the jobs started finish within the grace and
-    /// are posted, and jobs not started are answered at once.
-    async fn run_pipelined(&self, shutdown: &CancellationToken) {
+    /// The loop with several ComfyUIs, or with pipelining. Each ComfyUI runs one job at a time;
+    /// a job-take asks for as many jobs as there are ComfyUIs with room
+    /// (`job-take-batch` with `batch_size` when more than one), and each job goes to an idle
+    /// ComfyUI first. With pipelining, a ComfyUI whose job is close to done ([`close_to_done`])
+    /// has room too: the job it takes (`job_in_progress=1`) starts at once, its inputs fetched and
+    /// uploaded and its prompt queued in that ComfyUI behind the running one, so ComfyUI starts it
+    /// the moment the first ends, while the first one's outputs are collected and posted. At most
+    /// one job waits in a ComfyUI beyond the one running; each keeps its own progress relay,
+    /// webhook, deadline, stop and result. A ComfyUI set aside by the [`Pool`] gets no job until
+    /// it answers again. Jobs a take brought beyond the room wait their turn. On shutdown the
+    /// take is abandoned, the jobs started finish within the grace and are posted, and jobs not
+    /// started are answered at once.
+    async fn run_concurrent(&self, shutdown: &CancellationToken, pipeline: bool) {
         let mut running = FuturesUnordered::new();
-        // The near-done flags of the jobs running, by their place in the pipeline.
-        let mut near: HashMap<u64, Arc<AtomicBool>> = HashMap::new();
+        // The jobs running, by their place in the loop: their ComfyUI and near-done flag.
+        let mut placed: HashMap<u64, (usize, Arc<AtomicBool>)> = HashMap::new();
         let wake = Arc::new(Notify::new());
+        let mut health = self.pool.subscribe();
         let mut waiting: VecDeque<PlatformJob> = VecDeque::new();
         let mut take: Option<Pin<Box<dyn Future<Output = Take> + Send + '_>>> = None;
         let mut not_before: Option<tokio::time::Instant> = None;
         let mut backoff = Duration::from_secs(1);
         let mut serial = 0u64;
+        let instances = self.pool.len();
         loop {
             let stopping = shutdown.is_cancelled();
-            let room = |near: &HashMap<u64, Arc<AtomicBool>>| match near.len() {
-                0 => true,
-                1 => near.values().all(|f| f.load(Ordering::SeqCst)),
-                _ => false,
+            // ComfyUI `i`'s room: 2 idle, 1 behind a job close to done (with pipelining), 0 none.
+            let room = |placed: &HashMap<u64, (usize, Arc<AtomicBool>)>, i: usize| -> u8 {
+                if !self.pool.takes_jobs(i) {
+                    return 0;
+                }
+                let mut on = placed.values().filter(|(at, _)| *at == i);
+                match (on.next(), on.next()) {
+                    (None, _) => 2,
+                    (Some((_, near)), None) if pipeline && near.load(Ordering::SeqCst) => 1,
+                    _ => 0,
+                }
             };
-            // Start what may start: the next waiting job when there is room, or every waiting
+            // Start what may start: each waiting job on the roomiest ComfyUI, or every waiting
             // job at shutdown (each is answered "not started" at once).
-            while let Some(job) = (stopping || room(&near))
-                .then(|| waiting.pop_front())
-                .flatten()
-            {
+            loop {
+                let at = if stopping {
+                    0
+                } else {
+                    match (0..instances)
+                        .map(|i| (room(&placed, i), i))
+                        .filter(|(r, _)| *r > 0)
+                        .max_by_key(|(r, i)| (*r, std::cmp::Reverse(*i)))
+                    {
+                        Some((_, i)) => i,
+                        None => break,
+                    }
+                };
+                let Some(job) = waiting.pop_front() else {
+                    break;
+                };
                 serial += 1;
                 let flag = Arc::new(AtomicBool::new(false));
-                near.insert(serial, flag.clone());
+                placed.insert(serial, (at, flag.clone()));
                 let signal = NearDone {
                     flag,
                     wake: wake.clone(),
                 };
                 let id = serial;
                 running.push(async move {
-                    self.run_job_signalled(job, shutdown, Some(signal)).await;
+                    self.run_job_on(at, job, shutdown, Some(signal)).await;
                     id
                 });
             }
@@ -294,10 +323,11 @@ impl Worker {
                     return;
                 }
             }
+            let free = (0..instances).filter(|&i| room(&placed, i) > 0).count();
             let paused = not_before.is_some_and(|t| t > tokio::time::Instant::now());
-            if take.is_none() && !stopping && !paused && waiting.is_empty() && room(&near) {
+            if take.is_none() && !stopping && !paused && waiting.is_empty() && free > 0 {
                 let in_progress = !lock(&self.state).held.is_empty();
-                take = Some(Box::pin(self.client.take(in_progress)));
+                take = Some(Box::pin(self.client.take(in_progress, free)));
             }
             let taking = async {
                 match take.as_mut() {
@@ -313,9 +343,10 @@ impl Worker {
             };
             tokio::select! {
                 Some(id) = running.next(), if !running.is_empty() => {
-                    near.remove(&id);
+                    placed.remove(&id);
                 }
                 _ = wake.notified() => {}
+                Ok(()) = health.changed() => {}
                 _ = shutdown.cancelled(), if !stopping => {}
                 _ = pause, if paused => {
                     not_before = None;
@@ -360,7 +391,7 @@ impl Worker {
         let in_progress = !lock(&self.state).held.is_empty();
         let take = tokio::select! {
             _ = shutdown.cancelled() => return Step::ShutDown,
-            t = self.client.take(in_progress) => t,
+            t = self.client.take(in_progress, 1) => t,
         };
         match take {
             Take::Jobs(jobs) => {
@@ -446,14 +477,15 @@ impl Worker {
         }
     }
 
-    /// Runs one job and posts its result (unless the platform stopped it).
+    /// Runs one job (on the first ComfyUI) and posts its result (unless the platform stopped it).
     pub async fn run_job(&self, job: PlatformJob, shutdown: &CancellationToken) -> JobEnd {
-        self.run_job_signalled(job, shutdown, None).await
+        self.run_job_on(0, job, shutdown, None).await
     }
 
-    /// [`Worker::run_job`], raising `near_done` once the job is close to done.
-    async fn run_job_signalled(
+    /// [`Worker::run_job`] on ComfyUI `at`, raising `near_done` once the job is close to done.
+    async fn run_job_on(
         &self,
+        at: usize,
         job: PlatformJob,
         shutdown: &CancellationToken,
         near_done: Option<NearDone>,
@@ -462,19 +494,20 @@ impl Worker {
         // Whether ComfyUI gets to run anything for it (else there is nothing to free).
         let runs = job.unreadable.is_none() && !shutdown.is_cancelled();
         let end = self
-            .run_job_inner(&job, shutdown, near_done)
+            .run_job_inner(at, &job, shutdown, near_done)
             .instrument(span.clone())
             .await;
         lock(&self.state).held.remove(&job.id);
         if runs {
             // After the result post (no delay for the client), before the next job-take.
-            self.runner.after_job().instrument(span).await;
+            self.pool.runner(at).after_job().instrument(span).await;
         }
         end
     }
 
     async fn run_job_inner(
         &self,
+        at: usize,
         job: &PlatformJob,
         shutdown: &CancellationToken,
         near_done: Option<NearDone>,
@@ -494,7 +527,12 @@ impl Worker {
             JobWebhook::start(&self.webhooks, job, false).end_with_error(NOT_STARTED);
             return self.post_result(job, JobOutput::error(NOT_STARTED)).await;
         }
-        info!("Started.");
+        let runner = self.pool.runner(at);
+        if self.pool.len() > 1 {
+            info!(comfy = %runner.engine().comfy().host(), "Started.");
+        } else {
+            info!("Started.");
+        }
         let cancel = CancellationToken::new();
         lock(&self.state)
             .running
@@ -505,7 +543,7 @@ impl Worker {
             .relay_progress
             .then(|| Relay::start(self.client.clone(), job.id.clone()));
         let mut webhook = JobWebhook::start(&self.webhooks, job, request.previews);
-        let previews = request.previews || self.runner.engine().settings().previews.runpod;
+        let previews = request.previews || runner.engine().settings().previews.runpod;
         let mut relay_sink = RelaySink::new(relay.as_ref(), previews);
         // Pipelining: the loop may take the next job once this one is close to done.
         let mut near_done_sink = |s: &ProgressSnapshot| {
@@ -518,8 +556,7 @@ impl Worker {
             shutdown: Some(shutdown.clone()),
             deadlines: deadline.into_iter().collect(),
         };
-        let result = self
-            .runner
+        let result = runner
             .run(
                 &request,
                 controls,
@@ -527,6 +564,7 @@ impl Worker {
             )
             .await;
         lock(&self.state).running.remove(&job.id);
+        self.pool.job_ended(at, &result);
         // Only the stop channel cancels a job here: the platform stopped it.
         let stopped = matches!(result, Err(JobFailure::Cancelled(_)));
         // Before the relay drains, so the webhook's final event is on its way at once.

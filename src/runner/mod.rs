@@ -19,6 +19,10 @@
 //! A completed job's output always stands, even when a deadline or the shutdown grace ran out
 //! as it completed: a finished result is the most expensive thing the worker holds.
 
+mod pool;
+
+pub use pool::Pool;
+
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -137,6 +141,17 @@ impl Runner {
         }
     }
 
+    /// A runner like this one (its shutdown grace and metrics) for another engine, with a
+    /// warm-up of its own.
+    pub fn for_engine(&self, engine: Engine) -> Runner {
+        Runner {
+            engine,
+            shutdown_grace: self.shutdown_grace,
+            warmup: Arc::new(watch::Sender::new(WarmupState::Off)),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// The same runner counting into `metrics` (shared with the front end that serves them).
     pub fn with_metrics(mut self, metrics: Metrics) -> Runner {
         self.metrics = Some(metrics);
@@ -188,7 +203,7 @@ impl Runner {
         sinks: &mut [&mut dyn ProgressSink],
     ) -> Result<Completed, JobFailure> {
         let taken = Instant::now();
-        let mut observed = PromptClock::default();
+        let mut observed = PromptClock::new(self.engine.comfy().host());
         let Controls {
             cancel,
             shutdown,
@@ -475,20 +490,30 @@ async fn watchdog(
 
 /// Where a job's prompt is in ComfyUI, for the busy/idle metrics: started when its `started`
 /// snapshot passes, ended at its first terminal snapshot (or when the job returns).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PromptClock {
+    /// The ComfyUI it runs on.
+    instance: String,
     started: bool,
     ended: bool,
 }
 
 impl PromptClock {
+    fn new(instance: &str) -> PromptClock {
+        PromptClock {
+            instance: instance.to_owned(),
+            started: false,
+            ended: false,
+        }
+    }
+
     fn snapshot(&mut self, metrics: &Metrics, taken: Instant, snapshot: &ProgressSnapshot) {
         let now = Instant::now();
         match snapshot.kind {
             ProgressKind::Started if !self.started => {
                 self.started = true;
                 metrics.queue_waited(now.saturating_duration_since(taken));
-                metrics.prompt_started(now);
+                metrics.prompt_started(&self.instance, now);
             }
             ProgressKind::Finished | ProgressKind::Error | ProgressKind::Interrupted => {
                 self.end(metrics)
@@ -500,7 +525,7 @@ impl PromptClock {
     fn end(&mut self, metrics: &Metrics) {
         if self.started && !self.ended {
             self.ended = true;
-            metrics.prompt_ended(Instant::now());
+            metrics.prompt_ended(&self.instance, Instant::now());
         }
     }
 }
