@@ -56,6 +56,8 @@ pub enum RetryReason {
     ResultPost,
     /// A job-take that failed (backed off, then polled again).
     JobTake,
+    /// A reconnect of a job's ComfyUI WebSocket after it dropped (each attempt).
+    WebSocket,
 }
 
 impl RetryReason {
@@ -63,6 +65,7 @@ impl RetryReason {
         match self {
             RetryReason::ResultPost => "result_post",
             RetryReason::JobTake => "job_take",
+            RetryReason::WebSocket => "websocket",
         }
     }
 }

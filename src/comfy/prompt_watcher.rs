@@ -136,6 +136,11 @@ pub enum PromptEvent {
         /// Why.
         reason: String,
     },
+    /// A reconnect is being tried (the `attempt`-th since the prompt was queued).
+    Reconnecting {
+        /// 1 for the first.
+        attempt: u32,
+    },
     /// A new socket is open (it only receives broadcasts).
     Reconnected,
 }
@@ -672,6 +677,9 @@ impl Watch<'_> {
 
     async fn reconnect(&mut self, on_event: &mut (dyn FnMut(PromptEvent) + Send)) {
         self.reconnects += 1;
+        on_event(PromptEvent::Reconnecting {
+            attempt: self.reconnects,
+        });
         let client_id = new_client_id();
         match WsConnection::connect(
             &self.client.ws_url(&client_id),

@@ -27,6 +27,7 @@ use crate::comfy::{
 };
 use crate::comfy::{FileRef, Upload};
 use crate::config::Settings;
+use crate::metrics::RetryReason;
 use crate::progress::{NodeEvent, ProgressSender, ProgressSnapshot, ProgressTracker};
 
 /// What one run of the engine gave: the job's result, and the files it left in ComfyUI's
@@ -274,6 +275,7 @@ impl Engine {
                     progress.node_event(NodeEvent::Text { node, text })
                 }
                 PromptEvent::Failed(failure) => progress.node_event(NodeEvent::Failed(failure)),
+                PromptEvent::Reconnecting { .. } => progress.retry(RetryReason::WebSocket),
                 _ => {}
             }
         };

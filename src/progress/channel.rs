@@ -5,6 +5,7 @@ use tokio::sync::mpsc;
 
 use super::node_event::NodeEvent;
 use super::snapshot::ProgressSnapshot;
+use crate::metrics::RetryReason;
 
 /// One update of a running job, in the order the engine made them.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +14,8 @@ pub enum Update {
     Snapshot(ProgressSnapshot),
     /// What a node produced or reported.
     Node(NodeEvent),
+    /// A call to ComfyUI is retried (for the metrics; no sink sees it).
+    Retry(RetryReason),
 }
 
 /// Where a job's updates go: never blocks the job; a dropped receiver is ignored.
@@ -33,6 +36,11 @@ impl ProgressSender {
     /// Publishes what a node produced or reported.
     pub fn node_event(&self, event: NodeEvent) {
         self.update(Update::Node(event));
+    }
+
+    /// Counts a retry of a call to ComfyUI (a WebSocket reconnect).
+    pub fn retry(&self, reason: RetryReason) {
+        self.update(Update::Retry(reason));
     }
 
     fn update(&self, update: Update) {

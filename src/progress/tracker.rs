@@ -319,6 +319,7 @@ impl ProgressTracker {
             PromptEvent::Preview { .. }
             | PromptEvent::Text { .. }
             | PromptEvent::ConnectionLost { .. }
+            | PromptEvent::Reconnecting { .. }
             | PromptEvent::Reconnected => None,
         }
     }

@@ -261,11 +261,18 @@ impl Runner {
                         }
                     }
                     Update::Node(_) => {}
+                    Update::Retry(reason) => {
+                        if let Some(metrics) = &self.metrics {
+                            metrics.retry(*reason);
+                        }
+                        continue;
+                    }
                 }
                 for sink in sinks.iter_mut() {
                     match &update {
                         Update::Snapshot(snapshot) => sink.snapshot(snapshot),
                         Update::Node(event) => sink.node_event(event),
+                        Update::Retry(_) => {}
                     }
                 }
             }

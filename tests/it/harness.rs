@@ -60,6 +60,8 @@ pub struct RunningJob {
     pub output: tokio::task::JoinHandle<JobOutput>,
     pub progress: UnboundedReceiver<ProgressSnapshot>,
     pub cancel: CancellationToken,
+    /// What the runner counted.
+    pub metrics: comfy_worker::metrics::Metrics,
 }
 
 pub fn spawn_job(engine: &Engine, input: Value) -> RunningJob {
@@ -67,9 +69,11 @@ pub fn spawn_job(engine: &Engine, input: Value) -> RunningJob {
     let cancel = CancellationToken::new();
     let engine = engine.clone();
     let token = cancel.clone();
+    let metrics = comfy_worker::metrics::Metrics::new();
+    let counted = metrics.clone();
     // Through the runner, as every front end runs a job (no deadline: the tests' own bound).
     let output = tokio::spawn(async move {
-        let runner = Runner::new(engine, Duration::ZERO);
+        let runner = Runner::new(engine, Duration::ZERO).with_metrics(counted);
         let request = JobRequest::new("test-job", Some(input));
         let controls = Controls {
             cancel: token,
@@ -84,6 +88,7 @@ pub fn spawn_job(engine: &Engine, input: Value) -> RunningJob {
         output,
         progress: rx,
         cancel,
+        metrics,
     }
 }
 

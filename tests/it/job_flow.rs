@@ -216,6 +216,7 @@ async fn a_killed_websocket_mid_run_still_returns_every_output(profile: Profile)
     let before = sim.ws_client_ids().len();
     sim.drop_websockets();
     sim.resume();
+    let metrics = job.metrics.clone();
     let (output, progress) = job.finish().await;
     let sizes: Vec<(u32, u32)> = images(&output).iter().map(|(_, d)| png_size(d)).collect();
     assert_eq!(sizes, [(512, 512), (256, 256)]);
@@ -226,6 +227,12 @@ async fn a_killed_websocket_mid_run_still_returns_every_output(profile: Profile)
     assert!(sim.ws_client_ids().len() > before, "the client reconnected");
     let ids = sim.ws_client_ids();
     assert_ne!(ids[ids.len() - 1], ids[0], "with a fresh client id");
+    // Each reconnect is a retry in the metrics.
+    let m = harness::Scraped::parse(&metrics.encode());
+    assert_eq!(
+        m.count("comfy_worker_retries_total", &[("reason", "websocket")]),
+        (ids.len() - before) as f64
+    );
 }
 
 async fn a_silent_websocket_is_caught_by_the_history_fallback(profile: Profile) {
