@@ -1,6 +1,7 @@
 //! `comfy-worker health`: is ComfyUI up, and what does it run on? Prints `/system_stats`
 //! (version, Python, PyTorch, devices with free and total VRAM) and the queue length; exits 0
-//! when ComfyUI answered, 1 when it did not.
+//! when ComfyUI answered, 1 when it did not. With several ComfyUIs in `COMFY_HOST`, each in
+//! turn (`--json`: an array), and 0 only when every one answered.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +20,8 @@ pub struct HealthArgs {
     /// `--comfy ADDR`.
     #[command(flatten)]
     pub comfy: ComfyArg,
-    /// Print one JSON object (the `comfyui` object of `serve`'s /health) instead of lines.
+    /// Print one JSON object (the `comfyui` object of `serve`'s /health) instead of lines; an
+    /// array of them when COMFY_HOST names several ComfyUIs.
     #[arg(long)]
     pub json: bool,
     /// How long to wait for ComfyUI's answers, in seconds.
@@ -46,29 +48,49 @@ pub(crate) async fn run(args: HealthArgs) -> ExitCode {
     };
     args.comfy.apply(&mut settings);
     let timeout = Duration::from_secs_f64(args.timeout_s);
-    let client = match ComfyClient::new(
-        &settings.comfy_host,
-        ClientOptions {
-            connect_timeout: timeout,
-            request_timeout: timeout,
-            view_timeout: timeout,
-        },
-    ) {
+    let options = ClientOptions {
+        connect_timeout: timeout,
+        request_timeout: timeout,
+        view_timeout: timeout,
+    };
+    let client = match ComfyClient::new(&settings.comfy_host, options) {
         Ok(c) => c,
         Err(e) => {
             terminal::error("health", &e);
             return exit(FAILED);
         }
     };
-    let health = crate::comfy::health::probe(&client, timeout).await;
+    // Every ComfyUI COMFY_HOST names (one per GPU), asked at once.
+    let clients: Vec<ComfyClient> = settings
+        .per_instance()
+        .iter()
+        .map(|s| client.for_address(&s.comfy_host))
+        .collect();
+    let probes = futures_util::future::join_all(
+        clients
+            .iter()
+            .map(|c| crate::comfy::health::probe(c, timeout)),
+    )
+    .await;
     if args.json {
-        terminal::out(&health.to_json().to_string());
+        let text = match probes.as_slice() {
+            [one] => one.to_json().to_string(),
+            several => {
+                serde_json::Value::Array(several.iter().map(|h| h.to_json()).collect()).to_string()
+            }
+        };
+        terminal::out(&text);
     } else {
-        for line in health.lines() {
-            terminal::out(&line);
+        for (i, health) in probes.iter().enumerate() {
+            if i > 0 {
+                terminal::out("");
+            }
+            for line in health.lines() {
+                terminal::out(&line);
+            }
         }
     }
-    if health.reachable() {
+    if probes.iter().all(|h| h.reachable()) {
         exit(SUCCESS)
     } else {
         exit(FAILED)

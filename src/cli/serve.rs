@@ -168,6 +168,10 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(USAGE, e.to_string()),
     };
+    let results = match crate::endpoint::ResultStorage::from_lookup(|k| std::env::var(k).ok()) {
+        Ok(r) => r,
+        Err(e) => return fail(USAGE, e.to_string()),
+    };
     let cors_origins: Vec<String> = std::env::var("SERVE_CORS_ORIGINS")
         .unwrap_or_default()
         .split(',')
@@ -178,6 +182,7 @@ pub(crate) async fn run(args: ServeArgs) -> ExitCode {
         limits,
         cors_origins,
         v2,
+        results,
         ..args.options(grace)
     };
     let listener = match tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await {

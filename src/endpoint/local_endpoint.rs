@@ -9,10 +9,11 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use super::error::ApiError;
 use super::job_status::JobStatus;
+use super::status_body::{ResultFolder, StatusBody};
 use super::store::{
     lock, Counts, End, Ending, Job, JobEvent, LastEvent, Started, State, EVENT_BUFFER,
 };
@@ -64,6 +65,9 @@ pub(super) struct Inner {
     pub(super) closing: CancellationToken,
     /// Cancelled when every runner task has ended.
     pub(super) stopped: CancellationToken,
+    /// Where final bodies over `SERVE_RESULT_MEMORY_BYTES` go (`None`: the folder could not be
+    /// made, every result stays in memory).
+    results: Option<Arc<ResultFolder>>,
     /// Runner tasks still running (the last one out cancels `stopped`).
     runners_left: std::sync::atomic::AtomicUsize,
     /// Progress-webhook deliveries still finishing, awaited (bounded) at shutdown.
@@ -100,17 +104,42 @@ pub(super) enum Refusal {
 /// A job just queued: a watch for its final `/status` body, a receiver for its events (taken
 /// as it was queued, so none is missed), and whether it starts at once.
 pub(super) struct Queued {
-    pub(super) done: watch::Receiver<Option<Arc<Value>>>,
+    pub(super) done: watch::Receiver<Option<StatusBody>>,
     pub(super) events: broadcast::Receiver<JobEvent>,
     pub(super) starts_now: bool,
 }
 
 impl Ending {
-    pub(super) fn deliver(self, inner: &Inner) {
+    pub(super) fn deliver(self, inner: &Arc<Inner>) {
         if let Some(url) = self.webhook {
             // Tracked, so a shutdown waits (bounded) for the final call to go out.
-            let delivery = inner.webhooks.final_delivery(url, (*self.body).clone());
-            inner.hooks.spawn(delivery.in_current_span());
+            match self.body.value() {
+                Ok(body) => {
+                    let delivery = inner.webhooks.final_delivery(url, body);
+                    inner.hooks.spawn(delivery.in_current_span());
+                }
+                Err(e) => {
+                    warn!(error = %e, "the final webhook cannot be sent: its body cannot be read")
+                }
+            }
+        }
+        if let Some(folder) = &inner.results {
+            // A large final body moves to a file; the store and `/runsync` waiters then hold the
+            // file, not the megabytes.
+            let store = Arc::downgrade(inner);
+            let (id, held) = (self.id.clone(), self.body.clone());
+            folder.store(self.id, self.body, move |file| {
+                let Some(inner) = store.upgrade() else {
+                    return;
+                };
+                let mut state = lock(&inner.state);
+                if let Some(job) = state.jobs.get_mut(&id) {
+                    if job.final_body.as_ref().is_some_and(|b| b.same(&held)) {
+                        job.final_body = Some(file.clone());
+                        job.done.send_replace(Some(file));
+                    }
+                }
+            });
         }
         if let Some((hook, last)) = self.hook {
             match last {
@@ -155,7 +184,18 @@ impl LocalEndpoint {
         v2: V2State,
     ) -> LocalEndpoint {
         let pool = Pool::new(Runner::new(engine, options.shutdown_grace));
+        let results = match ResultFolder::create(
+            options.results.dir.as_deref(),
+            options.results.memory_bytes,
+        ) {
+            Ok(folder) => Some(Arc::new(folder)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make the result folder (SERVE_RESULT_DIR); results stay in memory");
+                None
+            }
+        };
         let inner = Arc::new(Inner {
+            results,
             runners_left: std::sync::atomic::AtomicUsize::new(pool.len()),
             pool,
             webhooks,
@@ -195,6 +235,13 @@ impl LocalEndpoint {
     /// How many ComfyUIs run its jobs (one job each at a time).
     pub fn instances(&self) -> usize {
         self.inner.pool.len()
+    }
+
+    /// The clients of every ComfyUI its jobs run on, the first first.
+    pub(crate) fn comfy_clients(&self) -> Vec<crate::comfy::ComfyClient> {
+        (0..self.inner.pool.len())
+            .map(|i| self.inner.pool.runner(i).engine().comfy().clone())
+            .collect()
     }
 
     /// The metrics its runners count jobs in (`GET /metrics`).
@@ -321,7 +368,7 @@ impl LocalEndpoint {
     pub(crate) async fn submit(
         &self,
         submission: Submission,
-    ) -> Result<(String, watch::Receiver<Option<Arc<Value>>>), ApiError> {
+    ) -> Result<(String, watch::Receiver<Option<StatusBody>>), ApiError> {
         let webhooks = &self.inner.webhooks;
         let webhook = match &submission.webhook {
             Some(url) => Some(
@@ -379,7 +426,7 @@ impl LocalEndpoint {
     }
 
     /// The job's `/status` body.
-    pub(crate) fn status(&self, id: &str) -> Result<Arc<Value>, ApiError> {
+    pub(crate) fn status(&self, id: &str) -> Result<StatusBody, ApiError> {
         let state = self.fresh_state();
         let job = state
             .jobs
@@ -389,7 +436,7 @@ impl LocalEndpoint {
     }
 
     /// The `/status` body without applying retention (for a reply that is already under way).
-    pub(crate) fn current_status(&self, id: &str) -> Option<Arc<Value>> {
+    pub(crate) fn current_status(&self, id: &str) -> Option<StatusBody> {
         let state = lock(&self.inner.state);
         state
             .jobs
@@ -410,7 +457,12 @@ impl LocalEndpoint {
     /// so the stream holds the running job's latest preview (`{"output": {"preview": …}}`), and
     /// the output once, when the job completed.
     pub(crate) fn stream(&self, id: &str) -> Result<Value, ApiError> {
-        let body = self.status(id)?;
+        let body = self.status(id)?.value().map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the job's stored result cannot be read: {e}"),
+            )
+        })?;
         let preview = self.preview(id);
         let mut reply = Map::new();
         reply.insert("id".into(), json!(id));
@@ -433,7 +485,7 @@ impl LocalEndpoint {
     pub(crate) fn subscribe(
         &self,
         id: &str,
-    ) -> Result<(Arc<Value>, broadcast::Receiver<JobEvent>), ApiError> {
+    ) -> Result<(StatusBody, broadcast::Receiver<JobEvent>), ApiError> {
         let state = self.fresh_state();
         let job = state
             .jobs
@@ -543,6 +595,7 @@ impl LocalEndpoint {
         LocalEndpoint {
             inner: Arc::new(Inner {
                 pool: Pool::new(Runner::new(engine, options.shutdown_grace)),
+                results: None,
                 runners_left: std::sync::atomic::AtomicUsize::new(1),
                 webhooks: Webhooks::new(crate::webhook::WebhookPolicy::default()),
                 options,
@@ -634,7 +687,7 @@ async fn queue_runner(inner: Arc<Inner>, at: usize) {
 
 /// Counts a runner task out when it ends (also if it panicked). The last one out ends the jobs
 /// still queued, failed, so their webhooks and event streams hear of it, then cancels `stopped`.
-struct RunnerExit<'a>(&'a Inner);
+struct RunnerExit<'a>(&'a Arc<Inner>);
 
 impl Drop for RunnerExit<'_> {
     fn drop(&mut self) {
@@ -652,14 +705,14 @@ impl Drop for RunnerExit<'_> {
 }
 
 /// Ends every queued job as failed with `why`; returns how many.
-pub(super) fn end_queued(inner: &Inner, why: &str) -> usize {
+pub(super) fn end_queued(inner: &Arc<Inner>, why: &str) -> usize {
     end_jobs(inner, why, |state| state.queue.drain(..).collect())
 }
 
 /// Ends the jobs `pick` names (taken under the store's lock) as failed with `why`, then tells
 /// their clients; returns how many ended.
 pub(super) fn end_jobs(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     why: &str,
     pick: impl FnOnce(&mut State) -> Vec<String>,
 ) -> usize {

@@ -24,6 +24,7 @@ mod job_status;
 mod local_endpoint;
 mod routes;
 mod server;
+mod status_body;
 mod store;
 mod submission;
 mod v2;
@@ -43,6 +44,7 @@ pub use job_status::JobStatus;
 pub use local_endpoint::LocalEndpoint;
 pub use routes::router;
 pub use server::ConnectionLimits;
+pub use status_body::ResultStorage;
 pub use v2::V2Options;
 pub use worker_hub::{LONG_POLL, WORKER_LOST_AFTER};
 
@@ -82,6 +84,8 @@ pub struct ServeOptions {
     pub worker_lost_after: Duration,
     /// The Comfy API v2 surface's settings (assets, UI-format workflows).
     pub v2: V2Options,
+    /// Where final results are kept: in memory up to a size, in files beyond.
+    pub results: ResultStorage,
 }
 
 /// Who runs the local endpoint's jobs.
@@ -111,6 +115,7 @@ impl Default for ServeOptions {
             workers: WorkerMode::Internal,
             worker_lost_after: WORKER_LOST_AFTER,
             v2: V2Options::default(),
+            results: ResultStorage::default(),
         }
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -23,8 +22,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::debug;
 
 use super::error::ApiError;
-use super::job_status::body_is_final;
+use super::job_status::status_is_final;
 use super::local_endpoint::LocalEndpoint;
+use super::status_body::StatusBody;
 use super::store::JobEvent;
 use super::submission::Submission;
 use super::v2::error::V2Error;
@@ -246,7 +246,7 @@ async fn runsync(
     let body = json_body(body, endpoint.options().max_runsync_bytes)?;
     let (id, mut done) = endpoint.submit(Submission::parse(body)?).await?;
     let closing = endpoint.closing().clone();
-    let finished: Option<Arc<Value>> = tokio::select! {
+    let finished: Option<StatusBody> = tokio::select! {
         r = tokio::time::timeout(wait, done.wait_for(Option::is_some)) => match r {
             Ok(Ok(body)) => body.clone(),
             _ => None,
@@ -258,7 +258,7 @@ async fn runsync(
         .or_else(|| endpoint.current_status(&id))
         .or_else(|| done.borrow().clone())
         .ok_or_else(|| ApiError::job_not_found(&id))?;
-    Ok(Json(&*body).into_response())
+    Ok(body.response().await)
 }
 
 async fn status(
@@ -266,7 +266,7 @@ async fn status(
     path: Result<Path<JobPath>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let body = endpoint.status(&job_id(path)?)?;
-    Ok(Json(&*body).into_response())
+    Ok(body.response().await)
 }
 
 async fn stream(
@@ -304,12 +304,24 @@ async fn metrics(State(endpoint): State<LocalEndpoint>) -> Response {
 async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     let counts = endpoint.counts();
     let external = endpoint.options().workers == WorkerMode::External;
-    // With external workers, ComfyUI is theirs: nothing to ask here.
-    let comfyui = match external {
-        true => None,
-        false => Some(crate::comfy::health::probe(endpoint.engine().comfy(), HEALTH_PROBE).await),
+    // With external workers, ComfyUI is theirs: nothing to ask here. With several ComfyUIs,
+    // each is asked at once; the endpoint is degraded only when none answers.
+    let probes = match external {
+        true => Vec::new(),
+        false => {
+            let clients = endpoint.comfy_clients();
+            futures_util::future::join_all(
+                clients
+                    .iter()
+                    .map(|c| crate::comfy::health::probe(c, HEALTH_PROBE)),
+            )
+            .await
+        }
     };
-    let reachable = comfyui.as_ref().is_none_or(|c| c.reachable());
+    let reachable = probes.is_empty() || probes.iter().any(|c| c.reachable());
+    let several =
+        (probes.len() > 1).then(|| probes.iter().map(|c| c.to_json()).collect::<Vec<_>>());
+    let comfyui = probes.into_iter().next();
     let warmup = endpoint.warmup();
     let instances = endpoint.instances();
     let busy = counts.running.min(instances);
@@ -338,12 +350,20 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
         "comfyui": comfyui.map(|c| c.to_json()),
         "warmup": warmup.to_json(),
     });
+    if let Some(all) = several {
+        body["instances"] = Value::Array(all);
+    }
     if let WarmupState::Failed(why) = &warmup {
         body["error"] = json!(why.to_string());
     } else if status == "degraded" {
+        let hosts: Vec<String> = endpoint
+            .comfy_clients()
+            .iter()
+            .map(|c| c.host().to_owned())
+            .collect();
         body["error"] = json!(format!(
             "ComfyUI at {} does not answer; jobs wait for it (COMFY_READY_TIMEOUT_S), then fail",
-            endpoint.engine().comfy().host()
+            hosts.join(", ")
         ));
     }
     (code, Json(body)).into_response()
@@ -373,7 +393,7 @@ struct Feed {
     done: bool,
 }
 
-fn sse_event(name: &'static str, data: &Value) -> Event {
+fn sse_event(name: &'static str, data: &impl serde::Serialize) -> Event {
     Event::default()
         .event(name)
         .data(serde_json::to_string(data).unwrap_or_else(|_| "null".into()))
@@ -383,7 +403,7 @@ impl Feed {
     fn new(
         endpoint: LocalEndpoint,
         id: String,
-        first: &Value,
+        first: &StatusBody,
         receiver: tokio::sync::broadcast::Receiver<JobEvent>,
     ) -> Feed {
         let mut feed = Feed {
@@ -404,10 +424,10 @@ impl Feed {
         feed
     }
 
-    fn push_status(&mut self, body: &Value) {
+    fn push_status(&mut self, body: &StatusBody) {
         self.pending.push_back(sse_event("status", body));
-        self.last_status = body["status"].as_str().unwrap_or_default().to_owned();
-        if body_is_final(body) {
+        self.last_status = body.status().to_owned();
+        if status_is_final(body.status()) {
             self.done = true;
         }
     }
@@ -415,12 +435,14 @@ impl Feed {
     /// After skipped events: the status if it changed, else the latest snapshot.
     fn catch_up(&mut self) {
         match self.endpoint.current_status(&self.id) {
-            Some(body) if body["status"].as_str() != Some(self.last_status.as_str()) => {
-                self.push_status(&body)
-            }
+            Some(body) if body.status() != self.last_status => self.push_status(&body),
             Some(body) => {
-                if let Some(snapshot) = body.get("output").filter(|_| !body_is_final(&body)) {
-                    self.pending.push_back(sse_event("progress", snapshot));
+                // A body not final yet is in memory: its `output` is the latest snapshot.
+                if !status_is_final(body.status()) {
+                    if let Some(snapshot) = body.value().ok().and_then(|v| v.get("output").cloned())
+                    {
+                        self.pending.push_back(sse_event("progress", &snapshot));
+                    }
                 }
             }
             None => self.done = true,

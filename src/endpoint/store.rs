@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::job_status::JobStatus;
+use super::status_body::StatusBody;
 use super::v2::job_record::{V2Job, V2Output};
 use crate::job::output::result_body;
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput, JobRequest};
@@ -29,7 +30,7 @@ pub(crate) const EVENT_BUFFER: usize = 256;
 #[derive(Debug, Clone)]
 pub(crate) enum JobEvent {
     /// The new `/status` body.
-    Status(Arc<Value>),
+    Status(StatusBody),
     /// A progress snapshot as JSON.
     Progress(Arc<Value>),
     /// A live preview: `{"node", "mime", "width", "height", "data"}` (`data` in base64).
@@ -91,8 +92,8 @@ pub(super) struct Job {
     pub(super) ended: Option<Instant>,
     /// The latest snapshot while running.
     pub(super) progress: Option<Arc<Value>>,
-    /// The `/status` body once final (timings no longer change).
-    pub(super) final_body: Option<Arc<Value>>,
+    /// The `/status` body once final (timings no longer change); in a file when large.
+    pub(super) final_body: Option<StatusBody>,
     pub(super) cancel: CancellationToken,
     pub(super) execution_timeout: Option<Duration>,
     /// How long the job is kept once final.
@@ -100,7 +101,7 @@ pub(super) struct Job {
     pub(super) webhook: Option<WebhookUrl>,
     pub(super) progress_hook: Option<ProgressHook>,
     pub(super) events: broadcast::Sender<JobEvent>,
-    pub(super) done: watch::Sender<Option<Arc<Value>>>,
+    pub(super) done: watch::Sender<Option<StatusBody>>,
     /// The external worker that took the job (`serve --workers external`).
     pub(super) worker: Option<String>,
     /// The latest live preview while the job runs (for `/stream` and late subscribers).
@@ -118,11 +119,11 @@ pub(super) fn millis(d: Duration) -> u64 {
 }
 
 impl Job {
-    pub(super) fn status_body(&self, id: &str, now: Instant) -> Arc<Value> {
+    pub(super) fn status_body(&self, id: &str, now: Instant) -> StatusBody {
         if let Some(body) = &self.final_body {
             return body.clone();
         }
-        Arc::new(self.build_body(id, now, self.progress.as_deref(), None))
+        StatusBody::new(self.build_body(id, now, self.progress.as_deref(), None))
     }
 
     pub(super) fn build_body(
@@ -184,7 +185,9 @@ pub(super) enum LastEvent {
 
 /// A job that just became final: what is left to deliver outside the lock.
 pub(super) struct Ending {
-    pub(super) body: Arc<Value>,
+    /// The job's id.
+    pub(super) id: String,
+    pub(super) body: StatusBody,
     pub(super) webhook: Option<WebhookUrl>,
     pub(super) hook: Option<(ProgressHook, LastEvent)>,
     /// Asset blobs a v2 job that never ran held.
@@ -301,11 +304,12 @@ impl State {
         }
         job.request = None;
         job.progress = None;
-        let body = Arc::new(job.build_body(id, now, output.as_ref(), error.as_ref()));
+        let body = StatusBody::new(job.build_body(id, now, output.as_ref(), error.as_ref()));
         job.final_body = Some(body.clone());
         let _ = job.events.send(JobEvent::Status(body.clone()));
         job.done.send_replace(Some(body.clone()));
         let ending = Ending {
+            id: id.to_owned(),
             body,
             webhook: job.webhook.take(),
             hook: job.progress_hook.take().map(|hook| (hook, last)),

@@ -197,7 +197,7 @@ async fn watch_jobs(inner: Arc<Inner>) {
 }
 
 /// One pass over the running jobs.
-fn sweep(inner: &Inner, now: Instant) {
+fn sweep(inner: &Arc<Inner>, now: Instant) {
     let lost_after = inner.options.worker_lost_after;
     let mut endings: Vec<Ending> = Vec::new();
     {
@@ -251,7 +251,7 @@ fn sweep(inner: &Inner, now: Instant) {
 }
 
 /// Ends every job a worker holds as failed with `why`; returns how many.
-fn end_held(inner: &Inner, why: &str) -> usize {
+fn end_held(inner: &Arc<Inner>, why: &str) -> usize {
     end_jobs(inner, why, |state| {
         state
             .jobs

@@ -224,6 +224,20 @@ async fn serve_drains_its_queue_over_every_comfyui() {
         "{health}"
     );
     assert_eq!(ep.status(&ids[2]).await["status"], "IN_QUEUE");
+    let probed: Vec<(&Value, &Value)> = health["instances"]
+        .as_array()
+        .expect("every ComfyUI in /health")
+        .iter()
+        .map(|c| (&c["host"], &c["reachable"]))
+        .collect();
+    assert_eq!(
+        probed,
+        [
+            (&Value::from(a.host()), &Value::Bool(true)),
+            (&Value::from(b.host()), &Value::Bool(true))
+        ],
+        "{health}"
+    );
     a.resume();
     b.resume();
     for id in &ids {
@@ -261,4 +275,38 @@ async fn serve_drains_its_queue_over_every_comfyui() {
         );
     }
     ep.stop().await;
+}
+
+#[tokio::test]
+async fn health_asks_every_comfyui_and_fails_when_one_does_not_answer() {
+    let sim = simulator(5).await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let hosts = format!("{},{dead}", sim.host());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(crate::cli::bin());
+        harness::clear_worker_env(&mut cmd)
+            .args(["health", "--json", "--timeout-s", "5"])
+            .env("COMFY_HOST", hosts)
+            .output()
+            .expect("run comfy-worker health")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let all: Value = serde_json::from_str(text.trim()).expect("one JSON array");
+    let seen: Vec<(&Value, &Value)> = all
+        .as_array()
+        .expect("an array for several ComfyUIs")
+        .iter()
+        .map(|c| (&c["host"], &c["reachable"]))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (&Value::from(sim.host()), &Value::Bool(true)),
+            (&Value::from(dead.as_str()), &Value::Bool(false))
+        ],
+        "{all}"
+    );
 }

@@ -976,3 +976,71 @@ async fn the_binary_serves_with_the_sdk_flags_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// The files in the endpoint's result folder under `base` (`comfy-worker-results-*`).
+fn stored_results(base: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("comfy-worker-results-")
+        })
+        .flat_map(|folder| std::fs::read_dir(folder.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .collect()
+}
+
+#[tokio::test]
+async fn large_results_are_kept_in_files_and_served_as_they_were() {
+    let sim = simulator(1).await;
+    let base = tempfile::tempdir().unwrap();
+    let ep = Endpoint::start(
+        &sim,
+        ServeOptions {
+            max_jobs: 1,
+            results: comfy_worker::endpoint::ResultStorage {
+                dir: Some(base.path().to_owned()),
+                memory_bytes: 2_000,
+            },
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let (_, first) = ep.post("/runsync", job(0xba0000, 1)).await;
+    assert_images(&first);
+    let id = first["id"].as_str().unwrap().to_owned();
+    // The body (two images' base64) moves to a file once the job is final.
+    let stored = tokio::time::timeout(LIMIT, async {
+        loop {
+            let files = stored_results(base.path());
+            if !files.is_empty() {
+                return files;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the result is stored in a file");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(&stored[0]).unwrap()).unwrap();
+    assert_eq!(on_disk, first);
+    // Every way of reading it gives the same body, now read from the file.
+    assert_eq!(ep.status(&id).await, first);
+    let (code, stream) = ep.get(&format!("/stream/{id}")).await;
+    assert_eq!(code, 200, "{stream}");
+    assert_eq!(stream["stream"][0]["output"], first["output"]);
+    let events = Events::at(&ep.http, &ep.url(&format!("/events/{id}"))).await;
+    let seen = events.rest().await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0], ("status".to_owned(), first.clone()));
+    // A small result (a failure) stays in memory.
+    let (_, failed) = ep.post("/runsync", json!({"input": {}})).await;
+    assert_eq!(failed["status"], "FAILED");
+    // With max_jobs 1, the first job went when the second came: its file with it.
+    assert_eq!(ep.get(&format!("/status/{id}")).await.0, 404);
+    assert!(!stored[0].exists(), "the file goes with the job");
+    assert!(stored_results(base.path()).is_empty());
+    ep.stop().await;
+}
