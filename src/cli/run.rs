@@ -19,7 +19,7 @@ use super::RunArgs;
 use crate::comfy::ui_workflow::is_ui_format;
 use crate::comfy::WorkflowInput;
 use crate::config::{ConfigError, Settings, StorageSettings, RUN_READY_TIMEOUT};
-use crate::job::{codec, DeadlineSource, Engine, JobOutput, JobRequest};
+use crate::job::{codec, DeadlineSource, Engine, FileData, JobOutput, JobRequest};
 use crate::progress::ProgressSnapshot;
 use crate::runner::{job_span, Controls, Deadline, Runner};
 
@@ -177,12 +177,19 @@ fn write_outputs(dir: &Path, output: &JobOutput) -> Result<Vec<PathBuf>, WriteEr
             .file_name()
             .map(|n| n.to_owned())
             .ok_or_else(|| WriteError::BadName(image.filename.clone()))?;
-        let bytes = codec::decode_input(&image.data).map_err(|reason| WriteError::NotBase64 {
-            name: image.filename.clone(),
-            reason,
-        })?;
         let path = dir.join(name);
-        std::fs::write(&path, bytes).map_err(|source| WriteError::Write {
+        let written_out = match &image.data {
+            // An output the engine kept on disk: copied as it is, never through base64.
+            FileData::Base64Of(spooled) => std::fs::copy(spooled.path(), &path).map(|_| ()),
+            FileData::Text(text) => {
+                let bytes = codec::decode_input(text).map_err(|reason| WriteError::NotBase64 {
+                    name: image.filename.clone(),
+                    reason,
+                })?;
+                std::fs::write(&path, bytes)
+            }
+        };
+        written_out.map_err(|source| WriteError::Write {
             path: path.clone(),
             source,
         })?;
@@ -515,7 +522,7 @@ mod tests {
         let entry = |name: &str, data: &[u8]| FileEntry {
             filename: name.into(),
             kind: "base64".into(),
-            data: codec::encode(data),
+            data: codec::encode(data).into(),
             content_type: "application/octet-stream".into(),
             format: None,
             frame_rate: None,

@@ -104,6 +104,23 @@ fn mime_for(name: &str) -> &'static str {
 /// The most a `/view` download reserves up front from its `Content-Length`.
 const VIEW_PREALLOCATE_MAX: u64 = 64 << 20;
 
+/// A `/view` download under way: its chunks as they arrive.
+pub struct ViewDownload<'a> {
+    client: &'a ComfyClient,
+    what: String,
+    resp: reqwest::Response,
+}
+
+impl ViewDownload<'_> {
+    /// The next chunk; `None` at the end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ComfyError> {
+        self.resp
+            .chunk()
+            .await
+            .map_err(|e| self.client.transport_error(&self.what, e))
+    }
+}
+
 impl ComfyClient {
     /// A client for ComfyUI at `address`.
     pub fn new(address: &ComfyAddress, options: ClientOptions) -> Result<ComfyClient, ComfyError> {
@@ -432,6 +449,24 @@ impl ComfyClient {
             buf.extend_from_slice(&chunk);
         }
         Ok(buf.freeze())
+    }
+
+    /// `GET /view` as a download read chunk by chunk (see [`ViewDownload`]), for a caller that
+    /// writes the file somewhere else than memory.
+    pub async fn view_download(&self, file: &FileRef) -> Result<ViewDownload<'_>, ComfyError> {
+        let what = format!("GET /view {}", file.filename);
+        let req = self.http.get(self.url("/view")).query(&[
+            ("filename", file.filename.as_str()),
+            ("subfolder", file.subfolder.as_str()),
+            ("type", file.folder_type.as_str()),
+        ]);
+        let resp = self.send(&what, req, self.options.view_timeout).await?;
+        let resp = self.expect_ok(&what, resp).await?;
+        Ok(ViewDownload {
+            client: self,
+            what,
+            resp,
+        })
     }
 
     /// `POST /upload/image` (multipart) of an input image with `overwrite=true`, like

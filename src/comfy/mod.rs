@@ -35,7 +35,7 @@ pub mod upload;
 pub mod workflow;
 
 pub use capabilities::{Capabilities, ComfyVersion};
-pub use client::{ClientOptions, ComfyClient};
+pub use client::{ClientOptions, ComfyClient, ViewDownload};
 pub use error::ComfyError;
 pub use features::Features;
 pub use file_ref::FileRef;

@@ -393,7 +393,7 @@ struct Feed {
     done: bool,
 }
 
-fn sse_event(name: &'static str, data: &impl serde::Serialize) -> Event {
+fn sse_event(name: &'static str, data: &(impl serde::Serialize + ?Sized)) -> Event {
     Event::default()
         .event(name)
         .data(serde_json::to_string(data).unwrap_or_else(|_| "null".into()))
@@ -418,7 +418,8 @@ impl Feed {
         if !feed.done {
             // A late subscriber sees the image as it stands.
             if let Some(preview) = feed.endpoint.preview(&feed.id) {
-                feed.pending.push_back(sse_event("preview", &preview));
+                feed.pending
+                    .push_back(sse_event("preview", preview.as_ref()));
             }
         }
         feed
@@ -467,12 +468,12 @@ impl Feed {
             };
             match received {
                 Ok(JobEvent::Status(body)) => self.push_status(&body),
-                Ok(JobEvent::Progress(snapshot)) => {
-                    self.pending.push_back(sse_event("progress", &snapshot))
-                }
-                Ok(JobEvent::Preview(preview)) => {
-                    self.pending.push_back(sse_event("preview", &preview))
-                }
+                Ok(JobEvent::Progress(snapshot)) => self
+                    .pending
+                    .push_back(sse_event("progress", snapshot.as_ref())),
+                Ok(JobEvent::Preview(preview)) => self
+                    .pending
+                    .push_back(sse_event("preview", preview.as_ref())),
                 Err(RecvError::Lagged(skipped)) => {
                     debug!(job_id = %self.id, skipped, "event subscriber fell behind");
                     self.catch_up();

@@ -29,6 +29,16 @@ pub fn encode(data: &[u8]) -> String {
     ENCODER.encode(data)
 }
 
+/// [`encode`] appended to `out` (no intermediate string).
+pub fn encode_into(data: &[u8], out: &mut String) {
+    ENCODER.encode_string(data, out);
+}
+
+/// The length of `n` bytes in padded base64.
+pub fn encoded_len(n: u64) -> u64 {
+    n.div_ceil(3) * 4
+}
+
 /// Base64 that does not decode (the base64 crate's reason).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(transparent)]

@@ -16,11 +16,17 @@ use futures_util::StreamExt;
 use serde_json::Number;
 use tracing::debug;
 
-use super::collected_file::{CollectedFile, WEBSOCKET_FOLDER};
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tracing::warn;
+
+use super::collected_file::{CollectedFile, FileBytes, WEBSOCKET_FOLDER};
 use super::output::{OutputKind, OutputOptions, Outputs, TEXT_KIND};
+use super::spooled_file::{Spool, SpooledFile};
 use super::storage::{JobStorage, OverLimit};
 use super::Engine;
-use crate::comfy::{ComfyError, FileKind, FileRef, NodeOutput, PromptEvent};
+use crate::comfy::{ComfyClient, ComfyError, FileKind, FileRef, NodeOutput, PromptEvent};
 use crate::media_type::content_type_for;
 
 /// Output files fetched from `/view` at once.
@@ -117,8 +123,9 @@ impl Engine {
         let fetched: Vec<Result<CollectedFile, ViewError>> = futures_util::stream::iter(wanted)
             .map(|wanted| {
                 let comfy = self.comfy.clone();
+                let spool = self.spool.clone();
                 async move {
-                    match comfy.view(&wanted.file).await {
+                    match fetch(&comfy, spool.as_ref(), &wanted.file).await {
                         Ok(bytes) => Ok(CollectedFile {
                             content_type: content_type_for(
                                 &wanted.file.filename,
@@ -187,6 +194,67 @@ impl Engine {
     }
 }
 
+/// One file from `/view`: streamed into a file of the spool when there is one (so the job's
+/// outputs are not held in memory), else read into memory. A spool file that cannot be written
+/// (a full disk) is logged and the file read into memory instead.
+async fn fetch(
+    comfy: &ComfyClient,
+    spool: Option<&Arc<Spool>>,
+    file: &FileRef,
+) -> Result<FileBytes, ComfyError> {
+    if let Some(spool) = spool {
+        let path = spool.new_path();
+        match spool_download(comfy, file, &path).await {
+            Ok(len) => {
+                return Ok(FileBytes::Spooled(Arc::new(SpooledFile::new(
+                    spool.clone(),
+                    path,
+                    len,
+                ))))
+            }
+            Err(failed) => {
+                let _ = std::fs::remove_file(&path);
+                match failed {
+                    SpoolFailure::Comfy(e) => return Err(e),
+                    SpoolFailure::Write(e) => warn!(
+                        file = %file.filename,
+                        error = %e,
+                        "cannot write the output to the spool folder; reading it into memory"
+                    ),
+                }
+            }
+        }
+    }
+    comfy.view(file).await.map(FileBytes::Memory)
+}
+
+enum SpoolFailure {
+    Comfy(ComfyError),
+    Write(std::io::Error),
+}
+
+/// Streams `/view` into `path`; its length.
+async fn spool_download(
+    comfy: &ComfyClient,
+    file: &FileRef,
+    path: &std::path::Path,
+) -> Result<u64, SpoolFailure> {
+    let mut download = comfy
+        .view_download(file)
+        .await
+        .map_err(SpoolFailure::Comfy)?;
+    let mut out = tokio::fs::File::create(path)
+        .await
+        .map_err(SpoolFailure::Write)?;
+    let mut len = 0u64;
+    while let Some(chunk) = download.chunk().await.map_err(SpoolFailure::Comfy)? {
+        out.write_all(&chunk).await.map_err(SpoolFailure::Write)?;
+        len += chunk.len() as u64;
+    }
+    out.flush().await.map_err(SpoolFailure::Write)?;
+    Ok(len)
+}
+
 /// Collects the images `SaveImageWebsocket` nodes send as binary frames while they run (one
 /// full-size PNG per image; nothing reaches `/history`). Sampler previews of other nodes are
 /// not outputs and are ignored.
@@ -237,7 +305,7 @@ impl WebSocketImages {
                     folder_type: WEBSOCKET_FOLDER.into(),
                     format: None,
                     frame_rate: None,
-                    bytes: data.clone(),
+                    bytes: FileBytes::Memory(data.clone()),
                 });
             }
             PromptEvent::Executing { node } => {

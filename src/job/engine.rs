@@ -5,6 +5,7 @@
 //! housekeeping are the runner's ([`crate::runner`]), not its.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -19,6 +20,7 @@ use super::model_store::ModelStore;
 use super::output::{Completed, OutputKind, OutputOptions};
 use super::readiness::{self, NotReady, ProcessWatch};
 use super::request::Job;
+use super::spooled_file::Spool;
 use super::storage::{JobStorage, Storage};
 use super::{collect, convert, input, model_check, report};
 use crate::comfy::{
@@ -54,6 +56,8 @@ pub struct Engine {
     object_info: convert::ObjectInfoCache,
     /// The models jobs bring, downloaded once.
     models: ModelStore,
+    /// Where outputs wait between `/view` and the result (`None`: in memory).
+    pub(super) spool: Option<Arc<Spool>>,
     /// Test hook: panic when a node of this class starts (never set in production).
     panic_on_class: Option<String>,
 }
@@ -72,7 +76,13 @@ impl Engine {
         let inputs = input::Fetcher::new(&settings.inputs);
         let storage = Storage::new(settings.storage.clone());
         let models = ModelStore::new(&settings.models, &settings.inputs);
+        let spool = Spool::create()
+            .map_err(|e| {
+                warn!(error = %e, "cannot make an output spool folder in TMPDIR; outputs are held in memory until delivered")
+            })
+            .ok();
         Ok(Engine {
+            spool,
             models,
             comfy,
             settings,
@@ -126,9 +136,16 @@ impl Engine {
                     convert::ObjectInfoCache::default()
                 },
                 models: self.models.clone(),
+                spool: self.spool.clone(),
                 panic_on_class: self.panic_on_class.clone(),
             })
             .collect()
+    }
+
+    /// The folder outputs wait in between `/view` and the result (`None`: they are held in
+    /// memory).
+    pub fn spool_dir(&self) -> Option<&std::path::Path> {
+        self.spool.as_deref().map(Spool::dir)
     }
 
     /// The ComfyUI client.

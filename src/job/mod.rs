@@ -30,6 +30,7 @@ pub mod output;
 pub mod readiness;
 pub(crate) mod report;
 pub mod request;
+pub mod spooled_file;
 pub mod storage;
 
 pub use collect::WebSocketImages;
@@ -39,7 +40,8 @@ pub use failure::{DeadlineSource, JobFailure, Report};
 pub use files::JobFiles;
 pub use input::{parse_input, JobInput};
 pub use output::{
-    Completed, FileEntry, JobOutput, MoreOutputs, OutputImage, OutputKind, OutputOptions, Outputs,
+    Completed, FileData, FileEntry, JobOutput, MoreOutputs, OutputImage, OutputKind, OutputOptions,
+    Outputs,
 };
 pub use request::{Job, JobRequest, LocalFile};
 pub use storage::{JobStorage, Storage};

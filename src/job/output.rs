@@ -12,12 +12,17 @@
 //! shape. `output.images` holds exactly what worker-comfyui returned (same entries, same order,
 //! `s3_url` entries as worker-comfyui's with a bucket), each with a `content_type` added.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use serde::Serialize;
+use serde::ser::Error as _;
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Number, Value};
 
+use super::codec;
 use super::failure::{JobFailure, Report};
+use super::spooled_file::SpooledFile;
 use crate::json_type::json_type;
 
 /// One returned file.
@@ -29,7 +34,7 @@ pub struct FileEntry {
     #[serde(rename = "type")]
     pub kind: String,
     /// Base64 of the file, or the presigned URL of the uploaded object.
-    pub data: String,
+    pub data: FileData,
     /// MIME type, from the file extension (see [`content_type_for`]).
     pub content_type: String,
     /// The container/codec VideoHelperSuite reported, e.g. `video/h264-mp4`.
@@ -38,6 +43,76 @@ pub struct FileEntry {
     /// Frames per second VideoHelperSuite reported, as it sent it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub frame_rate: Option<Number>,
+}
+
+/// A file entry's `data`: its text (base64, or a bucket URL), or the base64 of an output kept
+/// in the engine's spool, encoded only as it is written out (into a result body in pieces by
+/// the RunPod front end, whole by serialisation).
+#[derive(Debug, Clone)]
+pub enum FileData {
+    /// The text as it is.
+    Text(String),
+    /// The base64 of this file.
+    Base64Of(Arc<SpooledFile>),
+}
+
+impl FileData {
+    /// Its length as text, in bytes (a spooled file's base64 length, without reading it).
+    pub fn len(&self) -> usize {
+        match self {
+            FileData::Text(t) => t.len(),
+            FileData::Base64Of(file) => codec::encoded_len(file.len()) as usize,
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The text, when it is held as text.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            FileData::Text(t) => Some(t),
+            FileData::Base64Of(_) => None,
+        }
+    }
+
+    /// The text, a spooled file encoded now (read on the calling thread).
+    pub fn to_text(&self) -> std::io::Result<Cow<'_, str>> {
+        match self {
+            FileData::Text(t) => Ok(Cow::Borrowed(t)),
+            FileData::Base64Of(file) => Ok(Cow::Owned(codec::encode(&file.read_all_blocking()?))),
+        }
+    }
+}
+
+impl From<String> for FileData {
+    fn from(text: String) -> FileData {
+        FileData::Text(text)
+    }
+}
+
+impl From<&str> for FileData {
+    fn from(text: &str) -> FileData {
+        FileData::Text(text.to_owned())
+    }
+}
+
+impl PartialEq for FileData {
+    fn eq(&self, other: &FileData) -> bool {
+        match (self, other) {
+            (FileData::Text(a), FileData::Text(b)) => a == b,
+            (FileData::Base64Of(a), FileData::Base64Of(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Serialize for FileData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_text().map_err(S::Error::custom)?)
+    }
 }
 
 /// The name worker-comfyui's schema uses for a returned file.

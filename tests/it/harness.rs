@@ -153,7 +153,12 @@ pub fn images(output: &JobOutput) -> Vec<(String, String)> {
     match output {
         JobOutput::Completed(Completed::Images { images, .. }) => images
             .iter()
-            .map(|i| (i.filename.clone(), i.data.clone()))
+            .map(|i| {
+                (
+                    i.filename.clone(),
+                    i.data.to_text().expect("readable").into_owned(),
+                )
+            })
             .collect(),
         other => panic!("expected images, got {}", other.to_json()),
     }

@@ -437,13 +437,13 @@ async fn large_files_go_up_in_parts() {
     let video = placed[0].as_ref().expect("uploaded");
     assert_eq!(video.kind, "s3_url");
     assert_eq!(video.content_type, "video/mp4");
-    let (status, body) = get(&video.data).await;
+    let (status, body) = get(video.data.as_text().unwrap()).await;
     assert_eq!(status, 200);
     assert!(body[..] == big[..], "multipart object reassembled");
     let still = placed[1].as_ref().expect("uploaded");
     assert_eq!(still.content_type, "image/webp");
     assert_eq!(
-        get(&still.data).await.1,
+        get(still.data.as_text().unwrap()).await.1,
         Bytes::from_static(b"RIFF....WEBP")
     );
     assert_eq!(s3.keys(BUCKET), ["job-mp/clip.mp4", "job-mp/still.webp"]);

@@ -414,3 +414,54 @@ async fn result_post_retries_are_counted_by_reason() {
         1.0
     );
 }
+
+/// A job's outputs wait in the engine's spool folder between `/view` and the result post (a
+/// refused post is sent again from there, byte for byte), and are gone once the result is
+/// delivered.
+#[tokio::test]
+async fn outputs_wait_on_disk_and_are_removed_once_posted() {
+    let app = RunningWorker::start(&[]).await;
+    app.platform
+        .push_fault_run(crate::fake_platform::Fault::Status(503), 1);
+    let spool = app
+        .worker
+        .runner()
+        .engine()
+        .spool_dir()
+        .expect("an output spool in TMPDIR")
+        .to_owned();
+    app.platform.push_job("sp1", job_input(0x5a5a5a, 2));
+    let result = crate::worker_process::final_of(&app.platform, "sp1").await;
+    let images = result["output"]["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2, "{result}");
+    for image in images {
+        let png = comfy_worker::job::codec::decode_input(image["data"].as_str().unwrap()).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG"),
+            "the outputs' bytes, encoded from the spool"
+        );
+    }
+    let finals: Vec<_> = app
+        .platform
+        .posts("sp1")
+        .into_iter()
+        .filter(|p| p.kind == PostKind::Final)
+        .collect();
+    assert_eq!(finals.len(), 2, "refused once, then delivered");
+    assert_eq!(finals[0].response, Some(503));
+    assert!(finals[1].accepted);
+    assert_eq!(finals[0].raw, finals[1].raw, "the same bytes sent again");
+    // The post returns, then the output (and its files) is dropped.
+    let left = tokio::time::timeout(LIMIT, async {
+        loop {
+            let files = std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0);
+            if files == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(left.is_ok(), "spooled outputs left in {}", spool.display());
+    app.stop().await;
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::{Method, Signer};
 use object_store::{
@@ -270,7 +270,7 @@ impl JobStorage {
                 Ok(FileEntry {
                     filename: file.filename,
                     kind: "s3_url".into(),
-                    data: url.to_string(),
+                    data: url.to_string().into(),
                     content_type: file.content_type,
                     format: file.format,
                     frame_rate: file.frame_rate,
@@ -318,14 +318,21 @@ impl JobStorage {
         let attributes: Attributes = [(Attribute::ContentType, file.content_type.clone())]
             .into_iter()
             .collect();
+        // A spooled file is read from disk here: whole up to the multipart threshold, else one
+        // part at a time (at most UPLOAD_CONCURRENCY parts in memory).
+        let unreadable = |e: std::io::Error| object_store::Error::Generic {
+            store: "output spool",
+            source: Box::new(e),
+        };
         if file.bytes.len() <= self.settings.multipart_threshold {
             let options = PutOptions {
                 attributes,
                 ..PutOptions::default()
             };
+            let bytes = file.bytes.all().await.map_err(unreadable)?;
             target
                 .store
-                .put_opts(key, PutPayload::from_bytes(file.bytes.clone()), options)
+                .put_opts(key, PutPayload::from_bytes(bytes), options)
                 .await?;
             return Ok(());
         }
@@ -335,20 +342,29 @@ impl JobStorage {
         };
         let mut upload = target.store.put_multipart_opts(key, options).await?;
         let part_size = self.settings.part_size.max(1);
-        let parts: Vec<Bytes> = (0..file.bytes.len())
-            .step_by(part_size)
-            .map(|start| {
-                file.bytes
-                    .slice(start..(start + part_size).min(file.bytes.len()))
-            })
-            .collect();
-        let sent = futures_util::stream::iter(parts)
-            .map(|part| upload.put_part(PutPayload::from_bytes(part)))
-            .buffered(UPLOAD_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await;
+        let sent = async {
+            let mut in_flight = futures_util::stream::FuturesOrdered::new();
+            for start in (0..file.bytes.len()).step_by(part_size) {
+                let part = file
+                    .bytes
+                    .range(start, part_size)
+                    .await
+                    .map_err(unreadable)?;
+                in_flight.push_back(upload.put_part(PutPayload::from_bytes(part)));
+                if in_flight.len() >= UPLOAD_CONCURRENCY {
+                    if let Some(done) = in_flight.next().await {
+                        done?;
+                    }
+                }
+            }
+            while let Some(done) = in_flight.next().await {
+                done?;
+            }
+            Ok::<(), object_store::Error>(())
+        }
+        .await;
         let done = match sent {
-            Ok(_) => upload.complete().await.map(|_| ()),
+            Ok(()) => upload.complete().await.map(|_| ()),
             Err(e) => Err(e),
         };
         if done.is_err() {
@@ -443,7 +459,7 @@ pub(super) fn entry_size_without_data(file: &CollectedFile) -> u64 {
     let entry = FileEntry {
         filename: file.filename.clone(),
         kind: "base64".into(),
-        data: String::new(),
+        data: String::new().into(),
         content_type: file.content_type.clone(),
         format: file.format.clone(),
         frame_rate: file.frame_rate.clone(),

@@ -196,7 +196,7 @@ mod tests {
         );
         assert_eq!(first.content_type, "image/png");
         assert_eq!(
-            crate::job::codec::decode_input(&first.data).unwrap(),
+            crate::job::codec::decode_input(&first.data.to_text().unwrap()).unwrap(),
             vec![7u8; 300]
         );
         let err = job.place(files(&[60_000, 40_000]), 0).await.unwrap_err();

@@ -354,7 +354,12 @@ impl PlatformClient {
         };
         if let Delivery::Lost(why) = &delivery {
             if why.retryable() {
-                self.spool(job_id, &body.to_vec());
+                match body.to_vec() {
+                    Ok(bytes) => self.spool(job_id, &bytes),
+                    Err(e) => {
+                        error!(error = %e, "the result cannot be spooled for a later delivery: its outputs cannot be read")
+                    }
+                }
             }
         }
         delivery

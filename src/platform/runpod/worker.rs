@@ -96,6 +96,11 @@ impl Worker {
         }
     }
 
+    /// The runner of its first ComfyUI.
+    pub fn runner(&self) -> &Runner {
+        self.pool.first()
+    }
+
     /// The metrics the worker counts in (what `METRICS_PORT` serves).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
