@@ -9,13 +9,16 @@
 #[allow(dead_code)]
 #[path = "../tests/it/fake_platform.rs"]
 mod fake_platform;
+#[path = "common/process.rs"]
+mod process;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use fake_platform::{FakePlatform, PlatformOptions};
+use process::Process;
 
 const BIN: &str = env!("CARGO_BIN_EXE_comfy-worker");
 
@@ -24,16 +27,6 @@ const JOBS: usize = 24;
 /// Sampler steps per job, and each simulator's time per step.
 const STEPS: u64 = 20;
 const STEP_MS: u64 = 15;
-
-/// A child process, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A `simulate-comfyui` process on a free port, once it accepts connections.
 async fn simulator() -> (Process, u16) {

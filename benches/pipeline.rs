@@ -10,8 +10,10 @@
 #[allow(dead_code)]
 #[path = "../tests/it/fake_platform.rs"]
 mod fake_platform;
+#[path = "common/process.rs"]
+mod process;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use comfy_sim::{SimConfig, Simulator};
@@ -26,16 +28,6 @@ const JOBS: usize = 50;
 /// Sampler steps per job, and the simulator's time per step.
 const STEPS: u64 = 4;
 const STEP_MS: u64 = 10;
-
-/// The worker process; killed when dropped.
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn workflow(colour: u64) -> Value {
     json!({"workflow": {
@@ -62,7 +54,7 @@ async fn run(pipeline: &str) -> (Vec<f64>, Duration) {
     .await
     .unwrap();
     let platform = FakePlatform::start(PlatformOptions::default()).await;
-    let _worker = Worker(
+    let _worker = process::Process(
         Command::new(BIN)
             .arg("worker")
             .envs(platform.env())

@@ -10,7 +10,7 @@
 //! | relay latency: simulator sends a step → platform receives its progress post | one loopback HTTP round trip |
 //! | completion overhead, small output: ComfyUI done → result at the platform | three round trips (history, view, result) |
 //! | completion overhead, 4 × ~2 MB PNGs | moving the bytes: view download + base64 + result upload at loopback and base64 speed, plus three round trips |
-//! | peak RSS above idle, 4 × ~2 MB job | the output held once raw and once as base64 |
+//! | peak RSS above idle, 4 × ~2 MB job | the output held once raw and once as base64 (an in-memory worker; spooled outputs stay below it) |
 //! | jobs per second, instant workflow | one job = 8 sequential loopback round trips (take, readiness, socket, prompt, queue, history, view, result) |
 //! | bookkeeping of a 5,000-node job, in process | the target: well under a second, and linear (twice the nodes, twice the time) |
 //!

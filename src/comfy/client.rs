@@ -428,24 +428,17 @@ impl ComfyClient {
 
     /// `GET /view`: the bytes of a stored file.
     pub async fn view(&self, file: &FileRef) -> Result<Bytes, ComfyError> {
-        let what = format!("GET /view {}", file.filename);
-        let req = self.http.get(self.url("/view")).query(&[
-            ("filename", file.filename.as_str()),
-            ("subfolder", file.subfolder.as_str()),
-            ("type", file.folder_type.as_str()),
-        ]);
-        let resp = self.send(&what, req, self.options.view_timeout).await?;
-        let mut resp = self.expect_ok(&what, resp).await?;
+        let mut download = self.view_download(file).await?;
         // Read into one buffer of the announced size (bounded, so a wrong length cannot make
         // it allocate much), not chunks copied into a second buffer at the end: a file is held
         // once while it downloads.
-        let announced = resp.content_length().unwrap_or(0).min(VIEW_PREALLOCATE_MAX);
+        let announced = download
+            .resp
+            .content_length()
+            .unwrap_or(0)
+            .min(VIEW_PREALLOCATE_MAX);
         let mut buf = bytes::BytesMut::with_capacity(announced as usize);
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| self.transport_error(&what, e))?
-        {
+        while let Some(chunk) = download.chunk().await? {
             buf.extend_from_slice(&chunk);
         }
         Ok(buf.freeze())

@@ -81,38 +81,34 @@ async fn the_runpod_loop_takes_a_batch_and_runs_a_job_on_each_comfyui_at_once() 
     drop(worker);
 }
 
-/// `GET /queue` of a `simulate-comfyui` process: whether a prompt is running there.
-async fn running_on(port: u16) -> bool {
-    let queue: Value = reqwest::Client::builder()
+/// `GET path` of the `simulate-comfyui` process on `port`, as JSON.
+async fn get_json(port: u16, path: &str) -> Value {
+    reqwest::Client::builder()
         .no_proxy()
         .build()
         .unwrap()
-        .get(format!("http://127.0.0.1:{port}/queue"))
+        .get(format!("http://127.0.0.1:{port}{path}"))
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    queue["queue_running"]
+        .unwrap()
+}
+
+/// Whether a prompt is running in that process (`GET /queue`).
+async fn running_on(port: u16) -> bool {
+    get_json(port, "/queue").await["queue_running"]
         .as_array()
         .is_some_and(|r| !r.is_empty())
 }
 
-/// `GET /history` of a `simulate-comfyui` process: how many prompts it ran.
+/// How many prompts that process ran (`GET /history`).
 async fn history_len(port: u16) -> usize {
-    let history: Value = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://127.0.0.1:{port}/history"))
-        .send()
+    get_json(port, "/history")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    history.as_object().map_or(0, |h| h.len())
+        .as_object()
+        .map_or(0, |h| h.len())
 }
 
 #[tokio::test]
