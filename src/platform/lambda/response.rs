@@ -6,7 +6,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use bytes::Bytes;
 use lambda_runtime::streaming::Body;
 use lambda_runtime::{Diagnostic, MetadataPrelude, StreamResponse};
-use serde_json::{json, Value};
 
 use crate::job::{Completed, JobFailure, JobOutput};
 
@@ -28,8 +27,9 @@ pub mod error_type {
 /// How an invocation ended: the job's output JSON, and the error response when it failed.
 #[derive(Debug, Clone)]
 pub struct Finished {
-    /// worker-comfyui's output (`{"error", "details"?}` for a failure).
-    pub output: Value,
+    /// worker-comfyui's output (`{"error", "details"?}` for a failure). Serialised once, into
+    /// the response, with each spooled file encoded as it is written (never a JSON value first).
+    pub output: JobOutput,
     /// Lambda's error response for a failure.
     pub error: Option<Diagnostic>,
 }
@@ -45,7 +45,7 @@ impl Finished {
             )
         });
         Finished {
-            output: JobOutput::from(result).into_json(),
+            output: JobOutput::from(result),
             error,
         }
     }
@@ -101,13 +101,20 @@ pub(super) fn ndjson(body: Body) -> StreamResponse<Body> {
 
 /// The last line of a streamed response.
 pub(super) fn output_line(finished: &Finished) -> Bytes {
-    let line = match &finished.error {
-        None => json!({ "output": finished.output }),
-        Some(e) => json!({
-            "errorType": e.error_type,
-            "errorMessage": e.error_message,
-            "output": finished.output,
-        }),
+    /// `{"errorType"?, "errorMessage"?, "output"}`, serialised straight from the output.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Line<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error_type: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error_message: Option<&'a str>,
+        output: &'a JobOutput,
+    }
+    let line = Line {
+        error_type: finished.error.as_ref().map(|e| e.error_type.as_ref()),
+        error_message: finished.error.as_ref().map(|e| e.error_message.as_ref()),
+        output: &finished.output,
     };
     let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
     bytes.push(b'\n');
@@ -115,7 +122,7 @@ pub(super) fn output_line(finished: &Finished) -> Bytes {
 }
 
 /// Serialized JSON size without building the text.
-pub(super) fn json_len(value: &Value) -> u64 {
+pub(super) fn json_len(value: &impl serde::Serialize) -> u64 {
     struct Count(u64);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

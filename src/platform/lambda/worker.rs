@@ -15,7 +15,7 @@ use super::response::{
     diagnostic, error_type, error_type_of, json_len, ndjson, output_line, Finished,
 };
 use super::settings::{self, LambdaSettings, ResponseMode};
-use crate::job::{DeadlineSource, Job, JobFailure, JobRequest, Report};
+use crate::job::{DeadlineSource, Job, JobFailure, JobOutput, JobRequest, Report};
 use crate::progress::ProgressSnapshot;
 use crate::runner::{Controls, Deadline, ProgressSink, Runner};
 
@@ -76,7 +76,7 @@ impl LambdaWorker {
     }
 
     /// A buffered invocation: the output, or Lambda's error response.
-    pub async fn buffered(&self, event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
+    pub async fn buffered(&self, event: LambdaEvent<Value>) -> Result<JobOutput, Diagnostic> {
         let (request, deadline) = read_event(event)?;
         let span = tracing::info_span!("invocation", job_id = %request.id);
         let controls = self.controls(deadline, request.timeout);
@@ -365,7 +365,7 @@ mod tests {
             Report::with_details("Workflow validation failed", vec!["Node 1: x".into()]),
             Vec::new(),
         )));
-        let e = f.error.unwrap();
+        let e = f.error.clone().unwrap();
         assert_eq!(e.error_type, error_type::COMFYUI_ERROR);
         assert_eq!(e.error_message, "Workflow validation failed\nNode 1: x");
         let shown = diagnostic(
@@ -374,12 +374,17 @@ mod tests {
             Some(&["Node 1: x".into(), "y".into()]),
         );
         assert_eq!(shown.error_message, "Failed:\n• Node 1: x\ny");
-        assert_eq!(f.output["details"], json!(["Node 1: x"]));
+        assert_eq!(f.output.to_json()["details"], json!(["Node 1: x"]));
         let line = output_line(&Finished {
-            output: json!({"images": []}),
+            output: JobOutput::error("boom"),
             error: None,
         });
-        assert_eq!(&line[..], b"{\"output\":{\"images\":[]}}\n");
+        assert_eq!(&line[..], b"{\"output\":{\"error\":\"boom\"}}\n");
+        let line = output_line(&f);
+        let parsed: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(parsed["errorType"], e.error_type.as_str());
+        assert_eq!(parsed["errorMessage"], e.error_message.as_str());
+        assert_eq!(parsed["output"], f.output.to_json());
     }
 
     #[test]
@@ -449,7 +454,20 @@ mod tests {
             )
         };
         let output = |bytes: usize| Finished {
-            output: json!({"images": [{"data": "A".repeat(bytes)}]}),
+            output: JobOutput::from(
+                crate::job::Completed::from_parts(
+                    vec![crate::job::FileEntry {
+                        filename: "a.png".into(),
+                        kind: "base64".into(),
+                        data: "A".repeat(bytes).into(),
+                        content_type: "image/png".into(),
+                        format: None,
+                        frame_rate: None,
+                    }],
+                    vec![],
+                )
+                .unwrap(),
+            ),
             error: None,
         };
         let b = worker(ResponseMode::Buffered, Some(1000));
@@ -464,7 +482,7 @@ mod tests {
             "{}",
             e.error_message
         );
-        assert_eq!(refused.output["error"], json!(e.error_message));
+        assert_eq!(refused.output.to_json()["error"], json!(e.error_message));
         // A raised limit (a raised quota) is trusted; streamed progress counts against 20 MB.
         let raised = worker(ResponseMode::Buffered, Some(10 << 20));
         assert!(raised.check_size(output(7 << 20), 0).error.is_none());
