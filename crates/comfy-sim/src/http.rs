@@ -19,8 +19,9 @@ use serde_json::{json, Map, Value};
 use super::catalog::{CHECKPOINTS, VAES};
 use super::graph::{self, Validation};
 use super::pyfmt::{py_eq, py_get, py_str, truthy};
+use super::reply::{json_response, ok_json, query_get, query_pairs};
 use super::store::{path, strip_annotation, Folder, QueueItem};
-use super::{jobs, lock, pyfmt, ws, Shared};
+use super::{jobs, lock, ws, Shared};
 
 /// `--max-upload-size` default: 100 MB.
 const MAX_BODY: usize = 100 * 1024 * 1024;
@@ -66,19 +67,6 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response {
-    (
-        status,
-        [(CONTENT_TYPE, "application/json; charset=utf-8")],
-        pyfmt::to_json(value),
-    )
-        .into_response()
-}
-
-pub(crate) fn ok_json(value: &Value) -> Response {
-    json_response(StatusCode::OK, value)
-}
-
 /// aiohttp's answer when a handler raises.
 fn server_error() -> Response {
     (
@@ -101,24 +89,6 @@ async fn not_found() -> Response {
 /// `await request.json()`: `None` for anything that is not JSON.
 fn parse_json(body: &Bytes) -> Option<Value> {
     serde_json::from_slice(body).ok()
-}
-
-pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
-    query
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// `request.rel_url.query.get(key)`: the first value.
-pub(crate) fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
 }
 
 async fn index() -> Response {

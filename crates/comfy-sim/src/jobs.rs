@@ -14,7 +14,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use super::http::{json_response, ok_json, query_get, query_pairs};
+use super::reply::{json_response, ok_json, query_get, query_pairs};
 use super::store::QueueItem;
 use super::{lock, Shared};
 

@@ -33,7 +33,9 @@ mod jobs;
 mod media;
 mod nodes;
 mod profile;
+mod prompt_run;
 mod pyfmt;
+mod reply;
 mod store;
 mod ws;
 

@@ -11,9 +11,9 @@
 use serde_json::{json, Map, Value};
 
 use super::catalog::NodeClass;
-use super::exec::{Failure, Preview, PromptRun};
 use super::image::{self, ImageInfo};
 use super::media::{self, AudioInfo, VideoInfo};
+use super::prompt_run::{Failure, Preview, PromptRun};
 use super::store::{path, Files, Folder, Store};
 use super::ws::TEXT;
 use super::{lock, pyfmt};
@@ -901,7 +901,7 @@ fn next_counter(existing: &[String], prefix: &str, filename: &str) -> u64 {
 
 /// `folder_paths.get_save_image_path`'s `compute_vars` (UTC stands in for local time).
 fn compute_vars(input: &str, width: u32, height: u32) -> String {
-    let secs = super::exec::now_ms() / 1000;
+    let secs = super::prompt_run::now_ms() / 1000;
     let days = (secs / 86_400) as i64;
     let (year, month, day) = civil_from_days(days);
     let rem = secs % 86_400;
