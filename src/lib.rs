@@ -34,6 +34,7 @@
 //! * [`eta`]: a node's remaining time from its step rate.
 //! * [`comfy_address`]: where ComfyUI listens, checked before anything connects.
 //! * [`metrics`]: the Prometheus metrics the runner feeds and the front ends serve.
+//! * [`scratch_dir`]: a folder of the worker's own, removed with it (and after a killed worker).
 //!
 //! The fake ComfyUI (real protocol, no GPU) that `simulate-comfyui` and `--simulate` run and the
 //! tests use is not in this library: it is the workspace's `comfy-sim` crate
@@ -55,6 +56,7 @@ pub mod platform;
 pub mod progress;
 pub mod redact;
 pub mod runner;
+pub mod scratch_dir;
 pub mod secret;
 pub mod ssrf;
 pub mod telemetry;

@@ -15,6 +15,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tracing::{debug, warn};
 
+use crate::scratch_dir::ScratchDir;
+
 /// A `/status` body; cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct StatusBody(Arc<Stored>);
@@ -103,7 +105,7 @@ impl StatusBody {
         if bytes.len() as u64 <= folder.memory_limit {
             return Ok(None);
         }
-        let path = folder.dir.join(format!(
+        let path = folder.dir.path().join(format!(
             "{}-{}.json",
             uuid::Uuid::new_v4().simple(),
             id.chars()
@@ -178,7 +180,7 @@ impl ResultStorage {
 /// Where final bodies over the memory limit go: a folder of the endpoint's own, removed with it.
 #[derive(Debug)]
 pub(crate) struct ResultFolder {
-    dir: PathBuf,
+    dir: ScratchDir,
     memory_limit: u64,
 }
 
@@ -186,12 +188,7 @@ impl ResultFolder {
     /// A new folder under `base` (the system's temporary directory when `None`) for bodies
     /// over `memory_limit` bytes.
     pub(crate) fn create(base: Option<&Path>, memory_limit: u64) -> std::io::Result<ResultFolder> {
-        let base = base.map_or_else(std::env::temp_dir, Path::to_path_buf);
-        let dir = base.join(format!(
-            "comfy-worker-results-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let dir = ScratchDir::create(base, "comfy-worker-results")?;
         Ok(ResultFolder { dir, memory_limit })
     }
 
@@ -212,15 +209,5 @@ impl ResultFolder {
                 warn!(job_id = %id, error = %e, "could not store a result on disk; it stays in memory")
             }
         });
-    }
-}
-
-impl Drop for ResultFolder {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %self.dir.display(), error = %e, "could not remove the result folder");
-            }
-        }
     }
 }

@@ -10,45 +10,33 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tracing::{debug, warn};
+use tracing::warn;
+
+use crate::scratch_dir::ScratchDir;
 
 /// The engine's spool folder; files in it keep it alive.
 #[derive(Debug)]
 pub struct Spool {
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl Spool {
-    /// A new folder under the system's temporary directory (`TMPDIR`).
+    /// A new folder under the system's temporary directory (`TMPDIR`),
+    /// `comfy-worker-outputs-<pid>-<random>`.
     pub fn create() -> std::io::Result<Arc<Spool>> {
-        let dir = std::env::temp_dir().join(format!(
-            "comfy-worker-outputs-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        debug!(dir = %dir.display(), "output spool created");
+        let dir = ScratchDir::create(None, "comfy-worker-outputs")?;
         Ok(Arc::new(Spool { dir }))
     }
 
     /// The folder.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// A path for a new file (not created yet).
     pub fn new_path(&self) -> PathBuf {
-        self.dir
+        self.dir()
             .join(format!("{}.out", uuid::Uuid::new_v4().simple()))
-    }
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %self.dir.display(), error = %e, "could not remove the output spool");
-            }
-        }
     }
 }
 

@@ -26,6 +26,7 @@ const LAYERS: &[&[&str]] = &[
         "redact",
         "comfy_address",
         "metrics",
+        "scratch_dir",
     ],
     // Settings, logs, the SSRF guard and the ComfyUI client: leaves only.
     &["config", "telemetry", "ssrf", "comfy"],

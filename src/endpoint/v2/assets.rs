@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
+use crate::scratch_dir::ScratchDir;
+
 /// Lowercase hex of a blake3 hash.
 pub(crate) fn hex_of(hash: &blake3::Hash) -> String {
     hash.to_hex().to_string()
@@ -78,7 +80,7 @@ struct Index {
 
 /// The asset store; see the module docs.
 pub(crate) struct AssetStore {
-    root: PathBuf,
+    root: ScratchDir,
     upload_ttl: Duration,
     max_upload: u64,
     index: Mutex<Index>,
@@ -87,7 +89,7 @@ pub(crate) struct AssetStore {
 impl std::fmt::Debug for AssetStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AssetStore")
-            .field("root", &self.root)
+            .field("root", &self.root.path())
             .finish_non_exhaustive()
     }
 }
@@ -103,14 +105,10 @@ impl AssetStore {
         upload_ttl: Duration,
         max_upload: u64,
     ) -> std::io::Result<AssetStore> {
-        let base = base.map_or_else(std::env::temp_dir, Path::to_path_buf);
-        let root = base.join(format!(
-            "comfy-worker-assets-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(root.join("blobs"))?;
-        std::fs::create_dir_all(root.join("tmp"))?;
-        debug!(dir = %root.display(), "asset store created");
+        let root = ScratchDir::create(base, "comfy-worker-assets")?;
+        std::fs::create_dir_all(root.path().join("blobs"))?;
+        std::fs::create_dir_all(root.path().join("tmp"))?;
+        debug!(dir = %root.path().display(), "asset store created");
         Ok(AssetStore {
             root,
             upload_ttl,
@@ -145,11 +143,12 @@ impl AssetStore {
 
     /// Where a blob's bytes are.
     pub(crate) fn blob_path(&self, hex: &str) -> PathBuf {
-        self.root.join("blobs").join(hex)
+        self.root.path().join("blobs").join(hex)
     }
 
     fn temp_path(&self) -> PathBuf {
         self.root
+            .path()
             .join("tmp")
             .join(uuid::Uuid::new_v4().simple().to_string())
     }
@@ -447,16 +446,6 @@ impl AssetStore {
     pub(crate) fn counts(&self) -> (usize, usize) {
         let index = self.lock();
         (index.records.len(), index.blobs.len())
-    }
-}
-
-impl Drop for AssetStore {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.root) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(dir = %self.root.display(), error = %e, "could not remove the asset store");
-            }
-        }
     }
 }
 
