@@ -123,15 +123,15 @@ impl Job {
         if let Some(body) = &self.final_body {
             return body.clone();
         }
-        StatusBody::new(self.build_body(id, now, self.progress.as_deref(), None))
+        StatusBody::new(self.build_body(id, now, self.progress.as_deref().cloned(), None))
     }
 
     pub(super) fn build_body(
         &self,
         id: &str,
         now: Instant,
-        output: Option<&Value>,
-        error: Option<&Value>,
+        output: Option<Value>,
+        error: Option<Value>,
     ) -> Value {
         let until_start = self.started.or(self.ended).unwrap_or(now);
         let delay = until_start.saturating_duration_since(self.submitted);
@@ -149,10 +149,10 @@ impl Job {
             json!(self.worker.as_deref().unwrap_or(WORKER_ID)),
         );
         if let Some(output) = output {
-            body.insert("output".into(), output.clone());
+            body.insert("output".into(), output);
         }
         if let Some(error) = error {
-            body.insert("error".into(), error.clone());
+            body.insert("error".into(), error);
         }
         Value::Object(body)
     }
@@ -228,9 +228,10 @@ impl State {
                 Some(json!(why)),
                 LastEvent::Failed(why, None),
             ),
-            End::Delivered(body) => {
+            End::Delivered(mut body) => {
                 let error = body.get("error").filter(|e| truthy(e)).cloned();
-                let output = body.get("output").cloned();
+                // Moved out, not copied: it may hold megabytes of base64.
+                let output = body.as_object_mut().and_then(|b| b.remove("output"));
                 match error {
                     Some(error) => {
                         let message = match &error {
@@ -279,8 +280,9 @@ impl State {
                     }
                 };
                 // The serverless mode's mapping: `error` when set, the rest as `output`.
-                let body = result_body(JobOutput::from(result).into_json(), false);
-                let output = body.get("output").cloned();
+                let mut body = result_body(JobOutput::from(result).into_json(), false);
+                // Moved out, not copied: it may hold megabytes of base64.
+                let output = body.as_object_mut().and_then(|b| b.remove("output"));
                 let last = match failed {
                     Some((message, details)) => LastEvent::Failed(message, details),
                     // Only copied (it may hold megabytes of base64) for a progress webhook.
@@ -304,7 +306,7 @@ impl State {
         }
         job.request = None;
         job.progress = None;
-        let body = StatusBody::new(job.build_body(id, now, output.as_ref(), error.as_ref()));
+        let body = StatusBody::new(job.build_body(id, now, output, error));
         job.final_body = Some(body.clone());
         let _ = job.events.send(JobEvent::Status(body.clone()));
         job.done.send_replace(Some(body.clone()));
