@@ -854,8 +854,15 @@ impl ProgressSink for EndpointSink<'_> {
     }
 
     fn node_event(&mut self, event: &NodeEvent) {
-        if let NodeEvent::Preview { node, mime, data } = event {
-            publish_preview(self.inner, self.id, node.as_deref(), mime, data);
+        if let NodeEvent::Preview {
+            node,
+            mime,
+            data,
+            size,
+        } = event
+        {
+            let size = size.unwrap_or_default();
+            publish_preview(self.inner, self.id, node.as_deref(), mime, data, size);
         }
         let Some(collector) = self.collector else {
             return;
@@ -890,10 +897,14 @@ impl ProgressSink for EndpointSink<'_> {
 /// Keeps a running job's latest preview (the page and `/stream` show it) and publishes it on
 /// its event stream, its progress webhook (when asked) and, for a v2 job, as the contract's
 /// `preview` event: encoded once. The runner's gate already held it to the rate and size caps.
-fn publish_preview(inner: &Inner, id: &str, node: Option<&str>, mime: &str, data: &[u8]) {
-    let (width, height) = imagesize::blob_size(data)
-        .map(|s| (s.width, s.height))
-        .unwrap_or_default();
+fn publish_preview(
+    inner: &Inner,
+    id: &str,
+    node: Option<&str>,
+    mime: &str,
+    data: &[u8],
+    (width, height): (u32, u32),
+) {
     let mut state = lock(&inner.state);
     let Some(job) = state.jobs.get_mut(id) else {
         return;

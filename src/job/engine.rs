@@ -286,7 +286,12 @@ impl Engine {
                     progress.node_event(NodeEvent::Output(*output));
                 }
                 PromptEvent::Preview { node, mime, data } => {
-                    progress.node_event(NodeEvent::Preview { node, mime, data })
+                    progress.node_event(NodeEvent::Preview {
+                        node,
+                        mime,
+                        data,
+                        size: None,
+                    })
                 }
                 PromptEvent::Text { node, text } => {
                     progress.node_event(NodeEvent::Text { node, text })

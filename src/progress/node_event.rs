@@ -23,6 +23,8 @@ pub enum NodeEvent {
         mime: &'static str,
         /// The encoded image.
         data: Bytes,
+        /// Its width and height, read once by the runner's gate (`None` until then).
+        size: Option<(u32, u32)>,
     },
     /// Text a node sent while running.
     Text {

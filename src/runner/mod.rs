@@ -246,18 +246,22 @@ impl Runner {
         };
         let mut previews = PreviewGate::new(self.engine.settings().previews.clone());
         let fan_out = async {
-            while let Some(update) = updates.recv().await {
-                match &update {
+            while let Some(mut update) = updates.recv().await {
+                match &mut update {
                     Update::Snapshot(snapshot) => {
                         if let Some(metrics) = &self.metrics {
                             observed.snapshot(metrics, taken, snapshot);
                         }
                     }
-                    // Every sink sees the same previews: those within the rate and size caps.
-                    Update::Node(NodeEvent::Preview { data, .. }) => {
-                        if let Err(why) = previews.admit(Instant::now(), data) {
-                            tracing::trace!(?why, bytes = data.len(), "preview not relayed");
-                            continue;
+                    // Every sink sees the same previews: those within the rate and size caps,
+                    // with the size the gate read.
+                    Update::Node(NodeEvent::Preview { data, size, .. }) => {
+                        match previews.admit(Instant::now(), data) {
+                            Ok(read) => *size = Some(read),
+                            Err(why) => {
+                                tracing::trace!(?why, bytes = data.len(), "preview not relayed");
+                                continue;
+                            }
                         }
                     }
                     Update::Node(_) => {}

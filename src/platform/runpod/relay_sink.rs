@@ -47,7 +47,10 @@ impl ProgressSink for RelaySink<'_> {
     }
 
     fn node_event(&mut self, event: &NodeEvent) {
-        let NodeEvent::Preview { node, mime, data } = event else {
+        let NodeEvent::Preview {
+            node, mime, data, ..
+        } = event
+        else {
             return;
         };
         if !self.previews {

@@ -728,7 +728,13 @@ impl ProgressSink for JobWebhook {
     /// A live preview, for a job that asked for them (the hook knows); while the URL is still
     /// being checked, previews are skipped (the next one comes soon).
     fn node_event(&mut self, event: &NodeEvent) {
-        if let (JobWebhook::Ready(hook), NodeEvent::Preview { node, mime, data }) = (self, event) {
+        if let (
+            JobWebhook::Ready(hook),
+            NodeEvent::Preview {
+                node, mime, data, ..
+            },
+        ) = (self, event)
+        {
             hook.preview(preview_body(node.as_deref(), mime, data));
         }
     }
