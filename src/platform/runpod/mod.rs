@@ -10,6 +10,7 @@ mod relay_sink;
 pub mod result_body;
 pub mod settings;
 pub mod spool;
+mod take_pacing;
 mod worker;
 
 pub use client::{

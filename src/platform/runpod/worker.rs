@@ -22,10 +22,11 @@ use super::metrics_listener::MetricsListener;
 use super::relay::Relay;
 use super::relay_sink::RelaySink;
 use super::result_body::ResultBody;
+use super::take_pacing::TakePacing;
 use crate::config::FreeMemory;
 use crate::housekeeping::warmup::{WarmupError, WarmupState};
 use crate::job::{Completed, DeadlineSource, JobFailure, JobOutput};
-use crate::metrics::{Metrics, RetryReason};
+use crate::metrics::Metrics;
 use crate::progress::{preview_body, NodeEvent, ProgressKind, ProgressSnapshot};
 use crate::runner::{job_span, Controls, Deadline, Pool, ProgressSink, Runner};
 use crate::webhook::{ProgressHook, Webhooks};
@@ -214,35 +215,19 @@ impl Worker {
     /// The loop without pipelining: one job-take, its jobs run to their end, the next take.
     async fn run_one_at_a_time(&self, shutdown: &CancellationToken) {
         let settings = self.client.settings();
-        let mut backoff = Duration::from_secs(1);
+        let mut pacing = TakePacing::new();
         while !shutdown.is_cancelled() {
-            let started = Instant::now();
+            let polled = tokio::time::Instant::now();
             let pause = match self.step(shutdown).await {
                 Step::ShutDown => break,
                 Step::Ran(_) if settings.refresh_worker => {
                     info!("REFRESH_WORKER is set: exiting after the job");
                     break;
                 }
-                Step::Ran(_) => {
-                    backoff = Duration::from_secs(1);
-                    Duration::ZERO
-                }
-                Step::NoJob => {
-                    backoff = Duration::from_secs(1);
-                    // A platform that answers at once instead of long-polling must not be hammered.
-                    Duration::from_millis(250).saturating_sub(started.elapsed())
-                }
-                Step::RateLimited => {
-                    warn!("job-take rate limited (HTTP 429); waiting 5 s");
-                    Duration::from_secs(5)
-                }
-                Step::Failed(e) => {
-                    warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
-                    self.metrics.retry(RetryReason::JobTake);
-                    let pause = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    pause
-                }
+                Step::Ran(_) => pacing.jobs(),
+                Step::NoJob => pacing.no_job(polled),
+                Step::RateLimited => pacing.rate_limited(),
+                Step::Failed(e) => pacing.failed(&e, &self.metrics),
             };
             if !pause.is_zero() {
                 tokio::select! {
@@ -274,7 +259,7 @@ impl Worker {
         let mut waiting: VecDeque<PlatformJob> = VecDeque::new();
         let mut take: Option<Pin<Box<dyn Future<Output = Take> + Send + '_>>> = None;
         let mut not_before: Option<tokio::time::Instant> = None;
-        let mut backoff = Duration::from_secs(1);
+        let mut pacing = TakePacing::new();
         let mut serial = 0u64;
         let instances = self.pool.len();
         loop {
@@ -361,28 +346,15 @@ impl Worker {
                     let started = tokio::time::Instant::now();
                     let pause = match taken {
                         Take::Jobs(jobs) => {
-                            backoff = Duration::from_secs(1);
                             lock(&self.state)
                                 .held
                                 .extend(jobs.iter().map(|j| j.id.clone()));
                             waiting.extend(jobs);
-                            Duration::ZERO
+                            pacing.jobs()
                         }
-                        Take::NoJob => {
-                            backoff = Duration::from_secs(1);
-                            Duration::from_millis(250).saturating_sub(started.elapsed())
-                        }
-                        Take::RateLimited => {
-                            warn!("job-take rate limited (HTTP 429); waiting 5 s");
-                            Duration::from_secs(5)
-                        }
-                        Take::Failed(e) => {
-                            warn!(error = %e, retry_in_s = backoff.as_secs(), "Failed to get job");
-                            self.metrics.retry(RetryReason::JobTake);
-                            let pause = backoff;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
-                            pause
-                        }
+                        Take::NoJob => pacing.no_job(started),
+                        Take::RateLimited => pacing.rate_limited(),
+                        Take::Failed(e) => pacing.failed(&e, &self.metrics),
                     };
                     not_before = (!pause.is_zero()).then(|| started + pause);
                 }
