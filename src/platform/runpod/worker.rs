@@ -260,6 +260,8 @@ impl Worker {
         let mut take: Option<Pin<Box<dyn Future<Output = Take> + Send + '_>>> = None;
         let mut not_before: Option<tokio::time::Instant> = None;
         let mut pacing = TakePacing::new();
+        // When the take under way was sent (the 250 ms floor counts from there).
+        let mut polled = tokio::time::Instant::now();
         let mut serial = 0u64;
         let instances = self.pool.len();
         loop {
@@ -317,6 +319,7 @@ impl Worker {
             let paused = not_before.is_some_and(|t| t > tokio::time::Instant::now());
             if take.is_none() && !stopping && !paused && waiting.is_empty() && free > 0 {
                 let in_progress = !lock(&self.state).held.is_empty();
+                polled = tokio::time::Instant::now();
                 take = Some(Box::pin(self.client.take(in_progress, free)));
             }
             let taking = async {
@@ -343,7 +346,6 @@ impl Worker {
                 }
                 taken = taking => {
                     take = None;
-                    let started = tokio::time::Instant::now();
                     let pause = match taken {
                         Take::Jobs(jobs) => {
                             lock(&self.state)
@@ -352,11 +354,11 @@ impl Worker {
                             waiting.extend(jobs);
                             pacing.jobs()
                         }
-                        Take::NoJob => pacing.no_job(started),
+                        Take::NoJob => pacing.no_job(polled),
                         Take::RateLimited => pacing.rate_limited(),
                         Take::Failed(e) => pacing.failed(&e, &self.metrics),
                     };
-                    not_before = (!pause.is_zero()).then(|| started + pause);
+                    not_before = (!pause.is_zero()).then(|| tokio::time::Instant::now() + pause);
                 }
             }
         }
