@@ -94,16 +94,8 @@ async fn run(instances: usize) -> (f64, Vec<usize>) {
         .collect();
     let platform = FakePlatform::start(PlatformOptions::default()).await;
     let _worker = Process(
-        Command::new(BIN)
-            .arg("worker")
-            .envs(platform.env())
-            .env("RUNPOD_PING_INTERVAL", "60000")
-            .env("COMFY_HOST", hosts.join(","))
+        process::worker(platform.env(), &hosts.join(","))
             .env_remove("COMFY_PID_FILE")
-            .env("RUST_LOG", "error")
-            .env_remove("RUNPOD_ENDPOINT_ID")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("start the worker"),
     );

@@ -13,15 +13,12 @@ mod fake_platform;
 #[path = "common/process.rs"]
 mod process;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use comfy_sim::{SimConfig, Simulator};
 use serde_json::{json, Value};
 
 use fake_platform::{FakePlatform, PlatformOptions};
-
-const BIN: &str = env!("CARGO_BIN_EXE_comfy-worker");
 
 /// Jobs per run.
 const JOBS: usize = 50;
@@ -55,17 +52,9 @@ async fn run(pipeline: &str) -> (Vec<f64>, Duration) {
     .unwrap();
     let platform = FakePlatform::start(PlatformOptions::default()).await;
     let _worker = process::Process(
-        Command::new(BIN)
-            .arg("worker")
-            .envs(platform.env())
+        process::worker(platform.env(), &sim.host())
             .env("PIPELINE", pipeline)
-            .env("RUNPOD_PING_INTERVAL", "60000")
-            .env("COMFY_HOST", sim.host())
             .env("COMFY_PID_FILE", "/nonexistent/bench.pid")
-            .env("RUST_LOG", "error")
-            .env_remove("RUNPOD_ENDPOINT_ID")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("start the worker"),
     );

@@ -25,9 +25,12 @@
 #[allow(dead_code)]
 #[path = "../tests/it/fake_platform.rs"]
 mod fake_platform;
+#[allow(dead_code)]
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
@@ -37,8 +40,6 @@ use comfy_worker::job::codec;
 use serde_json::{json, Value};
 
 use fake_platform::{FakePlatform, PlatformOptions, PostKind};
-
-const BIN: &str = env!("CARGO_BIN_EXE_comfy-worker");
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -59,19 +60,11 @@ struct Worker(Child);
 
 impl Worker {
     fn start(platform: &FakePlatform, sim: &Simulator) -> Worker {
-        let child = Command::new(BIN)
-            .arg("worker")
-            .envs(platform.env())
+        let child = process::worker(platform.env(), &sim.host())
             // The figures here are per job, one job at a time; pipelining, which overlaps a
             // job's delivery with the next job, has its own benchmark (benches/pipeline.rs).
             .env("PIPELINE", "off")
-            .env("RUNPOD_PING_INTERVAL", "60000")
-            .env("COMFY_HOST", sim.host())
             .env("COMFY_PID_FILE", "/nonexistent/bench.pid")
-            .env("RUST_LOG", "error")
-            .env_remove("RUNPOD_ENDPOINT_ID")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("start the worker");
         Worker(child)
