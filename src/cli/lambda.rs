@@ -62,10 +62,7 @@ pub(crate) async fn run(args: LambdaArgs) -> ExitCode {
             comfy = %settings.comfy_host.shown(),
             "COMFY_HOST names several ComfyUIs; Lambda runs one invocation at a time, on the first"
         );
-        let first = settings.comfy_host.clone();
-        let pid_file = settings.comfy_pid_file.take();
-        settings.use_only(first);
-        settings.comfy_pid_file = pid_file;
+        settings.other_instances.clear();
     }
     // Lambda's response limits, unless the operator chose a limit.
     if !StorageSettings::inline_limit_is_set(&lookup) {

@@ -319,6 +319,7 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
         }
     };
     let reachable = probes.is_empty() || probes.iter().any(|c| c.reachable());
+    let hosts: Vec<String> = probes.iter().map(|c| c.host.clone()).collect();
     let several =
         (probes.len() > 1).then(|| probes.iter().map(|c| c.to_json()).collect::<Vec<_>>());
     let comfyui = probes.into_iter().next();
@@ -356,11 +357,6 @@ async fn health(State(endpoint): State<LocalEndpoint>) -> Response {
     if let WarmupState::Failed(why) = &warmup {
         body["error"] = json!(why.to_string());
     } else if status == "degraded" {
-        let hosts: Vec<String> = endpoint
-            .comfy_clients()
-            .iter()
-            .map(|c| c.host().to_owned())
-            .collect();
         body["error"] = json!(format!(
             "ComfyUI at {} does not answer; jobs wait for it (COMFY_READY_TIMEOUT_S), then fail",
             hosts.join(", ")
